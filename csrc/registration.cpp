@@ -1,0 +1,70 @@
+// The one place where pyattn's operator schemas live. Backend files (additive_attention.cpp,
+// flash_attention.cpp, cuda/*.cu) only add TORCH_LIBRARY_IMPL blocks for these schemas; the
+// Triton backend registers its own twins (same signatures, suffix _triton) from kernels/.
+//
+// Conventions shared by every implementation:
+// - lse is the natural-log log-sum-exp of each query row's scores, float32 (float64 for float64
+//   inputs); a row with no key to attend to has lse = +inf, output 0 and zero gradients.
+// - additive_attention_fwd returns an empty weights tensor unless return_weights is true.
+// - flash_attention_* take canonical 4-D (B, H, L, D) inputs; attn_mask, when given, is bool
+//   (True = attend) or of the query's dtype (added to the scores), broadcast to (B, Hq, Lq, Lk)
+//   by strides (a stride may be 0). Dropout keeps score element e = ((b*Hq + h)*Lq + i)*Lk + j
+//   when philox_uniform(seed, offset + e) >= dropout_p (csrc/philox.h).
+
+#include <Python.h>
+#include <torch/library.h>
+
+#include <ATen/Version.h>
+
+#include <string>
+
+TORCH_LIBRARY(pyattn, m) {
+  m.def(
+      "additive_attention_fwd(Tensor query, Tensor key, Tensor value, Tensor v, "
+      "Tensor? key_padding_mask, bool return_weights) -> (Tensor out, Tensor lse, Tensor weights)");
+  m.def(
+      "additive_attention_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor v, "
+      "Tensor? key_padding_mask, Tensor out, Tensor lse, Tensor? grad_weights, Tensor? weights) "
+      "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_v)");
+  m.def(
+      "flash_attention_fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
+      "float dropout_p, bool is_causal, float scale, int seed, int offset) "
+      "-> (Tensor out, Tensor lse)");
+  m.def(
+      "flash_attention_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, "
+      "Tensor? attn_mask, Tensor out, Tensor lse, float dropout_p, bool is_causal, float scale, "
+      "int seed, int offset) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
+  // The dropout keep-mask (B, H, Lq, Lk) that the kernels draw for (seed, offset): for tests
+  // and for the reference path, so every backend's dropout can be checked exactly.
+  m.def("dropout_keep_mask(int seed, int offset, int[] shape, float p) -> Tensor");
+}
+
+namespace {
+
+PyObject* with_cuda(PyObject*, PyObject*) {
+#if PYATTN_WITH_CUDA
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+
+PyObject* cpu_capability(PyObject*, PyObject*) {
+  const std::string cap = at::get_cpu_capability();
+  return PyUnicode_FromString(cap.c_str());
+}
+
+PyMethodDef methods[] = {
+    {"with_cuda", with_cuda, METH_NOARGS, "True when the CUDA kernels were compiled in."},
+    {"cpu_capability", cpu_capability, METH_NOARGS,
+     "The CPU instruction set ATen (and so pyattn's CPU kernels) uses: DEFAULT, AVX2, AVX512."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "pyattn's compiled operators", -1, methods};
+
+}  // namespace
+
+// Importing pyattn._C loads this library, which runs the TORCH_LIBRARY registrations above.
+PyMODINIT_FUNC PyInit__C(void) {
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,21 @@
+"""pyattn: fused attention kernels for PyTorch (Triton, CUDA C++ and CPU C++).
+
+    import pyattn
+    context = pyattn.additive_attention(query, key, value, v, key_padding_mask)
+    out = pyattn.scaled_dot_product_attention(q, k, v, is_causal=True)
+"""
+
+from __future__ import annotations
+
+from . import reference
+from ._backend import backends
+from .ops import additive_attention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "additive_attention",
+    "backends",
+    "reference",
+]

@@ -1,0 +1,5 @@
+"""Custom-op glue: fake implementations, autograd, input checks and backend choice per op."""
+
+from .additive_attention import additive_attention
+
+__all__ = ["additive_attention"]

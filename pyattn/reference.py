@@ -1,0 +1,209 @@
+"""Naive attention: the ground truth that every pyattn test and benchmark trusts.
+
+Everything here is plain PyTorch that materialises the full score tensor, works in any floating
+dtype (tests run it in float64), and is differentiable by autograd. It is deliberately simple:
+no blocking, no online softmax, no fused anything.
+
+Conventions shared with the fused ops:
+- A query row with no key to attend to (every key masked) gives zeros, not NaN, and zero
+  gradients. ``torch.nn.functional.scaled_dot_product_attention`` gives NaN there.
+- ``key_padding_mask`` is True where a key is padding (ignored), as in
+  ``torch.nn.MultiheadAttention``; a bool ``attn_mask`` is True where attention is allowed, as in
+  ``torch.nn.functional.scaled_dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "additive_attention",
+    "additive_attention_scores",
+    "masked_softmax",
+    "scaled_dot_product_attention",
+    "sdpa_scores",
+    "philox_uniform",
+    "dropout_keep_mask",
+]
+
+
+def masked_softmax(scores: Tensor, allowed: Tensor | None = None) -> Tensor:
+    """Softmax over the last dim where rows with nothing allowed (or all -inf) become zeros.
+
+    Arguments:
+        scores: (..., Tk) float scores; -inf entries get weight 0.
+        allowed: optional bool, broadcastable to ``scores``: False entries get weight 0.
+    Returns:
+        weights of the shape of ``scores``; a row without an attendable entry is all zeros.
+    """
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    # An all -inf row has max -inf; subtracting it would give NaN. Use 0 there: exp(-inf) = 0.
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    e = torch.exp(scores - row_max)
+    denom = e.sum(dim=-1, keepdim=True)
+    return e / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
+def additive_attention_scores(query: Tensor, key: Tensor, v: Tensor) -> Tensor:
+    """``e_ij = v . tanh(q_i + k_j)`` with the (B, Tq, Tk, H) tanh tensor materialised.
+
+    Arguments:
+        query: (B, Tq, H), already projected (``W_s s``).
+        key: (B, Tk, H), already projected (``W_h h``).
+        v: (H,).
+    Returns:
+        scores (B, Tq, Tk).
+    """
+    t = torch.tanh(query[:, :, None, :] + key[:, None, :, :])  # (B, Tq, Tk, H)
+    return t @ v
+
+
+def additive_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    v: Tensor,
+    key_padding_mask: Tensor | None = None,
+    *,
+    return_weights: bool = False,
+):
+    """Bahdanau (additive) attention, naive.
+
+    Arguments:
+        query: (B, Tq, H); key: (B, Tk, H); value: (B, Tk, Dv); v: (H,).
+        key_padding_mask: optional (B, Tk) bool, True = padding (ignored).
+        return_weights: also return the attention weights.
+    Returns:
+        context (B, Tq, Dv), and weights (B, Tq, Tk) when ``return_weights``.
+    """
+    scores = additive_attention_scores(query, key, v)  # (B, Tq, Tk)
+    allowed = None if key_padding_mask is None else ~key_padding_mask[:, None, :]
+    weights = masked_softmax(scores, allowed)
+    context = weights @ value  # (B, Tq, Dv)
+    return (context, weights) if return_weights else context
+
+
+def sdpa_scores(
+    query: Tensor,
+    key: Tensor,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Scaled, masked scores of scaled-dot-product attention, and where attention is allowed.
+
+    Returns ``(scores, allowed)``: scores (..., Hq, Lq, Lk) with float masks added, and a bool
+    tensor broadcastable to them (or None) that is False where a bool mask or causality forbids.
+    """
+    L, S, E = query.shape[-2], key.shape[-2], query.shape[-1]
+    scale = 1.0 / math.sqrt(E) if scale is None else scale
+    if enable_gqa and key.dim() >= 3 and key.shape[-3] != query.shape[-3]:
+        rep = query.shape[-3] // key.shape[-3]
+        key = key.repeat_interleave(rep, dim=-3)
+    scores = (query @ key.transpose(-2, -1)) * scale  # (..., Hq, Lq, Lk)
+    allowed = None
+    if is_causal:
+        # top-left aligned, as torch: query i sees keys j <= i
+        allowed = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            allowed = attn_mask if allowed is None else allowed & attn_mask
+        else:
+            scores = scores + attn_mask
+    return scores, allowed
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    dropout_mask: Tensor | None = None,
+    return_weights: bool = False,
+):
+    """``torch.nn.functional.scaled_dot_product_attention``, naive, with zeros for empty rows.
+
+    Arguments:
+        query: (..., Hq, Lq, D); key: (..., Hkv, Lk, D); value: (..., Hkv, Lk, Dv).
+        attn_mask: bool (True = attend) or float (added to the scores), broadcastable to
+            (..., Hq, Lq, Lk).
+        dropout_p: dropout probability on the attention weights.
+        is_causal: top-left aligned causal mask.
+        scale: score scale, default ``1/sqrt(D)``.
+        enable_gqa: Hq may be a multiple of Hkv (grouped-query attention).
+        dropout_mask: explicit keep-mask (bool, broadcastable to the scores) used instead of a
+            random one, so a fused dropout can be checked exactly; kept weights are scaled by
+            ``1 / (1 - dropout_p)``.
+        return_weights: also return the (post-dropout) attention weights.
+    Returns:
+        output (..., Hq, Lq, Dv), and weights (..., Hq, Lq, Lk) when ``return_weights``.
+    """
+    if attn_mask is not None and is_causal:
+        raise ValueError("attn_mask and is_causal cannot both be set (as in torch)")
+    scores, allowed = sdpa_scores(query, key, attn_mask, is_causal, scale, enable_gqa)
+    weights = masked_softmax(scores, allowed)
+    if dropout_p > 0.0:
+        if dropout_mask is None:
+            dropout_mask = torch.rand_like(weights) >= dropout_p
+        weights = weights * dropout_mask / (1.0 - dropout_p)
+    if enable_gqa and value.dim() >= 3 and value.shape[-3] != query.shape[-3]:
+        value = value.repeat_interleave(query.shape[-3] // value.shape[-3], dim=-3)
+    out = weights @ value
+    return (out, weights) if return_weights else out
+
+
+# -- dropout random numbers -------------------------------------------------------------------
+# A NumPy twin of csrc/philox.h (and so of triton.language.rand), written independently so the
+# compiled generator is checked against it.
+
+_M32 = np.uint64(0xFFFFFFFF)
+
+
+def philox_uniform(seed: int, counters) -> np.ndarray:
+    """Uniform floats in [0, 1) drawn by Philox-4x32-10 for each 64-bit counter.
+
+    Arguments:
+        seed: 64-bit key.
+        counters: array-like of non-negative integers.
+    Returns:
+        float32 array of the shape of ``counters``.
+    """
+    ctr = np.asarray(counters, dtype=np.uint64)
+    c0 = ctr & _M32
+    c1 = ctr >> np.uint64(32)
+    c2 = np.zeros_like(c0)
+    c3 = np.zeros_like(c0)
+    k0 = np.uint64(seed & 0xFFFFFFFF)
+    k1 = np.uint64((seed >> 32) & 0xFFFFFFFF)
+    ra, rb = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    for _ in range(10):
+        a0, a2 = c0, c2
+        c0 = ((rb * a2) >> np.uint64(32)) ^ c1 ^ k0
+        c2 = ((ra * a0) >> np.uint64(32)) ^ c3 ^ k1
+        c1 = (rb * a2) & _M32
+        c3 = (ra * a0) & _M32
+        k0 = (k0 + np.uint64(0x9E3779B9)) & _M32
+        k1 = (k1 + np.uint64(0xBB67AE85)) & _M32
+    x = c0.astype(np.uint32).view(np.int32)
+    x = np.where(x < 0, ~x, x)
+    return x.astype(np.float32) * np.float32(4.6566127342e-10)
+
+
+def dropout_keep_mask(seed: int, offset: int, shape, p: float) -> Tensor:
+    """The (B, H, Lq, Lk) keep-mask the fused kernels draw: element e kept when
+    ``philox_uniform(seed, offset + e) >= p``."""
+    n = int(np.prod(shape)) if len(shape) else 1
+    u = philox_uniform(seed, np.arange(n, dtype=np.uint64) + np.uint64(offset))
+    return torch.from_numpy(u >= np.float32(p)).reshape(tuple(shape))
