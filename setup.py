@@ -169,8 +169,10 @@ if __name__ == "__main__":
     if shutil.which("ninja") is None:
         print("pyattn: ninja not found; the build falls back to slow serial compiles", file=sys.stderr)
     setup(
-        packages=find_packages(include=["pyattn", "pyattn.*"]) + ["pyattn.kernels"],
-        package_dir={"pyattn.kernels": "kernels"},
+        # kernels/ and bench/ sit at the top of the repo (the design card's layout) and install
+        # as pyattn.kernels and pyattn.bench, so `pyattn bench` works from any install.
+        packages=find_packages(include=["pyattn", "pyattn.*"]) + ["pyattn.kernels", "pyattn.bench"],
+        package_dir={"pyattn.kernels": "kernels", "pyattn.bench": "bench"},
         ext_modules=[ext],
         cmdclass={"build_ext": Build},
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from . import reference
 from ._backend import backends
-from .ops import additive_attention
+from .ops import additive_attention, scaled_dot_product_attention
 
 __version__ = "0.1.0"
 
@@ -18,4 +18,5 @@ __all__ = [
     "additive_attention",
     "backends",
     "reference",
+    "scaled_dot_product_attention",
 ]

@@ -13,7 +13,6 @@ preferred backend for the tensors' device (see ``_PREFERENCE``).
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import os
@@ -37,22 +36,34 @@ _PREFERENCE = {
 }
 
 
-@functools.lru_cache(maxsize=None)
-def _C():
-    """The compiled extension, or None when it is missing (a broken or source-only install)."""
+def _load_extension():
     try:
         return importlib.import_module("pyattn._C")
-    except ImportError:
+    except ImportError as exc:
+        IMPORT_ERRORS["cpu"] = f"{type(exc).__name__}: {exc}"
         return None
+
+
+# Why an optional backend failed to load, for ``pyattn info`` and error messages.
+IMPORT_ERRORS: dict[str, str] = {}
+
+# Decided once at import, so that backend choice is plain attribute reads that torch.compile
+# traces without graph breaks.
+_EXTENSION = _load_extension()
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _C():
+    """The compiled extension, or None when it is missing (a broken or source-only install)."""
+    return _EXTENSION
 
 
 def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
 def have_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return HAVE_TRITON
 
 
 def cuda_compiled() -> bool:
@@ -130,10 +141,6 @@ def resolve(
         if usable_on(candidate, device, dtype) is None:
             return candidate
     return "reference"
-
-
-# Why an optional backend failed to load, for ``python -m pyattn info`` and error messages.
-IMPORT_ERRORS: dict[str, str] = {}
 
 
 def record_import_error(backend: str, exc: BaseException) -> None:

@@ -114,6 +114,9 @@ void forward_row(
   RowSoftmax<scalar_t> sm;
   sm.init();
   scalar_t s[kBlockK];
+  // Each block's weighted values are summed on their own, then folded into the row: blocked
+  // summation keeps the float32 error of long rows at the level of a matrix product's.
+  std::vector<scalar_t> block_acc(Dv);
   for (int64_t j0 = 0; j0 < Tk; j0 += kBlockK) {
     const int64_t n = std::min<int64_t>(kBlockK, Tk - j0);
     scalar_t block_max = neg_inf<scalar_t>();
@@ -128,13 +131,16 @@ void forward_row(
     }
     if (block_max == neg_inf<scalar_t>()) continue;
     const scalar_t alpha = sm.rescale(block_max);
-    if (alpha != scalar_t(1)) scale_add(acc, alpha, scalar_t(0), acc, Dv);
+    std::fill(block_acc.begin(), block_acc.end(), scalar_t(0));
+    scalar_t block_sum = 0;
     for (int64_t j = 0; j < n; ++j) {
       if (s[j] == neg_inf<scalar_t>()) continue;  // padding: its value row is never read
       const scalar_t w = sm.weight(s[j]);
-      sm.l += w;
-      axpy(acc, w, p.val + (b * Tk + j0 + j) * Dv, Dv);
+      block_sum += w;
+      axpy(block_acc.data(), w, p.val + (b * Tk + j0 + j) * Dv, Dv);
     }
+    sm.l += block_sum;
+    scale_add(acc, alpha, scalar_t(1), block_acc.data(), Dv);
   }
   const scalar_t inv = sm.inv_sum();
   scale_add(acc, inv, scalar_t(0), acc, Dv);

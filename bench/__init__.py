@@ -1,0 +1,1 @@
+"""pyattn's benchmark suite, installed as ``pyattn.bench`` (``pyattn bench`` runs it)."""

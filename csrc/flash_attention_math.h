@@ -1,0 +1,137 @@
+// Math of fused scaled-dot-product attention shared by the CPU kernels (csrc/cpu/) and the CUDA
+// kernels (csrc/cuda/): score masking, the causal block bounds, the online-softmax row state,
+// the dropout element index, and the backward's dS formula. No ATen here (see
+// additive_attention_math.h for why).
+//
+//   S = scale * Q K^T + mask     P = softmax(S) (rows without an allowed key: P = 0)
+//   O = dropout(P) V             lse_i = log sum_j exp(S_ij)   (+inf for an empty row)
+//   backward: Delta_i = dO_i . O_i,  dP = dO V^T,  dS_ij = P_ij (Z_ij dP_ij - Delta_i)
+//   (Z = dropout keep / (1 - p)),  dQ = scale dS K,  dK = scale dS^T Q,  dV = (Z P)^T dO
+#pragma once
+
+#include <cmath>
+
+#include "common.h"
+#include "philox.h"
+
+namespace pyattn {
+namespace flash {
+
+template <typename T>
+PYATTN_HD T exp_(T x);
+template <>
+PYATTN_HD float exp_<float>(float x) {
+  return expf(x);
+}
+template <>
+PYATTN_HD double exp_<double>(double x) {
+  return exp(x);
+}
+template <typename T>
+PYATTN_HD T log_(T x);
+template <>
+PYATTN_HD float log_<float>(float x) {
+  return logf(x);
+}
+template <>
+PYATTN_HD double log_<double>(double x) {
+  return log(x);
+}
+
+// max that lets NaN through, so a NaN score poisons its row instead of being taken as masked.
+template <typename T>
+PYATTN_HD T nan_max(T a, T b) {
+  return (b > a || b != b) ? b : a;
+}
+
+// Causal masking is top-left aligned, as torch: query i sees keys j <= i (for any Lq, Lk).
+PYATTN_HD bool causal_allowed(int64_t i, int64_t j) {
+  return j <= i;
+}
+
+// Keys [0, causal_key_end(q_end, Lk)) can be seen by some query in [q_begin, q_end): the blocks
+// past it are skipped entirely (the two-stage causal loop).
+PYATTN_HD int64_t causal_key_end(int64_t q_end, int64_t Lk) {
+  return q_end < Lk ? q_end : Lk;
+}
+
+// A key block [k_begin, k_end) needs per-element causal masking for queries [q_begin, q_end)
+// only when some key in it lies right of some query's diagonal: k_end - 1 > q_begin.
+PYATTN_HD bool causal_block_needs_mask(int64_t q_begin, int64_t k_end) {
+  return k_end - 1 > q_begin;
+}
+
+// A score with its mask applied. mask_kind: 0 none, 1 bool (true = attend), 2 additive.
+enum MaskKind : int { kNoMask = 0, kBoolMask = 1, kAddMask = 2 };
+
+template <typename acc_t>
+PYATTN_HD acc_t apply_bool_mask(acc_t s, bool attend) {
+  return attend ? s : neg_inf<acc_t>();
+}
+
+// Online softmax of one query row: m the largest score so far, l the sum of exp(s - m).
+template <typename acc_t>
+struct RowSoftmax {
+  acc_t m;
+  acc_t l;
+
+  PYATTN_HD void init() {
+    m = neg_inf<acc_t>();
+    l = acc_t(0);
+  }
+  // Moves the reference point to include a block with largest score block_max; returns the
+  // factor that rescales l and the output accumulated so far. All-masked block: factor 1.
+  PYATTN_HD acc_t rescale(acc_t block_max) {
+    const acc_t m_new = nan_max(m, block_max);
+    if (m_new == neg_inf<acc_t>()) return acc_t(1);
+    const acc_t alpha = exp_(m - m_new);
+    l *= alpha;
+    m = m_new;
+    return alpha;
+  }
+  // exp(s - m) of a score of the current block (-inf, i.e. masked, gives 0).
+  PYATTN_HD acc_t weight(acc_t s) const {
+    return m == neg_inf<acc_t>() ? acc_t(0) : exp_(s - m);
+  }
+  // 1 / l, or 0 for a row with no allowed key: its output is zeros, not NaN.
+  PYATTN_HD acc_t inv_sum() const {
+    return l > acc_t(0) ? acc_t(1) / l : (l == l ? acc_t(0) : l);
+  }
+  // lse; +inf for an empty row so that every recomputed exp(s - lse) in the backward is 0.
+  PYATTN_HD acc_t lse() const {
+    return l > acc_t(0) ? m + log_(l) : (l == l ? pos_inf<acc_t>() : l);
+  }
+};
+
+// P_ij recomputed in the backward from the saved lse.
+template <typename acc_t>
+PYATTN_HD acc_t prob(acc_t s, acc_t lse) {
+  return exp_(s - lse);
+}
+
+// Linear index of score element (b, h, i, j) in a (B, Hq, Lq, Lk) tensor: the dropout counter
+// is offset + this (csrc/philox.h), identical on every backend.
+PYATTN_HD uint64_t dropout_index(int64_t bh, int64_t i, int64_t j, int64_t Lq, int64_t Lk) {
+  return (static_cast<uint64_t>(bh) * static_cast<uint64_t>(Lq) + static_cast<uint64_t>(i)) *
+             static_cast<uint64_t>(Lk) +
+         static_cast<uint64_t>(j);
+}
+
+// Dropout multiplier Z_ij: 0 for a dropped element, 1 / (1 - p) for a kept one.
+PYATTN_HD float dropout_scale(uint64_t seed, uint64_t counter, float p) {
+  return dropout_keep(seed, counter, p) ? 1.0f / (1.0f - p) : 0.0f;
+}
+
+// dS_ij = P_ij (Z_ij dP_ij - Delta_i), Z = 1 without dropout.
+template <typename acc_t>
+PYATTN_HD acc_t dscore(acc_t p, acc_t dp, acc_t delta) {
+  return p * (dp - delta);
+}
+
+// GQA: query head h reads key/value head h / (Hq / Hkv).
+PYATTN_HD int64_t kv_head(int64_t h, int64_t Hq, int64_t Hkv) {
+  return h / (Hq / Hkv);
+}
+
+}  // namespace flash
+}  // namespace pyattn

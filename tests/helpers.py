@@ -1,0 +1,68 @@
+"""Test helpers shared by every test file: the reference-error tolerance rule and devices.
+
+The rule (DESIGN.md, as flash-attention's tests): ground truth is pyattn.reference in float64;
+a result passes when its error against that is at most ``factor`` times the error of the
+reference run in the input dtype (2 for outputs, 3 for gradients), plus a small floor relative
+to the size of the values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import HAS_CUDA
+
+FLOOR = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-6,
+    torch.float16: 1e-4,
+    torch.bfloat16: 1e-3,
+}
+
+# (backend, device) pairs a correctness test runs on: the GPU ones skip without a GPU.
+GPU = pytest.mark.gpu
+
+
+def backend_params(cpu=True, triton=True, cuda=True, reference=False):
+    """pytest params for the backends of one op: cpu (C++), triton (interpreter on CPU here,
+    compiled on a GPU), cuda (GPU only), reference."""
+    out = []
+    if cpu:
+        out.append(pytest.param("cpu", "cpu", id="cpu"))
+    if triton:
+        out.append(pytest.param("triton", "cuda" if HAS_CUDA else "cpu", id="triton"))
+    if cuda:
+        out.append(pytest.param("cuda", "cuda", id="cuda", marks=GPU))
+    if reference:
+        out.append(pytest.param("reference", "cpu", id="reference"))
+    return out
+
+
+def _err(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a, b = a.double(), b.double()
+    both_nan = torch.isnan(a) & torch.isnan(b)
+    return torch.where(both_nan, torch.zeros_like(a), (a - b).abs())
+
+
+def assert_close_to_ref(name, out, ref_lowp, ref64, factor=2.0, floor=None):
+    """Assert |out - ref64| <= factor * |ref_lowp - ref64| + floor (max over elements)."""
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref64.shape)}"
+    ref64 = ref64.detach().to(out.device)
+    err = _err(out.detach(), ref64)
+    ref_err = _err(ref_lowp.detach().to(out.device), ref64)
+    scale = max(1.0, ref64.abs().nan_to_num(0.0).max().item()) if ref64.numel() else 1.0
+    if floor is None:
+        floor = FLOOR[out.dtype] * scale
+    bound = factor * (ref_err.max().item() if ref_err.numel() else 0.0) + floor
+    max_err = err.max().item() if err.numel() else 0.0
+    mean_err = err.mean().item() if err.numel() else 0.0
+    assert max_err <= bound, (
+        f"{name}: max error {max_err:.3e} (mean {mean_err:.3e}) > bound {bound:.3e} = "
+        f"{factor} x reference {str(ref_lowp.dtype).replace('torch.', '')} error "
+        f"{ref_err.max().item() if ref_err.numel() else 0.0:.3e} + floor {floor:.1e}"
+    )
+
+
+def assert_grads_close(names, grads, grads_lowp, grads64, factor=3.0):
+    for name, g, gl, g64 in zip(names, grads, grads_lowp, grads64):
+        assert_close_to_ref(f"grad {name}", g, gl, g64, factor=factor)
