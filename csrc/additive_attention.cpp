@@ -25,7 +25,7 @@ cpu::AdditiveParams<scalar_t> make_params(
   p.v = v.data_ptr<scalar_t>();
   p.mask = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
   p.out = out ? out->data_ptr<scalar_t>() : nullptr;
-  p.lse = lse ? lse->data_ptr<scalar_t>() : nullptr;
+  p.lse = lse ? lse->data_ptr<double>() : nullptr;
   p.B = q.size(0);
   p.Tq = q.size(1);
   p.H = q.size(2);
@@ -50,14 +50,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> additive_attention_fwd_cpu(
 
   const int64_t B = q.size(0), Tq = q.size(1), Tk = k.size(1), Dv = val.size(2);
   at::Tensor out = at::empty({B, Tq, Dv}, q.options());
-  at::Tensor lse = at::empty({B, Tq}, q.options());
+  // float64 on CPU (see cpu/additive_attention_kernel.h)
+  at::Tensor lse = at::empty({B, Tq}, q.options().dtype(at::kDouble));
   at::Tensor weights = return_weights ? at::empty({B, Tq, Tk}, q.options()) : at::empty({0}, q.options());
   if (B * Tq == 0) return {out, lse, weights};
 
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "additive_attention_fwd_cpu", [&] {
     const auto p = make_params<scalar_t>(q, k, val, vv, mask, nullptr, nullptr);
     const cpu::AdditiveFwdOut<scalar_t> o{
-        out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
+        out.data_ptr<scalar_t>(), lse.data_ptr<double>(),
         return_weights ? weights.data_ptr<scalar_t>() : nullptr};
     PYATTN_CPU_DISPATCH(additive_attention_fwd_kernel, p, o);
   });
@@ -75,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_bw
       query.scalar_type() == at::kFloat || query.scalar_type() == at::kDouble, "query",
       "the cpu backend takes float32 or float64, got ", query.scalar_type());
   const auto q = query.contiguous(), k = key.contiguous(), val = value.contiguous(), vv = v.contiguous();
-  const auto o = out.contiguous(), l = lse.to(q.scalar_type()).contiguous(), dO = grad_out.contiguous();
+  const auto o = out.contiguous(), l = lse.to(at::kDouble).contiguous(), dO = grad_out.contiguous();
   c10::optional<at::Tensor> mask;
   if (key_padding_mask.has_value()) mask = key_padding_mask->contiguous();
   at::Tensor gw, w;

@@ -3,7 +3,8 @@
 // constants, so the CPU tests exercise the same logic the GPU runs.
 //
 //   e_ij = v . tanh(q_i + k_j)      a_ij = exp(e_ij - lse_i)      c_i = sum_j a_ij value_j
-//   backward (t = tanh(q_i + k_j), Delta_i = dO_i . c_i [+ sum_j a_ij dW_ij]):
+//   backward (t = tanh(q_i + k_j), Delta_i = sum_j a_ij dP_ij, which equals dO_i . c_i
+//   [+ sum_j a_ij dW_ij]; the CPU kernel sums it from the recomputed a_ij, see there why):
 //     dP_ij = dO_i . value_j [+ dW_ij]        dS_ij = a_ij (dP_ij - Delta_i)
 //     dq_i += dS_ij v * (1 - t^2)   dk_j += dS_ij v * (1 - t^2)   dv += dS_ij t
 //     dvalue_j += a_ij dO_i

@@ -4,7 +4,8 @@
 //
 // Conventions shared by every implementation:
 // - lse is the natural-log log-sum-exp of each query row's scores, float32 (float64 for float64
-//   inputs); a row with no key to attend to has lse = +inf, output 0 and zero gradients.
+//   inputs; the CPU additive op keeps it in float64 always, see cpu/additive_attention_kernel.h);
+//   a row with no key to attend to has lse = +inf, output 0 and zero gradients.
 // - additive_attention_fwd returns an empty weights tensor unless return_weights is true.
 // - flash_attention_* take canonical 4-D (B, H, L, D) inputs; attn_mask, when given, is bool
 //   (True = attend) or of the query's dtype (added to the scores), broadcast to (B, Hq, Lq, Lk)

@@ -3,7 +3,8 @@
 The rule (DESIGN.md, as flash-attention's tests): ground truth is pyattn.reference in float64;
 a result passes when its error against that is at most ``factor`` times the error of the
 reference run in the input dtype (2 for outputs, 3 for gradients), plus a small floor relative
-to the size of the values."""
+to the size of the values (float32: 2e-6, ~16 ulp of the largest value: a blocked kernel and a
+naive graph round differently, and at a few ulp the rule alone flakes on random seeds)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from conftest import HAS_CUDA
 
 FLOOR = {
     torch.float64: 1e-12,
-    torch.float32: 1e-6,
+    torch.float32: 2e-6,
     torch.float16: 1e-4,
     torch.bfloat16: 1e-3,
 }

@@ -101,22 +101,45 @@ inline void axpy(scalar_t* y, scalar_t a, const scalar_t* x, int64_t n) {
   for (; i < n; ++i) y[i] += a * x[i];
 }
 
+// The row's lse in float64: m + log(l) rounded to float32 would carry an absolute error of
+// half an ulp of |lse| into every probability recomputed from it.
+template <typename scalar_t>
+inline double row_lse(const RowSoftmax<scalar_t>& sm) {
+  RowSoftmax<double> wide;
+  wide.m = static_cast<double>(sm.m);
+  wide.l = static_cast<double>(sm.l);
+  return wide.lse();
+}
+
+// exp(e - lse) with the difference taken in float64 (then rounded once).
+template <typename scalar_t>
+inline scalar_t prob64(scalar_t e, double lse) {
+  return static_cast<scalar_t>(additive::prob<double>(static_cast<double>(e), lse));
+}
+
+// y += a * x with y in float64 (plain loop: -O3 vectorises the widening multiply-add).
+template <typename scalar_t>
+inline void axpy_wide(double* y, scalar_t a, const scalar_t* x, int64_t n) {
+  const double ad = static_cast<double>(a);
+  for (int64_t i = 0; i < n; ++i) y[i] += ad * static_cast<double>(x[i]);
+}
+
 template <typename scalar_t>
 void forward_row(
     const AdditiveParams<scalar_t>& p, const AdditiveFwdOut<scalar_t>& o, int64_t b, int64_t i) {
   const int64_t H = p.H, Dv = p.Dv, Tk = p.Tk;
   const scalar_t* q = p.q + (b * p.Tq + i) * H;
   const bool* mask = p.mask ? p.mask + b * Tk : nullptr;
-  scalar_t* acc = o.out + (b * p.Tq + i) * Dv;
+  scalar_t* out = o.out + (b * p.Tq + i) * Dv;
   scalar_t* wrow = o.weights ? o.weights + (b * p.Tq + i) * Tk : nullptr;
-  std::fill(acc, acc + Dv, scalar_t(0));
 
   RowSoftmax<scalar_t> sm;
   sm.init();
   scalar_t s[kBlockK];
-  // Each block's weighted values are summed on their own, then folded into the row: blocked
-  // summation keeps the float32 error of long rows at the level of a matrix product's.
-  std::vector<scalar_t> block_acc(Dv);
+  // The context is accumulated in float64 (a block's weighted values first, then folded into
+  // the row): the backward's Delta = dO . O inherits O's error, and with a float32 sum over
+  // long rows that alone made gradients ~3x less accurate than a naive float32 graph.
+  std::vector<double> acc(Dv, 0.0), block_acc(Dv);
   for (int64_t j0 = 0; j0 < Tk; j0 += kBlockK) {
     const int64_t n = std::min<int64_t>(kBlockK, Tk - j0);
     scalar_t block_max = neg_inf<scalar_t>();
@@ -131,23 +154,23 @@ void forward_row(
     }
     if (block_max == neg_inf<scalar_t>()) continue;
     const scalar_t alpha = sm.rescale(block_max);
-    std::fill(block_acc.begin(), block_acc.end(), scalar_t(0));
+    std::fill(block_acc.begin(), block_acc.end(), 0.0);
     scalar_t block_sum = 0;
     for (int64_t j = 0; j < n; ++j) {
       if (s[j] == neg_inf<scalar_t>()) continue;  // padding: its value row is never read
       const scalar_t w = sm.weight(s[j]);
       block_sum += w;
-      axpy(block_acc.data(), w, p.val + (b * Tk + j0 + j) * Dv, Dv);
+      axpy_wide(block_acc.data(), w, p.val + (b * Tk + j0 + j) * Dv, Dv);
     }
     sm.l += block_sum;
-    scale_add(acc, alpha, scalar_t(1), block_acc.data(), Dv);
+    for (int64_t d = 0; d < Dv; ++d) acc[d] = acc[d] * alpha + block_acc[d];
   }
-  const scalar_t inv = sm.inv_sum();
-  scale_add(acc, inv, scalar_t(0), acc, Dv);
-  const scalar_t lse = sm.lse();
+  const double inv = static_cast<double>(sm.inv_sum());
+  for (int64_t d = 0; d < Dv; ++d) out[d] = static_cast<scalar_t>(acc[d] * inv);
+  const double lse = row_lse(sm);
   o.lse[b * p.Tq + i] = lse;
   if (wrow) {
-    for (int64_t j = 0; j < Tk; ++j) wrow[j] = additive::prob(wrow[j], lse);
+    for (int64_t j = 0; j < Tk; ++j) wrow[j] = prob64(wrow[j], lse);
   }
 }
 
@@ -161,14 +184,39 @@ void forward(const AdditiveParams<scalar_t>& p, const AdditiveFwdOut<scalar_t>& 
   });
 }
 
+// Gradients are sums over up to Tq * Tk terms; they are summed in blocks of kSumBlock terms
+// that are then added up (a two-level cascade), which keeps the float32 error at the level of
+// the reductions a naive autograd graph does, instead of growing with the sequence length.
+constexpr int64_t kSumBlock = 16;
+
+// Rows whose tanh tile (Tk x H) is at most this many elements keep it between the two passes
+// of the backward; longer rows recompute it (an L2-sized buffer is cheaper than a second tanh,
+// a DRAM-sized one is not).
+constexpr int64_t kKeepTanhElems = int64_t(1) << 20;
+
+template <typename scalar_t>
+inline void add_to(scalar_t* y, const scalar_t* x, int64_t n) {
+  axpy(y, scalar_t(1), x, n);
+}
+
+// Backward of one (batch, chunk of query rows) task. Per query row i, two passes over the keys:
+//   1. t_j = tanh(q_i + k_j), P_ij, dP_ij = dO_i . value_j (+ dW_ij), Delta_i = sum_j P_ij dP_ij;
+//   2. dS_ij = P_ij (dP_ij - Delta_i) and the four gradients.
+// Delta is taken from the recomputed P rather than as dO_i . O_i (flash-attention's shortcut):
+// O carries its own float32 rounding, and since dS_ij must sum to ~0 over j, that rounding came
+// back amplified in dq and dk (3-7x the error of a naive float32 graph in our tests).
 template <typename scalar_t>
 void backward(const AdditiveParams<scalar_t>& p, const AdditiveBwdArgs<scalar_t>& a) {
   const int64_t B = p.B, Tq = p.Tq, Tk = p.Tk, H = p.H, Dv = p.Dv;
   const int64_t chunks = a.chunks;
   const int64_t rows_per_chunk = (Tq + chunks - 1) / chunks;
+  const bool keep_tanh = Tk * H <= kKeepTanhElems;
 
   at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> t(H), g(H);
+    std::vector<scalar_t> tt(keep_tanh ? Tk * H : H), qacc(H), vacc(H);
+    std::vector<scalar_t> prob(Tk), dprob(Tk);
+    // per-row-block sums of dk / dvalue, flushed into the chunk's sums every kSumBlock rows
+    std::vector<scalar_t> dk_blk(Tk * H), dval_blk(Tk * Dv);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks, c = task % chunks;
       // chunk 0 accumulates straight into the outputs, the others into scratch
@@ -180,49 +228,79 @@ void backward(const AdditiveParams<scalar_t>& p, const AdditiveBwdArgs<scalar_t>
       std::fill(dv, dv + H, scalar_t(0));
       const bool* mask = p.mask ? p.mask + b * Tk : nullptr;
 
+      const int64_t i_begin = c * rows_per_chunk;
       const int64_t i_end = std::min(Tq, (c + 1) * rows_per_chunk);
-      for (int64_t i = c * rows_per_chunk; i < i_end; ++i) {
-        const int64_t row = b * Tq + i;
-        const scalar_t* q = p.q + row * H;
-        const scalar_t* dO = a.grad_out + row * Dv;
-        scalar_t* dq = a.dq + row * H;
-        std::fill(dq, dq + H, scalar_t(0));
-        const scalar_t lse = p.lse[row];
-        if (lse == pos_inf<scalar_t>()) continue;  // no attendable key: zero gradients
-        const scalar_t* gw = a.grad_weights ? a.grad_weights + row * Tk : nullptr;
-        scalar_t delta = dot(dO, p.out + row * Dv, Dv);
-        if (gw) delta += dot(a.weights + row * Tk, gw, Tk);
+      for (int64_t i0 = i_begin; i0 < i_end; i0 += kSumBlock) {
+        const int64_t i1 = std::min(i_end, i0 + kSumBlock);
+        std::fill(dk_blk.begin(), dk_blk.end(), scalar_t(0));
+        std::fill(dval_blk.begin(), dval_blk.end(), scalar_t(0));
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t row = b * Tq + i;
+          const scalar_t* q = p.q + row * H;
+          const scalar_t* dO = a.grad_out + row * Dv;
+          scalar_t* dq = a.dq + row * H;
+          std::fill(dq, dq + H, scalar_t(0));
+          const double lse = p.lse[row];
+          if (lse == pos_inf<double>()) continue;  // no attendable key: zero gradients
+          const scalar_t* gw = a.grad_weights ? a.grad_weights + row * Tk : nullptr;
 
-        for (int64_t j = 0; j < Tk; ++j) {
-          if (mask && mask[j]) continue;
-          const scalar_t* k = p.k + (b * Tk + j) * H;
-          const scalar_t* vj = p.val + (b * Tk + j) * Dv;
-          const scalar_t e = additive_score_keep(q, k, p.v, t.data(), H);
-          const scalar_t pr = additive::prob(e, lse);
-          scalar_t dp = dot(dO, vj, Dv);
-          if (gw) dp += gw[j];
-          const scalar_t ds = additive::dscore(pr, dp, delta);
-          axpy(dval + j * Dv, pr, dO, Dv);
-          if (ds == scalar_t(0)) continue;
-          // g_h = ds * v_h * (1 - t_h^2): the same vector feeds dq_i and dk_j
-          constexpr int64_t W = Vec<scalar_t>::size();
-          const Vec<scalar_t> vds(ds), one(scalar_t(1));
-          scalar_t* dkj = dk + j * H;
-          int64_t h = 0;
-          for (; h + W <= H; h += W) {
-            const Vec<scalar_t> th = Vec<scalar_t>::loadu(t.data() + h);
-            const Vec<scalar_t> gh = vds * Vec<scalar_t>::loadu(p.v + h) * (one - th * th);
-            (Vec<scalar_t>::loadu(dq + h) + gh).store(dq + h);
-            (Vec<scalar_t>::loadu(dkj + h) + gh).store(dkj + h);
-            at::vec::fmadd(vds, th, Vec<scalar_t>::loadu(dv + h)).store(dv + h);
+          // pass 1: probabilities, dP and Delta
+          double delta = 0.0;
+          for (int64_t j = 0; j < Tk; ++j) {
+            if (mask && mask[j]) {
+              prob[j] = scalar_t(0);
+              continue;
+            }
+            scalar_t* t = keep_tanh ? tt.data() + j * H : tt.data();
+            const scalar_t e = additive_score_keep(q, p.k + (b * Tk + j) * H, p.v, t, H);
+            prob[j] = prob64(e, lse);
+            dprob[j] = dot(dO, p.val + (b * Tk + j) * Dv, Dv) + (gw ? gw[j] : scalar_t(0));
+            delta += static_cast<double>(prob[j]) * static_cast<double>(dprob[j]);
           }
-          for (; h < H; ++h) {
-            const scalar_t gh = ds * p.v[h] * additive::dtanh(t[h]);
-            dq[h] += gh;
-            dkj[h] += gh;
-            dv[h] += ds * t[h];
+          const scalar_t delta_s = static_cast<scalar_t>(delta);
+
+          // pass 2: dS and the gradients
+          for (int64_t j0 = 0; j0 < Tk; j0 += kSumBlock) {
+            const int64_t j1 = std::min(Tk, j0 + kSumBlock);
+            std::fill(qacc.begin(), qacc.end(), scalar_t(0));
+            std::fill(vacc.begin(), vacc.end(), scalar_t(0));
+            for (int64_t j = j0; j < j1; ++j) {
+              if (mask && mask[j]) continue;
+              const scalar_t pr = prob[j];
+              axpy(dval_blk.data() + j * Dv, pr, dO, Dv);
+              const scalar_t ds = additive::dscore(pr, dprob[j], delta_s);
+              if (ds == scalar_t(0)) continue;
+              scalar_t* t = tt.data();
+              if (keep_tanh) {
+                t += j * H;
+              } else {
+                additive_score_keep(q, p.k + (b * Tk + j) * H, p.v, t, H);
+              }
+              // g_h = ds * v_h * (1 - t_h^2): the same vector feeds dq_i and dk_j
+              constexpr int64_t W = Vec<scalar_t>::size();
+              const Vec<scalar_t> vds(ds), one(scalar_t(1));
+              scalar_t* dkj = dk_blk.data() + j * H;
+              int64_t h = 0;
+              for (; h + W <= H; h += W) {
+                const Vec<scalar_t> th = Vec<scalar_t>::loadu(t + h);
+                const Vec<scalar_t> gh = vds * Vec<scalar_t>::loadu(p.v + h) * (one - th * th);
+                (Vec<scalar_t>::loadu(qacc.data() + h) + gh).store(qacc.data() + h);
+                (Vec<scalar_t>::loadu(dkj + h) + gh).store(dkj + h);
+                at::vec::fmadd(vds, th, Vec<scalar_t>::loadu(vacc.data() + h)).store(vacc.data() + h);
+              }
+              for (; h < H; ++h) {
+                const scalar_t gh = ds * p.v[h] * additive::dtanh(t[h]);
+                qacc[h] += gh;
+                dkj[h] += gh;
+                vacc[h] += ds * t[h];
+              }
+            }
+            add_to(dq, qacc.data(), H);
+            add_to(dv, vacc.data(), H);
           }
         }
+        add_to(dk, dk_blk.data(), Tk * H);
+        add_to(dval, dval_blk.data(), Tk * Dv);
       }
     }
   });

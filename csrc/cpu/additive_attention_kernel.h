@@ -1,6 +1,6 @@
 // Raw-pointer interface between csrc/additive_attention.cpp (ATen side, compiled once) and the
 // per-instruction-set kernels in csrc/cpu/additive_attention_kernel.cpp (compiled for DEFAULT,
-// AVX2 and AVX512). All tensors are contiguous; lse is of the input dtype (float or double).
+// AVX2 and AVX512). All tensors are contiguous; lse is float64.
 #pragma once
 
 #include <cstdint>
@@ -16,14 +16,16 @@ struct AdditiveParams {
   const scalar_t* v;      // (H)
   const bool* mask;       // (B, Tk), true = padding; nullptr for none
   const scalar_t* out;    // (B, Tq, Dv): written by fwd, read by bwd
-  const scalar_t* lse;    // (B, Tq)
+  const double* lse;      // (B, Tq), float64 (see AdditiveFwdOut::lse)
   int64_t B, Tq, Tk, H, Dv;
 };
 
 template <typename scalar_t>
 struct AdditiveFwdOut {
   scalar_t* out;      // (B, Tq, Dv)
-  scalar_t* lse;      // (B, Tq)
+  // (B, Tq). float64 even for float32 inputs: at |lse| ~ 20 (scores of a wide H) a float32
+  // lse is off by ~1e-6 relative, which every recomputed probability of the row inherits.
+  double* lse;
   scalar_t* weights;  // (B, Tq, Tk) or nullptr
 };
 

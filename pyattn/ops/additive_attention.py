@@ -26,8 +26,10 @@ from .. import _backend, reference
 OP = "additive_attention"
 
 
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _lse_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    # The CPU kernels keep lse in float64 (csrc/cpu/additive_attention_kernel.h); the GPU
+    # backends in float32, as flash-attention does.
+    return torch.float64 if dtype == torch.float64 or device.type == "cpu" else torch.float32
 
 
 # -- input validation (one function, every backend) --------------------------------------------
@@ -103,7 +105,7 @@ def _fake_fwd(query, key, value, v, key_padding_mask, return_weights):
     B, Tq, _ = query.shape
     Tk, Dv = value.shape[1], value.shape[2]
     out = query.new_empty((B, Tq, Dv))
-    lse = query.new_empty((B, Tq), dtype=_lse_dtype(query.dtype))
+    lse = query.new_empty((B, Tq), dtype=_lse_dtype(query.dtype, query.device))
     weights = query.new_empty((B, Tq, Tk) if return_weights else (0,))
     return out, lse, weights
 
