@@ -15,11 +15,12 @@
 //   over the H chunks; one warp per 2 rows folds the tile into the online softmax; the weighted
 //   values of the block go to a (16, Dv) float accumulator in shared memory.
 // - Backward: Delta_i = dO_i . c_i (+ sum_j W_ij dW_ij) first; then key-block CTAs (one per
-//   (batch, 64 keys), looping over all query rows) accumulate dK, dvalue and a per-CTA partial of
-//   dv, and query-block CTAs (one per (batch, 16 rows), looping over all keys) accumulate dQ.
-//   Each CTA owns the rows it writes, so there are no atomics; the dv partials are summed in CTA
-//   order. Results are bitwise reproducible. tanh is recomputed: once for the scores and once for
-//   the gradients in each of the two kernels.
+//   (batch, 64 keys, chunk of query rows), looping over the rows of their chunk) accumulate dK,
+//   dvalue and a per-CTA partial of dv, and query-block CTAs (one per (batch, 16 rows), looping
+//   over all keys) accumulate dQ. Each CTA owns the rows it writes, so there are no atomics; the
+//   chunk slices and the dv partials are summed in a fixed order afterwards. Results are bitwise
+//   reproducible. tanh is recomputed: once for the scores and once for the gradients in each of
+//   the two gradient kernels.
 #define PYATTN_HOST_CHECKS 1
 
 #include <ATen/ATen.h>
@@ -288,11 +289,13 @@ struct BwdParams {
   const acc_t* lse;      // (B, Tq)
   const acc_t* delta;    // (B, Tq)
   acc_t* dq;             // (B, Tq, H), zero-initialised
-  acc_t* dk;             // (B, Tk, H), zero-initialised
-  acc_t* dval;           // (B, Tk, Dv), zero-initialised
-  acc_t* dv_partial;     // (B * k_blocks, H), zero-initialised: one row per key-block CTA
-  int64_t Tq, Tk, H, Dv;
+  acc_t* dk;             // (chunks, B, Tk, H), zero-initialised: one slice per query chunk
+  acc_t* dval;           // (chunks, B, Tk, Dv), zero-initialised
+  acc_t* dv_partial;     // (B * k_blocks * chunks, H), zero-initialised: one row per key-block CTA
+  int64_t B, Tq, Tk, H, Dv;
   int64_t q_blocks, k_blocks;
+  int64_t chunks;            // query-row chunks per key block (parallelism for short Tk)
+  int64_t blocks_per_chunk;  // query blocks of kBlockQ rows per chunk
 };
 
 // Delta_i = dO_i . c_i + sum_j W_ij dW_ij: one warp per query row.
@@ -336,7 +339,7 @@ struct BwdSmem {
 template <bool kStoreP, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void bwd_tile(
     const BwdParams<scalar_t, acc_t>& p, BwdSmem<acc_t>& s, int64_t b, int64_t i0, int nq, int64_t j0,
-    int nk, acc_t (&pr)[kPairs], bool dval_pass) {
+    int nk, acc_t (&pr)[kPairs], acc_t* dval) {
   const int tid = threadIdx.x;
   const int jl = tid % kBlockK, il = tid / kBlockK;
   const int64_t H = p.H, Dv = p.Dv, Tq = p.Tq, Tk = p.Tk;
@@ -374,7 +377,7 @@ __device__ __forceinline__ void bwd_tile(
     stage<kBlockK>(s.bk, p.val + (b * Tk + j0) * Dv + d0, Dv, nk, nd, s.keep);
     __syncthreads();  // also publishes s.p
     dot_chunk(dp, s.a, s.bk, il, jl);
-    if (dval_pass) {
+    if (dval) {
       const int c = tid % kChunk;
 #pragma unroll
       for (int r = 0; r < kBlockK / kColStep; ++r) {
@@ -382,7 +385,7 @@ __device__ __forceinline__ void bwd_tile(
         acc_t g = acc_t(0);
 #pragma unroll
         for (int i = 0; i < kBlockQ; ++i) g += s.p[i * kBlockK + j] * s.a[i * kLd + c];
-        if (j < nk && c < nd && s.keep[j]) p.dval[(b * Tk + j0 + j) * Dv + d0 + c] += g;
+        if (j < nk && c < nd && s.keep[j]) dval[(b * Tk + j0 + j) * Dv + d0 + c] += g;
       }
     }
     __syncthreads();
@@ -422,25 +425,32 @@ __device__ __forceinline__ void bwd_stage_keys(
 }
 
 // Key-block CTAs: dK, dvalue and this CTA's dv partial, for 64 keys of one batch element, over
-// all query rows.
+// the query rows of one chunk. CTA index = (b * k_blocks + key block) * chunks + chunk; chunk c
+// writes its own slice of p.dk / p.dval, summed over chunks afterwards in a fixed order.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) additive_attention_bwd_dkdv_kernel(const BwdParams<scalar_t, acc_t> p) {
   __shared__ BwdSmem<acc_t> s;
   const int tid = threadIdx.x, warp = tid / 32, c = tid % kChunk;
-  const int64_t b = blockIdx.x / static_cast<unsigned int>(p.k_blocks);
-  const int64_t j0 = (blockIdx.x % static_cast<unsigned int>(p.k_blocks)) * kBlockK;
+  const unsigned int chunk = blockIdx.x % static_cast<unsigned int>(p.chunks);
+  const unsigned int bk = blockIdx.x / static_cast<unsigned int>(p.chunks);
+  const int64_t b = bk / static_cast<unsigned int>(p.k_blocks);
+  const int64_t j0 = (bk % static_cast<unsigned int>(p.k_blocks)) * static_cast<int64_t>(kBlockK);
   const int nk = tile_extent(kBlockK, p.Tk - j0);
   const int64_t H = p.H, Tk = p.Tk;
   acc_t* dv_part = p.dv_partial + static_cast<int64_t>(blockIdx.x) * H;
+  acc_t* dk = p.dk + chunk * (p.B * Tk * H);
+  acc_t* dval = p.dval + chunk * (p.B * Tk * p.Dv);
+  const int64_t i_begin = chunk * p.blocks_per_chunk * kBlockQ;
+  const int64_t i_end = min(p.Tq, i_begin + p.blocks_per_chunk * kBlockQ);
 
   bwd_stage_keys(p, s, b, j0, nk);
-  for (int64_t i0 = 0; i0 < p.Tq; i0 += kBlockQ) {
+  for (int64_t i0 = i_begin; i0 < i_end; i0 += kBlockQ) {
     const int nq = tile_extent(kBlockQ, p.Tq - i0);
     __syncthreads();  // the previous tile's readers of lse/delta are done
     bwd_stage_rows(p, s, b, i0, nq);
     __syncthreads();
     acc_t pr[kPairs];
-    bwd_tile<true>(p, s, b, i0, nq, j0, nk, pr, /*dval_pass=*/true);
+    bwd_tile<true>(p, s, b, i0, nq, j0, nk, pr, dval);
 
     // dk_j += v * sum_i dS_ij (1 - t^2),  dv += sum_ij dS_ij t  (tanh recomputed per chunk)
     for (int64_t h0 = 0; h0 < H; h0 += kChunk) {
@@ -463,7 +473,7 @@ __global__ void __launch_bounds__(kThreads) additive_attention_bwd_dkdv_kernel(c
           g += ds * additive::dtanh(t);
           dv_acc += ds * t;
         }
-        if (j < nk && c < nh && s.keep[j]) p.dk[(b * Tk + j0 + j) * H + h0 + c] += s.v[c] * g;
+        if (j < nk && c < nh && s.keep[j]) dk[(b * Tk + j0 + j) * H + h0 + c] += s.v[c] * g;
       }
       s.red[warp * kChunk + c] = dv_acc;
       __syncthreads();
@@ -495,7 +505,7 @@ __global__ void __launch_bounds__(kThreads) additive_attention_bwd_dq_kernel(con
     bwd_stage_keys(p, s, b, j0, nk);
     __syncthreads();
     acc_t pr[kPairs];
-    bwd_tile<false>(p, s, b, i0, nq, j0, nk, pr, /*dval_pass=*/false);
+    bwd_tile<false>(p, s, b, i0, nq, j0, nk, pr, static_cast<acc_t*>(nullptr));
 
     // dq_i += v * sum_j dS_ij (1 - t^2)  (tanh recomputed per chunk)
     for (int64_t h0 = 0; h0 < H; h0 += kChunk) {
@@ -654,9 +664,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_bw
   const int64_t q_blocks = ceil_div(Tq, kBlockQ), k_blocks = ceil_div(Tk, kBlockK);
   at::Tensor delta = at::empty({B, Tq}, acc_opts);
   at::Tensor dq = at::zeros({B, Tq, H}, acc_opts);
-  at::Tensor dk = at::zeros({B, Tk, H}, acc_opts);
-  at::Tensor dval = at::zeros({B, Tk, Dv}, acc_opts);
-  at::Tensor dv_partial = at::zeros({B * k_blocks, H}, acc_opts);
+  // Short key axes give few key-block CTAs: split the query rows of each key block into chunks
+  // until there are about 4 CTAs per SM. Each chunk sums into its own slice (at most 16 slices),
+  // reduced afterwards; the split depends only on the shapes and the device, so results are
+  // reproducible run to run.
+  const int64_t target_ctas = 4 * static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  int64_t chunks = std::min<int64_t>({ceil_div(target_ctas, B * k_blocks), q_blocks, 16});
+  chunks = std::max<int64_t>(chunks, 1);
+  const int64_t blocks_per_chunk = ceil_div(q_blocks, chunks);
+  chunks = ceil_div(q_blocks, blocks_per_chunk);  // no empty chunk
+  at::Tensor dk = at::zeros({chunks, B, Tk, H}, acc_opts);
+  at::Tensor dval = at::zeros({chunks, B, Tk, Dv}, acc_opts);
+  at::Tensor dv_partial = at::zeros({B * k_blocks * chunks, H}, acc_opts);
   at::Tensor dv = at::empty({H}, q.options());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
@@ -688,9 +707,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_bw
     p.Dv = Dv;
     p.q_blocks = q_blocks;
     p.k_blocks = k_blocks;
+    p.B = B;
+    p.chunks = chunks;
+    p.blocks_per_chunk = blocks_per_chunk;
 
     additive_attention_bwd_dkdv_kernel<scalar_t, acc_t>
-        <<<grid_size(B * k_blocks, "backward dK/dvalue"), kThreads, 0, stream>>>(p);
+        <<<grid_size(B * k_blocks * chunks, "backward dK/dvalue"), kThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     additive_attention_bwd_dq_kernel<scalar_t, acc_t>
         <<<grid_size(B * q_blocks, "backward dQ"), kThreads, 0, stream>>>(p);
@@ -698,11 +720,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_bw
     if (H > 0) {
       additive_attention_bwd_dv_kernel<scalar_t, acc_t>
           <<<grid_size(ceil_div(H, kThreads), "backward dv"), kThreads, 0, stream>>>(
-              dv_partial.data_ptr<acc_t>(), dv.data_ptr<scalar_t>(), B * k_blocks, H);
+              dv_partial.data_ptr<acc_t>(), dv.data_ptr<scalar_t>(), B * k_blocks * chunks, H);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
   // The accumulators have the accumulation type; .to is a no-op for float32/float64.
+  if (chunks > 1) {
+    // sum over the chunk slices (ATen's reduction: a fixed order, no atomics)
+    dk = dk.sum(0);
+    dval = dval.sum(0);
+  } else {
+    dk = dk.select(0, 0);
+    dval = dval.select(0, 0);
+  }
   return {dq.to(dtype), dk.to(dtype), dval.to(dtype), dv};
 }
 
