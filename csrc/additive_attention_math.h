@@ -122,5 +122,17 @@ PYATTN_HD int64_t backward_chunks(int64_t B, int64_t Tq) {
   return per_batch < 1 ? 1 : per_batch;
 }
 
+// ---- Added for the CUDA kernels (csrc/cuda/additive_attention.cu) --------------------------------
+// tanh of the accumulation type: accurate tanhf / tanh on both host and device. (The hardware
+// tanh.approx.f32 has a relative error of about 2^-11, far above the float32 reference's error, so
+// the CUDA kernels do not use it.)
+PYATTN_HD float tanh_(float x) {
+  return tanhf(x);
+}
+PYATTN_HD double tanh_(double x) {
+  return tanh(x);
+}
+// ---- end of the CUDA additions ---------------------------------------------------------------------
+
 }  // namespace additive
 }  // namespace pyattn
