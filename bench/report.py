@@ -34,6 +34,13 @@ def _time(ms) -> str:
     return f"{ms * 1000:.1f} us"
 
 
+def _gflops(tflops) -> str:
+    if tflops is None:
+        return "-"
+    g = tflops * 1e3
+    return f"{g:,.0f}" if g >= 100 else f"{g:.3g}"
+
+
 def _render(header: list[str], body: list[list[str]], right: set[int]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
 
@@ -47,7 +54,7 @@ def _render(header: list[str], body: list[list[str]], right: set[int]) -> str:
 
 
 def table(rows: Iterable[dict]) -> str:
-    """One line per row: shape, provider, mode, median time (+-IQR/2), TFLOP/s, speed-up vs the
+    """One line per row: shape, provider, mode, median time (+-IQR/2), GFLOP/s, speed-up vs the
     baseline (and vs the naive reference), peak memory and how much less than the baseline's."""
     header = [
         "kernel",
@@ -57,7 +64,7 @@ def table(rows: Iterable[dict]) -> str:
         "provider",
         "median",
         "+-iqr/2",
-        "TFLOP/s",
+        "GFLOP/s",
         "speedup",
         "vs ref",
         "peak MB",
@@ -77,11 +84,11 @@ def table(rows: Iterable[dict]) -> str:
                 r["provider"] + (" *" if is_base else ""),
                 _time(r.get("median_ms")),
                 _time(iqr),
-                _fmt(r.get("tflops"), ".3f"),
+                _gflops(r.get("tflops")),
                 _fmt(r.get("speedup"), ".2f", "x"),
                 _fmt(r.get("speedup_vs_reference"), ".2f", "x"),
                 _fmt(r.get("peak_mem_mb"), ".1f"),
-                _fmt(r.get("mem_ratio"), ".1f", "x"),
+                _fmt(r.get("mem_ratio"), ".3g", "x"),
                 r["status"] if r["status"] == "ok" else f"{r['status']}: {(r.get('note') or '')[:60]}",
             ]
         )
@@ -138,6 +145,14 @@ def read_json(path: str) -> tuple[dict, list[dict]]:
 # Plots
 
 
+def _dim(shape: str, name: str) -> str | None:
+    for part in shape.split():
+        key, _, value = part.partition("=")
+        if key == name:
+            return value
+    return None
+
+
 def plot(rows: list[dict], out_dir: str, prefix: str = "bench") -> list[str]:
     """Speed-up and peak memory against sequence length: one PNG each, one panel per
     (kernel, mode, dtype, causal) comparison, one line per provider. Returns the paths."""
@@ -178,6 +193,13 @@ def plot(rows: list[dict], out_dir: str, prefix: str = "bench") -> list[str]:
                 pts.sort()
                 xs, ys = zip(*pts, strict=True)
                 ax.plot(xs, ys, marker="o", label=provider + (" (baseline)" if provider == baseline else ""))
+            # the default suite shrinks B at long lengths: say so on the points, not only in the table
+            batches = {r["seq_len"]: _dim(r["shape"], "B") for r in panels[name]}
+            if len(set(batches.values())) > 1:
+                for x, b in batches.items():
+                    ax.annotate(
+                        f"B={b}", (x, 0.02), xycoords=("data", "axes fraction"), fontsize=7, ha="center"
+                    )
             if what == "speedup":
                 ax.axhline(1.0, color="grey", lw=0.8, ls="--")
             if log:

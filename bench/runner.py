@@ -135,13 +135,16 @@ def measure(case: Case, budget: timing.Budget) -> dict:
     step = None
     try:
         step = case.make()
-        t = timing.time_cuda(step, budget) if case.device == "cuda" else timing.time_cpu(step, budget)
+        if case.device == "cuda":
+            t = timing.time_cuda(step, budget)
+            mem = timing.peak_memory_cuda(step)  # after timing: compiles and autotuning are done
+        else:
+            t, mem = timing.time_cpu(step, budget)
         row.update(median_ms=t.median_ms, q1_ms=t.q1_ms, q3_ms=t.q3_ms, repeats=t.repeats)
         if case.flops:
             row["tflops"] = case.flops / (t.median_ms * 1e-3) / 1e12
         if case.tanh:
             row["gtanh_per_s"] = case.tanh / (t.median_ms * 1e-3) / 1e9
-        mem = timing.peak_memory_cuda(step) if case.device == "cuda" else timing.peak_memory_cpu(step)
         if mem is not None:
             row["peak_mem_mb"] = mem / 2**20
     except Exception as exc:  # a provider's failure is a result, not the end of the run

@@ -7,7 +7,7 @@ median), or CUDA events directly when Triton is missing.
 Peak memory (the extra bytes one run needs beyond what existed before it):
 - GPU: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the bytes
   allocated before the run (torch's allocator: every tensor, kernel scratch included).
-- CPU (Linux): the kernel's resident-set high-water mark. ``/proc/self/clear_refs`` (write 5)
+- CPU (Linux), read during the first warm-up run: the kernel's resident-set high-water mark. ``/proc/self/clear_refs`` (write 5)
   resets ``VmHWM`` to the current RSS, the run executes, and the figure is ``VmHWM`` minus the
   RSS before the run. glibc's mmap threshold is pinned at 64 KiB first (``mallopt``), so tensor
   buffers are mapped and unmapped on each allocation and a freed buffer cannot be silently
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -70,10 +69,12 @@ def _quartiles(samples: list[float]) -> tuple[float, float, float]:
     return q[1], q[0], q[2]
 
 
-def time_cpu(step: Callable[[], Any], budget: Budget) -> Timing:
-    """Median wall time of ``step`` after warm-up (host clock; CPU work is synchronous)."""
+def time_cpu(step: Callable[[], Any], budget: Budget) -> tuple[Timing, float | None]:
+    """Median wall time of ``step`` after warm-up (host clock; CPU work is synchronous), and
+    the peak memory of the first warm-up run (peak_memory_cpu), which saves a slow case a run."""
     start = time.perf_counter()
-    n = 0
+    peak = peak_memory_cpu(step)
+    n = 1
     while n < budget.warmup or time.perf_counter() - start < budget.warmup_s:
         step()
         n += 1
@@ -88,7 +89,7 @@ def time_cpu(step: Callable[[], Any], budget: Budget) -> Timing:
         samples.append(dt * 1e3)
         spent += dt
     med, q1, q3 = _quartiles(samples)
-    return Timing(med, q1, q3, len(samples))
+    return Timing(med, q1, q3, len(samples)), peak
 
 
 def time_cuda(step: Callable[[], Any], budget: Budget) -> Timing:
@@ -186,11 +187,23 @@ def peak_memory_cuda(step: Callable[[], Any]) -> float:
 
 
 def available_host_bytes() -> float:
-    """Host memory a run may take without pushing the machine into the OOM killer."""
+    """Host memory a run may take without pushing the machine into the OOM killer: the
+    kernel's MemAvailable (free + reclaimable cache), capped by a cgroup limit when one is set."""
+    avail = float("inf")
     try:
-        import psutil
-
-        return float(psutil.virtual_memory().available)
-    except ImportError:
-        pages = os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else 0
-        return float(pages * os.sysconf("SC_PAGE_SIZE")) if pages else float("inf")
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024.0
+    except OSError:
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read().strip())
+        if limit != "max":
+            avail = min(avail, float(int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return avail

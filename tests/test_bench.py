@@ -113,7 +113,7 @@ def test_quick_run_draws_png_plots(quick_run):
 def test_quick_run_prints_table(quick_run):
     text = quick_run["stdout"]
     header = next(line for line in text.splitlines() if line.startswith("kernel"))
-    for col in ("shape", "provider", "median", "TFLOP/s", "speedup", "peak MB"):
+    for col in ("shape", "provider", "median", "GFLOP/s", "speedup", "peak MB"):
         assert col in header
     rows = json.loads(quick_run["json"].read_text())["rows"]
     for r in rows:
