@@ -34,6 +34,12 @@ def _time(ms) -> str:
     return f"{ms * 1000:.1f} us"
 
 
+def _ratio(x) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,.0f}x" if x >= 100 else f"{x:.3g}x"
+
+
 def _gflops(tflops) -> str:
     if tflops is None:
         return "-"
@@ -88,7 +94,7 @@ def table(rows: Iterable[dict]) -> str:
                 _fmt(r.get("speedup"), ".2f", "x"),
                 _fmt(r.get("speedup_vs_reference"), ".2f", "x"),
                 _fmt(r.get("peak_mem_mb"), ".1f"),
-                _fmt(r.get("mem_ratio"), ".3g", "x"),
+                _ratio(r.get("mem_ratio")),
                 r["status"] if r["status"] == "ok" else f"{r['status']}: {(r.get('note') or '')[:60]}",
             ]
         )
