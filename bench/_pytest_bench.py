@@ -1,0 +1,62 @@
+"""What the bench_<op>.py files share: parametrisation over the registry and one runner."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from .cases import build_cases
+from .runner import HOST_MEMORY_HEADROOM
+from .timing import BUDGETS, available_host_bytes
+
+
+def bench_device() -> str:
+    choice = os.environ.get("PYATTN_BENCH_DEVICE", "auto")
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice
+
+
+def bench_suite() -> str:
+    return os.environ.get("PYATTN_BENCH_SUITE", "default")
+
+
+def params(ops: list[str]) -> list:
+    """pytest params (id = the case id) for the cases of ``ops`` in the chosen suite."""
+    cases = build_cases(bench_device(), bench_suite(), ops)
+    return [
+        pytest.param(c, id=f"{c.provider}-{c.mode}-{c.shape_str.replace(' ', ',')}-{c.dtype}") for c in cases
+    ]
+
+
+def run_case(benchmark, case) -> None:
+    if case.device == "cpu" and case.mem_estimate > HOST_MEMORY_HEADROOM * available_host_bytes():
+        pytest.skip(f"needs ~{case.mem_estimate / 2**30:.1f} GiB of host memory")
+    try:
+        step = case.make()
+    except ImportError as exc:
+        pytest.skip(f"{case.provider} is not importable: {exc}")
+    budget = BUDGETS[bench_suite()]
+    if case.device == "cuda":
+        inner = step
+
+        def step():
+            out = inner()
+            torch.cuda.synchronize()
+            return out
+
+    benchmark.extra_info.update(
+        kernel=case.kernel,
+        provider=case.provider,
+        baseline=case.baseline,
+        mode=case.mode,
+        shape=case.shape_str,
+        dtype=case.dtype,
+        flops=case.flops,
+    )
+    try:
+        benchmark.pedantic(step, rounds=budget.min_repeats, warmup_rounds=budget.warmup)
+    except torch.OutOfMemoryError:
+        pytest.skip("out of memory")

@@ -1,0 +1,10 @@
+"""pytest-benchmark cases for sdpa, mha (defined once in bench/cases.py)."""
+
+import pytest
+
+from ._pytest_bench import params, run_case
+
+
+@pytest.mark.parametrize("case", params(["sdpa", "mha"]))
+def test_flash_attention(benchmark, case):
+    run_case(benchmark, case)

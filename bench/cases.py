@@ -1,0 +1,619 @@
+"""The benchmark registry: every case is op x provider x mode x shape x dtype x device.
+
+One definition serves both front ends: ``pyattn bench`` (bench/cli.py) and the pytest-benchmark
+files (bench/bench_*.py). A case knows its baseline (the provider its speed-up is measured
+against, in the same run), its FLOP count, and how to build a ``step()`` that runs it once.
+
+FLOP counts (what TFLOP/s means in every table):
+- scaled-dot-product attention: flash-attention's count, ``4*B*H*Lq*Lk*D`` forward, halved
+  for causal; backward = 2.5x forward, so forward+backward = 3.5x forward.
+- additive attention: ``B*Tq*Tk*H`` tanh evaluations (one FLOP each; the add and the dot with
+  ``v`` are not counted) + ``2*B*Tq*Tk*Dv`` for the weighted sum of values; backward = 2.5x
+  forward by the same convention. Rows also carry the tanh rate (tanh/s) by itself.
+- nn.MultiheadAttention: the four projections ``8*B*L*E^2`` + the attention core above.
+- models: not counted (the tables give time, speed-up and memory).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import itertools
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+# CLI op name -> the kernel/model name written in results.
+GROUPS = {
+    "additive": "additive_attention",
+    "sdpa": "flash_attention",
+    "mha": "multihead_attention",
+    "bert": "bert",
+    "transformer": "transformer",
+    "seq2seq": "seq2seq",
+}
+SUITES = ("quick", "default", "full")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
+
+# torch SDPA backends measured one by one on CUDA (torch.nn.attention.SDPBackend member names).
+TORCH_SDPA_BACKENDS = {
+    "torch-flash": "FLASH_ATTENTION",
+    "torch-efficient": "EFFICIENT_ATTENTION",
+    "torch-cudnn": "CUDNN_ATTENTION",
+    "torch-math": "MATH",
+}
+
+
+@dataclass(eq=False)
+class Case:
+    """One measurement. ``shape`` is an ordered tuple of (name, value) pairs."""
+
+    group: str  # CLI op name (GROUPS key)
+    provider: str
+    baseline: str  # provider whose time this one is divided into, measured in the same run
+    mode: str  # "fwd", "fwd+bwd", "train" or "decode"
+    shape: tuple[tuple[str, Any], ...]
+    dtype: str
+    device: str
+    seq_len: int  # the x axis of the plots
+    flops: float | None = None
+    tanh: float | None = None  # tanh evaluations per step (additive attention)
+    mem_estimate: float = 0.0  # bytes a naive path needs, to skip instead of exhausting host RAM
+    builder: Callable[[Case], Callable[[], Any]] | None = field(default=None, repr=False)
+
+    @property
+    def kernel(self) -> str:
+        return GROUPS[self.group]
+
+    @property
+    def dims(self) -> dict[str, Any]:
+        return dict(self.shape)
+
+    @property
+    def shape_str(self) -> str:
+        return " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in self.shape)
+
+    @property
+    def key(self) -> tuple:
+        """Rows with the same key are one comparison (a baseline and its rivals)."""
+        return (self.kernel, self.mode, self.shape_str, self.dtype, self.device)
+
+    @property
+    def id(self) -> str:
+        return f"{self.kernel}|{self.provider}|{self.mode}|{self.shape_str}|{self.dtype}|{self.device}"
+
+    def make(self) -> Callable[[], Any]:
+        """Builds the inputs and returns a function that runs the case once."""
+        assert self.builder is not None
+        return self.builder(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Step construction shared by the op cases
+
+
+def _input_sets(make_one: Callable[[], tuple], set_bytes: int, device: str) -> list[tuple]:
+    # On a GPU, two input sets alternate when they fit beside the L2 flush so that a run never
+    # starts with its inputs already cached (do_bench also clears L2 between runs). The CPU
+    # shapes here are far larger than its caches.
+    n = 2 if device == "cuda" and set_bytes < (1 << 30) else 1
+    return [make_one() for _ in range(n)]
+
+
+def _op_step(fn: Callable[..., torch.Tensor], sets: list[tuple], mode: str, grad_idx: Iterable[int]):
+    grad_idx = list(grad_idx)
+    cycle = itertools.cycle(sets)
+    if mode == "fwd":
+
+        def step():
+            with torch.no_grad():
+                return fn(*next(cycle))
+
+        return step
+    for inputs in sets:
+        for i in grad_idx:
+            inputs[i].requires_grad_(True)
+    with torch.no_grad():
+        out = fn(*sets[0])
+    grad_out = torch.randn_like(out)
+
+    def step():
+        inputs = next(cycle)
+        out = fn(*inputs)
+        # autograd.grad, not backward(): gradients do not accumulate in .grad across repeats
+        return torch.autograd.grad(out, [inputs[i] for i in grad_idx], grad_out)
+
+    return step
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# ---------------------------------------------------------------------------------------------
+# Additive attention
+
+
+def _build_additive(case: Case):
+    import pyattn
+
+    d = case.dims
+    B, T, H, Dv = d["B"], d["T"], d["H"], d["Dv"]
+    dtype = DTYPES[case.dtype]
+
+    def make_one():
+        kw = {"device": case.device, "dtype": dtype}
+        q = torch.randn(B, T, H, **kw) * 0.5
+        k = torch.randn(B, T, H, **kw) * 0.5
+        value = torch.randn(B, T, Dv, **kw)
+        v = torch.randn(H, **kw) / math.sqrt(H)
+        return (q, k, value, v)
+
+    sets = _input_sets(make_one, (2 * B * T * H + B * T * Dv) * DTYPES[case.dtype].itemsize, case.device)
+    if case.provider == "reference":
+        fn = pyattn.reference.additive_attention
+    else:
+        backend = case.provider.removeprefix("pyattn-")
+
+        def fn(q, k, value, v):
+            return pyattn.additive_attention(q, k, value, v, backend=backend)
+
+    return _op_step(fn, sets, case.mode, range(4))
+
+
+def _additive_cases(device: str, suite: str, dtypes: list[str]) -> list[Case]:
+    import pyattn
+
+    avail = pyattn.backends()
+    if device == "cpu":
+        providers = ["reference"] + (["pyattn-cpu"] if "cpu" in avail else [])
+        dtypes = dtypes or ["fp32"]
+        if suite == "quick":
+            shapes = [(2, 32, 16, 16), (2, 64, 16, 16)]
+        elif suite == "default":
+            # Smaller batches past T=64: the speed and memory ratios hardly depend on B (rows
+            # are B*Tq, plenty for the threads), while the naive B=16 path needs 4 GB (T=256,
+            # fwd+bwd) to 9 GB (T=512, fwd) of RAM and minutes per case. --full runs B=16.
+            shapes = [(16, 64, 256, 256), (4, 256, 256, 256), (2, 512, 256, 256)]
+        else:
+            shapes = [(16, t, 256, 256) for t in (64, 256, 512)]
+    else:
+        providers = ["reference"] + [f"pyattn-{b}" for b in ("triton", "cuda") if b in avail]
+        dtypes = dtypes or (["fp16"] if suite != "full" else ["fp16", "fp32"])
+        if suite == "quick":
+            shapes = [(2, 64, 32, 32)]
+        elif suite == "default":
+            shapes = [(32, t, 512, 512) for t in (128, 512)]
+        else:
+            shapes = [(32, t, 512, 512) for t in (128, 512, 2048)]
+    cases = []
+    for dt, (B, T, H, Dv), mode, prov in itertools.product(dtypes, shapes, ("fwd", "fwd+bwd"), providers):
+        if suite == "default" and device == "cpu" and T == 512 and mode == "fwd+bwd":
+            continue  # the default suite measures the T=512 memory ratio on the forward
+        fwd = B * T * T * H + 2 * B * T * T * Dv
+        scale = 1.0 if mode == "fwd" else 3.5
+        elt = DTYPES[dt].itemsize
+        # naive: (q+k) and tanh(q+k) of (B, T, T, H) live together; backward keeps ~4 of them
+        naive = (2 if mode == "fwd" else 4) * B * T * T * H * elt
+        cases.append(
+            Case(
+                group="additive",
+                provider=prov,
+                baseline="reference",
+                mode=mode,
+                shape=(("B", B), ("T", T), ("H", H), ("Dv", Dv)),
+                dtype=dt,
+                device=device,
+                seq_len=T,
+                flops=fwd * scale,
+                tanh=B * T * T * H * (1.0 if mode == "fwd" else 2.0),
+                mem_estimate=naive if prov == "reference" else 0.0,
+                builder=_build_additive,
+            )
+        )
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------
+# Scaled-dot-product attention
+
+
+def _torch_sdpa_backend(name: str):
+    from torch.nn.attention import SDPBackend
+
+    return getattr(SDPBackend, TORCH_SDPA_BACKENDS[name])
+
+
+def _build_sdpa(case: Case):
+    import torch.nn.functional as F
+
+    import pyattn
+
+    d = case.dims
+    B, H, L, D, causal = d["B"], d["H"], d["L"], d["D"], bool(d["causal"])
+    dtype = DTYPES[case.dtype]
+    bshd = case.provider in ("flash-attn", "xformers")  # these take (B, L, H, D)
+
+    def make_one():
+        shape = (B, L, H, D) if bshd else (B, H, L, D)
+        return tuple(torch.randn(shape, device=case.device, dtype=dtype) for _ in range(3))
+
+    sets = _input_sets(make_one, 3 * B * H * L * D * dtype.itemsize, case.device)
+    p = case.provider
+    if p == "reference":
+
+        def fn(q, k, v):
+            return pyattn.reference.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    elif p.startswith("pyattn-"):
+        backend = p.removeprefix("pyattn-")
+
+        def fn(q, k, v):
+            return pyattn.scaled_dot_product_attention(q, k, v, is_causal=causal, backend=backend)
+
+    elif p == "torch":
+
+        def fn(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    elif p in TORCH_SDPA_BACKENDS:
+        from torch.nn.attention import sdpa_kernel
+
+        sdp = _torch_sdpa_backend(p)
+
+        def fn(q, k, v):
+            with sdpa_kernel(sdp):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    elif p == "flash-attn":
+        from flash_attn import flash_attn_func
+
+        def fn(q, k, v):
+            return flash_attn_func(q, k, v, causal=causal)
+
+    elif p == "xformers":
+        import xformers.ops as xops
+
+        bias = xops.LowerTriangularMask() if causal else None
+
+        def fn(q, k, v):
+            return xops.memory_efficient_attention(q, k, v, attn_bias=bias)
+
+    else:
+        raise ValueError(f"unknown sdpa provider {p!r}")
+    return _op_step(fn, sets, case.mode, range(3))
+
+
+def _sdpa_cases(device: str, suite: str, dtypes: list[str]) -> list[Case]:
+    import pyattn
+
+    avail = pyattn.backends()
+    if device == "cpu":
+        providers = ["torch", "reference"] + (["pyattn-cpu"] if "cpu" in avail else [])
+        dtypes = dtypes or ["fp32"]
+        if suite == "quick":
+            grid = [(1, 2, 32, 16, False), (1, 2, 64, 16, True)]
+        elif suite == "default":
+            # B=1 at L=2048 keeps the naive path's (B, H, L, L) scores under 1 GB (--full: B=4)
+            grid = [(4, 8, 256, 64, c) for c in (False, True)] + [
+                (4, 8, 1024, 64, False),
+                (1, 8, 2048, 64, False),
+            ]
+        else:
+            grid = [(4, 8, L, 64, c) for L in (256, 1024, 2048) for c in (False, True)]
+    else:
+        providers = ["torch", "reference"] + [f"pyattn-{b}" for b in ("triton", "cuda") if b in avail]
+        providers += list(TORCH_SDPA_BACKENDS)
+        providers += [
+            m for m, mod in (("flash-attn", "flash_attn"), ("xformers", "xformers")) if _importable(mod)
+        ]
+        # most wanted first: a run cut short by its time budget keeps the headline rows
+        dtypes = dtypes or (["bf16"] if suite != "full" else ["bf16", "fp16"])
+        if suite == "quick":
+            grid = [(2, 2, 128, 64, c) for c in (False, True)]
+        else:
+            lengths = (1024, 4096, 16384) if suite == "default" else (512, 1024, 2048, 4096, 8192, 16384)
+            heads_dims = ((16, 128),) if suite == "default" else ((16, 128), (32, 64))
+            # 16k tokens per batch, H*D = 2048 (issue 5)
+            grid = [(16384 // L, H, L, D, c) for (H, D) in heads_dims for L in lengths for c in (False, True)]
+    cases = []
+    for dt, (B, H, L, D, causal), mode, prov in itertools.product(
+        dtypes, grid, ("fwd", "fwd+bwd"), providers
+    ):
+        if suite == "default" and device == "cpu" and L >= 1024 and mode == "fwd":
+            continue  # issue 4's targets at L=1024 and 2048 are forward+backward
+        if prov == "torch-math" and L > 4096:
+            continue  # the math backend is another naive reference; one is enough past 4k
+        fwd = 4.0 * B * H * L * L * D * (0.5 if causal else 1.0)
+        elt = DTYPES[dt].itemsize
+        naive = (3 if mode == "fwd" else 6) * B * H * L * L * max(elt, 4)
+        cases.append(
+            Case(
+                group="sdpa",
+                provider=prov,
+                baseline="torch",
+                mode=mode,
+                shape=(("B", B), ("H", H), ("L", L), ("D", D), ("causal", causal)),
+                dtype=dt,
+                device=device,
+                seq_len=L,
+                flops=fwd * (1.0 if mode == "fwd" else 3.5),
+                mem_estimate=naive if prov in ("reference", "torch-math") else 0.0,
+                builder=_build_sdpa,
+            )
+        )
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------
+# nn.MultiheadAttention
+
+
+def _build_mha(case: Case):
+    d = case.dims
+    B, L, E, heads = d["B"], d["L"], d["E"], d["heads"]
+    dtype = DTYPES[case.dtype]
+    kw = {"device": case.device, "dtype": dtype}
+    torch.manual_seed(0)
+    ref = torch.nn.MultiheadAttention(E, heads, batch_first=True, **kw)
+    if case.provider == "torch.nn.MHA":
+        module = ref
+    else:
+        from pyattn.nn import MultiheadAttention
+
+        module = MultiheadAttention(E, heads, batch_first=True, **kw)
+        module.load_state_dict(ref.state_dict())
+    if case.mode == "fwd":
+        module.eval()  # lets torch take its inference fast path, as a user's eval() would
+
+    def fn(x):
+        return module(x, x, x, need_weights=False)[0]
+
+    sets = _input_sets(lambda: (torch.randn(B, L, E, **kw),), B * L * E * dtype.itemsize, case.device)
+    return _op_step(fn, sets, case.mode, [0])
+
+
+def _mha_cases(device: str, suite: str, dtypes: list[str]) -> list[Case]:
+    providers = ["torch.nn.MHA"] + (["pyattn.nn.MHA"] if _importable("pyattn.nn") else [])
+    if len(providers) == 1:
+        print("note: pyattn.nn.MultiheadAttention is not installed here; mha runs torch's alone")
+    if device == "cpu":
+        dtypes = dtypes or ["fp32"]
+        shapes = {"quick": [(2, 32, 32, 2)], "default": [(4, 512, 512, 8)]}.get(
+            suite, [(4, L, 512, 8) for L in (256, 512, 1024)]
+        )
+    else:
+        dtypes = dtypes or ["bf16"]
+        shapes = {"quick": [(2, 64, 64, 2)], "default": [(8, 2048, 1024, 16)]}.get(
+            suite, [(16384 // L, L, 2048, 16) for L in (512, 2048, 8192)]
+        )
+    cases = []
+    for dt, (B, L, E, heads), mode, prov in itertools.product(dtypes, shapes, ("fwd", "fwd+bwd"), providers):
+        fwd = 8.0 * B * L * E * E + 4.0 * B * L * L * E
+        cases.append(
+            Case(
+                group="mha",
+                provider=prov,
+                baseline="torch.nn.MHA",
+                mode=mode,
+                shape=(("B", B), ("L", L), ("E", E), ("heads", heads)),
+                dtype=dt,
+                device=device,
+                seq_len=L,
+                flops=fwd * (1.0 if mode == "fwd" else 3.0),
+                builder=_build_mha,
+            )
+        )
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------
+# Models: the same weights through the fused ops ("pyattn-fused") or pyattn.reference
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _set_attn_backend(model: torch.nn.Module, provider: str) -> None:
+    name = "reference" if provider == "reference" else "fused"
+    if hasattr(model, "set_attn_backend"):
+        model.set_attn_backend(name)
+    else:
+        raise RuntimeError(f"{type(model).__name__} has no set_attn_backend(); cannot switch paths")
+
+
+def _train_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]):
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+    def step():
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def _build_bert(case: Case):
+    from pyattn.models.bert import BertConfig, BertModel
+
+    d = case.dims
+    B, L, layers, hidden, heads = d["B"], d["L"], d["layers"], d["hidden"], d["heads"]
+    torch.manual_seed(0)
+    config = BertConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=max(512, L),
+    )
+    model = BertModel(config).to(device=case.device, dtype=DTYPES[case.dtype])
+    _set_attn_backend(model, case.provider)
+    ids = torch.randint(0, config.vocab_size, (B, L), device=case.device)
+    mask = torch.ones(B, L, dtype=torch.long, device=case.device)
+    if case.mode == "fwd":
+        model.eval()
+
+        def step():
+            with torch.no_grad():
+                return model(ids, attention_mask=mask).last_hidden_state
+
+        return step
+    return _train_step(
+        model, lambda: model(ids, attention_mask=mask).last_hidden_state.float().square().mean()
+    )
+
+
+def _build_transformer(case: Case):
+    from pyattn.models.transformer import Transformer
+
+    d = case.dims
+    B, L, E, heads = d["B"], d["L"], d["d_model"], d["nhead"]
+    dtype = DTYPES[case.dtype]
+    torch.manual_seed(0)
+    kw = {"d_model": E, "nhead": heads, "dim_feedforward": 4 * E, "dropout": 0.0, "batch_first": True}
+    if case.provider == "torch.nn.Transformer":
+        model = torch.nn.Transformer(**kw)
+    else:
+        model = Transformer(**kw)
+    model = model.to(device=case.device, dtype=dtype).eval()
+    if case.provider != "torch.nn.Transformer":
+        _set_attn_backend(model, case.provider)
+    src = torch.randn(B, L, E, device=case.device, dtype=dtype)
+    tgt = torch.randn(B, L, E, device=case.device, dtype=dtype)
+    tgt_mask = torch.nn.Transformer.generate_square_subsequent_mask(L, device=case.device, dtype=dtype)
+
+    def step():
+        with torch.no_grad():
+            return model(src, tgt, tgt_mask=tgt_mask, tgt_is_causal=True)
+
+    return step
+
+
+def _build_seq2seq(case: Case):
+    from pyattn.models.seq2seq import Seq2Seq, Seq2SeqConfig
+
+    d = case.dims
+    B, T = d["B"], d["T"]
+    torch.manual_seed(0)
+    config = Seq2SeqConfig()
+    model = Seq2Seq(config).to(device=case.device, dtype=DTYPES[case.dtype]).eval()
+    _set_attn_backend(model, case.provider)
+    vocab = next(
+        (getattr(config, n) for n in ("src_vocab_size", "src_vocab", "vocab_size") if hasattr(config, n)), 32
+    )
+    # ids from 4 up keep clear of the special tokens (pad/bos/eos/unk) any vocabulary reserves
+    src = torch.randint(4, int(vocab), (B, T), device=case.device)
+
+    def step():
+        with torch.no_grad():
+            return model.greedy_decode(src, max_len=T)
+
+    return step
+
+
+def _model_cases(device: str, suite: str, dtypes: list[str], ops: list[str]) -> list[Case]:
+    specs = {
+        "bert": ("pyattn.models.bert", _build_bert),
+        "transformer": ("pyattn.models.transformer", _build_transformer),
+        "seq2seq": ("pyattn.models.seq2seq", _build_seq2seq),
+    }
+    dt = (dtypes or ["fp32" if device == "cpu" else "bf16"])[0]
+    cases = []
+    for op in ops:
+        if op not in specs:
+            continue
+        module, builder = specs[op]
+        if not _importable(module):
+            print(f"note: {module} is not installed here; the {op} benchmark is skipped")
+            continue
+        providers = ["reference", "pyattn-fused"]
+        rows: list[tuple[str, tuple, int]] = []
+        if op == "bert":
+            base = (("layers", 12), ("hidden", 768), ("heads", 12))
+            if suite == "quick":
+                rows = [
+                    (m, (("B", 2), ("L", 32), ("layers", 2), ("hidden", 64), ("heads", 2)), 32)
+                    for m in ("fwd", "train")
+                ]
+            elif suite == "default":
+                rows = [(m, (("B", 8), ("L", 128)) + base, 128) for m in ("fwd", "train")]
+            else:
+                rows = [(m, (("B", 8), ("L", L)) + base, L) for L in (128, 512) for m in ("fwd", "train")]
+        elif op == "transformer":
+            providers.append("torch.nn.Transformer")
+            if suite == "quick":
+                rows = [("fwd", (("B", 2), ("L", 16), ("d_model", 32), ("nhead", 2)), 16)]
+            else:
+                lengths = (128,) if suite == "default" else (128, 512)
+                rows = [("fwd", (("B", 8), ("L", L), ("d_model", 512), ("nhead", 8)), L) for L in lengths]
+        else:
+            T = 8 if suite == "quick" else 50
+            rows = [("decode", (("B", 64 if suite != "quick" else 4), ("T", T)), T)]
+        for (mode, shape, seq_len), prov in itertools.product(rows, providers):
+            cases.append(
+                Case(
+                    group=op,
+                    provider=prov,
+                    baseline="reference",
+                    mode=mode,
+                    shape=shape,
+                    dtype=dt,
+                    device=device,
+                    seq_len=seq_len,
+                    builder=builder,
+                )
+            )
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_cases(
+    device: str, suite: str = "default", ops: Iterable[str] | None = None, dtypes: Iterable[str] | None = None
+) -> list[Case]:
+    """Every case of ``suite`` for ``ops`` (GROUPS keys; all when None) on ``device``.
+
+    Arguments:
+        device: "cpu" or "cuda".
+        suite: "quick" (tiny shapes, for tests), "default" (the subset that runs in minutes on
+            a 2-core CPU) or "full" (every shape the issues ask for).
+        ops: GROUPS keys to include.
+        dtypes: DTYPES keys; None takes each op's own default for the device.
+    Returns:
+        the cases, baselines first within each comparison.
+    """
+    if suite not in SUITES:
+        raise ValueError(f"suite must be one of {SUITES}, got {suite!r}")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    ops = list(GROUPS) if ops is None else list(ops)
+    unknown = [o for o in ops if o not in GROUPS]
+    if unknown:
+        raise ValueError(f"unknown op(s) {unknown}; expected some of {', '.join(GROUPS)}")
+    dtypes = list(dtypes or [])
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad:
+        raise ValueError(f"unknown dtype(s) {bad}; expected some of {', '.join(DTYPES)}")
+    cases: list[Case] = []
+    if "additive" in ops:
+        cases += _additive_cases(device, suite, dtypes)
+    if "sdpa" in ops:
+        cases += _sdpa_cases(device, suite, dtypes)
+    if "mha" in ops:
+        cases += _mha_cases(device, suite, dtypes)
+    cases += _model_cases(device, suite, dtypes, ops)
+    # baselines run first in their comparison, so a provider's ratio is known when it prints
+    order = {c.key: i for i, c in reversed(list(enumerate(cases)))}
+    cases.sort(key=lambda c: (order[c.key], c.provider != c.baseline))
+    return cases

@@ -1,0 +1,19 @@
+"""pytest-benchmark front end over the shared case registry (bench/cases.py).
+
+    python -m pytest bench/ --benchmark-only              # the default suite
+    PYATTN_BENCH_SUITE=full python -m pytest bench/ --benchmark-only --benchmark-json out.json
+
+The files are named bench_<op>.py (one stem per op), which pytest does not collect by itself;
+this hook collects them when bench/ is named on the command line, so the normal test run
+(testpaths = tests) never sees them.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_collect_file(file_path, parent):
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None

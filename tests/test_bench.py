@@ -1,0 +1,281 @@
+"""The benchmark suite's plumbing (pyattn bench): files, columns, plots, comparison, failure
+handling. No test here asserts a speed."""
+
+import copy
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from pyattn.bench import cases as cases_mod
+from pyattn.bench import report, runner, timing
+
+from pyattn.cli import main
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One torch thread: the tiny shapes gain nothing from two, and on a shared, oversubscribed
+    machine every parallel region waits for a descheduled thread (plumbing, not speed, is tested)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One tiny CPU run of two ops, shared by the tests that read its files."""
+    out = tmp_path_factory.mktemp("bench")
+    json_path = out / "r.json"
+    csv_path = out / "r.csv"
+    capture = pytest.MonkeyPatch()
+    import io
+
+    buf = io.StringIO()
+    capture.setattr(sys, "stdout", buf)
+    try:
+        rc = main(
+            [
+                "bench",
+                "--quick",
+                "--device",
+                "cpu",
+                "--ops",
+                "additive,sdpa",
+                "--out",
+                str(out),
+                "--json",
+                str(json_path),
+                "--csv",
+                str(csv_path),
+            ]
+        )
+    finally:
+        capture.undo()
+    return {"rc": rc, "out": out, "json": json_path, "csv": csv_path, "stdout": buf.getvalue()}
+
+
+def test_quick_run_writes_json_with_every_column(quick_run):
+    assert quick_run["rc"] == 0
+    payload = json.loads(quick_run["json"].read_text())
+    assert payload["schema"] == report.SCHEMA
+    meta = payload["meta"]
+    for key in ("device_name", "torch_version", "pyattn_version", "git_commit", "memory_method", "wall_s"):
+        assert key in meta, key
+    rows = payload["rows"]
+    expected = cases_mod.build_cases("cpu", "quick", ["additive", "sdpa"])
+    assert len(rows) == len(expected)
+    assert {r["kernel"] for r in rows} == {"additive_attention", "flash_attention"}
+    for r in rows:
+        assert list(r) == runner.COLUMNS
+        assert r["status"] == "ok", r
+        assert r["median_ms"] > 0 and r["q1_ms"] <= r["median_ms"] <= r["q3_ms"]
+        assert r["repeats"] >= 2
+        assert r["tflops"] > 0
+        assert r["device"] == "cpu" and r["device_name"] and r["torch_version"]
+        assert r["speedup"] is not None  # every comparison has its baseline measured
+        if r["provider"] == r["baseline"]:
+            assert r["speedup"] == pytest.approx(1.0)
+        if timing.cpu_memory_supported():
+            assert r["peak_mem_mb"] is not None and r["peak_mem_mb"] >= 0
+    modes = {(r["kernel"], r["mode"]) for r in rows}
+    assert ("additive_attention", "fwd+bwd") in modes and ("flash_attention", "fwd") in modes
+
+
+def test_quick_run_writes_csv_matching_json(quick_run):
+    with open(quick_run["csv"], newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == runner.COLUMNS
+        csv_rows = list(reader)
+    json_rows = json.loads(quick_run["json"].read_text())["rows"]
+    assert len(csv_rows) == len(json_rows)
+    for c, j in zip(csv_rows, json_rows, strict=True):
+        assert c["provider"] == j["provider"] and c["shape"] == j["shape"]
+        assert float(c["median_ms"]) == pytest.approx(j["median_ms"])
+
+
+def test_quick_run_draws_png_plots(quick_run):
+    for what in ("speedup", "memory"):
+        path = quick_run["out"] / f"bench-cpu-{what}.png"
+        assert path.exists(), path
+        data = path.read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 1000
+
+
+def test_quick_run_prints_table(quick_run):
+    text = quick_run["stdout"]
+    header = next(line for line in text.splitlines() if line.startswith("kernel"))
+    for col in ("shape", "provider", "median", "GFLOP/s", "speedup", "peak MB"):
+        assert col in header
+    rows = json.loads(quick_run["json"].read_text())["rows"]
+    for r in rows:
+        assert any(r["shape"] in line and r["provider"] in line for line in text.splitlines())
+
+
+def test_compare_reports_changes(quick_run, tmp_path, capsys):
+    rows = json.loads(quick_run["json"].read_text())["rows"]
+    old = copy.deepcopy(rows)
+    old[0]["median_ms"] = rows[0]["median_ms"] * 4  # was 4x slower: now "4.00x faster"
+    old[1]["median_ms"] = rows[1]["median_ms"] / 4  # was 4x faster: now "slower"
+    dropped = old.pop()  # a row the old run did not have
+    text = report.compare(old, rows)
+    lines = text.splitlines()
+    assert "4.00x faster" in next(
+        line
+        for line in lines
+        if rows[0]["shape"] in line and rows[0]["provider"] in line and rows[0]["mode"] in line
+    )
+    assert "0.25x slower" in text
+    assert "new rows (not in the old run): 1" in text
+    assert dropped["provider"]
+
+    # the CLI path: --compare against a doctored copy of a run's JSON
+    doctored = tmp_path / "old.json"
+    payload = json.loads(quick_run["json"].read_text())
+    for r in payload["rows"]:
+        r["median_ms"] *= 10
+    doctored.write_text(json.dumps(payload))
+    rc = main(
+        [
+            "bench",
+            "--quick",
+            "--device",
+            "cpu",
+            "--ops",
+            "additive",
+            "--no-plots",
+            "--out",
+            str(tmp_path),
+            "--compare",
+            str(doctored),
+        ]
+    )
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert f"change against {doctored}" in out
+    assert "faster" in out
+    assert not list(tmp_path.glob("*.png"))  # --no-plots
+
+
+def test_compare_rejects_a_file_that_is_not_a_result(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([1, 2]))
+    with pytest.raises(ValueError, match="not a pyattn bench result"):
+        report.read_json(str(bad))
+
+
+def test_ratios_are_baseline_over_provider():
+    base = {
+        "kernel": "k",
+        "mode": "fwd",
+        "shape": "s",
+        "dtype": "fp32",
+        "device": "cpu",
+        "baseline": "reference",
+    }
+    rows = [
+        dict(base, provider="reference", median_ms=12.0, peak_mem_mb=400.0),
+        dict(base, provider="fast", median_ms=3.0, peak_mem_mb=10.0),
+        dict(base, provider="broken", median_ms=None, peak_mem_mb=None),
+    ]
+    runner.add_ratios(rows)
+    assert rows[1]["speedup"] == pytest.approx(4.0)
+    assert rows[1]["speedup_vs_reference"] == pytest.approx(4.0)
+    assert rows[1]["mem_ratio"] == pytest.approx(40.0)
+    assert rows[0]["speedup"] == pytest.approx(1.0)
+    assert "speedup" not in rows[2]
+
+
+def _case(**kw):
+    d = {
+        "group": "additive",
+        "provider": "reference",
+        "baseline": "reference",
+        "mode": "fwd",
+        "shape": (("B", 1), ("T", 8), ("H", 4), ("Dv", 4)),
+        "dtype": "fp32",
+        "device": "cpu",
+        "seq_len": 8,
+    }
+    d.update(kw)
+    return cases_mod.Case(**d)
+
+
+def test_failing_provider_is_recorded_not_raised():
+    def broken(case):
+        raise RuntimeError("backend exploded")
+
+    cases = [_case(builder=cases_mod._build_additive), _case(provider="pyattn-broken", builder=broken)]
+    meta = runner.metadata("cpu", "quick")
+    rows = runner.run_cases(cases, meta, timing.BUDGETS["quick"], progress=lambda line: None)
+    assert rows[0]["status"] == "ok"
+    assert rows[1]["status"] == "error" and "backend exploded" in rows[1]["note"]
+    assert rows[1]["speedup"] is None
+    assert report.table(rows).count("error: RuntimeError") == 1
+
+
+def test_naive_case_too_big_for_host_memory_is_recorded_as_oom():
+    huge = _case(mem_estimate=1e18, builder=cases_mod._build_additive)
+    row = runner.measure(huge, timing.BUDGETS["quick"])
+    assert row["status"] == "oom" and "GiB" in row["note"]
+
+
+def test_time_budget_skips_the_rest():
+    cases = [
+        _case(builder=cases_mod._build_additive),
+        _case(provider="pyattn-cpu", builder=cases_mod._build_additive),
+    ]
+    rows = runner.run_cases(
+        cases,
+        runner.metadata("cpu", "quick"),
+        timing.BUDGETS["quick"],
+        time_budget_s=0.0,
+        progress=lambda line: None,
+    )
+    assert [r["status"] for r in rows] == ["skipped", "skipped"]
+
+
+def test_cli_rejects_bad_arguments(capsys):
+    assert main(["bench", "--quick", "--device", "cpu", "--ops", "additive,nope"]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--device", "cpu", "--dtype", "fp8"]) == 2
+    assert "fp8" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--full"]) == 2
+
+
+def test_registry_shapes_follow_the_issues():
+    """The --full CPU suite holds the shapes issues 2 and 4 ask for, with their baselines."""
+    full = cases_mod.build_cases("cpu", "full", ["additive", "sdpa"])
+    additive = {(c.dims["B"], c.dims["T"], c.dims["H"]) for c in full if c.group == "additive"}
+    assert additive == {(16, t, 256) for t in (64, 256, 512)}
+    sdpa = {(c.dims["L"], c.dims["causal"]) for c in full if c.group == "sdpa"}
+    assert sdpa == {(L, c) for L in (256, 1024, 2048) for c in (False, True)}
+    assert {c.provider for c in full if c.group == "sdpa"} >= {"torch", "reference"}
+    # the Triton interpreter (on under the tests) is never benchmarked on CPU
+    assert not [c for c in full if c.provider in ("pyattn-triton", "pyattn-cuda")]
+    flops = next(c for c in full if c.group == "sdpa" and c.dims["causal"] and c.mode == "fwd")
+    assert flops.flops == pytest.approx(4 * 4 * 8 * flops.dims["L"] ** 2 * 64 / 2)
+
+
+def test_pytest_benchmark_files_collect_from_the_registry():
+    """bench/bench_<op>.py are collected with `pytest bench/` (and not by the normal run)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "bench/", "--collect-only", "-q", "-p", "no:cacheprovider"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYATTN_BENCH_DEVICE="cpu", PYATTN_BENCH_SUITE="quick"),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    n_additive = len(cases_mod.build_cases("cpu", "quick", ["additive"]))
+    assert proc.stdout.count("bench_additive_attention.py::test_additive_attention[") == n_additive
+    assert "bench_flash_attention.py::test_flash_attention[" in proc.stdout
