@@ -25,6 +25,7 @@ References: Triton tutorial 06-fused-attention; Dao, "FlashAttention-2: Faster A
 Better Parallelism and Work Partitioning" (2023), algorithms 1-2.
 """
 
+import inspect
 import math
 import os
 
@@ -985,7 +986,26 @@ def flash_attention_backward(
 # pyattn/ops/flash_attention.py, for these and the C++ ops alike.
 
 
-@triton_op("pyattn::flash_attention_fwd_triton", mutates_args=())
+# The schemas of the C++ ops, verbatim (named outputs, int seed/offset rather than the SymInt that
+# inference would give); torch releases whose triton_op takes no schema fall back to inference.
+FWD_SCHEMA = (
+    "(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, bool is_causal, "
+    "float scale, int seed, int offset) -> (Tensor out, Tensor lse)"
+)
+BWD_SCHEMA = (
+    "(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor out, "
+    "Tensor lse, float dropout_p, bool is_causal, float scale, int seed, int offset) "
+    "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)"
+)
+
+
+def _op(name: str, schema: str):
+    if "schema" in inspect.signature(triton_op).parameters:
+        return triton_op(name, mutates_args=(), schema=schema)
+    return triton_op(name, mutates_args=())
+
+
+@_op("pyattn::flash_attention_fwd_triton", FWD_SCHEMA)
 def flash_attention_fwd_triton(
     query: Tensor,
     key: Tensor,
@@ -1000,7 +1020,7 @@ def flash_attention_fwd_triton(
     return flash_attention_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, seed, offset)
 
 
-@triton_op("pyattn::flash_attention_bwd_triton", mutates_args=())
+@_op("pyattn::flash_attention_bwd_triton", BWD_SCHEMA)
 def flash_attention_bwd_triton(
     grad_out: Tensor,
     query: Tensor,

@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from helpers import HAS_CUDA, assert_close_to_ref, assert_grads_close, backend_params
+from helpers import FLOOR, HAS_CUDA, assert_close_to_ref, assert_grads_close, backend_params
 
 from pyattn import reference
 
@@ -130,7 +130,19 @@ def run_case(
     assert torch.equal(torch.isinf(lse).cpu(), empty), "lse must be +inf exactly on rows with no key"
     assert (lse.cpu()[empty] == float("inf")).all()
     assert_close_to_ref("lse", lse.cpu()[~empty], lse_l.float()[~empty], lse64[~empty])
-    assert_grads_close(["query", "key", "value"], (dq, dk, dv), g_l, g64)
+    assert_grads_close(["value"], (dv,), g_l[2:], g64[2:])
+    # dS = P o (dP - Delta) cancels: with one key (P = 1) dQ and dK are exactly 0, and the
+    # reference's autograd gets that 0 exactly, leaving no reference error to scale by. The floor
+    # for dQ and dK is therefore relative to the terms that cancel, |dP| scale |K| (|Q|), summed
+    # over the Lk (Lq) terms as a random walk.
+    dp_mag = (do64 @ v64.repeat_interleave(Hq // Hkv, 1).transpose(-1, -2)).abs().max().item()
+    for name, g, gl, g64_, terms, n in (
+        ("query", dq, g_l[0], g64[0], k64, Lk),
+        ("key", dk, g_l[1], g64[1], q64, Lq),
+    ):
+        cancel = dp_mag * scale * terms.abs().max().item() * math.sqrt(n)
+        floor = FLOOR[dtype] * max(1.0, g64_.abs().max().item(), cancel)
+        assert_close_to_ref(f"grad {name}", g, gl, g64_, factor=3.0, floor=floor)
     return out, lse, (dq, dk, dv), empty
 
 
@@ -236,6 +248,23 @@ def test_bad_inputs(device, over, exc, words):
     over = {n: t.to(device) if isinstance(t, torch.Tensor) else t for n, t in over.items()}
     with pytest.raises(exc, match=words):
         _bad(device, **over)
+
+
+def _normalised(schema) -> str:
+    # torch releases before pytorch#188722 ignore triton_op's schema= and infer one: SymInt for
+    # int, unnamed outputs. Same calls, same types at run time; compare modulo that.
+    text = str(schema).split("(", 1)[1].replace("SymInt", "int")
+    args, rets = text.split(" -> ")
+    return args + " -> " + ", ".join(r.split()[0].strip("()") for r in rets.split(","))
+
+
+def test_schemas_match_cpp():
+    import pyattn._C  # noqa: F401  (registers the C++ schemas)
+
+    for name in ("flash_attention_fwd", "flash_attention_bwd"):
+        cpp = getattr(torch.ops.pyattn, name).default._schema
+        tri = getattr(torch.ops.pyattn, name + "_triton").default._schema
+        assert _normalised(tri) == _normalised(cpp), f"{tri} != {cpp}"
 
 
 @pytest.mark.parametrize("device", DEVICES)
