@@ -692,11 +692,11 @@ def _configs(kind: str) -> list:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     if kind == "fwd":
         # the program owns BLOCK_M queries and streams BLOCK_N keys
-        shapes = [(128, 64), (128, 128), (64, 64), (64, 32), (128, 32), (32, 32)]
+        shapes = [(128, 64), (128, 128), (64, 64), (64, 32), (32, 32)]
     else:
         # dQ owns BLOCK_M queries streaming BLOCK_N keys; dK/dV owns BLOCK_N keys streaming
         # BLOCK_M queries: both hold more tiles than the forward, so smaller blocks
-        shapes = [(64, 64), (32, 64), (64, 32), (128, 64), (64, 128), (32, 32)]
+        shapes = [(64, 64), (32, 64), (64, 32), (128, 64), (32, 32)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm, bn in shapes
@@ -706,28 +706,27 @@ def _configs(kind: str) -> list:
 
 
 def _prune(configs, named_args, **kwargs):
-    """Keep the configs whose tiles fit the head dim and the lengths (a few per key)."""
+    """Keep the configs whose tiles fit the head dim and the lengths (a handful per key)."""
     args = {**named_args, **kwargs}
     block_d = max(args["BLOCK_D"], args["BLOCK_DV"])
     wide = args["DOT_PREC"] == "ieee"  # fp32 tiles are twice as big
     lq, lk = args["Lq"], args["Lk"]
+    # deep pipelines for small head dims; wide tiles leave shared memory for 1-2 stages only
+    stages = (3, 4) if block_d <= 64 else (2, 3) if block_d <= 128 else (1, 2)
     kept = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        big = max(bm, bn) * block_d * (2 if wide else 1)
-        if big > 128 * 128 and (bm > 64 or bn > 64):
+        if c.num_stages not in stages:
             continue
-        if block_d >= 256 and c.num_stages > 2:
+        if max(bm, bn) * block_d * (2 if wide else 1) > 128 * 128 and max(bm, bn) > 64:
             continue
         if c.num_warps == 8 and max(bm, bn) < 128:
-            continue
-        if c.num_stages == 1 and block_d < 256:
             continue
         # no block much longer than the sequence
         if bm > max(32, triton.next_power_of_2(lq)) or bn > max(32, triton.next_power_of_2(lk)):
             continue
         kept.append(c)
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
 
 
 def _tuned(kind: str):
@@ -946,6 +945,8 @@ def flash_attention_backward(
     if dq.numel() == 0 or dk.numel() == 0 or dv.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     lse = lse.contiguous()
+    # tl.dot needs both operands in one dtype (an fp32 gradient of a half output, say)
+    grad_out = grad_out.to(query.dtype)
     mask, ms, kind, row = _mask_args(attn_mask, query, (B, Hq, Lq, Lk))
     _check_slice("grad_out", grad_out, Lq, Dv)
     _check_slice("out", out, Lq, Dv)
