@@ -36,8 +36,9 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
+# log2(e): scores are kept in base 2 so that the softmax uses exp2 (the kernels spell it out,
+# and ln(2) = 0.693..., as literals: a plain Python global cannot be read inside @triton.jit)
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 MAX_HEAD_DIM = 256
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Under TRITON_INTERPRET=1 kernels run on CPU tensors through numpy: one small config, no tuning.
