@@ -1,0 +1,1042 @@
+"""Fused multi-head scaled-dot-product attention in Triton (flash attention), forward and backward.
+
+    S = scale * Q K^T + mask          (bool mask / causality: -inf where attention is forbidden)
+    P = softmax_j(S)                  (a row with no allowed key: P = 0, O = 0, lse = +inf)
+    O = (Z o P) V                     Z_ij = keep_ij / (1 - p), keep_ij = rand(seed, offset + e) >= p
+    lse_i = log sum_j exp(S_ij)       natural log, float32
+
+    backward:  Delta_i = dO_i . O_i     dP = dO V^T
+               dS = P o (Z o dP - Delta)
+               dQ = scale dS K          dK = scale dS^T Q          dV = (Z o P)^T dO
+
+where e = ((b * Hq + h) * Lq + i) * Lk + j is the element's index in the (B, Hq, Lq, Lk) score
+tensor, so the dropout keep-mask is the one of csrc/philox.h and pyattn.reference.dropout_keep_mask
+(``tl.rand`` is the same Philox-4x32-10 with the 64-bit counter split into two words).
+
+The forward streams key blocks with an online softmax in base 2 (``exp2``, with log2(e) folded
+into the score scale), saves the row lse, and splits the key loop in two stages: blocks that need
+no element masking (fully inside the keys and, when causal, fully left of the diagonal), then the
+blocks on the diagonal / the ragged end; blocks right of the diagonal are skipped. The backward
+computes Delta first, then dK/dV in one pass over key blocks (a program owns a key block of one
+kv head and loops over the query heads of its GQA group, so no atomics and a deterministic sum)
+and dQ in a second pass over query blocks, recomputing P from the lse and Z from (seed, offset).
+
+References: Triton tutorial 06-fused-attention; Dao, "FlashAttention-2: Faster Attention with
+Better Parallelism and Work Partitioning" (2023), algorithms 1-2.
+"""
+
+import inspect
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
+from torch.library import triton_op, wrap_triton
+
+# log2(e): scores are kept in base 2 so that the softmax uses exp2 (the kernels spell it out,
+# and ln(2) = 0.693..., as literals: a plain Python global cannot be read inside @triton.jit)
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Under TRITON_INTERPRET=1 kernels run on CPU tensors through numpy: one small config, no tuning.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# Offsets inside one (batch, head) slice are int32 in the kernels (the batch/head base is int64).
+_MAX_SLICE_OFFSET = 2**31 - 1
+
+_MASK_NONE, _MASK_BOOL, _MASK_ADD = 0, 1, 2
+
+
+# -- kernels ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _masked_scores(
+    s,
+    mask_base,
+    oq,
+    ok,
+    Lq,
+    Lk,
+    stride_mm,
+    stride_mn,
+    MASKED: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_ROW: tl.constexpr,
+):
+    """Scores (log2 units) with the attention mask, bounds and causality applied.
+
+    ``oq`` / ``ok`` are the query / key indices broadcast to the tile's layout ((M, 1)/(1, N) in
+    the forward and dQ passes, (1, M)/(N, 1) in the transposed dK/dV pass)."""
+    if MASK_KIND != 0:
+        if MASK_ROW:
+            # the mask does not vary over queries (key padding): load one row of keys
+            mt = tl.load(mask_base + ok * stride_mn, mask=ok < Lk, other=0)
+        else:
+            mt = tl.load(mask_base + oq * stride_mm + ok * stride_mn, mask=(oq < Lq) & (ok < Lk), other=0)
+        if MASK_KIND == 1:
+            s = tl.where(mt != 0, s, float("-inf"))
+        else:
+            s = s + mt.to(tl.float32) * 1.4426950408889634
+    if MASKED:
+        allowed = (oq < Lq) & (ok < Lk)
+        if IS_CAUSAL:
+            allowed = allowed & (ok <= oq)  # top-left aligned, as torch
+        s = tl.where(allowed, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _fwd_inner(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    mask_base,
+    offs_m,
+    lo,
+    hi,
+    Lq,
+    Lk,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    stride_mm,
+    stride_mn,
+    qk_scale,
+    seed,
+    drop_base,
+    dropout_p,
+    MASKED: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_ROW: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # (D, N)
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd  # (N, Dv)
+        if MASKED:
+            kt = tl.load(kt_ptrs, mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+            v = tl.load(v_ptrs, mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        else:
+            kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+        s = _masked_scores(
+            s, mask_base, offs_m[:, None], offs_n[None, :], Lq, Lk, stride_mm, stride_mn,
+            MASKED, IS_CAUSAL, MASK_KIND, MASK_ROW,
+        )  # fmt: skip
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row with nothing allowed yet keeps m = -inf; use 0 as its reference so that
+        # exp2(-inf - ref) = 0 instead of NaN
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_ref[:, None])
+        alpha = tl.math.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            # l sums the weights before dropout (softmax first, dropout after)
+            e = drop_base + offs_m[:, None].to(tl.int64) * Lk + offs_n[None, :]
+            p = tl.where(tl.rand(seed, e) >= dropout_p, p, 0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q,
+    K,
+    V,
+    Mask,
+    Out,
+    Lse,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_mb,
+    stride_mh,
+    stride_mm,
+    stride_mn,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    Hq,
+    GROUP,
+    Lq,
+    Lk,
+    qk_scale,
+    dropout_p,
+    drop_scale,
+    seed,
+    offset,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_ROW: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(2).to(tl.int64)
+    hk = h // GROUP  # GQA: query head h reads kv head h // (Hq / Hkv)
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    mask_base = Mask + b * stride_mb + h * stride_mh
+    bh = b * Hq + h
+    drop_base = offset + bh * Lq * Lk  # 64-bit: the score tensor may exceed 2^31 elements
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(
+        q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    if IS_CAUSAL:
+        # keys past the block's last query are invisible to all of it: skipped
+        hi = tl.minimum(start_m + BLOCK_M, Lk)
+        # blocks with every key <= the block's first query (and inside Lk) need no masking
+        full_end = tl.minimum((start_m + 1) // BLOCK_N, Lk // BLOCK_N) * BLOCK_N
+    else:
+        hi = Lk
+        full_end = (Lk // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, 0, full_end, Lq, Lk,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
+        seed, drop_base, dropout_p,
+        False, IS_CAUSAL, MASK_KIND, MASK_ROW, HAS_DROPOUT, DOT_PREC,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
+    )  # fmt: skip
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, full_end, hi, Lq, Lk,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
+        seed, drop_base, dropout_p,
+        True, IS_CAUSAL, MASK_KIND, MASK_ROW, HAS_DROPOUT, DOT_PREC,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
+    )  # fmt: skip
+
+    has_key = l_i > 0.0
+    l_safe = tl.where(has_key, l_i, 1.0)
+    # empty rows: output 0 (acc is 0 there) and lse +inf, so the backward's exp(s - lse) is 0
+    out = acc * (tl.where(has_key, drop_scale / l_safe, 0.0))[:, None]
+    lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("inf"))
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
+    tl.store(
+        o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < HEAD_DIM_V)
+    )
+    tl.store(Lse + bh * Lq + offs_m, lse, mask=offs_m < Lq)
+
+
+@triton.jit
+def _bwd_preprocess_kernel(
+    Out,
+    DO,
+    Delta,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    Hq,
+    Lq,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask = (offs_m[:, None] < Lq) & (offs_dv[None, :] < HEAD_DIM_V)
+    o = tl.load(
+        Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+        mask=mask,
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+        mask=mask,
+        other=0.0,
+    )
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + (b * Hq + h) * Lq + offs_m, delta, mask=offs_m < Lq)
+
+
+@triton.jit
+def _bwd_dq_inner(
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    k_base,
+    v_base,
+    mask_base,
+    offs_m,
+    lo,
+    hi,
+    Lq,
+    Lk,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    stride_mm,
+    stride_mn,
+    qk_scale,
+    seed,
+    drop_base,
+    dropout_p,
+    drop_scale,
+    MASKED: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_ROW: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # (D, N)
+        vt_ptrs = v_base + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd  # (Dv, N)
+        if MASKED:
+            kt = tl.load(kt_ptrs, mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+            vt = tl.load(vt_ptrs, mask=(offs_n[None, :] < Lk) & (offs_dv[:, None] < HEAD_DIM_V), other=0.0)
+        else:
+            kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+            vt = tl.load(vt_ptrs, mask=offs_dv[:, None] < HEAD_DIM_V, other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+        s = _masked_scores(
+            s, mask_base, offs_m[:, None], offs_n[None, :], Lq, Lk, stride_mm, stride_mn,
+            MASKED, IS_CAUSAL, MASK_KIND, MASK_ROW,
+        )  # fmt: skip
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = tl.dot(do, vt, input_precision=DOT_PREC)
+        if HAS_DROPOUT:
+            e = drop_base + offs_m[:, None].to(tl.int64) * Lk + offs_n[None, :]
+            dp = tl.where(tl.rand(seed, e) >= dropout_p, dp * drop_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    Mask,
+    DO,
+    Lse,
+    Delta,
+    DQ,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_mb,
+    stride_mh,
+    stride_mm,
+    stride_mn,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    Hq,
+    GROUP,
+    Lq,
+    Lk,
+    qk_scale,
+    scale,
+    dropout_p,
+    drop_scale,
+    seed,
+    offset,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_ROW: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(2).to(tl.int64)
+    hk = h // GROUP
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    mask_base = Mask + b * stride_mb + h * stride_mh
+    bh = b * Hq + h
+    drop_base = offset + bh * Lq * Lk
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < Lq
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+        mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V),
+        other=0.0,
+    )
+    # lse +inf (empty or padding rows) makes every recomputed P 0, hence zero gradients
+    lse2 = tl.load(Lse + bh * Lq + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(Delta + bh * Lq + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    if IS_CAUSAL:
+        hi = tl.minimum(start_m + BLOCK_M, Lk)
+        full_end = tl.minimum((start_m + 1) // BLOCK_N, Lk // BLOCK_N) * BLOCK_N
+    else:
+        hi = Lk
+        full_end = (Lk // BLOCK_N) * BLOCK_N
+    dq = _bwd_dq_inner(
+        dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, 0, full_end, Lq, Lk,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
+        seed, drop_base, dropout_p, drop_scale,
+        False, IS_CAUSAL, MASK_KIND, MASK_ROW, HAS_DROPOUT, DOT_PREC,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
+    )  # fmt: skip
+    dq = _bwd_dq_inner(
+        dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, full_end, hi, Lq, Lk,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
+        seed, drop_base, dropout_p, drop_scale,
+        True, IS_CAUSAL, MASK_KIND, MASK_ROW, HAS_DROPOUT, DOT_PREC,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
+    )  # fmt: skip
+    dq = dq * scale
+    # DQ is contiguous (B, Hq, Lq, D)
+    dq_ptrs = DQ + (bh * Lq + offs_m[:, None]) * HEAD_DIM + offs_d[None, :]
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _bwd_dkdv_inner(
+    dk,
+    dv,
+    k,
+    v,
+    q_base,
+    do_base,
+    lse_base,
+    delta_base,
+    mask_base,
+    offs_n,
+    lo,
+    hi,
+    Lq,
+    Lk,
+    stride_qm,
+    stride_qd,
+    stride_dom,
+    stride_dod,
+    stride_mm,
+    stride_mn,
+    qk_scale,
+    seed,
+    drop_base,
+    dropout_p,
+    drop_scale,
+    MASKED: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_ROW: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        qt_ptrs = q_base + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd  # (D, M)
+        do_ptrs = do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod  # (M, Dv)
+        if MASKED:
+            qt = tl.load(qt_ptrs, mask=(offs_m[None, :] < Lq) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+            do = tl.load(do_ptrs, mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+            lse = tl.load(lse_base + offs_m, mask=offs_m < Lq, other=float("inf"))
+            delta = tl.load(delta_base + offs_m, mask=offs_m < Lq, other=0.0)
+        else:
+            qt = tl.load(qt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+            do = tl.load(do_ptrs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
+            lse = tl.load(lse_base + offs_m)
+            delta = tl.load(delta_base + offs_m)
+        st = tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale  # (N, M): S^T
+        st = _masked_scores(
+            st, mask_base, offs_m[None, :], offs_n[:, None], Lq, Lk, stride_mm, stride_mn,
+            MASKED, IS_CAUSAL, MASK_KIND, MASK_ROW,
+        )  # fmt: skip
+        pt = tl.math.exp2(st - (lse * 1.4426950408889634)[None, :])
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (N, M): dP^T
+        if HAS_DROPOUT:
+            e = drop_base + offs_m[None, :].to(tl.int64) * Lk + offs_n[:, None]
+            keep = tl.rand(seed, e) >= dropout_p
+            dv += tl.dot(tl.where(keep, pt * drop_scale, 0.0).to(do.dtype), do, input_precision=DOT_PREC)
+            dpt = tl.where(keep, dpt * drop_scale, 0.0)
+        else:
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q,
+    K,
+    V,
+    Mask,
+    DO,
+    Lse,
+    Delta,
+    DK,
+    DV,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_mb,
+    stride_mh,
+    stride_mm,
+    stride_mn,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    Hq,
+    Hkv,
+    GROUP,
+    Lq,
+    Lk,
+    qk_scale,
+    scale,
+    dropout_p,
+    drop_scale,
+    seed,
+    offset,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_ROW: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    hk = tl.program_id(2).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    col_ok = offs_n < Lk
+    k = tl.load(
+        K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+        mask=col_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
+    v = tl.load(
+        V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+        mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V),
+        other=0.0,
+    )
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+
+    if IS_CAUSAL:
+        # queries before the block's first key see none of it; from the first query that sees
+        # the block's last key on (start_n + BLOCK_N - 1), no causal masking is needed
+        lo = start_n
+        diag_end = tl.minimum(start_n + ((BLOCK_N + BLOCK_M - 2) // BLOCK_M) * BLOCK_M, Lq)
+    else:
+        lo = 0
+        diag_end = 0
+    full_end = diag_end + (tl.maximum(Lq - diag_end, 0) // BLOCK_M) * BLOCK_M
+    # Sum over the query heads of the GQA group inside the program: deterministic, no atomics.
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = b * Hq + h
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        mask_base = Mask + b * stride_mb + h * stride_mh
+        drop_base = offset + bh * Lq * Lk
+        lse_base = Lse + bh * Lq
+        delta_base = Delta + bh * Lq
+        dk, dv = _bwd_dkdv_inner(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, offs_n, lo, diag_end,
+            Lq, Lk, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, qk_scale,
+            seed, drop_base, dropout_p, drop_scale,
+            True, IS_CAUSAL, MASK_KIND, MASK_ROW, HAS_DROPOUT, DOT_PREC,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M,
+        )  # fmt: skip
+        dk, dv = _bwd_dkdv_inner(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, offs_n, diag_end, full_end,
+            Lq, Lk, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, qk_scale,
+            seed, drop_base, dropout_p, drop_scale,
+            False, IS_CAUSAL, MASK_KIND, MASK_ROW, HAS_DROPOUT, DOT_PREC,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M,
+        )  # fmt: skip
+        dk, dv = _bwd_dkdv_inner(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, offs_n,
+            tl.maximum(full_end, lo), Lq,
+            Lq, Lk, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, qk_scale,
+            seed, drop_base, dropout_p, drop_scale,
+            True, IS_CAUSAL, MASK_KIND, MASK_ROW, HAS_DROPOUT, DOT_PREC,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M,
+        )  # fmt: skip
+    dk = dk * scale
+    # DK (B, Hkv, Lk, D) and DV (B, Hkv, Lk, Dv) are contiguous
+    bhk = b * Hkv + hk
+    tl.store(
+        DK + (bhk * Lk + offs_n[:, None]) * HEAD_DIM + offs_d[None, :],
+        dk.to(DK.dtype.element_ty),
+        mask=col_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
+    )
+    tl.store(
+        DV + (bhk * Lk + offs_n[:, None]) * HEAD_DIM_V + offs_dv[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V),
+    )
+
+
+# -- autotune configs (beside their kernels) ----------------------------------------------------
+
+_TUNE_KEY = ["Lq", "Lk", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL"]
+
+
+def _configs(kind: str) -> list:
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    if kind == "fwd":
+        # the program owns BLOCK_M queries and streams BLOCK_N keys
+        shapes = [(128, 64), (128, 128), (64, 64), (64, 32), (32, 32)]
+    else:
+        # dQ owns BLOCK_M queries streaming BLOCK_N keys; dK/dV owns BLOCK_N keys streaming
+        # BLOCK_M queries: both hold more tiles than the forward, so smaller blocks
+        shapes = [(64, 64), (32, 64), (64, 32), (128, 64), (32, 32)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn in shapes
+        for w in (4, 8)
+        for s in (1, 2, 3, 4)
+    ]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keep the configs whose tiles fit the head dim and the lengths (a handful per key)."""
+    args = {**named_args, **kwargs}
+    block_d = max(args["BLOCK_D"], args["BLOCK_DV"])
+    wide = args["DOT_PREC"] == "ieee"  # fp32 tiles are twice as big
+    lq, lk = args["Lq"], args["Lk"]
+    # deep pipelines for small head dims; wide tiles leave shared memory for 1-2 stages only
+    stages = (3, 4) if block_d <= 64 else (2, 3) if block_d <= 128 else (1, 2)
+    kept = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if c.num_stages not in stages:
+            continue
+        if max(bm, bn) * block_d * (2 if wide else 1) > 128 * 128 and max(bm, bn) > 64:
+            continue
+        if c.num_warps == 8 and max(bm, bn) < 128:
+            continue
+        # no block much longer than the sequence
+        if bm > max(32, triton.next_power_of_2(lq)) or bn > max(32, triton.next_power_of_2(lk)):
+            continue
+        kept.append(c)
+    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
+
+
+def _tuned(kind: str):
+    prune = None if INTERPRET else {"early_config_prune": _prune}
+    return triton.autotune(configs=_configs(kind), key=_TUNE_KEY, prune_configs_by=prune)
+
+
+_fwd = _tuned("fwd")(_fwd_kernel)
+_bwd_dq = _tuned("bwd")(_bwd_dq_kernel)
+_bwd_dkdv = _tuned("bwd")(_bwd_dkdv_kernel)
+_PREPROCESS_BLOCK_M = 16 if INTERPRET else 64
+
+
+# -- launchers ----------------------------------------------------------------------------------
+
+
+def _fail(cls, msg: str):
+    raise cls(f"flash_attention (triton): {msg}")
+
+
+def _check_slice(name: str, t: Tensor, rows: int, cols: int) -> None:
+    # the kernels index inside one (batch, head) slice with int32
+    span = (rows - 1) * abs(t.stride(2)) + (cols - 1) * abs(t.stride(3)) if rows and cols else 0
+    if span > _MAX_SLICE_OFFSET:
+        _fail(ValueError, f"'{name}' spans {span} elements per (batch, head); at most 2^31 - 1 supported")
+
+
+def _check(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, dropout_p: float):
+    """Validate the canonical 4-D inputs; return (B, Hq, Hkv, Lq, Lk, D, Dv)."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor):
+            _fail(TypeError, f"'{name}' must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            _fail(ValueError, f"'{name}' must be 4-D (B, H, L, D), got {t.dim()}-D {tuple(t.shape)}")
+        if t.dtype not in DTYPES:
+            _fail(TypeError, f"'{name}' must be float16, bfloat16 or float32, got {t.dtype}")
+        if t.dtype != query.dtype:
+            _fail(TypeError, f"'{name}' dtype {t.dtype} differs from query's {query.dtype}")
+        if t.device != query.device:
+            _fail(ValueError, f"'{name}' is on {t.device} but query is on {query.device}")
+    if query.device.type != "cuda" and not (INTERPRET and query.device.type == "cpu"):
+        _fail(
+            RuntimeError,
+            f"needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {query.device}",
+        )
+    B, Hq, Lq, D = query.shape
+    Bk, Hkv, Lk, Dk = key.shape
+    if Bk != B or Dk != D:
+        _fail(ValueError, f"'key' must be (B={B}, Hkv, Lk, D={D}), got {tuple(key.shape)}")
+    if tuple(value.shape[:3]) != (B, Hkv, Lk):
+        _fail(ValueError, f"'value' must be (B={B}, Hkv={Hkv}, Lk={Lk}, Dv), got {tuple(value.shape)}")
+    Dv = value.shape[3]
+    if Hkv == 0 or Hq % Hkv != 0:
+        _fail(ValueError, f"query heads Hq={Hq} must be a multiple of key/value heads Hkv={Hkv}")
+    for name, d in (("query/key head dim D", D), ("value head dim Dv", Dv)):
+        if not 1 <= d <= MAX_HEAD_DIM:
+            _fail(ValueError, f"{name} must be in [1, {MAX_HEAD_DIM}], got {d}")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor):
+            _fail(TypeError, f"'attn_mask' must be a tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+            _fail(
+                TypeError,
+                f"'attn_mask' must be bool or the query's dtype {query.dtype}, got {attn_mask.dtype}",
+            )
+        if attn_mask.device != query.device:
+            _fail(ValueError, f"'attn_mask' is on {attn_mask.device} but query is on {query.device}")
+        if attn_mask.dim() != 4 or any(
+            m not in (1, s) for m, s in zip(attn_mask.shape, (B, Hq, Lq, Lk), strict=True)
+        ):
+            _fail(
+                ValueError,
+                f"'attn_mask' must be (B={B}, Hq={Hq}, Lq={Lq}, Lk={Lk}) (broadcast dims may be 1 "
+                f"or stride 0), got {tuple(attn_mask.shape)}",
+            )
+    if not 0.0 <= dropout_p <= 1.0:
+        _fail(ValueError, f"'dropout_p' must be in [0, 1], got {dropout_p}")
+    _check_slice("query", query, Lq, D)
+    _check_slice("key", key, Lk, D)
+    _check_slice("value", value, Lk, Dv)
+    return B, Hq, Hkv, Lq, Lk, D, Dv
+
+
+def _mask_args(attn_mask: Tensor | None, query: Tensor, shape) -> tuple:
+    """(tensor, strides, kind, row-broadcast) of the mask as the kernels read it."""
+    if attn_mask is None:
+        # never read (MASK_KIND = 0); any pointer will do
+        return query, (0, 0, 0, 0), _MASK_NONE, False
+    m = attn_mask.expand(shape)  # size-1 dims become stride 0: read by strides, never copied
+    kind = _MASK_BOOL if m.dtype == torch.bool else _MASK_ADD
+    if kind == _MASK_BOOL:
+        m = m.view(torch.uint8)  # same bytes; a plain integer pointer in every Triton version
+    _check_slice("attn_mask", m, shape[2], shape[3])
+    return m, m.stride(), kind, m.stride(2) == 0
+
+
+def _common_constexprs(query, value, D, Dv, is_causal, mask_kind, mask_row, dropout_p):
+    return dict(
+        HEAD_DIM=D,
+        HEAD_DIM_V=Dv,
+        # tl.dot wants every dim >= 16; odd head dims (59) pad to a power of two, masked
+        BLOCK_D=max(16, triton.next_power_of_2(D)),
+        BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
+        IS_CAUSAL=bool(is_causal),
+        MASK_KIND=mask_kind,
+        MASK_ROW=bool(mask_row),
+        HAS_DROPOUT=dropout_p > 0.0,
+        # fp32 inputs: true fp32 products (tf32 would cost ~1e-3 relative error, far beyond the
+        # fp32 reference's own); fp16/bf16 take the default (tensor cores)
+        DOT_PREC="ieee" if query.dtype == torch.float32 else None,
+    )
+
+
+def _traced(t: Tensor) -> bool:
+    """True for the fake tensors of the triton_op's traced fake impl. On a GPU, wrap_triton turns
+    the launch into a graph node there; under TRITON_INTERPRET=1 it hands back the bare kernel,
+    and the interpreter would copy fake storage to the host, so the launchers stop before it."""
+    return INTERPRET and is_fake(t)
+
+
+def _drop_scale(dropout_p: float) -> float:
+    return 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
+
+
+def flash_attention_forward(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    seed: int = 0,
+    offset: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Fused attention forward.
+
+    Arguments:
+        query: (B, Hq, Lq, D); key: (B, Hkv, Lk, D); value: (B, Hkv, Lk, Dv), any strides,
+            float16/bfloat16/float32, CUDA (or CPU under TRITON_INTERPRET=1); Hq % Hkv == 0.
+        attn_mask: None, bool (True = attend) or of the query's dtype (added to the scores),
+            (B, Hq, Lq, Lk) or broadcastable to it (size-1 / stride-0 dims are not copied).
+        dropout_p: dropout probability on the attention weights.
+        is_causal: top-left aligned causal mask (query i sees keys j <= i).
+        scale: score scale, default 1/sqrt(D).
+        seed, offset: dropout keeps element e = ((b*Hq + h)*Lq + i)*Lk + j when
+            ``tl.rand(seed, offset + e) >= dropout_p``.
+    Returns:
+        out (B, Hq, Lq, Dv) in the query's dtype, lse (B, Hq, Lq) float32 (+inf for rows with no
+        allowed key, whose output is 0).
+    """
+    B, Hq, Hkv, Lq, Lk, D, Dv = _check(query, key, value, attn_mask, dropout_p)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    out = torch.empty((B, Hq, Lq, Dv), dtype=query.dtype, device=query.device)
+    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=query.device)
+    if out.numel() == 0:
+        return out, lse.fill_(float("inf"))
+    mask, ms, kind, row = _mask_args(attn_mask, query, (B, Hq, Lq, Lk))
+    if _traced(query):
+        return out, lse
+
+    def grid(meta):
+        return (triton.cdiv(Lq, meta["BLOCK_M"]), B, Hq)
+
+    wrap_triton(_fwd)[grid](
+        query, key, value, mask, out, lse,
+        *query.stride(), *key.stride(), *value.stride(), *ms, *out.stride(),
+        Hq, Hq // Hkv, Lq, Lk, scale * LOG2E, float(dropout_p), _drop_scale(dropout_p),
+        int(seed), int(offset),
+        **_common_constexprs(query, value, D, Dv, is_causal, kind, row, dropout_p),
+    )  # fmt: skip
+    return out, lse
+
+
+def flash_attention_backward(
+    grad_out: Tensor,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    seed: int = 0,
+    offset: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused attention backward: Delta preprocess, dK/dV pass over key blocks, dQ pass.
+
+    Arguments:
+        grad_out: (B, Hq, Lq, Dv), the gradient of ``out``.
+        query, key, value, attn_mask, dropout_p, is_causal, scale, seed, offset: as given to
+            ``flash_attention_forward``.
+        out: (B, Hq, Lq, Dv) and lse: (B, Hq, Lq) float32, as it returned.
+    Returns:
+        grad_query (B, Hq, Lq, D), grad_key (B, Hkv, Lk, D), grad_value (B, Hkv, Lk, Dv),
+        contiguous, in the inputs' dtype; grad_key/grad_value summed over each GQA group.
+    """
+    B, Hq, Hkv, Lq, Lk, D, Dv = _check(query, key, value, attn_mask, dropout_p)
+    for name, t, shape in (("grad_out", grad_out, (B, Hq, Lq, Dv)), ("out", out, (B, Hq, Lq, Dv))):
+        if tuple(t.shape) != shape:
+            _fail(ValueError, f"'{name}' must be {shape}, got {tuple(t.shape)}")
+        if t.device != query.device:
+            _fail(ValueError, f"'{name}' is on {t.device} but query is on {query.device}")
+        if t.dtype not in DTYPES:
+            _fail(TypeError, f"'{name}' must be float16, bfloat16 or float32, got {t.dtype}")
+    if tuple(lse.shape) != (B, Hq, Lq) or lse.dtype != torch.float32:
+        _fail(
+            ValueError, f"'lse' must be float32 (B={B}, Hq={Hq}, Lq={Lq}), got {lse.dtype} {tuple(lse.shape)}"
+        )
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    dq = torch.empty((B, Hq, Lq, D), dtype=query.dtype, device=query.device)
+    dk = torch.empty((B, Hkv, Lk, D), dtype=key.dtype, device=query.device)
+    dv = torch.empty((B, Hkv, Lk, Dv), dtype=value.dtype, device=query.device)
+    if dq.numel() == 0 or dk.numel() == 0 or dv.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    lse = lse.contiguous()
+    # tl.dot needs both operands in one dtype (an fp32 gradient of a half output, say)
+    grad_out = grad_out.to(query.dtype)
+    mask, ms, kind, row = _mask_args(attn_mask, query, (B, Hq, Lq, Lk))
+    _check_slice("grad_out", grad_out, Lq, Dv)
+    _check_slice("out", out, Lq, Dv)
+    consts = _common_constexprs(query, value, D, Dv, is_causal, kind, row, dropout_p)
+    if _traced(query):
+        return dq, dk, dv
+
+    delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=query.device)
+    wrap_triton(_bwd_preprocess_kernel)[(triton.cdiv(Lq, _PREPROCESS_BLOCK_M), B, Hq)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), Hq, Lq,
+        HEAD_DIM_V=Dv, BLOCK_DV=consts["BLOCK_DV"], BLOCK_M=_PREPROCESS_BLOCK_M,
+    )  # fmt: skip
+    scalars = (float(dropout_p), _drop_scale(dropout_p), int(seed), int(offset))
+
+    def grid_kv(meta):
+        return (triton.cdiv(Lk, meta["BLOCK_N"]), B, Hkv)
+
+    wrap_triton(_bwd_dkdv)[grid_kv](
+        query, key, value, mask, grad_out, lse, delta, dk, dv,
+        *query.stride(), *key.stride(), *value.stride(), *ms, *grad_out.stride(),
+        Hq, Hkv, Hq // Hkv, Lq, Lk, scale * LOG2E, scale, *scalars, **consts,
+    )  # fmt: skip
+
+    def grid_q(meta):
+        return (triton.cdiv(Lq, meta["BLOCK_M"]), B, Hq)
+
+    wrap_triton(_bwd_dq)[grid_q](
+        query, key, value, mask, grad_out, lse, delta, dq,
+        *query.stride(), *key.stride(), *value.stride(), *ms, *grad_out.stride(),
+        Hq, Hq // Hkv, Lq, Lk, scale * LOG2E, scale, *scalars, **consts,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+# -- glue: the custom ops (same schemas as the C++ pyattn::flash_attention_fwd/_bwd) --------------
+# triton_op + wrap_triton: torch traces the launchers for the fake (meta) impls and sees the
+# kernels, so torch.compile can fuse around them on a GPU. Autograd is registered by
+# pyattn/ops/flash_attention.py, for these and the C++ ops alike.
+
+
+# The schemas of the C++ ops, verbatim (named outputs, int seed/offset rather than the SymInt that
+# inference would give); torch releases whose triton_op takes no schema fall back to inference.
+FWD_SCHEMA = (
+    "(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, bool is_causal, "
+    "float scale, int seed, int offset) -> (Tensor out, Tensor lse)"
+)
+BWD_SCHEMA = (
+    "(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor out, "
+    "Tensor lse, float dropout_p, bool is_causal, float scale, int seed, int offset) "
+    "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)"
+)
+
+
+def _op(name: str, schema: str):
+    if "schema" in inspect.signature(triton_op).parameters:
+        return triton_op(name, mutates_args=(), schema=schema)
+    return triton_op(name, mutates_args=())
+
+
+@_op("pyattn::flash_attention_fwd_triton", FWD_SCHEMA)
+def flash_attention_fwd_triton(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float,
+    seed: int,
+    offset: int,
+) -> tuple[Tensor, Tensor]:
+    return flash_attention_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, seed, offset)
+
+
+@_op("pyattn::flash_attention_bwd_triton", BWD_SCHEMA)
+def flash_attention_bwd_triton(
+    grad_out: Tensor,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float,
+    seed: int,
+    offset: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return flash_attention_backward(
+        grad_out, query, key, value, attn_mask, out, lse, dropout_p, is_causal, scale, seed, offset
+    )
