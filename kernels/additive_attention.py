@@ -7,18 +7,22 @@ holds a [BLOCK_Q, BLOCK_K] score tile, accumulated over chunks of H through a
 [BLOCK_Q, BLOCK_K, BLOCK_H] broadcast, and streams the key blocks with an online softmax
 (base 2, log2(e) folded into the scores), as in flash-attention.
 
-Backward (t = tanh(q_i + k_j), Delta_i = dO_i . c_i [+ sum_j a_ij dW_ij], the formulas of
-csrc/additive_attention_math.h):
+Backward (t = tanh(q_i + k_j), the formulas of csrc/additive_attention_math.h):
 
-    dP_ij = dO_i . value_j [+ dW_ij]      dS_ij = a_ij (dP_ij - Delta_i)
-    dvalue_j = sum_i a_ij dO_i            dq_i = v * sum_j dS_ij (1 - t_ij^2)
-    dk_j = v * sum_i dS_ij (1 - t_ij^2)   dv = sum_ij dS_ij t_ij
+    dP_ij = dO_i . value_j [+ dW_ij]      dS_ij = a_ij (dP_ij - Delta_i)      Delta_i = sum_j a_ij dP_ij
+    dvalue_j = sum_i a_ij dO_i            dv = sum_ij dS_ij t_ij
+    dq_i = v * sum_j dS_ij (1 - t_ij^2)   dk_j = v * sum_i dS_ij (1 - t_ij^2)
 
-computed by four kernels, none with atomics (results are bitwise reproducible):
-1. ``_bwd_delta_kernel``: Delta per query row.
-2. ``_bwd_dvalue_kernel`` (key-block programs): recomputes the scores, dvalue, and writes dS
-   (B, Tq, Tk) in fp32. dS is the only quadratic buffer, the size of the attention weights:
-   keeping it avoids holding a full-H dk accumulator per program (H is the large dimension).
+Delta_i equals dO_i . c_i [+ sum_j a_ij dW_ij], but it is summed here from the very dP and a the
+kernel uses, with a renormalised to sum to 1 over the row (as softmax's own backward does):
+then dP - Delta cancels exactly where it should, e.g. a row with one attendable key (a = 1) gets
+dS = 0, not rounding noise times v (1 - t^2). Four kernels, none with atomics (results are
+bitwise reproducible):
+1. ``_bwd_dvalue_kernel`` (key-block programs): recomputes the scores, accumulates dvalue, and
+   writes a_ij and dP_ij, fp32 (B, Tq, Tk) each: the only quadratic buffers, the size of the
+   attention weights. Keeping them avoids holding a full-H dk accumulator per program (H is the
+   large dimension).
+2. ``_bwd_dscore_kernel`` (query-row programs): Delta, then dS in place of dP.
 3. ``_bwd_dk_kernel`` (key-block x H-chunk programs): dk, and per-key partial sums of dv that
    torch reduces in a fixed order.
 4. ``_bwd_dq_kernel`` (query-block x H-chunk programs): dq.
@@ -34,6 +38,7 @@ Translate" (ICLR 2015); Dao et al., "FlashAttention" (NeurIPS 2022) and the Trit
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -199,38 +204,8 @@ def _weights_kernel(
 
 
 @triton.jit
-def _bwd_delta_kernel(
-    DO, OUT, GW, W, DELTA,
-    sdob, sdot, sdod, sob, sot, sod, sgwb, sgwt, sgwk, swb, swt, swk,
-    Tq, Tk, Dv,
-    HAS_GW: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    pid_q = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_ok = offs_q < Tq
-    delta = tl.zeros([BLOCK_Q], dtype=tl.float32)
-    for d0 in range(0, Dv, BLOCK_C):
-        offs_d = d0 + tl.arange(0, BLOCK_C)
-        io_mask = q_ok[:, None] & (offs_d < Dv)[None, :]
-        do = tl.load(DO + b * sdob + offs_q[:, None] * sdot + offs_d[None, :] * sdod, mask=io_mask, other=0.0)
-        o = tl.load(OUT + b * sob + offs_q[:, None] * sot + offs_d[None, :] * sod, mask=io_mask, other=0.0)
-        delta += tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
-    if HAS_GW:
-        for k0 in range(0, Tk, BLOCK_C):
-            offs_k = k0 + tl.arange(0, BLOCK_C)
-            io_mask = q_ok[:, None] & (offs_k < Tk)[None, :]
-            gw = tl.load(
-                GW + b * sgwb + offs_q[:, None] * sgwt + offs_k[None, :] * sgwk, mask=io_mask, other=0.0
-            )
-            w = tl.load(W + b * swb + offs_q[:, None] * swt + offs_k[None, :] * swk, mask=io_mask, other=0.0)
-            delta += tl.sum(gw.to(tl.float32) * w.to(tl.float32), axis=1)
-    tl.store(DELTA + b * Tq + offs_q, delta, mask=q_ok)
-
-
-@triton.jit
 def _bwd_dvalue_kernel(
-    Q, K, VAL, V, MASK, DO, GW, LSE, DELTA, DS, DVAL,
+    Q, K, VAL, V, MASK, DO, GW, LSE, P, DP, DVAL,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svd, sv, smb, smt,
     sdob, sdot, sdod, sgwb, sgwt, sgwk,
     Tq, Tk, H, Dv,
@@ -277,11 +252,46 @@ def _bwd_dvalue_kernel(
                 GW + b * sgwb + offs_q[:, None] * sgwt + offs_k[None, :] * sgwk, mask=io_mask, other=0.0
             )
             dp += gw.to(tl.float32)
-        delta = tl.load(DELTA + b * Tq + offs_q, mask=q_ok, other=0.0)
-        ds = p * (dp - delta[:, None])
-        tl.store(DS + (b * Tq + offs_q[:, None]) * Tk + offs_k[None, :], ds, mask=io_mask)
+        pg_offs = (b * Tq + offs_q[:, None]) * Tk + offs_k[None, :]
+        tl.store(P + pg_offs, p, mask=io_mask)
+        tl.store(DP + pg_offs, dp, mask=io_mask)
     dval_ptrs = DVAL + (b * Tk + offs_k[:, None]) * Dv + offs_d[None, :]
     tl.store(dval_ptrs, dval.to(DVAL.dtype.element_ty), mask=k_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _bwd_dscore_kernel(
+    P, DP, Tq, Tk,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # Three passes over a row block: r = sum_j a_ij, Delta = sum_j (a_ij / r) dP_ij, then dS.
+    pid_q = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_ok = offs_q < Tq
+    row = (b * Tq + offs_q[:, None]) * Tk
+    r = tl.zeros([BLOCK_Q], dtype=tl.float32)
+    for k0 in range(0, Tk, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        io_mask = q_ok[:, None] & (offs_k < Tk)[None, :]
+        r += tl.sum(tl.load(P + row + offs_k[None, :], mask=io_mask, other=0.0), axis=1)
+    # a row without a key has r = 0: its dS is 0
+    inv_r = tl.where(r > 0.0, 1.0 / tl.where(r > 0.0, r, 1.0), 0.0)
+    delta = tl.zeros([BLOCK_Q], dtype=tl.float32)
+    for k0 in range(0, Tk, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        io_mask = q_ok[:, None] & (offs_k < Tk)[None, :]
+        p = tl.load(P + row + offs_k[None, :], mask=io_mask, other=0.0) * inv_r[:, None]
+        dp = tl.load(DP + row + offs_k[None, :], mask=io_mask, other=0.0)
+        delta += tl.sum(p * dp, axis=1)
+    # dS overwrites dP, which the passes above read: order their reads before these writes.
+    tl.debug_barrier()
+    for k0 in range(0, Tk, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        io_mask = q_ok[:, None] & (offs_k < Tk)[None, :]
+        p = tl.load(P + row + offs_k[None, :], mask=io_mask, other=0.0) * inv_r[:, None]
+        dp = tl.load(DP + row + offs_k[None, :], mask=io_mask, other=0.0)
+        tl.store(DP + row + offs_k[None, :], p * (dp - delta[:, None]), mask=io_mask)
 
 
 @triton.jit
@@ -365,26 +375,36 @@ def _bwd_dq_kernel(
 
 
 # -- autotune configs ----------------------------------------------------------------------------
-# The 3-D tanh tile [BLOCK_Q, BLOCK_K, BLOCK_H] lives in registers: configs keep it at 8K-16K
+# The 3-D tanh tile [BLOCK_Q, BLOCK_K, BLOCK_H] lives in registers: configs keep it at 4K-8K
 # elements. The interpreter gets one config: benchmarking configs there would only cost time,
 # and fewer, larger blocks run faster through numpy.
 
+# Largest fp32 [rows, BLOCK_DV] accumulator (forward context, backward dvalue) a config may hold:
+# beyond it registers spill, so long value vectors get short row blocks.
+_MAX_ACC = 16384
 
-def _configs(tiles, warps=(4, 8), stages=(1, 2)):
+
+def _configs(tiles, warps=(4, 8), stages=(2,)):
     if _INTERPRET:
         return [triton.Config(dict(tiles[0]), num_warps=4, num_stages=1)]
     return [triton.Config(dict(t), num_warps=w, num_stages=s) for t in tiles for w in warps for s in stages]
 
 
-def _prune(sizes):
-    """Drops configs whose blocks exceed the (power-of-two rounded) problem; keeps at least one."""
+def _prune(acc_rows: str | None = None):
+    """Drops configs whose blocks exceed the (power-of-two rounded) problem, or whose
+    [acc_rows, BLOCK_DV] accumulator exceeds _MAX_ACC; keeps at least the smallest config."""
+    sizes = {"BLOCK_Q": "Tq", "BLOCK_K": "Tk", "BLOCK_H": "H"}
 
     def prune(configs, named_args, **kwargs):
         limits = {name: triton.next_power_of_2(max(int(named_args[arg]), 1)) for name, arg in sizes.items()}
         kept = [c for c in configs if all(c.kwargs[name] <= limits[name] for name in limits)]
+        if acc_rows is not None:
+            dv_block = kwargs.get("BLOCK_DV", named_args.get("BLOCK_DV", 16))
+            kept = [c for c in kept if c.kwargs[acc_rows] * dv_block <= _MAX_ACC]
         if not kept:
-            smallest = min(configs, key=lambda c: tuple(c.kwargs[name] for name in limits))
-            kept = [smallest]
+            kept = [
+                min(configs, key=lambda c: c.kwargs["BLOCK_Q"] * c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_H"])
+            ]
         return kept
 
     return {"early_config_prune": prune}
@@ -392,32 +412,34 @@ def _prune(sizes):
 
 _INTERP_TILE = {"BLOCK_Q": 16, "BLOCK_K": 32, "BLOCK_H": 32}
 
-_FWD_TILES = [_INTERP_TILE] if _INTERPRET else [
+_SCORE_TILES = [_INTERP_TILE] if _INTERPRET else [
     {"BLOCK_Q": 64, "BLOCK_K": 32, "BLOCK_H": 4},
     {"BLOCK_Q": 32, "BLOCK_K": 32, "BLOCK_H": 8},
     {"BLOCK_Q": 64, "BLOCK_K": 64, "BLOCK_H": 2},
-    {"BLOCK_Q": 16, "BLOCK_K": 64, "BLOCK_H": 8},
+    {"BLOCK_Q": 16, "BLOCK_K": 32, "BLOCK_H": 8},
     {"BLOCK_Q": 16, "BLOCK_K": 16, "BLOCK_H": 16},
 ]  # fmt: skip
-_DS_TILES = _FWD_TILES
 _GRAD_TILES = [_INTERP_TILE] if _INTERPRET else [
     {"BLOCK_Q": 32, "BLOCK_K": 32, "BLOCK_H": 8},
     {"BLOCK_Q": 16, "BLOCK_K": 32, "BLOCK_H": 16},
     {"BLOCK_Q": 32, "BLOCK_K": 16, "BLOCK_H": 16},
-    {"BLOCK_Q": 64, "BLOCK_K": 64, "BLOCK_H": 4},
+    {"BLOCK_Q": 64, "BLOCK_K": 32, "BLOCK_H": 4},
 ]  # fmt: skip
-_SIZES = {"BLOCK_Q": "Tq", "BLOCK_K": "Tk", "BLOCK_H": "H"}
 
 _fwd = triton.autotune(
-    _configs(_FWD_TILES), key=["Tq", "Tk", "H", "Dv", "HAS_MASK"], prune_configs_by=_prune(_SIZES)
+    _configs(_SCORE_TILES),
+    key=["Tq", "Tk", "H", "Dv", "HAS_MASK", "WRITE_SCORES"],
+    prune_configs_by=_prune("BLOCK_Q"),
 )(_fwd_kernel)
 _bwd_dvalue = triton.autotune(
-    _configs(_DS_TILES), key=["Tq", "Tk", "H", "Dv", "HAS_MASK", "HAS_GW"], prune_configs_by=_prune(_SIZES)
+    _configs(_SCORE_TILES),
+    key=["Tq", "Tk", "H", "Dv", "HAS_MASK", "HAS_GW"],
+    prune_configs_by=_prune("BLOCK_K"),
 )(_bwd_dvalue_kernel)
-_bwd_dk = triton.autotune(_configs(_GRAD_TILES), key=["Tq", "Tk", "H"], prune_configs_by=_prune(_SIZES))(
+_bwd_dk = triton.autotune(_configs(_GRAD_TILES), key=["Tq", "Tk", "H"], prune_configs_by=_prune())(
     _bwd_dk_kernel
 )
-_bwd_dq = triton.autotune(_configs(_GRAD_TILES), key=["Tq", "Tk", "H"], prune_configs_by=_prune(_SIZES))(
+_bwd_dq = triton.autotune(_configs(_GRAD_TILES), key=["Tq", "Tk", "H"], prune_configs_by=_prune())(
     _bwd_dq_kernel
 )
 
@@ -566,24 +588,16 @@ def additive_attention_backward(
         )
     lse = lse.to(torch.float32).contiguous()
     has_gw = grad_weights is not None
+    # The weights themselves are not needed: their term of Delta is summed from dP (see top).
     gw = grad_weights if has_gw else grad_out
-    w = weights if has_gw else grad_out
     gw_strides = grad_weights.stride() if has_gw else (0, 0, 0)
-    w_strides = weights.stride() if has_gw else (0, 0, 0)
     mask, smb, smt = _mask_args(key_padding_mask, query)
 
-    delta = torch.empty((B, Tq), dtype=torch.float32, device=dev)
-    wrap_triton(_bwd_delta_kernel)[(triton.cdiv(Tq, _ROW_BLOCK_Q), B)](
-        grad_out, out, gw, w, delta,
-        *grad_out.stride(), *out.stride(), *gw_strides, *w_strides,
-        Tq, Tk, Dv,
-        HAS_GW=has_gw, BLOCK_Q=_ROW_BLOCK_Q, BLOCK_C=_ROW_BLOCK,
-    )  # fmt: skip
-
-    ds = torch.empty((B, Tq, Tk), dtype=torch.float32, device=dev)
+    prob = torch.empty((B, Tq, Tk), dtype=torch.float32, device=dev)
+    ds = torch.empty((B, Tq, Tk), dtype=torch.float32, device=dev)  # dP, then dS in place
     dvalue = torch.empty((B, Tk, Dv), dtype=dtype, device=dev)
     wrap_triton(_bwd_dvalue)[lambda meta: (triton.cdiv(Tk, meta["BLOCK_K"]), B)](
-        query, key, value, v, mask, grad_out, gw, lse, delta, ds, dvalue,
+        query, key, value, v, mask, grad_out, gw, lse, prob, ds, dvalue,
         *query.stride(), *key.stride(), *value.stride(), v.stride(0), smb, smt,
         *grad_out.stride(), *gw_strides,
         Tq, Tk, H, Dv,
@@ -591,6 +605,11 @@ def additive_attention_backward(
         DOT_PRECISION=_dot_precision(dtype), UPCAST_DOT=_upcast_dot(dtype),
         BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
     )  # fmt: skip
+
+    wrap_triton(_bwd_dscore_kernel)[(triton.cdiv(Tq, _ROW_BLOCK_Q), B)](
+        prob, ds, Tq, Tk, BLOCK_Q=_ROW_BLOCK_Q, BLOCK_K=_ROW_BLOCK
+    )
+    del prob
 
     dkey = torch.empty((B, Tk, H), dtype=dtype, device=dev)
     # Per-key partial sums of dv, reduced below by torch in a fixed order (deterministic); by
@@ -614,7 +633,26 @@ def additive_attention_backward(
 # -- glue: the custom ops (schemas as in csrc/registration.cpp; fake impls come from tracing) ----
 
 
-@triton_op("pyattn::additive_attention_fwd_triton", mutates_args=())
+# The C++ ops' schemas, return names included; a torch without triton_op(schema=) infers the same
+# schema from the annotations, less the return names.
+_FWD_SCHEMA = (
+    "(Tensor query, Tensor key, Tensor value, Tensor v, Tensor? key_padding_mask, bool return_weights)"
+    " -> (Tensor out, Tensor lse, Tensor weights)"
+)
+_BWD_SCHEMA = (
+    "(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor v, Tensor? key_padding_mask, "
+    "Tensor out, Tensor lse, Tensor? grad_weights, Tensor? weights) "
+    "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_v)"
+)
+
+
+def _triton_op(name: str, schema: str):
+    if "schema" in inspect.signature(triton_op).parameters:
+        return triton_op(name, mutates_args=(), schema=schema)
+    return triton_op(name, mutates_args=())
+
+
+@_triton_op("pyattn::additive_attention_fwd_triton", _FWD_SCHEMA)
 def additive_attention_fwd_triton(
     query: Tensor,
     key: Tensor,
@@ -626,7 +664,7 @@ def additive_attention_fwd_triton(
     return additive_attention_forward(query, key, value, v, key_padding_mask, return_weights)
 
 
-@triton_op("pyattn::additive_attention_bwd_triton", mutates_args=())
+@_triton_op("pyattn::additive_attention_bwd_triton", _BWD_SCHEMA)
 def additive_attention_bwd_triton(
     grad_out: Tensor,
     query: Tensor,
