@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
 # -- constants ---------------------------------------------------------------------------------
@@ -451,6 +452,15 @@ _ROW_BLOCK = 64
 # -- launchers -----------------------------------------------------------------------------------
 
 
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    # Under TRITON_INTERPRET=1, wrap_triton hands back the plain interpreted kernel, which would
+    # then run on the fake tensors with which torch traces the op for its fake impl (opcheck,
+    # torch.compile): there only the outputs' shapes matter, so nothing is launched.
+    if _INTERPRET and any(is_fake(a) for a in args if isinstance(a, Tensor)):
+        return
+    wrap_triton(kernel)[grid](*args, **kwargs)
+
+
 def _check(query: Tensor, key: Tensor, value: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> None:
     """What the kernels need beyond pyattn.ops' shared checks (the ops may be called directly)."""
     if query.dtype not in _DTYPES:
@@ -525,7 +535,8 @@ def additive_attention_forward(
     scores = torch.empty((B, Tq, Tk) if return_weights else (1,), dtype=torch.float32, device=dev)
     mask, smb, smt = _mask_args(key_padding_mask, query)
     grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_Q"]), B)  # noqa: E731
-    wrap_triton(_fwd)[grid](
+    _launch(
+        _fwd, grid,
         query, key, value, v, mask, out, lse, scores,
         *query.stride(), *key.stride(), *value.stride(), v.stride(0), smb, smt,
         Tq, Tk, H, Dv,
@@ -534,9 +545,8 @@ def additive_attention_forward(
         BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
     )  # fmt: skip
     if return_weights:
-        wrap_triton(_weights_kernel)[(triton.cdiv(Tq, _ROW_BLOCK_Q), B)](
-            scores, lse, weights, Tq, Tk, BLOCK_Q=_ROW_BLOCK_Q, BLOCK_K=_ROW_BLOCK
-        )
+        rows = (triton.cdiv(Tq, _ROW_BLOCK_Q), B)
+        _launch(_weights_kernel, rows, scores, lse, weights, Tq, Tk, BLOCK_Q=_ROW_BLOCK_Q, BLOCK_K=_ROW_BLOCK)
     return out, lse, weights
 
 
@@ -596,7 +606,8 @@ def additive_attention_backward(
     prob = torch.empty((B, Tq, Tk), dtype=torch.float32, device=dev)
     ds = torch.empty((B, Tq, Tk), dtype=torch.float32, device=dev)  # dP, then dS in place
     dvalue = torch.empty((B, Tk, Dv), dtype=dtype, device=dev)
-    wrap_triton(_bwd_dvalue)[lambda meta: (triton.cdiv(Tk, meta["BLOCK_K"]), B)](
+    _launch(
+        _bwd_dvalue, lambda meta: (triton.cdiv(Tk, meta["BLOCK_K"]), B),
         query, key, value, v, mask, grad_out, gw, lse, prob, ds, dvalue,
         *query.stride(), *key.stride(), *value.stride(), v.stride(0), smb, smt,
         *grad_out.stride(), *gw_strides,
@@ -606,22 +617,23 @@ def additive_attention_backward(
         BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
     )  # fmt: skip
 
-    wrap_triton(_bwd_dscore_kernel)[(triton.cdiv(Tq, _ROW_BLOCK_Q), B)](
-        prob, ds, Tq, Tk, BLOCK_Q=_ROW_BLOCK_Q, BLOCK_K=_ROW_BLOCK
-    )
+    rows = (triton.cdiv(Tq, _ROW_BLOCK_Q), B)
+    _launch(_bwd_dscore_kernel, rows, prob, ds, Tq, Tk, BLOCK_Q=_ROW_BLOCK_Q, BLOCK_K=_ROW_BLOCK)
     del prob
 
     dkey = torch.empty((B, Tk, H), dtype=dtype, device=dev)
     # Per-key partial sums of dv, reduced below by torch in a fixed order (deterministic); by
     # key rather than by key block, so their layout does not depend on the autotuned block.
     dv_part = torch.empty((B, Tk, H), dtype=torch.float32, device=dev)
-    wrap_triton(_bwd_dk)[lambda meta: (triton.cdiv(Tk, meta["BLOCK_K"]), triton.cdiv(H, meta["BLOCK_H"]), B)](
+    _launch(
+        _bwd_dk, lambda meta: (triton.cdiv(Tk, meta["BLOCK_K"]), triton.cdiv(H, meta["BLOCK_H"]), B),
         query, key, v, ds, dkey, dv_part,
         *query.stride(), *key.stride(), v.stride(0),
         Tq, Tk, H,
     )  # fmt: skip
     dquery = torch.empty((B, Tq, H), dtype=dtype, device=dev)
-    wrap_triton(_bwd_dq)[lambda meta: (triton.cdiv(Tq, meta["BLOCK_Q"]), triton.cdiv(H, meta["BLOCK_H"]), B)](
+    _launch(
+        _bwd_dq, lambda meta: (triton.cdiv(Tq, meta["BLOCK_Q"]), triton.cdiv(H, meta["BLOCK_H"]), B),
         query, key, v, ds, dquery,
         *query.stride(), *key.stride(), v.stride(0),
         Tq, Tk, H,
