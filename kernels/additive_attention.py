@@ -83,8 +83,10 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """a @ b with fp32 accumulation. UPCAST_DOT (the interpreter with bf16, whose tl.dot returns
     garbage there) multiplies the already-rounded operands in fp32: the same products."""
     if UPCAST_DOT:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=DOT_PRECISION)
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        c = tl.dot(a, b, input_precision=DOT_PRECISION)
+    return c
 
 
 @triton.jit
@@ -584,6 +586,11 @@ def additive_attention_backward(
         raise ValueError(
             f"additive_attention (triton): 'grad_out' and 'out' must be (B={B}, Tq={Tq}, Dv={Dv}), "
             f"got {tuple(grad_out.shape)} and {tuple(out.shape)}"
+        )
+    if grad_weights is not None and tuple(grad_weights.shape) != (B, Tq, Tk):
+        raise ValueError(
+            f"additive_attention (triton): 'grad_weights' must be (B={B}, Tq={Tq}, Tk={Tk}), "
+            f"got {tuple(grad_weights.shape)}"
         )
     if tuple(lse.shape) != (B, Tq):
         raise ValueError(
