@@ -666,6 +666,18 @@ _BWD_SCHEMA = (
 
 
 def _triton_op(name: str, schema: str):
+    """triton_op on a GPU. Under TRITON_INTERPRET=1, wrap_triton cannot trace the interpreted
+    kernels, so a triton_op's decomposition would trace to a graph without them (torch.compile and
+    opcheck's AOT checks would then return empty outputs): there the op is an opaque custom_op
+    whose fake impl is the launcher itself, which launches nothing on fake tensors."""
+    if _INTERPRET:
+
+        def define(fn):
+            op = torch.library.custom_op(name, mutates_args=(), schema=schema)(fn)
+            op.register_fake(fn)
+            return op
+
+        return define
     if "schema" in inspect.signature(triton_op).parameters:
         return triton_op(name, mutates_args=(), schema=schema)
     return triton_op(name, mutates_args=())

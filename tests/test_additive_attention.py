@@ -190,17 +190,29 @@ def test_triton_opcheck(backend, device):
         torch.randn(s, device=device, requires_grad=True) for s in ((B, Tq, H), (B, Tk, H), (B, Tk, Dv), (H,))
     ]
     mask = (torch.rand(B, Tk) < 0.3).to(device)
-    # Under the interpreter wrap_triton does not trace the kernels (they run eagerly), so the
-    # AOT-dispatch checks of the decomposed triton_op cannot hold there; they run on a GPU.
-    utils = ("test_schema", "test_autograd_registration", "test_faketensor") if not HAS_CUDA else None
-    kw = {} if utils is None else {"test_utils": utils}
     for m in (None, mask):
         for rw in (False, True):
-            torch.library.opcheck(torch.ops.pyattn.additive_attention_fwd_triton, (*args, m, rw), **kw)
+            torch.library.opcheck(torch.ops.pyattn.additive_attention_fwd_triton, (*args, m, rw))
     out, lse, w = torch.ops.pyattn.additive_attention_fwd_triton(*[a.detach() for a in args], mask, True)
     assert lse.dtype == torch.float32
     bwd_args = (torch.randn_like(out), *[a.detach() for a in args], mask, out, lse, torch.randn_like(w), w)
-    torch.library.opcheck(torch.ops.pyattn.additive_attention_bwd_triton, bwd_args, **kw)
+    torch.library.opcheck(torch.ops.pyattn.additive_attention_bwd_triton, bwd_args)
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+def test_triton_torch_compile_fullgraph(backend, device):
+    def f(q, k, val, v, mask):
+        return pyattn.additive_attention(torch.tanh(q), k, val, v, mask, backend=backend) * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    shapes = ((2, 4, 8), (2, 9, 8), (2, 9, 6), (8,))
+    ins = [torch.randn(s, device=device, requires_grad=True) for s in shapes]
+    mask = (torch.rand(2, 9) < 0.3).to(device)
+    out, expected = compiled(*ins, mask), f(*ins, mask)
+    torch.testing.assert_close(out, expected)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, ins, g), torch.autograd.grad(expected, ins, g), strict=True):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("backend,device", TRITON)
