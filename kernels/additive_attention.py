@@ -50,11 +50,11 @@ from torch.library import triton_op, wrap_triton
 
 # -- constants ---------------------------------------------------------------------------------
 
-LOG2E: tl.constexpr = 1.4426950408889634
-LN2: tl.constexpr = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 # Below this |x| the exp-based tanh loses bits to the cancellation in 1 - exp(-2|x|); an odd
 # Taylor polynomial up to x^11 is accurate to 2e-9 relative there.
-TANH_SERIES_MAX: tl.constexpr = 0.3
+TANH_SERIES_MAX = tl.constexpr(0.3)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
