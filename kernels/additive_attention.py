@@ -383,8 +383,10 @@ def _bwd_dq_kernel(
 # and fewer, larger blocks run faster through numpy.
 
 # Largest fp32 [rows, BLOCK_DV] accumulator (forward context, backward dvalue) a config may hold:
-# beyond it registers spill, so long value vectors get short row blocks.
-_MAX_ACC = 16384
+# compiled for sm_90 with Dv = 512 (cuobjdump --dump-resource-usage), 32 x 512 spills to the
+# stack (2 KB in the dvalue kernel) while 16 x 512 does not, so long value vectors get short
+# row blocks.
+_MAX_ACC = 8192
 
 
 def _configs(tiles, warps=(4, 8), stages=(2,)):
