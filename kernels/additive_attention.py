@@ -396,12 +396,13 @@ def _configs(tiles, warps=(4, 8), stages=(2,)):
 
 
 def _prune(acc_rows: str | None = None):
-    """Drops configs whose blocks exceed the (power-of-two rounded) problem, or whose
+    """Drops configs whose blocks exceed the (power-of-two rounded, at least 16) problem, or whose
     [acc_rows, BLOCK_DV] accumulator exceeds _MAX_ACC; keeps at least the smallest config."""
     sizes = {"BLOCK_Q": "Tq", "BLOCK_K": "Tk", "BLOCK_H": "H"}
 
     def prune(configs, named_args, **kwargs):
-        limits = {name: triton.next_power_of_2(max(int(named_args[arg]), 1)) for name, arg in sizes.items()}
+        # 16: the smallest block of a tl.dot operand, and of every config
+        limits = {name: max(16, triton.next_power_of_2(int(named_args[arg]))) for name, arg in sizes.items()}
         kept = [c for c in configs if all(c.kwargs[name] <= limits[name] for name in limits)]
         if acc_rows is not None:
             dv_block = kwargs.get("BLOCK_DV", named_args.get("BLOCK_DV", 16))
