@@ -27,6 +27,15 @@ bitwise reproducible):
    torch reduces in a fixed order.
 4. ``_bwd_dq_kernel`` (query-block x H-chunk programs): dq.
 
+The forward writes the raw scores (fp32) only when the weights are asked for; a second kernel
+normalises them with the row's lse. Memory: the backward holds two fp32 (B, Tq, Tk) buffers and an
+fp32 (B, Tk, H) one (dv partials), never (B, Tq, Tk, H).
+
+Ops (glue at the end): ``pyattn::additive_attention_{fwd,bwd}_triton``, the schemas of the C++
+ops. On a GPU they are ``torch.library.triton_op``s (torch.compile sees the kernels); under the
+interpreter (TRITON_INTERPRET=1) they are opaque ``custom_op``s, because a triton_op's traced
+decomposition would lose the interpreted kernels (see ``_triton_op``).
+
 Conventions (csrc/registration.cpp): lse is float32, natural log, +inf for a row whose keys are
 all padding (its context, weights and gradients are 0); out and the gradients have the input
 dtype; fp32, fp16 and bf16 inputs, fp32 statistics and accumulation.
@@ -632,22 +641,23 @@ def additive_attention_backward(
     del prob
 
     dkey = torch.empty((B, Tk, H), dtype=dtype, device=dev)
+    dquery = torch.empty((B, Tq, H), dtype=dtype, device=dev)
     # Per-key partial sums of dv, reduced below by torch in a fixed order (deterministic); by
     # key rather than by key block, so their layout does not depend on the autotuned block.
     dv_part = torch.empty((B, Tk, H), dtype=torch.float32, device=dev)
-    _launch(
-        _bwd_dk, lambda meta: (triton.cdiv(Tk, meta["BLOCK_K"]), triton.cdiv(H, meta["BLOCK_H"]), B),
-        query, key, v, ds, dkey, dv_part,
-        *query.stride(), *key.stride(), v.stride(0),
-        Tq, Tk, H,
-    )  # fmt: skip
-    dquery = torch.empty((B, Tq, H), dtype=dtype, device=dev)
-    _launch(
-        _bwd_dq, lambda meta: (triton.cdiv(Tq, meta["BLOCK_Q"]), triton.cdiv(H, meta["BLOCK_H"]), B),
-        query, key, v, ds, dquery,
-        *query.stride(), *key.stride(), v.stride(0),
-        Tq, Tk, H,
-    )  # fmt: skip
+    if H > 0:  # H = 0 leaves nothing to compute, and would be an empty grid
+        _launch(
+            _bwd_dk, lambda meta: (triton.cdiv(Tk, meta["BLOCK_K"]), triton.cdiv(H, meta["BLOCK_H"]), B),
+            query, key, v, ds, dkey, dv_part,
+            *query.stride(), *key.stride(), v.stride(0),
+            Tq, Tk, H,
+        )  # fmt: skip
+        _launch(
+            _bwd_dq, lambda meta: (triton.cdiv(Tq, meta["BLOCK_Q"]), triton.cdiv(H, meta["BLOCK_H"]), B),
+            query, key, v, ds, dquery,
+            *query.stride(), *key.stride(), v.stride(0),
+            Tq, Tk, H,
+        )  # fmt: skip
     dv = dv_part.sum(dim=(0, 1)).to(dtype)
     return dquery, dkey, dvalue, dv
 
