@@ -165,6 +165,73 @@ def test_deterministic(backend, device):
         assert torch.equal(a, b), "same inputs must give bitwise-identical results"
 
 
+# -- triton only: low precision through the interpreter, op checks, empty sizes, several blocks --
+
+TRITON = backend_params(cpu=False, triton=True, cuda=False)
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_triton_low_precision(backend, device, dtype):
+    # On a GPU test_matches_reference covers these; here they run through the interpreter.
+    check_against_reference(backend, device, dtype, 2, 7, 40, 24, 20, pad="full_row", weights=True)
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+def test_triton_several_blocks(backend, device):
+    # more than one query block, key block and H chunk at once, with padding and weights
+    check_against_reference(backend, device, torch.float32, 2, 20, 45, 40, 24, pad="lengths", weights=True)
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+def test_triton_opcheck(backend, device):
+    B, Tq, Tk, H, Dv = 2, 3, 11, 8, 5
+    args = [
+        torch.randn(s, device=device, requires_grad=True) for s in ((B, Tq, H), (B, Tk, H), (B, Tk, Dv), (H,))
+    ]
+    mask = (torch.rand(B, Tk) < 0.3).to(device)
+    # two of the four (mask, return_weights) combinations: the interpreter is slow
+    for m, rw in ((None, False), (mask, True)):
+        torch.library.opcheck(torch.ops.pyattn.additive_attention_fwd_triton, (*args, m, rw))
+    out, lse, w = torch.ops.pyattn.additive_attention_fwd_triton(*[a.detach() for a in args], mask, True)
+    assert lse.dtype == torch.float32
+    bwd_args = (torch.randn_like(out), *[a.detach() for a in args], mask, out, lse, torch.randn_like(w), w)
+    torch.library.opcheck(torch.ops.pyattn.additive_attention_bwd_triton, bwd_args)
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+def test_triton_torch_compile_fullgraph(backend, device):
+    def f(q, k, val, v, mask):
+        return pyattn.additive_attention(torch.tanh(q), k, val, v, mask, backend=backend) * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    shapes = ((2, 4, 8), (2, 9, 8), (2, 9, 6), (8,))
+    ins = [torch.randn(s, device=device, requires_grad=True) for s in shapes]
+    mask = (torch.rand(2, 9) < 0.3).to(device)
+    out, expected = compiled(*ins, mask), f(*ins, mask)
+    torch.testing.assert_close(out, expected)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, ins, g), torch.autograd.grad(expected, ins, g), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+@pytest.mark.parametrize("B,Tq,Tk", [(0, 3, 5), (2, 0, 5), (2, 3, 0)])
+def test_triton_empty_sizes(backend, device, B, Tq, Tk):
+    H, Dv = 8, 4
+    ins = [
+        torch.randn(s, device=device, requires_grad=True) for s in ((B, Tq, H), (B, Tk, H), (B, Tk, Dv), (H,))
+    ]
+    out, w = pyattn.additive_attention(*ins, return_weights=True, backend=backend)
+    assert out.shape == (B, Tq, Dv) and w.shape == (B, Tq, Tk)
+    assert torch.all(out == 0), "no key (or no query) must give a zero context"
+    _, lse, _ = torch.ops.pyattn.additive_attention_fwd_triton(*[a.detach() for a in ins], None, False)
+    assert lse.shape == (B, Tq) and torch.all(lse == float("inf"))
+    grads = torch.autograd.grad((out * torch.randn_like(out)).sum(), ins, allow_unused=True)
+    for g, x in zip(grads, ins, strict=True):
+        assert g is None or (g.shape == x.shape and torch.all(g == 0))
+
+
 @GPU
 def test_default_backend_on_cuda_is_fused():
     q = torch.randn(2, 3, 8, device="cuda")
