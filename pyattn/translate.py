@@ -495,7 +495,8 @@ def run(args: argparse.Namespace) -> int:
     if font is None:
         print("note: no Hangul font found by matplotlib (install fonts-nanum); heatmap labels are romanised")
     args.out.mkdir(parents=True, exist_ok=True)
-    picks = task.test[: args.samples]
+    stride = max(1, len(task.test) // max(1, args.samples))
+    picks = task.test[::stride][: args.samples]  # spread over the (sorted) held-out set
     hyps, maps = translate(model, task, [s for s, _ in picks])
     sep = "" if task.name == "numerals" else " "
     for k, ((src, ref), hyp, attn) in enumerate(zip(picks, hyps, maps, strict=True)):
