@@ -450,13 +450,13 @@ def save_heatmap(attn: torch.Tensor, src: list[str], tgt: list[str], path: Path,
 
 # ----------------------------------------------------------------------------- CLI
 
-DEFAULTS = {"numerals": {"steps": 1500}, "ui": {"steps": 3000}}
+DEFAULTS = {"numerals": {"steps": 1500}, "ui": {"steps": 2000}}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", choices=("numerals", "ui"), default="numerals")
     parser.add_argument(
-        "--steps", type=int, default=None, help="training steps (default: numerals 1500, ui 3000)"
+        "--steps", type=int, default=None, help="training steps (default: numerals 1500, ui 2000)"
     )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
