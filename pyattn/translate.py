@@ -432,7 +432,7 @@ def save_heatmap(attn: torch.Tensor, src: list[str], tgt: list[str], path: Path,
     import matplotlib.pyplot as plt
 
     xs = [*src, "</s>"]
-    ys = [*tgt, "</s>"]
+    ys = [t if t != " " else "␣" for t in tgt] + ["</s>"]  # show spaces as ␣
     if font is None:
         ys = [romanize(t) for t in ys]
         xs = [romanize(t) for t in xs]
