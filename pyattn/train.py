@@ -99,7 +99,9 @@ def mlm_batch(g: torch.Generator, B: int, vocab: int, max_len: int):
 class TransformerSeq2Seq(nn.Module):
     """Token embeddings + sinusoidal positions + pyattn's Transformer + an output layer."""
 
-    def __init__(self, vocab: int, d_model: int = 32, nhead: int = 4, layers: int = 2, attn_backend: str = "fused"):
+    def __init__(
+        self, vocab: int, d_model: int = 32, nhead: int = 4, layers: int = 2, attn_backend: str = "fused"
+    ):
         super().__init__()
         from .models.transformer import Transformer
 
@@ -110,7 +112,9 @@ class TransformerSeq2Seq(nn.Module):
             dim_feedforward=2 * d_model, dropout=0.1, batch_first=True, attn_backend=attn_backend,
         )  # fmt: skip
         self.generator = nn.Linear(d_model, vocab)
-        pos = torch.arange(64)[:, None] * torch.exp(torch.arange(0, d_model, 2) * (-math.log(10000.0) / d_model))
+        pos = torch.arange(64)[:, None] * torch.exp(
+            torch.arange(0, d_model, 2) * (-math.log(10000.0) / d_model)
+        )
         pe = torch.zeros(64, d_model)
         pe[:, 0::2], pe[:, 1::2] = torch.sin(pos), torch.cos(pos)
         self.register_buffer("pe", pe, persistent=False)
@@ -172,7 +176,9 @@ class Task(nn.Module):
             target = tgt[:, 1:]
         else:
             ids, types, labels, nsp = batch
-            out = self.model(ids, attention_mask=ids != PAD, token_type_ids=types, labels=labels, next_sentence_label=nsp)
+            out = self.model(
+                ids, attention_mask=ids != PAD, token_type_ids=types, labels=labels, next_sentence_label=nsp
+            )
             hit = out.prediction_logits.argmax(-1) == labels
             return out.loss, hit[labels != -100].float().mean()
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=PAD)
@@ -258,10 +264,18 @@ def run(args) -> int:
             dist.all_reduce(stats)
             stats /= world
         if step % args.log_every == 0 or step == 1 or step == args.steps:
-            row = {"step": step, "loss": stats[0].item(), "accuracy": stats[1].item(), "seconds": time.perf_counter() - t0}
+            row = {
+                "step": step,
+                "loss": stats[0].item(),
+                "accuracy": stats[1].item(),
+                "seconds": time.perf_counter() - t0,
+            }
             rows.append(row)
             if bar is None and rank == 0:
-                print(f"step {step:5d}  loss {row['loss']:.4f}  acc {row['accuracy']:.3f}  {row['seconds']:.1f}s", flush=True)
+                print(
+                    f"step {step:5d}  loss {row['loss']:.4f}  acc {row['accuracy']:.3f}  {row['seconds']:.1f}s",
+                    flush=True,
+                )
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{stats[0].item():.4f}", acc=f"{stats[1].item():.3f}")
@@ -270,13 +284,20 @@ def run(args) -> int:
 
     if args.dump_params:
         os.makedirs(out, exist_ok=True)
-        torch.save({k: v.detach().clone() for k, v in task.state_dict().items()}, os.path.join(out, f"params_rank{rank}.pt"))
+        torch.save(
+            {k: v.detach().clone() for k, v in task.state_dict().items()},
+            os.path.join(out, f"params_rank{rank}.pt"),
+        )
     if rank == 0:
         with open(os.path.join(out, "losses.csv"), "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["step", "loss", "accuracy", "seconds"])
             w.writeheader()
             w.writerows(rows)
-        plotted = False if args.no_plot else _plot(rows, os.path.join(out, "loss.png"), f"pyattn train {args.model}")
+        plotted = (
+            False
+            if args.no_plot
+            else _plot(rows, os.path.join(out, "loss.png"), f"pyattn train {args.model}")
+        )
         summary = {
             "model": args.model,
             "steps": args.steps,

@@ -59,7 +59,9 @@ def test_bert_state_dict_variants_load():
     bare = BertModel(BertConfig.from_dict(cfg.to_dict()))
     result = bare.load_state_dict(dict(sd))
     assert not result.missing_keys and not result.unexpected_keys
-    torch.testing.assert_close(bare.embeddings.word_embeddings.weight, sd["bert.embeddings.word_embeddings.weight"].float())
+    torch.testing.assert_close(
+        bare.embeddings.word_embeddings.weight, sd["bert.embeddings.word_embeddings.weight"].float()
+    )
     # Legacy gamma/beta names.
     legacy = {
         k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
@@ -67,7 +69,9 @@ def test_bert_state_dict_variants_load():
     }
     m = BertModel(BertConfig.from_dict(cfg.to_dict()))
     assert not m.load_state_dict(legacy).missing_keys
-    torch.testing.assert_close(m.encoder.layer[1].output.LayerNorm.bias, hf.bert.encoder.layer[1].output.LayerNorm.bias.float())
+    torch.testing.assert_close(
+        m.encoder.layer[1].output.LayerNorm.bias, hf.bert.encoder.layer[1].output.LayerNorm.bias.float()
+    )
     # Pretraining heads: same logits as transformers, decoder tied to the word embeddings.
     ours = BertForPreTraining(BertConfig.from_dict(cfg.to_dict())).double().eval()
     result = ours.load_state_dict(sd)
@@ -103,7 +107,12 @@ def test_bert_config_presets_and_errors():
     base, large = BertConfig.base(), BertConfig.large()
     assert (base.num_hidden_layers, base.hidden_size, base.num_attention_heads) == (12, 768, 12)
     assert (large.num_hidden_layers, large.hidden_size, large.num_attention_heads) == (24, 1024, 16)
-    assert BertConfig.from_dict({"hidden_size": 64, "num_attention_heads": 4, "architectures": ["X"]}).hidden_size == 64
+    assert (
+        BertConfig.from_dict(
+            {"hidden_size": 64, "num_attention_heads": 4, "architectures": ["X"]}
+        ).hidden_size
+        == 64
+    )
     with pytest.raises(ValueError, match="divisible"):
         BertConfig(hidden_size=30, num_attention_heads=4)
     with pytest.raises(ValueError, match="attn_backend"):

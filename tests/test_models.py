@@ -10,8 +10,8 @@ import copy
 import pytest
 import torch
 import torch._dynamo
-
 from helpers import assert_close_to_ref
+
 from pyattn.models import BertConfig, BertForPreTraining, BertModel, Seq2Seq, Seq2SeqConfig, Transformer
 
 pytestmark = pytest.mark.filterwarnings("ignore:enable_nested_tensor", "ignore:Support for mismatched")
@@ -33,7 +33,9 @@ def _bert(dropout=0.0, layers=2):
 
 
 def _seq2seq(dropout=0.0, layers=2):
-    return Seq2Seq(Seq2SeqConfig(20, 23, embed_dim=8, hidden_dim=16, attn_dim=12, num_layers=layers, dropout=dropout))
+    return Seq2Seq(
+        Seq2SeqConfig(20, 23, embed_dim=8, hidden_dim=16, attn_dim=12, num_layers=layers, dropout=dropout)
+    )
 
 
 def _padding(B, L):
@@ -62,13 +64,21 @@ def _inputs(kind, B=3, T=6):
         kw = {"input_ids": torch.randint(1, 40, (B, L)), "attention_mask": mask,
               "token_type_ids": torch.randint(0, 2, (B, L))}  # fmt: skip
         w = torch.randn(B, L, 32)
-        return kw, lambda out: (out.last_hidden_state * w.to(out.last_hidden_state.dtype)).sum() + out.pooler_output.sum()
+        return (
+            kw,
+            lambda out: (
+                (out.last_hidden_state * w.to(out.last_hidden_state.dtype)).sum() + out.pooler_output.sum()
+            ),
+        )
     src = torch.randint(3, 20, (B, 7))
     src[1:, 4:] = 0
     tgt = torch.randint(3, 23, (B, T))
     tgt[:, 0] = 1
     w = torch.randn(B, T - 1, 23)
-    return {"src": src, "tgt": tgt}, lambda out: (out.logits * w.to(out.logits.dtype)).sum() + out.attention.square().sum()
+    return {
+        "src": src,
+        "tgt": tgt,
+    }, lambda out: (out.logits * w.to(out.logits.dtype)).sum() + out.attention.square().sum()
 
 
 def _cast(kw, dtype):
@@ -93,7 +103,9 @@ def test_fused_and_reference_paths_agree(kind):
     out64 = model64(**_cast(kw, torch.float64))
     g64 = torch.autograd.grad(objective(out64), list(model64.parameters()), allow_unused=True)
     assert_close_to_ref("objective", results["fused"][0], results["reference"][0], objective(out64).detach())
-    for (pname, _), gf, gr, g in zip(model.named_parameters(), results["fused"][1], results["reference"][1], g64):
+    for (pname, _), gf, gr, g in zip(
+        model.named_parameters(), results["fused"][1], results["reference"][1], g64, strict=True
+    ):
         if g is None:
             assert gf is None and gr is None
             continue

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import pyattn
+from pyattn.nn import BahdanauAttention, MultiheadAttention
 
 pytestmark = pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
-from pyattn.nn import BahdanauAttention, MultiheadAttention
 
 TIGHT = {"rtol": 1e-9, "atol": 1e-10}
 
@@ -34,7 +34,11 @@ def _masks(kind_kpm, kind_attn, B, H, L, S):
     if kind_kpm != "none":
         pad = torch.rand(B, S) < 0.4
         pad[:, 0] = False
-        kpm = pad if kind_kpm == "bool" else torch.randn(B, S, dtype=torch.float64).masked_fill(pad, float("-inf"))
+        kpm = (
+            pad
+            if kind_kpm == "bool"
+            else torch.randn(B, S, dtype=torch.float64).masked_fill(pad, float("-inf"))
+        )
     if kind_attn != "none":
         shape = (L, S) if kind_attn.endswith("2d") else (B * H, L, S)
         blocked = torch.rand(shape) < 0.4
@@ -67,7 +71,7 @@ def _compare(ref, ours, q, k, v, **kw):
     else:
         torch.testing.assert_close(w_o, w_r, **TIGHT)
     names = ["query", "key", "value"] + [n for n, _ in ref.named_parameters()]
-    for name, a, b in zip(names, g_o, g_r):
+    for name, a, b in zip(names, g_o, g_r, strict=True):
         assert (a is None) == (b is None), name
         if a is not None:
             torch.testing.assert_close(a, b, **TIGHT, msg=lambda m, n=name: f"grad {n}: {m}")
@@ -87,8 +91,15 @@ def test_mha_matches_torch(batch_first, self_attn, kpm, attn, need_weights):
     v = torch.randn(shape(S), dtype=torch.float64)
     key_padding_mask, attn_mask = _masks(kpm, attn, B, H, L, S)
     _compare(
-        ref, ours, q, k, v, self_attn=self_attn, key_padding_mask=key_padding_mask,
-        attn_mask=attn_mask, need_weights=need_weights,
+        ref,
+        ours,
+        q,
+        k,
+        v,
+        self_attn=self_attn,
+        key_padding_mask=key_padding_mask,
+        attn_mask=attn_mask,
+        need_weights=need_weights,
     )
 
 
@@ -112,8 +123,17 @@ def test_mha_options_match_torch(options, masks, need_weights):
     k = torch.randn(B, S, options.get("kdim", E), dtype=torch.float64)
     v = torch.randn(B, S, options.get("vdim", E), dtype=torch.float64)
     kpm, attn = _masks("bool", "float3d", B, H, L, S) if masks else (None, None)
-    _compare(ref, ours, q, k, v, key_padding_mask=kpm, attn_mask=attn, need_weights=need_weights,
-             average_attn_weights=not masks)
+    _compare(
+        ref,
+        ours,
+        q,
+        k,
+        v,
+        key_padding_mask=kpm,
+        attn_mask=attn,
+        need_weights=need_weights,
+        average_attn_weights=not masks,
+    )
 
 
 @pytest.mark.parametrize("need_weights", [False, True])
@@ -124,8 +144,18 @@ def test_mha_is_causal_matches_torch(need_weights, padding):
     x = torch.randn(L, B, E, dtype=torch.float64)
     causal = torch.nn.Transformer.generate_square_subsequent_mask(L, dtype=torch.float64)
     kpm = _masks("bool", "none", B, H, L, L)[0] if padding else None
-    _compare(ref, ours, x, x, x, self_attn=True, attn_mask=causal, is_causal=True,
-             key_padding_mask=kpm, need_weights=need_weights)
+    _compare(
+        ref,
+        ours,
+        x,
+        x,
+        x,
+        self_attn=True,
+        attn_mask=causal,
+        is_causal=True,
+        key_padding_mask=kpm,
+        need_weights=need_weights,
+    )
     with pytest.raises(RuntimeError, match="attn_mask"):
         ours(x, x, x, is_causal=True)
 
@@ -137,8 +167,17 @@ def test_mha_unbatched_matches_torch(need_weights):
     q, k, v = (torch.randn(T, E, dtype=torch.float64) for T in (L, S, S))
     kpm = torch.tensor([False, True, False, False, True])
     attn = torch.randn(H, L, S, dtype=torch.float64)
-    _compare(ref, ours, q, k, v, key_padding_mask=kpm, attn_mask=attn, need_weights=need_weights,
-             average_attn_weights=False)
+    _compare(
+        ref,
+        ours,
+        q,
+        k,
+        v,
+        key_padding_mask=kpm,
+        attn_mask=attn,
+        need_weights=need_weights,
+        average_attn_weights=False,
+    )
 
 
 def test_mha_float32_against_float64_reference():
@@ -230,7 +269,7 @@ def test_mha_fused_matches_reference_path(masks):
     out64 = mod64(x64, x64, x64, key_padding_mask=kpm, attn_mask=attn, need_weights=False)[0]
     g64 = torch.autograd.grad(out64.square().sum(), [x64, *mod64.parameters()])
     assert_close_to_ref("output", outs["fused"][0], outs["reference"][0], out64)
-    for i, (a, b, c) in enumerate(zip(outs["fused"][1], outs["reference"][1], g64)):
+    for i, (a, b, c) in enumerate(zip(outs["fused"][1], outs["reference"][1], g64, strict=True)):
         assert_close_to_ref(f"grad {i}", a, b, c, factor=3.0)
 
 
@@ -272,8 +311,10 @@ def test_bahdanau_matches_naive(attn_backend, step):
     torch.testing.assert_close(w, w_n, **TIGHT)
     # Gradients of every parameter agree too.
     g = torch.autograd.grad((ctx * ctx_n.detach()).sum() + (w * w_n.detach()).sum(), list(mod.parameters()))
-    g_n = torch.autograd.grad((ctx_n * ctx_n.detach()).sum() + (w_n * w_n.detach()).sum(), list(mod.parameters()))
-    for a, b in zip(g, g_n):
+    g_n = torch.autograd.grad(
+        (ctx_n * ctx_n.detach()).sum() + (w_n * w_n.detach()).sum(), list(mod.parameters())
+    )
+    for a, b in zip(g, g_n, strict=True):
         torch.testing.assert_close(a, b, **TIGHT)
     # Projecting the keys once gives the same answer, and values default to keys.
     pk = mod.project_keys(keys)

@@ -60,7 +60,9 @@ def test_synthetic_batches_are_well_formed():
 
 
 def test_ddp_two_processes_end_with_identical_parameters(tmp_path):
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1"
+    )
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         "-m", "pyattn", "train", "transformer", "--steps", "3", "--batch-size", "4",

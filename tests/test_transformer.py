@@ -33,7 +33,9 @@ def _padding(B, T):
 @pytest.mark.parametrize("masks", ["none", "causal", "padding", "all"])
 def test_transformer_matches_torch(norm_first, batch_first, masks):
     B, S, T, E = 3, 7, 5, SMALL["d_model"]
-    ref, ours = _pair(norm_first=norm_first, batch_first=batch_first, activation="gelu" if norm_first else "relu")
+    ref, ours = _pair(
+        norm_first=norm_first, batch_first=batch_first, activation="gelu" if norm_first else "relu"
+    )
     shape = (lambda L: (B, L, E)) if batch_first else (lambda L: (L, B, E))
     src = torch.randn(shape(S), dtype=torch.float64)
     tgt = torch.randn(shape(T), dtype=torch.float64)
@@ -57,7 +59,7 @@ def test_transformer_matches_torch(norm_first, batch_first, masks):
     w = torch.randn_like(out_ref)
     g_ref = torch.autograd.grad((out_ref * w).sum(), list(ref.parameters()))
     g = torch.autograd.grad((out * w).sum(), list(ours.parameters()))
-    for (name, _), a, b in zip(ref.named_parameters(), g, g_ref):
+    for (name, _), a, b in zip(ref.named_parameters(), g, g_ref, strict=True):
         torch.testing.assert_close(a, b, **TIGHT, msg=lambda m, n=name: f"grad {n}: {m}")
 
 
@@ -73,7 +75,8 @@ def test_transformer_unbatched_and_mask_detection():
 def test_generate_square_subsequent_mask_is_torchs():
     for n in (1, 5):
         torch.testing.assert_close(
-            Transformer.generate_square_subsequent_mask(n), torch.nn.Transformer.generate_square_subsequent_mask(n)
+            Transformer.generate_square_subsequent_mask(n),
+            torch.nn.Transformer.generate_square_subsequent_mask(n),
         )
 
 

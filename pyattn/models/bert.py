@@ -287,7 +287,9 @@ def _read_checkpoint(folder: str) -> tuple[BertConfig, dict]:
     elif os.path.isfile(pt):
         state = torch.load(pt, map_location="cpu", weights_only=True)
     else:
-        raise FileNotFoundError(f"from_pretrained: neither model.safetensors nor pytorch_model.bin in {folder!r}")
+        raise FileNotFoundError(
+            f"from_pretrained: neither model.safetensors nor pytorch_model.bin in {folder!r}"
+        )
     return config, state
 
 
@@ -309,7 +311,9 @@ class BertModel(nn.Module):
         self._register_load_state_dict_pre_hook(self._load_hook)
 
     def _load_hook(self, state_dict, prefix, *args) -> None:
-        _normalise_hf_keys(state_dict, prefix, drop=("cls.",) if self.pooler is not None else ("cls.", "pooler."))
+        _normalise_hf_keys(
+            state_dict, prefix, drop=("cls.",) if self.pooler is not None else ("cls.", "pooler.")
+        )
 
     def set_attn_backend(self, name: str) -> None:
         """Route attention through "fused" (pyattn's best backend) or "reference"."""
@@ -354,7 +358,9 @@ class BertModel(nn.Module):
         model = cls(config, add_pooling_layer=has_pooler)
         result = model.load_state_dict(state, strict=False)
         if result.missing_keys:
-            raise RuntimeError(f"from_pretrained: checkpoint in {folder!r} lacks {result.missing_keys[:5]} ...")
+            raise RuntimeError(
+                f"from_pretrained: checkpoint in {folder!r} lacks {result.missing_keys[:5]} ..."
+            )
         if result.unexpected_keys:
             warnings.warn(f"from_pretrained: ignored keys {result.unexpected_keys[:5]}", stacklevel=2)
         return model.eval()
@@ -419,7 +425,10 @@ class BertForPreTraining(nn.Module):
         emb = prefix + "bert.embeddings.word_embeddings.weight"
         if dec not in state_dict and emb in state_dict:
             state_dict[dec] = state_dict[emb]
-        if prefix + "cls.predictions.decoder.bias" not in state_dict and prefix + "cls.predictions.bias" in state_dict:
+        if (
+            prefix + "cls.predictions.decoder.bias" not in state_dict
+            and prefix + "cls.predictions.bias" in state_dict
+        ):
             state_dict[prefix + "cls.predictions.decoder.bias"] = state_dict[prefix + "cls.predictions.bias"]
 
     def set_attn_backend(self, name: str) -> None:

@@ -41,7 +41,9 @@ class Seq2SeqConfig:
 
     def __post_init__(self) -> None:
         if self.hidden_dim % 2 != 0:
-            raise ValueError(f"Seq2SeqConfig: hidden_dim must be even (two GRU directions), got {self.hidden_dim}")
+            raise ValueError(
+                f"Seq2SeqConfig: hidden_dim must be even (two GRU directions), got {self.hidden_dim}"
+            )
         if self.num_layers < 1:
             raise ValueError(f"Seq2SeqConfig: num_layers must be >= 1, got {self.num_layers}")
         check_attn_backend(self.attn_backend)
@@ -69,10 +71,16 @@ class Encoder(nn.Module):
         half = c.hidden_dim // 2
         self.embedding = nn.Embedding(c.src_vocab_size, c.embed_dim, padding_idx=c.pad_id)
         self.fwd = nn.ModuleList(
-            [nn.GRU(c.embed_dim if i == 0 else c.hidden_dim, half, batch_first=True) for i in range(c.num_layers)]
+            [
+                nn.GRU(c.embed_dim if i == 0 else c.hidden_dim, half, batch_first=True)
+                for i in range(c.num_layers)
+            ]
         )
         self.bwd = nn.ModuleList(
-            [nn.GRU(c.embed_dim if i == 0 else c.hidden_dim, half, batch_first=True) for i in range(c.num_layers)]
+            [
+                nn.GRU(c.embed_dim if i == 0 else c.hidden_dim, half, batch_first=True)
+                for i in range(c.num_layers)
+            ]
         )
         self.dropout = nn.Dropout(c.dropout)
         self.pad_id = c.pad_id
@@ -84,11 +92,13 @@ class Encoder(nn.Module):
         # A sentence of only padding still gets one step so the gathers stay in range.
         lengths = (~pad).sum(1).clamp(min=1)  # (B,)
         x = self.dropout(self.embedding(src))  # (B, S, E)
-        for i, (f, b) in enumerate(zip(self.fwd, self.bwd)):
+        for i, (f, b) in enumerate(zip(self.fwd, self.bwd, strict=True)):
             if i > 0:
                 x = self.dropout(x)
             out_f, _ = f(x)  # (B, S, hidden/2)
-            out_b = _reverse_within_length(b(_reverse_within_length(x, lengths))[0], lengths)  # (B, S, hidden/2)
+            out_b = _reverse_within_length(
+                b(_reverse_within_length(x, lengths))[0], lengths
+            )  # (B, S, hidden/2)
             x = torch.cat([out_f, out_b], dim=-1)  # (B, S, hidden)
         last = (lengths - 1)[:, None, None].expand(-1, 1, out_f.shape[2])  # (B, 1, hidden/2)
         final = torch.cat([out_f.gather(1, last)[:, 0], out_b[:, 0]], dim=-1)  # (B, hidden)
@@ -102,9 +112,14 @@ class AttnDecoder(nn.Module):
         super().__init__()
         self.embedding = nn.Embedding(c.tgt_vocab_size, c.embed_dim, padding_idx=c.pad_id)
         self.bridge = nn.Linear(c.hidden_dim, c.hidden_dim)
-        self.attention = BahdanauAttention(c.hidden_dim, c.hidden_dim, c.attn_dim, attn_backend=c.attn_backend)
+        self.attention = BahdanauAttention(
+            c.hidden_dim, c.hidden_dim, c.attn_dim, attn_backend=c.attn_backend
+        )
         self.cells = nn.ModuleList(
-            [nn.GRUCell(c.embed_dim + c.hidden_dim if i == 0 else c.hidden_dim, c.hidden_dim) for i in range(c.num_layers)]
+            [
+                nn.GRUCell(c.embed_dim + c.hidden_dim if i == 0 else c.hidden_dim, c.hidden_dim)
+                for i in range(c.num_layers)
+            ]
         )
         self.out = nn.Linear(2 * c.hidden_dim + c.embed_dim, c.tgt_vocab_size)
         self.dropout = nn.Dropout(c.dropout)
@@ -127,7 +142,9 @@ class AttnDecoder(nn.Module):
             logits (B, V), the new state, attention weights (B, S).
         """
         emb = self.dropout(self.embedding(y_prev))  # (B, E)
-        context, weights = self.attention(state[-1], enc, key_padding_mask=pad, precomputed_keys=keys)  # (B, hidden), (B, S)
+        context, weights = self.attention(
+            state[-1], enc, key_padding_mask=pad, precomputed_keys=keys
+        )  # (B, hidden), (B, S)
         x = torch.cat([emb, context], dim=-1)  # (B, E + hidden)
         new_state = []
         for i, cell in enumerate(self.cells):
@@ -189,7 +206,9 @@ class Seq2Seq(nn.Module):
     def loss(self, output: Seq2SeqOutput, tgt: Tensor) -> Tensor:
         """Token-level cross-entropy of ``output`` against tgt[:, 1:], padding ignored."""
         return F.cross_entropy(
-            output.logits.reshape(-1, output.logits.shape[-1]), tgt[:, 1:].reshape(-1), ignore_index=self.config.pad_id
+            output.logits.reshape(-1, output.logits.shape[-1]),
+            tgt[:, 1:].reshape(-1),
+            ignore_index=self.config.pad_id,
         )
 
     @torch.no_grad()
@@ -238,7 +257,7 @@ class Seq2Seq(nn.Module):
                 top, idx = cand.topk(min(2 * beam_size, cand.numel()))
                 V = logits.shape[-1]
                 keep_rows, new_hyps, new_scores = [], [], []
-                for score, i in zip(top.tolist(), idx.tolist()):
+                for score, i in zip(top.tolist(), idx.tolist(), strict=True):
                     row, tok = divmod(i, V)
                     if tok == c.eos_id:
                         finished.append((score / (len(hyps[row]) + 1), hyps[row]))
@@ -254,6 +273,6 @@ class Seq2Seq(nn.Module):
                 state = [s[rows] for s in state]
                 hyps, scores = new_hyps, torch.tensor(new_scores, device=src.device)
             if not finished:
-                finished = [(s / max(len(h), 1), h) for s, h in zip(scores.tolist(), hyps)]
+                finished = [(s / max(len(h), 1), h) for s, h in zip(scores.tolist(), hyps, strict=True)]
             results.append(max(finished, key=lambda t: t[0])[1])
         return results

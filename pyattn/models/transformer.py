@@ -9,8 +9,8 @@ Every attention runs through pyattn's fused scaled-dot-product op (``attn_backen
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +40,13 @@ class TransformerConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.activation, str) and self.activation not in _ACTIVATIONS:
-            raise ValueError(f"TransformerConfig: activation must be 'relu', 'gelu' or a callable, got {self.activation!r}")
+            raise ValueError(
+                f"TransformerConfig: activation must be 'relu', 'gelu' or a callable, got {self.activation!r}"
+            )
         if self.d_model % self.nhead != 0:
-            raise ValueError(f"TransformerConfig: d_model ({self.d_model}) must be divisible by nhead ({self.nhead})")
+            raise ValueError(
+                f"TransformerConfig: d_model ({self.d_model}) must be divisible by nhead ({self.nhead})"
+            )
         check_attn_backend(self.attn_backend)
 
 
@@ -69,7 +73,13 @@ class TransformerEncoderLayer(nn.Module):
         super().__init__()
         f = {"device": device, "dtype": dtype}
         self.self_attn = MultiheadAttention(
-            c.d_model, c.nhead, c.dropout, bias=c.bias, batch_first=c.batch_first, attn_backend=c.attn_backend, **f
+            c.d_model,
+            c.nhead,
+            c.dropout,
+            bias=c.bias,
+            batch_first=c.batch_first,
+            attn_backend=c.attn_backend,
+            **f,
         )
         self.linear1 = nn.Linear(c.d_model, c.dim_feedforward, bias=c.bias, **f)
         self.dropout = nn.Dropout(c.dropout)
@@ -81,7 +91,9 @@ class TransformerEncoderLayer(nn.Module):
         self.dropout2 = nn.Dropout(c.dropout)
         self.activation = _activation(c.activation)
 
-    def forward(self, src: Tensor, src_mask=None, src_key_padding_mask=None, is_causal: bool = False) -> Tensor:
+    def forward(
+        self, src: Tensor, src_mask=None, src_key_padding_mask=None, is_causal: bool = False
+    ) -> Tensor:
         x = src
         if self.norm_first:
             x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
@@ -91,7 +103,13 @@ class TransformerEncoderLayer(nn.Module):
 
     def _sa_block(self, x, attn_mask, key_padding_mask, is_causal):
         x = self.self_attn(
-            x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, need_weights=False, is_causal=is_causal
+            x,
+            x,
+            x,
+            attn_mask=attn_mask,
+            key_padding_mask=key_padding_mask,
+            need_weights=False,
+            is_causal=is_causal,
         )[0]
         return self.dropout1(x)
 
@@ -134,7 +152,9 @@ class TransformerDecoderLayer(nn.Module):
         x = tgt
         if self.norm_first:
             x = x + self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
-            x = x + self._mha_block(self.norm2(x), memory, memory_mask, memory_key_padding_mask, memory_is_causal)
+            x = x + self._mha_block(
+                self.norm2(x), memory, memory_mask, memory_key_padding_mask, memory_is_causal
+            )
             return x + self._ff_block(self.norm3(x))
         x = self.norm1(x + self._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal))
         x = self.norm2(x + self._mha_block(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal))
@@ -142,13 +162,25 @@ class TransformerDecoderLayer(nn.Module):
 
     def _sa_block(self, x, attn_mask, key_padding_mask, is_causal):
         x = self.self_attn(
-            x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, need_weights=False, is_causal=is_causal
+            x,
+            x,
+            x,
+            attn_mask=attn_mask,
+            key_padding_mask=key_padding_mask,
+            need_weights=False,
+            is_causal=is_causal,
         )[0]
         return self.dropout1(x)
 
     def _mha_block(self, x, mem, attn_mask, key_padding_mask, is_causal):
         x = self.multihead_attn(
-            x, mem, mem, attn_mask=attn_mask, key_padding_mask=key_padding_mask, need_weights=False, is_causal=is_causal
+            x,
+            mem,
+            mem,
+            attn_mask=attn_mask,
+            key_padding_mask=key_padding_mask,
+            need_weights=False,
+            is_causal=is_causal,
         )[0]
         return self.dropout2(x)
 
@@ -163,7 +195,9 @@ class TransformerEncoder(nn.Module):
         self.num_layers = num_layers
         self.norm = norm
 
-    def forward(self, src: Tensor, mask=None, src_key_padding_mask=None, is_causal: bool | None = None) -> Tensor:
+    def forward(
+        self, src: Tensor, mask=None, src_key_padding_mask=None, is_causal: bool | None = None
+    ) -> Tensor:
         seq_dim = 1 if self.layers and self.layers[0].self_attn.batch_first and src.dim() == 3 else 0
         causal = _is_causal(mask, is_causal, src.shape[seq_dim])
         x = src
@@ -219,7 +253,9 @@ class Transformer(nn.Module):
     ``decoder.layers.0.multihead_attn...``, ``encoder.norm``, ``decoder.norm``.
     """
 
-    def __init__(self, config: TransformerConfig | int | None = None, *args, device=None, dtype=None, **kwargs):
+    def __init__(
+        self, config: TransformerConfig | int | None = None, *args, device=None, dtype=None, **kwargs
+    ):
         super().__init__()
         if isinstance(config, TransformerConfig):
             if args or kwargs:
@@ -228,14 +264,18 @@ class Transformer(nn.Module):
             if config is not None:
                 args = (config, *args)  # torch's first positional argument is d_model
             if len(args) > len(_TORCH_ARGS):
-                raise TypeError(f"Transformer: at most {len(_TORCH_ARGS)} positional arguments, got {len(args)}")
+                raise TypeError(
+                    f"Transformer: at most {len(_TORCH_ARGS)} positional arguments, got {len(args)}"
+                )
             for key in ("custom_encoder", "custom_decoder"):
                 if kwargs.pop(key, None) is not None:
-                    raise ValueError(f"Transformer: '{key}' is not supported (all attention runs through pyattn)")
+                    raise ValueError(
+                        f"Transformer: '{key}' is not supported (all attention runs through pyattn)"
+                    )
             unknown = set(kwargs) - {f.name for f in fields(TransformerConfig)}
             if unknown:
                 raise TypeError(f"Transformer: unexpected arguments {sorted(unknown)}")
-            config = TransformerConfig(**dict(zip(_TORCH_ARGS, args)), **kwargs)
+            config = TransformerConfig(**dict(zip(_TORCH_ARGS, args, strict=False)), **kwargs)
         self.config = c = config
         f = {"device": device, "dtype": dtype}
         self.encoder = TransformerEncoder(
@@ -296,7 +336,9 @@ class Transformer(nn.Module):
         """
         is_batched = src.dim() == 3
         if not is_batched and tgt.dim() != 2:
-            raise ValueError(f"Transformer: unbatched 'src' is 2-D, so 'tgt' must be 2-D too, got {tgt.dim()}-D")
+            raise ValueError(
+                f"Transformer: unbatched 'src' is 2-D, so 'tgt' must be 2-D too, got {tgt.dim()}-D"
+            )
         if is_batched:
             bdim = 0 if self.batch_first else 1
             if src.shape[bdim] != tgt.shape[bdim]:
@@ -307,7 +349,9 @@ class Transformer(nn.Module):
             raise RuntimeError(
                 f"Transformer: the feature size of src ({src.shape[-1]}) and tgt ({tgt.shape[-1]}) must be d_model={self.d_model}"
             )
-        memory = self.encoder(src, mask=src_mask, src_key_padding_mask=src_key_padding_mask, is_causal=src_is_causal)
+        memory = self.encoder(
+            src, mask=src_mask, src_key_padding_mask=src_key_padding_mask, is_causal=src_is_causal
+        )
         return self.decoder(
             tgt,
             memory,

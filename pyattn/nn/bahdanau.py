@@ -39,7 +39,9 @@ class BahdanauAttention(nn.Module):
     def project_keys(self, keys: Tensor) -> Tensor:
         """``W_h h``: (B, Tk, key_dim) -> (B, Tk, attn_dim); once per source sentence."""
         if keys.dim() != 3 or keys.shape[-1] != self.key_dim:
-            raise ValueError(f"BahdanauAttention: 'keys' must be (B, Tk, key_dim={self.key_dim}), got {_shape(keys)}")
+            raise ValueError(
+                f"BahdanauAttention: 'keys' must be (B, Tk, key_dim={self.key_dim}), got {_shape(keys)}"
+            )
         return self.W_h(keys)
 
     def forward(

@@ -235,7 +235,9 @@ class MultiheadAttention(nn.Module):
         S = key.shape[1]
         H, D = self.num_heads, self.head_dim
         if E != self.embed_dim:
-            raise ValueError(f"MultiheadAttention: 'query' must have embed_dim={self.embed_dim} features, got {E}")
+            raise ValueError(
+                f"MultiheadAttention: 'query' must have embed_dim={self.embed_dim} features, got {E}"
+            )
         if key.shape[0] != B or value.shape[0] != B or value.shape[1] != S:
             raise ValueError(
                 f"MultiheadAttention: batch/length mismatch: query {_shape(query)}, key {_shape(key)}, "
@@ -263,7 +265,9 @@ class MultiheadAttention(nn.Module):
                         f"got {_shape(attn_mask)}"
                     )
             else:
-                raise ValueError(f"MultiheadAttention: 'attn_mask' must be 2-D or 3-D, got {attn_mask.dim()}-D")
+                raise ValueError(
+                    f"MultiheadAttention: 'attn_mask' must be 2-D or 3-D, got {attn_mask.dim()}-D"
+                )
 
         # As torch: is_causal is only a hint, and the mask is dropped for the causal kernel
         # only when nothing else (padding, weights) needs an explicit mask.
@@ -340,4 +344,3 @@ class MultiheadAttention(nn.Module):
         for m in masks[1:]:
             merged = merged + _to_additive(m, dtype)
         return merged
-
