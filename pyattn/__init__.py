@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from . import reference
+from . import nn, reference
 from ._backend import backends
 from .ops import additive_attention, scaled_dot_product_attention
 
@@ -17,6 +17,7 @@ __all__ = [
     "__version__",
     "additive_attention",
     "backends",
+    "nn",
     "reference",
     "scaled_dot_product_attention",
 ]

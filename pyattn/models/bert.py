@@ -1,0 +1,464 @@
+"""BERT (Devlin et al., 2019) on pyattn's fused scaled-dot-product attention.
+
+Parameter names are Hugging Face's ``BertModel`` / ``BertForPreTraining``, so a ``transformers``
+state dict (bare, or with the ``bert.`` prefix, or with legacy ``gamma``/``beta`` LayerNorm
+names) loads unchanged, and :meth:`BertModel.from_pretrained` reads a local checkpoint folder.
+Self-attention runs through ``pyattn.scaled_dot_product_attention`` with the padding mask as a
+bool (B, 1, 1, L) mask (``attn_backend="fused"``) or through ``pyattn.reference``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..nn.multihead_attention import _sdpa_backend, check_attn_backend
+from ..ops import scaled_dot_product_attention
+
+_ACT = {
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "swish": F.silu,
+    "tanh": torch.tanh,
+}
+
+
+@dataclass
+class BertConfig:
+    """Hugging Face's BERT configuration fields (same names and defaults) + ``attn_backend``."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    attn_backend: str = "fused"
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"BertConfig: hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        if self.hidden_act not in _ACT:
+            raise ValueError(f"BertConfig: hidden_act must be one of {sorted(_ACT)}, got {self.hidden_act!r}")
+        check_attn_backend(self.attn_backend)
+
+    @classmethod
+    def base(cls, **overrides) -> BertConfig:
+        """BERT-base: L=12, H=768, A=12 (110M parameters)."""
+        return cls(**{"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                      "intermediate_size": 3072, **overrides})  # fmt: skip
+
+    @classmethod
+    def large(cls, **overrides) -> BertConfig:
+        """BERT-large: L=24, H=1024, A=16 (340M parameters)."""
+        return cls(**{"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+                      "intermediate_size": 4096, **overrides})  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BertConfig:
+        """From a Hugging Face config.json dict; unknown keys are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def from_json_file(cls, path: str) -> BertConfig:
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class BertOutput:
+    last_hidden_state: Tensor  # (B, L, H)
+    pooler_output: Tensor | None  # (B, H)
+
+
+@dataclass
+class BertForPreTrainingOutput:
+    prediction_logits: Tensor  # (B, L, V)
+    seq_relationship_logits: Tensor  # (B, 2)
+    loss: Tensor | None = None
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, c: BertConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id)
+        self.position_embeddings = nn.Embedding(c.max_position_embeddings, c.hidden_size)
+        self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.dropout = nn.Dropout(c.hidden_dropout_prob)
+        self.register_buffer("position_ids", torch.arange(c.max_position_embeddings)[None], persistent=False)
+
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        L = input_ids.shape[1]
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x = (
+            self.word_embeddings(input_ids)
+            + self.position_embeddings(self.position_ids[:, :L])
+            + self.token_type_embeddings(token_type_ids)
+        )  # (B, L, H)
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, c: BertConfig) -> None:
+        super().__init__()
+        self.num_attention_heads = c.num_attention_heads
+        self.attention_head_size = c.hidden_size // c.num_attention_heads
+        self.query = nn.Linear(c.hidden_size, c.hidden_size)
+        self.key = nn.Linear(c.hidden_size, c.hidden_size)
+        self.value = nn.Linear(c.hidden_size, c.hidden_size)
+        self.dropout_p = c.attention_probs_dropout_prob
+        self.attn_backend = c.attn_backend
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        B, L, H = x.shape
+        nh, d = self.num_attention_heads, self.attention_head_size
+        q = self.query(x).view(B, L, nh, d).transpose(1, 2)  # (B, nh, L, d)
+        k = self.key(x).view(B, L, nh, d).transpose(1, 2)  # (B, nh, L, d)
+        v = self.value(x).view(B, L, nh, d).transpose(1, 2)  # (B, nh, L, d)
+        out = scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            mask,
+            self.dropout_p if self.training else 0.0,
+            scale=1.0 / math.sqrt(d),
+            backend=_sdpa_backend(self.attn_backend),
+        )  # (B, nh, L, d)
+        return out.transpose(1, 2).reshape(B, L, H)  # (B, L, H)
+
+
+class BertSelfOutput(nn.Module):
+    def __init__(self, c: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(c.hidden_size, c.hidden_size)
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.dropout = nn.Dropout(c.hidden_dropout_prob)
+
+    def forward(self, h: Tensor, residual: Tensor) -> Tensor:
+        return self.LayerNorm(self.dropout(self.dense(h)) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, c: BertConfig) -> None:
+        super().__init__()
+        self.self = BertSelfAttention(c)
+        self.output = BertSelfOutput(c)
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        return self.output(self.self(x, mask), x)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, c: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(c.hidden_size, c.intermediate_size)
+        self.act = _ACT[c.hidden_act]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.dense(x))
+
+
+class BertOutputLayer(nn.Module):
+    def __init__(self, c: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(c.intermediate_size, c.hidden_size)
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.dropout = nn.Dropout(c.hidden_dropout_prob)
+
+    def forward(self, h: Tensor, residual: Tensor) -> Tensor:
+        return self.LayerNorm(self.dropout(self.dense(h)) + residual)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, c: BertConfig) -> None:
+        super().__init__()
+        self.attention = BertAttention(c)
+        self.intermediate = BertIntermediate(c)
+        self.output = BertOutputLayer(c)
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        x = self.attention(x, mask)
+        return self.output(self.intermediate(x), x)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, c: BertConfig) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList([BertLayer(c) for _ in range(c.num_hidden_layers)])
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        for layer in self.layer:
+            x = layer(x, mask)
+        return x
+
+
+class BertPooler(nn.Module):
+    def __init__(self, c: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(c.hidden_size, c.hidden_size)
+        self.activation = nn.Tanh()
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.activation(self.dense(h[:, 0]))
+
+
+def _normalise_hf_keys(state_dict: dict, prefix: str, drop: tuple[str, ...]) -> None:
+    """Rewrite a Hugging Face state dict in place for a module loaded under ``prefix``:
+    strip a ``bert.`` prefix, map legacy ``gamma``/``beta`` to ``weight``/``bias``, and drop
+    buffers HF once saved (position_ids) and keys under ``drop`` (heads this model lacks)."""
+    for key in list(state_dict):
+        if not key.startswith(prefix):
+            continue
+        rest = key[len(prefix) :]
+        new = rest[len("bert.") :] if rest.startswith("bert.") else rest
+        if new.endswith(".gamma"):
+            new = new[: -len("gamma")] + "weight"
+        elif new.endswith(".beta"):
+            new = new[: -len("beta")] + "bias"
+        value = state_dict.pop(key)
+        if new.endswith("embeddings.position_ids") or new.endswith("embeddings.token_type_ids"):
+            continue
+        if any(new.startswith(d) for d in drop):
+            continue
+        state_dict[prefix + new] = value
+
+
+def _set_backend(module: nn.Module, name: str) -> None:
+    check_attn_backend(name)
+    for m in module.modules():
+        if isinstance(m, BertSelfAttention):
+            m.attn_backend = name
+
+
+def _init_weights(module: nn.Module, std: float) -> None:
+    # Hugging Face's BERT initialisation: N(0, initializer_range) weights, zero biases.
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+            if m.padding_idx is not None:
+                with torch.no_grad():
+                    m.weight[m.padding_idx].zero_()
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def _read_checkpoint(folder: str) -> tuple[BertConfig, dict]:
+    cfg_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"from_pretrained: no config.json in {folder!r}")
+    config = BertConfig.from_json_file(cfg_path)
+    st = os.path.join(folder, "model.safetensors")
+    pt = os.path.join(folder, "pytorch_model.bin")
+    if os.path.isfile(st):
+        from safetensors.torch import load_file
+
+        state = load_file(st)
+    elif os.path.isfile(pt):
+        state = torch.load(pt, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(
+            f"from_pretrained: neither model.safetensors nor pytorch_model.bin in {folder!r}"
+        )
+    return config, state
+
+
+class BertModel(nn.Module):
+    """BERT encoder with Hugging Face's parameter names.
+
+    Arguments:
+        config: a :class:`BertConfig`.
+        add_pooling_layer: build the pooler (``pooler_output`` is None without it).
+    """
+
+    def __init__(self, config: BertConfig, add_pooling_layer: bool = True) -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config) if add_pooling_layer else None
+        _init_weights(self, config.initializer_range)
+        self._register_load_state_dict_pre_hook(self._load_hook)
+
+    def _load_hook(self, state_dict, prefix, *args) -> None:
+        _normalise_hf_keys(
+            state_dict, prefix, drop=("cls.",) if self.pooler is not None else ("cls.", "pooler.")
+        )
+
+    def set_attn_backend(self, name: str) -> None:
+        """Route attention through "fused" (pyattn's best backend) or "reference"."""
+        _set_backend(self, name)
+        self.config.attn_backend = name
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None
+    ) -> BertOutput:
+        """Arguments:
+            input_ids: (B, L) token ids.
+            attention_mask: (B, L), 1/True for tokens, 0/False for padding.
+            token_type_ids: (B, L) segment ids (default 0).
+        Returns:
+            BertOutput(last_hidden_state (B, L, H), pooler_output (B, H) or None).
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"BertModel: 'input_ids' must be (B, L), got {tuple(input_ids.shape)}")
+        B, L = input_ids.shape
+        if L > self.config.max_position_embeddings:
+            raise ValueError(
+                f"BertModel: sequence length {L} exceeds max_position_embeddings={self.config.max_position_embeddings}"
+            )
+        mask = None
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (B, L):
+                raise ValueError(
+                    f"BertModel: 'attention_mask' must be (B={B}, L={L}), got {tuple(attention_mask.shape)}"
+                )
+            mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L), True = attend
+        h = self.encoder(self.embeddings(input_ids, token_type_ids), mask)  # (B, L, H)
+        return BertOutput(h, self.pooler(h) if self.pooler is not None else None)
+
+    @classmethod
+    def from_pretrained(cls, folder: str, **config_overrides) -> BertModel:
+        """A model from a local Hugging Face checkpoint folder: config.json + model.safetensors
+        (or pytorch_model.bin). ``config_overrides`` (e.g. ``attn_backend``) replace fields."""
+        config, state = _read_checkpoint(folder)
+        for k, v in config_overrides.items():
+            setattr(config, k, v)
+        has_pooler = any("pooler." in k for k in state)
+        model = cls(config, add_pooling_layer=has_pooler)
+        result = model.load_state_dict(state, strict=False)
+        if result.missing_keys:
+            raise RuntimeError(
+                f"from_pretrained: checkpoint in {folder!r} lacks {result.missing_keys[:5]} ..."
+            )
+        if result.unexpected_keys:
+            warnings.warn(f"from_pretrained: ignored keys {result.unexpected_keys[:5]}", stacklevel=2)
+        return model.eval()
+
+
+class BertPredictionHeadTransform(nn.Module):
+    def __init__(self, c: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(c.hidden_size, c.hidden_size)
+        self.transform_act_fn = _ACT[c.hidden_act]
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.LayerNorm(self.transform_act_fn(self.dense(h)))
+
+
+class BertLMPredictionHead(nn.Module):
+    def __init__(self, c: BertConfig) -> None:
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(c)
+        self.decoder = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(c.vocab_size))
+        self.decoder.bias = self.bias  # one output bias, under HF's two names
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.decoder(self.transform(h))
+
+
+class BertPreTrainingHeads(nn.Module):
+    def __init__(self, c: BertConfig) -> None:
+        super().__init__()
+        self.predictions = BertLMPredictionHead(c)
+        self.seq_relationship = nn.Linear(c.hidden_size, 2)
+
+    def forward(self, h: Tensor, pooled: Tensor) -> tuple[Tensor, Tensor]:
+        return self.predictions(h), self.seq_relationship(pooled)
+
+
+class BertForPreTraining(nn.Module):
+    """BERT + masked-LM and next-sentence heads (HF names ``bert.*``, ``cls.predictions.*``,
+    ``cls.seq_relationship``); the MLM decoder weight is the word-embedding matrix."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config)
+        self.cls = BertPreTrainingHeads(config)
+        _init_weights(self.cls, config.initializer_range)
+        self.cls.predictions.bias.data.zero_()
+        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+        self._register_load_state_dict_pre_hook(self._load_hook)
+
+    def _load_hook(self, state_dict, prefix, *args) -> None:
+        # Bare BertModel keys (no "bert." prefix) go under "bert.".
+        for key in list(state_dict):
+            if key.startswith(prefix):
+                rest = key[len(prefix) :]
+                if not (rest.startswith("bert.") or rest.startswith("cls.")):
+                    state_dict[prefix + "bert." + rest] = state_dict.pop(key)
+        # The tied decoder weight may be absent from a saved checkpoint (safetensors drops it).
+        dec = prefix + "cls.predictions.decoder.weight"
+        emb = prefix + "bert.embeddings.word_embeddings.weight"
+        if dec not in state_dict and emb in state_dict:
+            state_dict[dec] = state_dict[emb]
+        if (
+            prefix + "cls.predictions.decoder.bias" not in state_dict
+            and prefix + "cls.predictions.bias" in state_dict
+        ):
+            state_dict[prefix + "cls.predictions.decoder.bias"] = state_dict[prefix + "cls.predictions.bias"]
+
+    def set_attn_backend(self, name: str) -> None:
+        _set_backend(self, name)
+        self.config.attn_backend = name
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        next_sentence_label: Tensor | None = None,
+    ) -> BertForPreTrainingOutput:
+        """Arguments as :meth:`BertModel.forward`, plus ``labels`` (B, L) MLM targets (-100 =
+        ignored) and ``next_sentence_label`` (B,). Returns logits and, with labels, the loss."""
+        out = self.bert(input_ids, attention_mask, token_type_ids)
+        mlm, nsp = self.cls(out.last_hidden_state, out.pooler_output)  # (B, L, V), (B, 2)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(mlm.reshape(-1, mlm.shape[-1]), labels.reshape(-1), ignore_index=-100)
+            if next_sentence_label is not None:
+                loss = loss + F.cross_entropy(nsp, next_sentence_label.reshape(-1))
+        return BertForPreTrainingOutput(mlm, nsp, loss)
+
+    @classmethod
+    def from_pretrained(cls, folder: str, **config_overrides) -> BertForPreTraining:
+        config, state = _read_checkpoint(folder)
+        for k, v in config_overrides.items():
+            setattr(config, k, v)
+        model = cls(config)
+        model.load_state_dict(state)
+        return model.eval()

@@ -1,0 +1,373 @@
+"""The encoder-decoder Transformer (Vaswani et al., 2017) on pyattn.nn.MultiheadAttention.
+
+A drop-in for ``torch.nn.Transformer``: the same constructor arguments, parameter names (so a
+torch state dict loads unchanged), forward signature and ``generate_square_subsequent_mask``.
+Every attention runs through pyattn's fused scaled-dot-product op (``attn_backend="fused"``) or
+``pyattn.reference`` (``"reference"``), with the same weights.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..nn.multihead_attention import MultiheadAttention, check_attn_backend
+
+_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+
+
+@dataclass
+class TransformerConfig:
+    """The arguments of ``torch.nn.Transformer`` (same names and defaults) + ``attn_backend``."""
+
+    d_model: int = 512
+    nhead: int = 8
+    num_encoder_layers: int = 6
+    num_decoder_layers: int = 6
+    dim_feedforward: int = 2048
+    dropout: float = 0.1
+    activation: str | Callable[[Tensor], Tensor] = "relu"
+    layer_norm_eps: float = 1e-5
+    batch_first: bool = False
+    norm_first: bool = False
+    bias: bool = True
+    attn_backend: str = "fused"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.activation, str) and self.activation not in _ACTIVATIONS:
+            raise ValueError(
+                f"TransformerConfig: activation must be 'relu', 'gelu' or a callable, got {self.activation!r}"
+            )
+        if self.d_model % self.nhead != 0:
+            raise ValueError(
+                f"TransformerConfig: d_model ({self.d_model}) must be divisible by nhead ({self.nhead})"
+            )
+        check_attn_backend(self.attn_backend)
+
+
+def _activation(act: str | Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    return _ACTIVATIONS[act] if isinstance(act, str) else act
+
+
+def _is_causal(mask: Tensor | None, is_causal: bool | None, size: int) -> bool:
+    """torch's ``_detect_is_causal_mask``: an explicit hint wins; else compare with the causal
+    mask (skipped under torch.compile: the comparison is data-dependent, and passing the mask
+    unchanged gives the same answer, only without the causal kernel's block skipping)."""
+    if is_causal is not None:
+        return bool(is_causal)
+    if mask is None or torch.compiler.is_compiling():
+        return False
+    causal = Transformer.generate_square_subsequent_mask(size, device=mask.device, dtype=mask.dtype)
+    return mask.shape == causal.shape and bool((mask == causal).all())
+
+
+class TransformerEncoderLayer(nn.Module):
+    """Self-attention + feed-forward, post-norm or pre-norm (``norm_first``), torch's names."""
+
+    def __init__(self, c: TransformerConfig, device=None, dtype=None) -> None:
+        super().__init__()
+        f = {"device": device, "dtype": dtype}
+        self.self_attn = MultiheadAttention(
+            c.d_model,
+            c.nhead,
+            c.dropout,
+            bias=c.bias,
+            batch_first=c.batch_first,
+            attn_backend=c.attn_backend,
+            **f,
+        )
+        self.linear1 = nn.Linear(c.d_model, c.dim_feedforward, bias=c.bias, **f)
+        self.dropout = nn.Dropout(c.dropout)
+        self.linear2 = nn.Linear(c.dim_feedforward, c.d_model, bias=c.bias, **f)
+        self.norm_first = c.norm_first
+        self.norm1 = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps, bias=c.bias, **f)
+        self.norm2 = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps, bias=c.bias, **f)
+        self.dropout1 = nn.Dropout(c.dropout)
+        self.dropout2 = nn.Dropout(c.dropout)
+        self.activation = _activation(c.activation)
+
+    def forward(
+        self, src: Tensor, src_mask=None, src_key_padding_mask=None, is_causal: bool = False
+    ) -> Tensor:
+        x = src
+        if self.norm_first:
+            x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
+            return x + self._ff_block(self.norm2(x))
+        x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal))
+        return self.norm2(x + self._ff_block(x))
+
+    def _sa_block(self, x, attn_mask, key_padding_mask, is_causal):
+        x = self.self_attn(
+            x,
+            x,
+            x,
+            attn_mask=attn_mask,
+            key_padding_mask=key_padding_mask,
+            need_weights=False,
+            is_causal=is_causal,
+        )[0]
+        return self.dropout1(x)
+
+    def _ff_block(self, x):
+        return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
+
+
+class TransformerDecoderLayer(nn.Module):
+    """Causal self-attention + encoder-decoder attention + feed-forward, torch's names."""
+
+    def __init__(self, c: TransformerConfig, device=None, dtype=None) -> None:
+        super().__init__()
+        f = {"device": device, "dtype": dtype}
+        mha = {"bias": c.bias, "batch_first": c.batch_first, "attn_backend": c.attn_backend, **f}
+        self.self_attn = MultiheadAttention(c.d_model, c.nhead, c.dropout, **mha)
+        self.multihead_attn = MultiheadAttention(c.d_model, c.nhead, c.dropout, **mha)
+        self.linear1 = nn.Linear(c.d_model, c.dim_feedforward, bias=c.bias, **f)
+        self.dropout = nn.Dropout(c.dropout)
+        self.linear2 = nn.Linear(c.dim_feedforward, c.d_model, bias=c.bias, **f)
+        self.norm_first = c.norm_first
+        self.norm1 = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps, bias=c.bias, **f)
+        self.norm2 = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps, bias=c.bias, **f)
+        self.norm3 = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps, bias=c.bias, **f)
+        self.dropout1 = nn.Dropout(c.dropout)
+        self.dropout2 = nn.Dropout(c.dropout)
+        self.dropout3 = nn.Dropout(c.dropout)
+        self.activation = _activation(c.activation)
+
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        tgt_mask=None,
+        memory_mask=None,
+        tgt_key_padding_mask=None,
+        memory_key_padding_mask=None,
+        tgt_is_causal: bool = False,
+        memory_is_causal: bool = False,
+    ) -> Tensor:
+        x = tgt
+        if self.norm_first:
+            x = x + self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
+            x = x + self._mha_block(
+                self.norm2(x), memory, memory_mask, memory_key_padding_mask, memory_is_causal
+            )
+            return x + self._ff_block(self.norm3(x))
+        x = self.norm1(x + self._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal))
+        x = self.norm2(x + self._mha_block(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal))
+        return self.norm3(x + self._ff_block(x))
+
+    def _sa_block(self, x, attn_mask, key_padding_mask, is_causal):
+        x = self.self_attn(
+            x,
+            x,
+            x,
+            attn_mask=attn_mask,
+            key_padding_mask=key_padding_mask,
+            need_weights=False,
+            is_causal=is_causal,
+        )[0]
+        return self.dropout1(x)
+
+    def _mha_block(self, x, mem, attn_mask, key_padding_mask, is_causal):
+        x = self.multihead_attn(
+            x,
+            mem,
+            mem,
+            attn_mask=attn_mask,
+            key_padding_mask=key_padding_mask,
+            need_weights=False,
+            is_causal=is_causal,
+        )[0]
+        return self.dropout2(x)
+
+    def _ff_block(self, x):
+        return self.dropout3(self.linear2(self.dropout(self.activation(self.linear1(x)))))
+
+
+class TransformerEncoder(nn.Module):
+    def __init__(self, layer: TransformerEncoderLayer, num_layers: int, norm: nn.Module | None) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([copy.deepcopy(layer) for _ in range(num_layers)])
+        self.num_layers = num_layers
+        self.norm = norm
+
+    def forward(
+        self, src: Tensor, mask=None, src_key_padding_mask=None, is_causal: bool | None = None
+    ) -> Tensor:
+        seq_dim = 1 if self.layers and self.layers[0].self_attn.batch_first and src.dim() == 3 else 0
+        causal = _is_causal(mask, is_causal, src.shape[seq_dim])
+        x = src
+        for layer in self.layers:
+            x = layer(x, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=causal)
+        return self.norm(x) if self.norm is not None else x
+
+
+class TransformerDecoder(nn.Module):
+    def __init__(self, layer: TransformerDecoderLayer, num_layers: int, norm: nn.Module | None) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([copy.deepcopy(layer) for _ in range(num_layers)])
+        self.num_layers = num_layers
+        self.norm = norm
+
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        tgt_mask=None,
+        memory_mask=None,
+        tgt_key_padding_mask=None,
+        memory_key_padding_mask=None,
+        tgt_is_causal: bool | None = None,
+        memory_is_causal: bool = False,
+    ) -> Tensor:
+        seq_dim = 1 if self.layers and self.layers[0].self_attn.batch_first and tgt.dim() == 3 else 0
+        causal = _is_causal(tgt_mask, tgt_is_causal, tgt.shape[seq_dim])
+        x = tgt
+        for layer in self.layers:
+            x = layer(
+                x,
+                memory,
+                tgt_mask=tgt_mask,
+                memory_mask=memory_mask,
+                tgt_key_padding_mask=tgt_key_padding_mask,
+                memory_key_padding_mask=memory_key_padding_mask,
+                tgt_is_causal=causal,
+                memory_is_causal=memory_is_causal,
+            )
+        return self.norm(x) if self.norm is not None else x
+
+
+_TORCH_ARGS = [f.name for f in fields(TransformerConfig) if f.name != "attn_backend"]
+
+
+class Transformer(nn.Module):
+    """``torch.nn.Transformer`` on pyattn's attention.
+
+    Build it from a :class:`TransformerConfig` (``Transformer(config)``) or with torch's
+    arguments (``Transformer(d_model=256, nhead=4, ...)``, positional too); ``device``/``dtype``
+    as torch. Parameter names are torch's: ``encoder.layers.0.self_attn.in_proj_weight``, ...,
+    ``decoder.layers.0.multihead_attn...``, ``encoder.norm``, ``decoder.norm``.
+    """
+
+    def __init__(
+        self, config: TransformerConfig | int | None = None, *args, device=None, dtype=None, **kwargs
+    ):
+        super().__init__()
+        if isinstance(config, TransformerConfig):
+            if args or kwargs:
+                raise TypeError("Transformer: give either a TransformerConfig or torch's arguments, not both")
+        else:
+            if config is not None:
+                args = (config, *args)  # torch's first positional argument is d_model
+            if len(args) > len(_TORCH_ARGS):
+                raise TypeError(
+                    f"Transformer: at most {len(_TORCH_ARGS)} positional arguments, got {len(args)}"
+                )
+            for key in ("custom_encoder", "custom_decoder"):
+                if kwargs.pop(key, None) is not None:
+                    raise ValueError(
+                        f"Transformer: '{key}' is not supported (all attention runs through pyattn)"
+                    )
+            unknown = set(kwargs) - {f.name for f in fields(TransformerConfig)}
+            if unknown:
+                raise TypeError(f"Transformer: unexpected arguments {sorted(unknown)}")
+            config = TransformerConfig(**dict(zip(_TORCH_ARGS, args, strict=False)), **kwargs)
+        self.config = c = config
+        f = {"device": device, "dtype": dtype}
+        self.encoder = TransformerEncoder(
+            TransformerEncoderLayer(c, **f),
+            c.num_encoder_layers,
+            nn.LayerNorm(c.d_model, eps=c.layer_norm_eps, bias=c.bias, **f),
+        )
+        self.decoder = TransformerDecoder(
+            TransformerDecoderLayer(c, **f),
+            c.num_decoder_layers,
+            nn.LayerNorm(c.d_model, eps=c.layer_norm_eps, bias=c.bias, **f),
+        )
+        self.d_model, self.nhead, self.batch_first = c.d_model, c.nhead, c.batch_first
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        # torch's initialisation: xavier-uniform on every matrix.
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    @property
+    def attn_backend(self) -> str:
+        return self.config.attn_backend
+
+    def set_attn_backend(self, name: str) -> None:
+        """Route every attention through "fused" (pyattn's best backend) or "reference"."""
+        self.config.attn_backend = check_attn_backend(name)
+        for m in self.modules():
+            if isinstance(m, MultiheadAttention):
+                m.set_attn_backend(name)
+
+    def forward(
+        self,
+        src: Tensor,
+        tgt: Tensor,
+        src_mask: Tensor | None = None,
+        tgt_mask: Tensor | None = None,
+        memory_mask: Tensor | None = None,
+        src_key_padding_mask: Tensor | None = None,
+        tgt_key_padding_mask: Tensor | None = None,
+        memory_key_padding_mask: Tensor | None = None,
+        src_is_causal: bool | None = None,
+        tgt_is_causal: bool | None = None,
+        memory_is_causal: bool = False,
+    ) -> Tensor:
+        """As ``torch.nn.Transformer.forward``.
+
+        Arguments:
+            src: (S, B, E) ((B, S, E) with batch_first, (S, E) unbatched).
+            tgt: (T, B, E) likewise.
+            src_mask (S, S), tgt_mask (T, T), memory_mask (T, S): bool (True = not allowed) or
+                float (added), or 3-D (B*nhead, ., .).
+            *_key_padding_mask: (B, S) / (B, T) / (B, S), True = padding.
+            *_is_causal: hints that the matching mask is causal (None: detected, as torch).
+        Returns:
+            (T, B, E) ((B, T, E) with batch_first).
+        """
+        is_batched = src.dim() == 3
+        if not is_batched and tgt.dim() != 2:
+            raise ValueError(
+                f"Transformer: unbatched 'src' is 2-D, so 'tgt' must be 2-D too, got {tgt.dim()}-D"
+            )
+        if is_batched:
+            bdim = 0 if self.batch_first else 1
+            if src.shape[bdim] != tgt.shape[bdim]:
+                raise RuntimeError(
+                    f"Transformer: the batch size of src ({src.shape[bdim]}) and tgt ({tgt.shape[bdim]}) must be equal"
+                )
+        if src.shape[-1] != self.d_model or tgt.shape[-1] != self.d_model:
+            raise RuntimeError(
+                f"Transformer: the feature size of src ({src.shape[-1]}) and tgt ({tgt.shape[-1]}) must be d_model={self.d_model}"
+            )
+        memory = self.encoder(
+            src, mask=src_mask, src_key_padding_mask=src_key_padding_mask, is_causal=src_is_causal
+        )
+        return self.decoder(
+            tgt,
+            memory,
+            tgt_mask=tgt_mask,
+            memory_mask=memory_mask,
+            tgt_key_padding_mask=tgt_key_padding_mask,
+            memory_key_padding_mask=memory_key_padding_mask,
+            tgt_is_causal=tgt_is_causal,
+            memory_is_causal=memory_is_causal,
+        )
+
+    @staticmethod
+    def generate_square_subsequent_mask(sz: int, device=None, dtype=None) -> Tensor:
+        """The (sz, sz) float causal mask: -inf above the diagonal, 0 elsewhere (as torch)."""
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        return torch.triu(torch.full((sz, sz), float("-inf"), dtype=dtype, device=device), diagonal=1)
+
+    def config_dict(self) -> dict:
+        return asdict(self.config)

@@ -1,0 +1,346 @@
+"""pyattn.nn.MultiheadAttention: a drop-in for ``torch.nn.MultiheadAttention`` on pyattn's ops.
+
+Same constructor, parameter names (so a torch state dict loads unchanged), forward signature and
+outputs as torch's module. The attention itself runs through
+``pyattn.scaled_dot_product_attention`` with the key padding mask and ``attn_mask`` merged into
+one mask; ``need_weights=True`` needs the full weight matrix, which a fused kernel never builds,
+so that case runs ``pyattn.reference`` (still exact, just not fused).
+
+Differences from torch, on purpose:
+- A query row whose keys are all masked gives zeros (torch gives NaN).
+- No ``static_k``/``static_v`` and no nested-tensor fast path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import reference
+from ..ops import scaled_dot_product_attention
+
+ATTN_BACKENDS = ("fused", "reference")
+
+
+def check_attn_backend(name: str) -> str:
+    """Validate an ``attn_backend`` switch value: "fused" or "reference"."""
+    if name not in ATTN_BACKENDS:
+        raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {name!r}")
+    return name
+
+
+def _sdpa_backend(attn_backend: str) -> str | None:
+    # "fused" = the best pyattn backend for the tensors' device (backend=None).
+    return None if attn_backend == "fused" else "reference"
+
+
+def _shape(t: Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def _check_mask(name: str, mask: Tensor | None) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"MultiheadAttention: '{name}' must be a tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(
+            f"MultiheadAttention: '{name}' must be a bool or floating-point tensor, got {mask.dtype}"
+        )
+
+
+def _to_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A torch-convention mask (bool True = not allowed, or float added) as a float mask."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+class MultiheadAttention(nn.Module):
+    """Multi-head attention with the interface of ``torch.nn.MultiheadAttention``.
+
+    Arguments (constructor, as torch):
+        embed_dim: model width E; num_heads: H (E must divide by H).
+        dropout: dropout on the attention weights (training only).
+        bias: biases on the input and output projections.
+        add_bias_kv: learnt ``bias_k``/``bias_v`` appended to the keys/values.
+        add_zero_attn: a zero key/value appended.
+        kdim, vdim: key/value feature sizes (default E); when they differ from E the input
+            projection is split into ``q_proj_weight``/``k_proj_weight``/``v_proj_weight``.
+        batch_first: inputs/outputs are (B, L, E) rather than (L, B, E).
+        attn_backend: "fused" (pyattn's best backend for the device) or "reference".
+    """
+
+    __constants__ = ["batch_first"]
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        add_bias_kv: bool = False,
+        add_zero_attn: bool = False,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        batch_first: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        attn_backend: str = "fused",
+    ) -> None:
+        super().__init__()
+        if embed_dim <= 0 or num_heads <= 0:
+            raise ValueError(
+                f"MultiheadAttention: embed_dim and num_heads must be > 0, got embed_dim={embed_dim}, num_heads={num_heads}"
+            )
+        if embed_dim % num_heads != 0:
+            raise ValueError(
+                f"MultiheadAttention: embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})"
+            )
+        factory = {"device": device, "dtype": dtype}
+        self.embed_dim = embed_dim
+        self.kdim = kdim if kdim is not None else embed_dim
+        self.vdim = vdim if vdim is not None else embed_dim
+        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.batch_first = batch_first
+        self.head_dim = embed_dim // num_heads
+        self.add_zero_attn = add_zero_attn
+        self.attn_backend = check_attn_backend(attn_backend)
+
+        if self._qkv_same_embed_dim:
+            self.in_proj_weight = nn.Parameter(torch.empty((3 * embed_dim, embed_dim), **factory))
+            self.register_parameter("q_proj_weight", None)
+            self.register_parameter("k_proj_weight", None)
+            self.register_parameter("v_proj_weight", None)
+        else:
+            self.q_proj_weight = nn.Parameter(torch.empty((embed_dim, embed_dim), **factory))
+            self.k_proj_weight = nn.Parameter(torch.empty((embed_dim, self.kdim), **factory))
+            self.v_proj_weight = nn.Parameter(torch.empty((embed_dim, self.vdim), **factory))
+            self.register_parameter("in_proj_weight", None)
+        if bias:
+            self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory))
+        else:
+            self.register_parameter("in_proj_bias", None)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        if add_bias_kv:
+            self.bias_k = nn.Parameter(torch.empty((1, 1, embed_dim), **factory))
+            self.bias_v = nn.Parameter(torch.empty((1, 1, embed_dim), **factory))
+        else:
+            self.bias_k = self.bias_v = None
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        # torch's initialisation, so a freshly built module is statistically the same.
+        if self._qkv_same_embed_dim:
+            nn.init.xavier_uniform_(self.in_proj_weight)
+        else:
+            nn.init.xavier_uniform_(self.q_proj_weight)
+            nn.init.xavier_uniform_(self.k_proj_weight)
+            nn.init.xavier_uniform_(self.v_proj_weight)
+        if self.in_proj_bias is not None:
+            nn.init.constant_(self.in_proj_bias, 0.0)
+            nn.init.constant_(self.out_proj.bias, 0.0)
+        if self.bias_k is not None:
+            nn.init.xavier_normal_(self.bias_k)
+        if self.bias_v is not None:
+            nn.init.xavier_normal_(self.bias_v)
+
+    def set_attn_backend(self, name: str) -> None:
+        """Route attention through "fused" (pyattn's best backend) or "reference"."""
+        self.attn_backend = check_attn_backend(name)
+
+    def extra_repr(self) -> str:
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}, "
+            f"batch_first={self.batch_first}, attn_backend={self.attn_backend!r}"
+        )
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def _in_projection(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        E = self.embed_dim
+        b = self.in_proj_bias
+        b_q, b_k, b_v = (None, None, None) if b is None else (b[:E], b[E : 2 * E], b[2 * E :])
+        if self._qkv_same_embed_dim:
+            w = self.in_proj_weight
+            if query is key and key is value:
+                # Self-attention: one GEMM for q, k and v.
+                return F.linear(query, w, b).chunk(3, dim=-1)
+            w_q, w_k, w_v = w[:E], w[E : 2 * E], w[2 * E :]
+        else:
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Attention of ``query`` over ``key``/``value``, as ``torch.nn.MultiheadAttention``.
+
+        Arguments:
+            query: (L, B, E) ((B, L, E) with batch_first) or unbatched (L, E).
+            key: (S, B, kdim) / (B, S, kdim) / (S, kdim); value likewise with vdim.
+            key_padding_mask: (B, S) or (S,): bool True = ignore that key, or float (added).
+            need_weights: also return the attention weights (runs the reference path).
+            attn_mask: (L, S) or (B*H, L, S): bool True = not allowed, or float (added).
+            average_attn_weights: average the returned weights over heads.
+            is_causal: hint that ``attn_mask`` is the causal mask (which must be given, as in
+                torch); used to run the causal kernel when no padding mask or weights are needed.
+        Returns:
+            (attn_output of the query's layout with E features,
+             weights (B, L, S) averaged or (B, H, L, S), unbatched without B; or None).
+        """
+        _check_mask("key_padding_mask", key_padding_mask)
+        _check_mask("attn_mask", attn_mask)
+        if query.dim() not in (2, 3):
+            raise ValueError(
+                f"MultiheadAttention: 'query' must be 3-D (batched) or 2-D (unbatched), got {query.dim()}-D {_shape(query)}"
+            )
+        is_batched = query.dim() == 3
+        if key.dim() != query.dim() or value.dim() != query.dim():
+            raise ValueError(
+                f"MultiheadAttention: 'key' and 'value' must have query's rank {query.dim()}, got "
+                f"key {_shape(key)}, value {_shape(value)}"
+            )
+        if is_causal and attn_mask is None:
+            raise RuntimeError(
+                "MultiheadAttention: is_causal=True needs attn_mask too (as in torch); build it with "
+                "Transformer.generate_square_subsequent_mask"
+            )
+
+        # Work batch-first internally: (B, L, E).
+        if not is_batched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:
+            same_kv = key is value
+            same_qk = query is key
+            query = query.transpose(0, 1)
+            key = query if same_qk else key.transpose(0, 1)
+            value = key if same_kv else value.transpose(0, 1)
+
+        B, L, E = query.shape
+        S = key.shape[1]
+        H, D = self.num_heads, self.head_dim
+        if E != self.embed_dim:
+            raise ValueError(
+                f"MultiheadAttention: 'query' must have embed_dim={self.embed_dim} features, got {E}"
+            )
+        if key.shape[0] != B or value.shape[0] != B or value.shape[1] != S:
+            raise ValueError(
+                f"MultiheadAttention: batch/length mismatch: query {_shape(query)}, key {_shape(key)}, "
+                f"value {_shape(value)} (batch-first view)"
+            )
+        if key.shape[2] != self.kdim or value.shape[2] != self.vdim:
+            raise ValueError(
+                f"MultiheadAttention: 'key'/'value' must have kdim={self.kdim}/vdim={self.vdim} features, "
+                f"got {key.shape[2]}/{value.shape[2]}"
+            )
+        if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, S):
+            raise ValueError(
+                f"MultiheadAttention: 'key_padding_mask' must be (B={B}, S={S}), got {_shape(key_padding_mask)}"
+            )
+        if attn_mask is not None:
+            if attn_mask.dim() == 2:
+                if tuple(attn_mask.shape) != (L, S):
+                    raise ValueError(
+                        f"MultiheadAttention: 2-D 'attn_mask' must be (L={L}, S={S}), got {_shape(attn_mask)}"
+                    )
+            elif attn_mask.dim() == 3:
+                if tuple(attn_mask.shape) != (B * H, L, S):
+                    raise ValueError(
+                        f"MultiheadAttention: 3-D 'attn_mask' must be (B*num_heads={B * H}, L={L}, S={S}), "
+                        f"got {_shape(attn_mask)}"
+                    )
+            else:
+                raise ValueError(
+                    f"MultiheadAttention: 'attn_mask' must be 2-D or 3-D, got {attn_mask.dim()}-D"
+                )
+
+        # As torch: is_causal is only a hint, and the mask is dropped for the causal kernel
+        # only when nothing else (padding, weights) needs an explicit mask.
+        use_causal = bool(is_causal) and key_padding_mask is None and not need_weights
+        if use_causal:
+            attn_mask = None
+
+        q, k, v = self._in_projection(query, key, value)  # (B, L, E), (B, S, E), (B, S, E)
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.expand(B, 1, E)], dim=1)  # (B, S+1, E)
+            v = torch.cat([v, self.bias_v.expand(B, 1, E)], dim=1)
+            attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
+            key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, 1))
+        q = q.view(B, L, H, D).transpose(1, 2)  # (B, H, L, D)
+        k = k.view(B, -1, H, D).transpose(1, 2)  # (B, H, S', D)
+        v = v.view(B, -1, H, D).transpose(1, 2)  # (B, H, S', D)
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(B, H, 1, D)], dim=2)  # (B, H, S'+1, D)
+            v = torch.cat([v, v.new_zeros(B, H, 1, D)], dim=2)
+            attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
+            key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, 1))
+        S2 = k.shape[2]
+
+        mask = self._merge_masks(attn_mask, key_padding_mask, B, L, S2, q.dtype)
+        dropout_p = self.dropout if self.training else 0.0
+        if need_weights:
+            out, weights = reference.scaled_dot_product_attention(
+                q, k, v, mask, dropout_p, return_weights=True
+            )  # (B, H, L, D), (B, H, L, S')
+        else:
+            out = scaled_dot_product_attention(
+                q, k, v, mask, dropout_p, use_causal, backend=_sdpa_backend(self.attn_backend)
+            )  # (B, H, L, D)
+            weights = None
+        out = self.out_proj(out.transpose(1, 2).reshape(B, L, E))  # (B, L, E)
+
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(dim=1)  # (B, L, S')
+        if not is_batched:
+            out = out.squeeze(0)
+            weights = None if weights is None else weights.squeeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)  # (L, B, E)
+        return out, weights
+
+    @staticmethod
+    def _merge_masks(
+        attn_mask: Tensor | None,
+        key_padding_mask: Tensor | None,
+        B: int,
+        L: int,
+        S: int,
+        dtype: torch.dtype,
+    ) -> Tensor | None:
+        """One SDPA mask broadcastable to (B, H, L, S) from torch MHA's two masks.
+
+        Both bool: one bool mask (True = attend, the SDPA convention), which the fused kernels
+        can take without reading a float tensor. Otherwise an additive float mask.
+        """
+        if attn_mask is not None:
+            # (L, S) -> (1, 1, L, S); (B*H, L, S) -> (B, H, L, S)
+            attn_mask = attn_mask.view(1, 1, L, S) if attn_mask.dim() == 2 else attn_mask.view(B, -1, L, S)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.view(B, 1, 1, S)
+        if attn_mask is None and key_padding_mask is None:
+            return None
+        masks = [m for m in (attn_mask, key_padding_mask) if m is not None]
+        if all(m.dtype == torch.bool for m in masks):
+            allowed = ~masks[0]
+            for m in masks[1:]:
+                allowed = allowed & ~m
+            return allowed
+        merged = _to_additive(masks[0], dtype)
+        for m in masks[1:]:
+            merged = merged + _to_additive(m, dtype)
+        return merged
