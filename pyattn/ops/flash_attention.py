@@ -64,8 +64,9 @@ def check_inputs(
 ) -> tuple[tuple[int, ...], int, int, bool]:
     """Raise a TypeError/ValueError naming the argument, what was expected and what came.
 
-    Returns ``(lead, Hq, Hkv, gqa)``: the broadcast leading dims (before the head dim), the query
-    and key/value head counts, and whether the kernel runs grouped-query attention (Hq != Hkv).
+    Returns ``(lead, Hq, Hkv, gqa, out_batch)``: the broadcast leading dims (before the head
+    dim), the query and key/value head counts, whether the kernel runs grouped-query attention
+    (Hq != Hkv), and the output's dims before (Lq, Dv).
     """
     named = {"query": query, "key": key, "value": value}
     for name, t in named.items():
@@ -115,7 +116,14 @@ def check_inputs(
     # the heads stay apart (the kernel maps query head h to kv head h // (Hq // Hkv)); otherwise
     # every dim before (L, E) broadcasts, as torch's matmuls do.
     ranks3 = all(t.dim() >= 3 for t in named.values())
-    gqa = bool(enable_gqa) and ranks3 and query.shape[-3] != key.shape[-3] or bool(enable_gqa) and ranks3 and query.shape[-3] != value.shape[-3]
+    gqa = (
+        bool(enable_gqa)
+        and ranks3
+        and query.shape[-3] != key.shape[-3]
+        or bool(enable_gqa)
+        and ranks3
+        and query.shape[-3] != value.shape[-3]
+    )
     if gqa:
         Hq, Hkv = query.shape[-3], key.shape[-3]
         if value.shape[-3] != Hkv:
@@ -128,6 +136,7 @@ def check_inputs(
                 f"scaled_dot_product_attention: with enable_gqa, query heads Hq={Hq} must be a "
                 f"multiple of key/value heads Hkv={Hkv}"
             )
+        batch = ()
         lead = _broadcast(
             "leading dims",
             [("query", query.shape[:-3]), ("key", key.shape[:-3]), ("value", value.shape[:-3])],
@@ -168,7 +177,8 @@ def check_inputs(
                 f"scaled_dot_product_attention: 'attn_mask' must be broadcastable to "
                 f"(..., Hq, Lq, Lk) = {target}, got {_shape(attn_mask)}"
             )
-    return lead, Hq, Hkv, gqa
+    out_batch = (*lead, Hq) if gqa or len(batch) else ()
+    return lead, Hq, Hkv, gqa, out_batch
 
 
 # -- fake (meta) implementations and autograd, shared by the C++ op and its Triton twin ----------
@@ -283,7 +293,8 @@ def scaled_dot_product_attention(
 
     ``softmax(query key^T * scale + mask) value`` with dropout on the weights. Leading dims
     broadcast as in torch. Differences from torch: a query row whose keys are all masked gets
-    zeros (and zero gradients) where torch gives NaN; dropout draws its mask from a counter-based
+    zeros (and zero gradients), always, where torch has given NaN (older versions, some of its
+    kernels); dropout draws its mask from a counter-based
     generator (philox) seeded from torch's default generator, so ``torch.manual_seed`` reproduces
     it but the mask differs from torch's. A float ``attn_mask`` that requires grad is computed
     through pyattn.reference (naive, materialised scores) so that its gradient is right; so is
@@ -304,7 +315,9 @@ def scaled_dot_product_attention(
     Returns:
         (..., Hq, Lq, Dv).
     """
-    lead, Hq, Hkv, gqa = check_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    lead, Hq, Hkv, _gqa, out_batch = check_inputs(
+        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
+    )
     chosen = _backend.resolve(OP, backend, query.device, query.dtype)
     float_mask_grad = attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.requires_grad
     if chosen == "reference" or float_mask_grad:
@@ -328,7 +341,7 @@ def scaled_dot_product_attention(
     seed, offset = _dropout_seed_offset() if dropout_p > 0.0 else (0, 0)
     scale_f = 1.0 / math.sqrt(E) if scale is None else float(scale)
     out, _lse = _FWD_OPS[chosen](q, k, v, mask, float(dropout_p), bool(is_causal), scale_f, seed, offset)
-    return out.reshape(*lead, Hq, Lq, Dv)  # (..., Hq, Lq, Dv)
+    return out.reshape(*out_batch, Lq, Dv)  # (..., Hq, Lq, Dv)
 
 
 def _reference_with_fused_dropout(
