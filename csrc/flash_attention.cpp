@@ -3,7 +3,6 @@
 // Also the block GEMM those kernels call (flash_gemm), which needs ATen's tensor API.
 #include <ATen/ATen.h>
 #include <ATen/CPUFunctions.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <dlfcn.h>
@@ -24,15 +23,18 @@ namespace {
 // torch builds with MKL call mkl_set_dynamic(false), so an MKL GEMM inside our at::parallel_for
 // tasks opens a nested OpenMP team: on a loaded machine its spin-waiting threads made the forward
 // 10x slower than single-threaded. Each task is one thread's work, so its GEMMs run on that
-// thread: MKL's thread-local setting, looked up at run time (absent without MKL: a no-op).
+// thread: MKL_Set_Num_Threads_Local (the C API; lower-case mkl_set_num_threads_local is the
+// Fortran one, taking a pointer), looked up at run time (absent without MKL: a no-op). Set on
+// every call: at::in_parallel_region() read false inside these tasks here, and one block is too
+// small for a second thread to pay off anyway.
 using MklSetLocal = int (*)(int);
 
 MklSetLocal mkl_set_num_threads_local_fn() {
   static const MklSetLocal fn = [] {
-    void* sym = dlsym(RTLD_DEFAULT, "mkl_set_num_threads_local");
+    void* sym = dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local");
     if (sym == nullptr) {
       if (void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD)) {
-        sym = dlsym(lib, "mkl_set_num_threads_local");
+        sym = dlsym(lib, "MKL_Set_Num_Threads_Local");
       }
     }
     return reinterpret_cast<MklSetLocal>(sym);
@@ -43,8 +45,7 @@ MklSetLocal mkl_set_num_threads_local_fn() {
 struct SingleThreadedBlas {
   MklSetLocal fn = nullptr;
   int previous = 0;
-  explicit SingleThreadedBlas(bool active) {
-    if (active) fn = mkl_set_num_threads_local_fn();
+  SingleThreadedBlas() : fn(mkl_set_num_threads_local_fn()) {
     if (fn) previous = fn(1);
   }
   ~SingleThreadedBlas() {
@@ -64,7 +65,7 @@ void gemm_impl(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T al
   at::Tensor C = at::from_blob(c, {m, n}, {ldc, 1}, opts);
   // at::cpu:: calls the CPU kernel directly: no dispatcher, no autograd, and no Python
   // dispatch mode (opcheck, fake tensors) can intercept these internal products.
-  const SingleThreadedBlas single(at::in_parallel_region());
+  const SingleThreadedBlas single;
   at::cpu::addmm_out(C, C, A, Bm, beta, alpha);
 }
 
