@@ -67,6 +67,7 @@ def run_case(
     contiguous=True,
     full_row=False,
     against_torch=True,
+    grad_floor=None,
 ):
     """Checks output and q/k/v gradients against the float64 reference (and torch's function)."""
     q = _rand((B, Hq, Lq, D), contiguous)
@@ -99,19 +100,21 @@ def run_case(
     grads = torch.autograd.grad(out, ins, g.to(device, dtype))
     grads_l = torch.autograd.grad(out_l, ins_l, g.to(dtype))
     grads64 = torch.autograd.grad(out64, ins64, g)
-    assert_grads_close(["query", "key", "value"], grads, grads_l, grads64)
+    names = ["query", "key", "value"]
+    _grads_close(names, grads, grads_l, grads64, grad_floor)
     if against_torch:
         # torch's own function, in float64: an independent ground truth
         t64 = [t.detach().clone().requires_grad_() for t in (q, k, v)]
         ot = F.scaled_dot_product_attention(*t64, mask64, **kw)
         assert_close_to_ref("out vs torch", out, out_l, ot)
-        assert_grads_close(
-            ["query (vs torch)", "key (vs torch)", "value (vs torch)"],
-            grads,
-            grads_l,
-            torch.autograd.grad(ot, t64, g),
-        )
+        names_t = [n + " (vs torch)" for n in names]
+        _grads_close(names_t, grads, grads_l, torch.autograd.grad(ot, t64, g), grad_floor)
     return out, grads
+
+
+def _grads_close(names, grads, grads_l, grads64, floor=None):
+    for name, gr, gl, g64 in zip(names, grads, grads_l, grads64, strict=True):
+        assert_close_to_ref(f"grad {name}", gr, gl, g64, factor=3.0, floor=floor)
 
 
 MASK_CAUSAL = [(None, False), (None, True), ("bool", False), ("float", False)]
@@ -163,7 +166,26 @@ def test_fully_masked_rows_give_zeros(backend, device, mask_kind):
 @pytest.mark.parametrize("mask_kind,causal", MASK_CAUSAL, ids=["nomask", "causal", "bool", "float"])
 def test_cpu_long_rows(L, mask_kind, causal):
     # Beyond the interpreter's comfort: several query and key blocks, partial last blocks.
-    run_case("cpu", "cpu", torch.float32, 1, 2, 1, L, L, 64, 48, mask_kind=mask_kind, causal=causal)
+    # L = 1: one key, so dQ and dK are exactly 0 in exact arithmetic; the kernel gets them as
+    # dP - Delta, two D-long dot products summed in different orders (GEMM vs row sum), which
+    # the float32 reference (softmax backward of one element) does not round at all. Allow that
+    # cancellation: D float32 roundings of O(1) terms.
+    floor = 64 * 2e-7 if L == 1 else None
+    run_case(
+        "cpu",
+        "cpu",
+        torch.float32,
+        1,
+        2,
+        1,
+        L,
+        L,
+        64,
+        48,
+        mask_kind=mask_kind,
+        causal=causal,
+        grad_floor=floor,
+    )
 
 
 @pytest.mark.parametrize("Lq,Lk", [(300, 1025), (1025, 130)])
