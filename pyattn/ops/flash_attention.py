@@ -329,6 +329,9 @@ def scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
         )
 
+    if chosen not in _FWD_OPS:
+        why = _backend.IMPORT_ERRORS.get(chosen, "its kernels are not registered")
+        raise RuntimeError(f"pyattn.{OP}: backend {chosen!r} cannot run here: {why}")
     Lq, E, Lk, Dv = query.shape[-2], query.shape[-1], key.shape[-2], value.shape[-1]
     B = math.prod(lead)
     q = query.expand(*lead, Hq, Lq, E).reshape(B, Hq, Lq, E)  # (B, Hq, Lq, E)
