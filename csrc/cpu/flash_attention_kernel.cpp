@@ -1,0 +1,267 @@
+// Fused scaled-dot-product attention on the CPU (flash-attention style), compiled once per
+// instruction set (setup.py builds this file with -DCPU_CAPABILITY=DEFAULT / AVX2 / AVX512 and
+// the matching -m flags; csrc/flash_attention.cpp picks one at run time). Only at::vec and
+// at::parallel_for come from ATen here; block matrix products go through flash_gemm (ATen's
+// BLAS, defined on the ATen side).
+//
+// Forward: one task per (batch, head, block of kFwdBlockQ queries). The task streams key blocks
+// of kFwdBlockK keys: S = scale Q K^T on the GEMM, masks applied in place, an online softmax per
+// row (flash::RowSoftmax) turns S into exp(S - m) in place, and the running output (kept in the
+// output tensor itself) is rescaled and accumulates P V on the GEMM. Causal: key blocks past the
+// block's last query are never visited, and only blocks crossing the diagonal are masked per
+// element (the two-stage loop). Scores never exist beyond one (queries x keys) block.
+// Backward: one task per (batch, kv head), so dK and dV of that head and dQ of its query heads
+// belong to one task: no atomics, no partial buffers, and a fixed summation order (bitwise
+// reproducible). P is recomputed from the saved lse; Delta = rowsum(dO * O) comes precomputed.
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../flash_attention_math.h"
+#include "flash_attention_kernel.h"
+
+namespace pyattn {
+namespace cpu {
+namespace CPU_CAPABILITY {
+
+namespace {
+
+// Block sizes: large enough that each GEMM call (through the dispatcher-free at::cpu::addmm_out,
+// a few microseconds of overhead) does megaflops of work, small enough that a (queries x keys)
+// block of scores and its dP twin stay in L2.
+constexpr int64_t kFwdBlockQ = 64;
+constexpr int64_t kFwdBlockK = 512;
+constexpr int64_t kBwdBlockQ = 128;
+constexpr int64_t kBwdBlockK = 256;
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+// Applies causal masking (keys past query i) and the user mask to one row of n scores for
+// keys j0 .. j0 + n - 1 of query i.
+template <typename T>
+inline void mask_row(const FlashParams<T>& p, int64_t b, int64_t h, int64_t i, int64_t j0,
+                     int64_t n, bool causal_block, T* s) {
+  if (causal_block) {
+    // keys j > i are masked: columns c > i - j0
+    const int64_t first = std::max<int64_t>(0, std::min<int64_t>(n, i - j0 + 1));
+    std::fill(s + first, s + n, neg_inf<T>());
+  }
+  if (p.mask_kind == flash::kNoMask) return;
+  const int64_t base = b * p.mask_stride[0] + h * p.mask_stride[1] + i * p.mask_stride[2];
+  const int64_t sj = p.mask_stride[3];
+  if (p.mask_kind == flash::kBoolMask) {
+    const bool* mrow = p.bool_mask + base + j0 * sj;
+    for (int64_t c = 0; c < n; ++c) s[c] = flash::apply_bool_mask(s[c], mrow[c * sj]);
+  } else {
+    const T* mrow = p.add_mask + base + j0 * sj;
+    if (sj == 1) {
+      at::vec::map2<T>([](Vec<T> x, Vec<T> y) { return x + y; }, s, s, mrow, n);
+    } else {
+      for (int64_t c = 0; c < n; ++c) s[c] += mrow[c * sj];
+    }
+  }
+}
+
+// The largest of n scores; NaN wins (flash::nan_max), so a NaN poisons its row.
+template <typename T>
+inline T row_max(const T* s, int64_t n) {
+  constexpr int64_t W = Vec<T>::size();
+  T mx = neg_inf<T>();
+  int64_t c = 0;
+  if (n >= W) {
+    Vec<T> acc = Vec<T>::loadu(s);
+    for (c = W; c + W <= n; c += W) acc = at::vec::maximum(acc, Vec<T>::loadu(s + c));
+    mx = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return at::vec::maximum(a, b); }, acc);
+  }
+  for (; c < n; ++c) mx = flash::nan_max(mx, s[c]);
+  return mx;
+}
+
+// s = exp(s - ref) in place; returns the sum. -inf scores (masked) give exactly 0.
+template <typename T>
+inline T exp_sub_sum(T* s, T ref, int64_t n) {
+  constexpr int64_t W = Vec<T>::size();
+  const Vec<T> vref(ref);
+  Vec<T> acc(T(0));
+  int64_t c = 0;
+  for (; c + W <= n; c += W) {
+    const Vec<T> e = (Vec<T>::loadu(s + c) - vref).exp();
+    e.store(s + c);
+    acc = acc + e;
+  }
+  T sum = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, acc);
+  for (; c < n; ++c) {
+    s[c] = flash::exp_(s[c] - ref);
+    sum += s[c];
+  }
+  return sum;
+}
+
+// s = exp(s - ref) in place, where ref may be +inf (an empty row: every P is 0).
+template <typename T>
+inline void exp_sub(T* s, T ref, int64_t n) {
+  if (ref == pos_inf<T>()) {
+    std::fill(s, s + n, T(0));
+    return;
+  }
+  at::vec::map<T>([ref](Vec<T> x) { return (x - Vec<T>(ref)).exp(); }, s, s, n);
+}
+
+template <typename T>
+inline void scale_row(T* y, T alpha, int64_t n) {
+  at::vec::map<T>([alpha](Vec<T> x) { return x * Vec<T>(alpha); }, y, y, n);
+}
+
+// Dropout multiplier of score (bh, i, j): 0 or 1 / (1 - p), with the keep test of
+// flash::dropout_scale but the multiplier in T (exact in float64).
+template <typename T>
+inline T dropout_z(const FlashParams<T>& p, T keep_scale, int64_t bh, int64_t i, int64_t j) {
+  const uint64_t ctr = p.offset + flash::dropout_index(bh, i, j, p.Lq, p.Lk);
+  return dropout_keep(p.seed, ctr, static_cast<float>(p.dropout_p)) ? keep_scale : T(0);
+}
+
+template <typename T>
+void forward_block(const FlashParams<T>& p, const FlashFwdOut<T>& o, int64_t bh, int64_t i0,
+                   int64_t m, T* S, std::vector<flash::RowSoftmax<T>>& sm) {
+  const int64_t b = bh / p.Hq, h = bh % p.Hq;
+  const int64_t kvh = flash::kv_head(h, p.Hq, p.Hkv);
+  const int64_t D = p.D, Dv = p.Dv, Lk = p.Lk;
+  const T* Q = p.q + (bh * p.Lq + i0) * D;
+  const T* K = p.k + (b * p.Hkv + kvh) * Lk * D;
+  const T* V = p.v + (b * p.Hkv + kvh) * Lk * Dv;
+  T* acc = o.out + (bh * p.Lq + i0) * Dv;
+  std::fill(acc, acc + m * Dv, T(0));
+  for (int64_t r = 0; r < m; ++r) sm[r].init();
+  const bool dropout = p.dropout_p > 0.0;
+  const T keep_scale = T(1) / (T(1) - T(p.dropout_p));
+
+  const int64_t key_end = p.causal ? flash::causal_key_end(i0 + m, Lk) : Lk;
+  for (int64_t j0 = 0; j0 < key_end; j0 += kFwdBlockK) {
+    const int64_t n = std::min(kFwdBlockK, key_end - j0);
+    flash_gemm(false, true, m, n, D, p.scale, Q, D, K + j0 * D, D, T(0), S, n);
+    const bool causal_block = p.causal && flash::causal_block_needs_mask(i0, j0 + n);
+    bool any = false;
+    for (int64_t r = 0; r < m; ++r) {
+      T* s = S + r * n;
+      const int64_t i = i0 + r;
+      mask_row(p, b, h, i, j0, n, causal_block, s);
+      const T alpha = sm[r].rescale(row_max(s, n));
+      if (sm[r].m == neg_inf<T>()) {
+        // nothing allowed so far in this row: its weights are 0 (and exp(-inf - -inf) is NaN)
+        std::fill(s, s + n, T(0));
+        continue;
+      }
+      any = true;
+      sm[r].l += exp_sub_sum(s, sm[r].m, n);
+      if (dropout) {
+        // the softmax sum above is taken before dropout: dropout scales normalised weights
+        for (int64_t c = 0; c < n; ++c) s[c] *= dropout_z(p, keep_scale, bh, i, j0 + c);
+      }
+      if (alpha != T(1)) scale_row(acc + r * Dv, alpha, Dv);
+    }
+    if (any) flash_gemm(false, false, m, Dv, n, T(1), S, n, V + j0 * Dv, Dv, T(1), acc, Dv);
+  }
+  for (int64_t r = 0; r < m; ++r) {
+    scale_row(acc + r * Dv, sm[r].inv_sum(), Dv);
+    o.lse[bh * p.Lq + i0 + r] = sm[r].lse();
+  }
+}
+
+template <typename T>
+void forward(const FlashParams<T>& p, const FlashFwdOut<T>& o) {
+  const int64_t q_blocks = (p.Lq + kFwdBlockQ - 1) / kFwdBlockQ;
+  at::parallel_for(0, p.B * p.Hq * q_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> S(kFwdBlockQ * kFwdBlockK);
+    std::vector<flash::RowSoftmax<T>> sm(kFwdBlockQ);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / q_blocks, i0 = (t % q_blocks) * kFwdBlockQ;
+      forward_block(p, o, bh, i0, std::min(kFwdBlockQ, p.Lq - i0), S.data(), sm);
+    }
+  });
+}
+
+template <typename T>
+void backward_head(const FlashParams<T>& p, const FlashBwdArgs<T>& a, int64_t b, int64_t kvh,
+                   T* S, T* dP) {
+  const int64_t D = p.D, Dv = p.Dv, Lq = p.Lq, Lk = p.Lk;
+  const int64_t group = p.Hq / p.Hkv;
+  const T* K = p.k + (b * p.Hkv + kvh) * Lk * D;
+  const T* V = p.v + (b * p.Hkv + kvh) * Lk * Dv;
+  T* dK = a.dk + (b * p.Hkv + kvh) * Lk * D;
+  T* dV = a.dv + (b * p.Hkv + kvh) * Lk * Dv;
+  const bool dropout = p.dropout_p > 0.0;
+  const T keep_scale = T(1) / (T(1) - T(p.dropout_p));
+
+  for (int64_t j0 = 0; j0 < Lk; j0 += kBwdBlockK) {
+    const int64_t n = std::min(kBwdBlockK, Lk - j0);
+    for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
+      const int64_t bh = b * p.Hq + h;
+      // Causal: queries before j0 see no key of this block; start the query loop at j0.
+      const int64_t i_begin = p.causal ? std::min(j0, Lq) : 0;
+      for (int64_t i0 = i_begin; i0 < Lq; i0 += kBwdBlockQ) {
+        const int64_t m = std::min(kBwdBlockQ, Lq - i0);
+        const T* Q = p.q + (bh * Lq + i0) * D;
+        const T* dO = a.grad_out + (bh * Lq + i0) * Dv;
+        const T* lse = a.lse + bh * Lq + i0;
+        const T* delta = a.delta + bh * Lq + i0;
+        T* dQ = a.dq + (bh * Lq + i0) * D;
+        flash_gemm(false, true, m, n, D, p.scale, Q, D, K + j0 * D, D, T(0), S, n);
+        flash_gemm(false, true, m, n, Dv, T(1), dO, Dv, V + j0 * Dv, Dv, T(0), dP, n);
+        const bool causal_block = p.causal && flash::causal_block_needs_mask(i0, j0 + n);
+        for (int64_t r = 0; r < m; ++r) {
+          T* s = S + r * n;
+          T* dp = dP + r * n;
+          const int64_t i = i0 + r;
+          mask_row(p, b, h, i, j0, n, causal_block, s);
+          exp_sub(s, lse[r], n);  // P
+          const T dl = delta[r];
+          if (dropout) {
+            for (int64_t c = 0; c < n; ++c) {
+              const T z = dropout_z(p, keep_scale, bh, i, j0 + c);
+              dp[c] = flash::dscore(s[c], z * dp[c], dl);
+              s[c] *= z;  // Z P, what multiplied V in the forward
+            }
+          } else {
+            at::vec::map2<T>(
+                [dl](Vec<T> pp, Vec<T> d) { return pp * (d - Vec<T>(dl)); }, dp, s, dp, n);
+          }
+        }
+        // dV += (Z P)^T dO;  dQ += scale dS K;  dK += scale dS^T Q
+        flash_gemm(true, false, n, Dv, m, T(1), S, n, dO, Dv, T(1), dV + j0 * Dv, Dv);
+        flash_gemm(false, false, m, D, n, p.scale, dP, n, K + j0 * D, D, T(1), dQ, D);
+        flash_gemm(true, false, n, D, m, p.scale, dP, n, Q, D, T(1), dK + j0 * D, D);
+      }
+    }
+  }
+}
+
+template <typename T>
+void backward(const FlashParams<T>& p, const FlashBwdArgs<T>& a) {
+  at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> S(kBwdBlockQ * kBwdBlockK), dP(kBwdBlockQ * kBwdBlockK);
+    for (int64_t t = begin; t < end; ++t) backward_head(p, a, t / p.Hkv, t % p.Hkv, S.data(), dP.data());
+  });
+}
+
+}  // namespace
+
+void flash_attention_fwd_kernel(const FlashParams<float>& p, const FlashFwdOut<float>& o) {
+  forward(p, o);
+}
+void flash_attention_fwd_kernel(const FlashParams<double>& p, const FlashFwdOut<double>& o) {
+  forward(p, o);
+}
+void flash_attention_bwd_kernel(const FlashParams<float>& p, const FlashBwdArgs<float>& a) {
+  backward(p, a);
+}
+void flash_attention_bwd_kernel(const FlashParams<double>& p, const FlashBwdArgs<double>& a) {
+  backward(p, a);
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace pyattn

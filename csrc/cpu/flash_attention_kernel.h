@@ -1,0 +1,71 @@
+// Raw-pointer interface between csrc/flash_attention.cpp (ATen side, compiled once) and the
+// per-instruction-set kernels in csrc/cpu/flash_attention_kernel.cpp (compiled for DEFAULT, AVX2
+// and AVX512). q, k, v, out, grad_out and the gradients are contiguous (B, H, L, D); the mask is
+// read through its (B, Hq, Lq, Lk) strides (broadcast dims have stride 0). lse is of the input
+// dtype (float32 or float64), as is every accumulator.
+#pragma once
+
+#include <cstdint>
+
+namespace pyattn {
+namespace cpu {
+
+// Row-major C (m x n, leading dim ldc) = alpha * op(A) op(B) + beta * C, where op(A) is (m x k)
+// and op(B) is (k x n); trans_a means A is stored (k x m) with leading dim lda (same for B).
+// Defined in csrc/flash_attention.cpp on top of ATen's CPU addmm (MKL here): the per-ISA kernel
+// files cannot include ATen's tensor headers, and at::native::cpublas is not exported. beta = 0
+// ignores C's old contents (NaN included).
+void flash_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
+                int64_t ldc);
+void flash_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha,
+                const double* a, int64_t lda, const double* b, int64_t ldb, double beta, double* c,
+                int64_t ldc);
+
+template <typename scalar_t>
+struct FlashParams {
+  const scalar_t* q;  // (B, Hq, Lq, D)
+  const scalar_t* k;  // (B, Hkv, Lk, D)
+  const scalar_t* v;  // (B, Hkv, Lk, Dv)
+  // mask_kind: flash::MaskKind (0 none, 1 bool: true = attend, 2 additive of scalar_t).
+  int mask_kind;
+  const bool* bool_mask;
+  const scalar_t* add_mask;
+  int64_t mask_stride[4];  // in elements, for (b, h, i, j); 0 on broadcast dims
+  int64_t B, Hq, Hkv, Lq, Lk, D, Dv;
+  scalar_t scale;
+  bool causal;
+  double dropout_p;  // 0: no dropout (the keep test compares in float, as philox.h)
+  uint64_t seed, offset;
+};
+
+template <typename scalar_t>
+struct FlashFwdOut {
+  scalar_t* out;  // (B, Hq, Lq, Dv)
+  scalar_t* lse;  // (B, Hq, Lq)
+};
+
+template <typename scalar_t>
+struct FlashBwdArgs {
+  const scalar_t* grad_out;  // (B, Hq, Lq, Dv)
+  const scalar_t* lse;       // (B, Hq, Lq)
+  const scalar_t* delta;     // (B, Hq, Lq): rowsum(grad_out * out)
+  scalar_t* dq;              // (B, Hq, Lq, D), zeroed by the caller
+  scalar_t* dk;              // (B, Hkv, Lk, D), zeroed by the caller
+  scalar_t* dv;              // (B, Hkv, Lk, Dv), zeroed by the caller
+};
+
+#define PYATTN_DECLARE_FLASH_KERNELS(CAP)                                                       \
+  namespace CAP {                                                                               \
+  void flash_attention_fwd_kernel(const FlashParams<float>&, const FlashFwdOut<float>&);        \
+  void flash_attention_fwd_kernel(const FlashParams<double>&, const FlashFwdOut<double>&);      \
+  void flash_attention_bwd_kernel(const FlashParams<float>&, const FlashBwdArgs<float>&);       \
+  void flash_attention_bwd_kernel(const FlashParams<double>&, const FlashBwdArgs<double>&);     \
+  }
+
+PYATTN_DECLARE_FLASH_KERNELS(DEFAULT)
+PYATTN_DECLARE_FLASH_KERNELS(AVX2)
+PYATTN_DECLARE_FLASH_KERNELS(AVX512)
+
+}  // namespace cpu
+}  // namespace pyattn

@@ -1,0 +1,206 @@
+// pyattn::flash_attention_{fwd,bwd} for CPU tensors: argument checks, allocation, Delta, and the
+// choice of the kernel build for this CPU's instruction set (csrc/cpu/flash_attention_kernel.cpp).
+// Also the block GEMM those kernels call (flash_gemm), which needs ATen's tensor API.
+#include <ATen/ATen.h>
+#include <ATen/CPUFunctions.h>
+#include <torch/library.h>
+
+#include <dlfcn.h>
+
+#include <tuple>
+
+#include "cpu/capability.h"
+#include "cpu/flash_attention_kernel.h"
+#include "flash_attention.h"
+#include "flash_attention_math.h"
+
+namespace pyattn {
+
+namespace cpu {
+
+namespace {
+
+// torch builds with MKL call mkl_set_dynamic(false), so an MKL GEMM inside our at::parallel_for
+// tasks opens a nested OpenMP team: on a loaded machine its spin-waiting threads made the forward
+// 10x slower than single-threaded. Each task is one thread's work, so its GEMMs run on that
+// thread: MKL_Set_Num_Threads_Local (the C API; lower-case mkl_set_num_threads_local is the
+// Fortran one, taking a pointer), looked up at run time (absent without MKL: a no-op). Set on
+// every call: at::in_parallel_region() read false inside these tasks here, and one block is too
+// small for a second thread to pay off anyway.
+using MklSetLocal = int (*)(int);
+
+MklSetLocal mkl_set_num_threads_local_fn() {
+  static const MklSetLocal fn = [] {
+    void* sym = dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local");
+    if (sym == nullptr) {
+      if (void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD)) {
+        sym = dlsym(lib, "MKL_Set_Num_Threads_Local");
+      }
+    }
+    return reinterpret_cast<MklSetLocal>(sym);
+  }();
+  return fn;
+}
+
+struct SingleThreadedBlas {
+  MklSetLocal fn = nullptr;
+  int previous = 0;
+  SingleThreadedBlas() : fn(mkl_set_num_threads_local_fn()) {
+    if (fn) previous = fn(1);
+  }
+  ~SingleThreadedBlas() {
+    if (fn) fn(previous);
+  }
+};
+
+template <typename T>
+void gemm_impl(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
+               int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  // Views over the caller's buffers; op(X) is a transposed view when X is stored transposed.
+  at::Tensor A = trans_a ? at::from_blob(const_cast<T*>(a), {k, m}, {lda, 1}, opts).t()
+                         : at::from_blob(const_cast<T*>(a), {m, k}, {lda, 1}, opts);
+  at::Tensor Bm = trans_b ? at::from_blob(const_cast<T*>(b), {n, k}, {ldb, 1}, opts).t()
+                          : at::from_blob(const_cast<T*>(b), {k, n}, {ldb, 1}, opts);
+  at::Tensor C = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+  // at::cpu:: calls the CPU kernel directly: no dispatcher, no autograd, and no Python
+  // dispatch mode (opcheck, fake tensors) can intercept these internal products.
+  const SingleThreadedBlas single;
+  at::cpu::addmm_out(C, C, A, Bm, beta, alpha);
+}
+
+}  // namespace
+
+void flash_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
+                int64_t ldc) {
+  gemm_impl(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+void flash_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha,
+                const double* a, int64_t lda, const double* b, int64_t ldb, double beta,
+                double* c, int64_t ldc) {
+  gemm_impl(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+}  // namespace cpu
+
+namespace {
+
+void check_cpu(const at::Tensor& query) {
+  PYATTN_CHECK_ARG(query.device().is_cpu(), "query", "the cpu backend takes CPU tensors, got ",
+                   query.device());
+  PYATTN_CHECK_ARG(query.scalar_type() == at::kFloat || query.scalar_type() == at::kDouble,
+                   "query", "the cpu backend takes float32 or float64, got ", query.scalar_type());
+}
+
+template <typename T>
+cpu::FlashParams<T> make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& mask, double dropout_p, bool is_causal,
+                                double scale, int64_t seed, int64_t offset) {
+  cpu::FlashParams<T> p;
+  p.q = q.data_ptr<T>();
+  p.k = k.data_ptr<T>();
+  p.v = v.data_ptr<T>();
+  p.mask_kind = flash::kNoMask;
+  p.bool_mask = nullptr;
+  p.add_mask = nullptr;
+  for (int d = 0; d < 4; ++d) p.mask_stride[d] = 0;
+  if (mask.defined()) {
+    if (mask.scalar_type() == at::kBool) {
+      p.mask_kind = flash::kBoolMask;
+      p.bool_mask = mask.data_ptr<bool>();
+    } else {
+      p.mask_kind = flash::kAddMask;
+      p.add_mask = mask.data_ptr<T>();
+    }
+    for (int d = 0; d < 4; ++d) p.mask_stride[d] = mask.stride(d);
+  }
+  p.B = q.size(0);
+  p.Hq = q.size(1);
+  p.Lq = q.size(2);
+  p.D = q.size(3);
+  p.Hkv = k.size(1);
+  p.Lk = k.size(2);
+  p.Dv = v.size(3);
+  p.scale = static_cast<T>(scale);
+  p.causal = is_causal;
+  p.dropout_p = dropout_p;
+  p.seed = static_cast<uint64_t>(seed);
+  p.offset = static_cast<uint64_t>(offset);
+  return p;
+}
+
+// The mask as a (B, Hq, Lq, Lk) view whose broadcast dims have stride 0 (no copy); a mask with
+// a negative or odd stride is made contiguous first.
+at::Tensor mask_view(const c10::optional<at::Tensor>& attn_mask, const at::Tensor& q,
+                     const at::Tensor& k) {
+  if (!attn_mask.has_value() || !attn_mask->defined()) return at::Tensor();
+  at::Tensor m = attn_mask->expand({q.size(0), q.size(1), q.size(2), k.size(2)});
+  for (int d = 0; d < 4; ++d) {
+    if (m.stride(d) < 0) return m.contiguous();
+  }
+  return m;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cpu(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const c10::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal, double scale,
+    int64_t seed, int64_t offset) {
+  check_flash_attention_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale);
+  check_cpu(query);
+  const auto q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
+  const at::Tensor mask = mask_view(attn_mask, q, k);
+  const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), Dv = v.size(3);
+  at::Tensor out = at::empty({B, Hq, Lq, Dv}, q.options());
+  at::Tensor lse = at::empty({B, Hq, Lq}, q.options());
+  if (lse.numel() == 0) return {out, lse};
+
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "flash_attention_fwd_cpu", [&] {
+    const auto p =
+        make_params<scalar_t>(q, k, v, mask, dropout_p, is_causal, scale, seed, offset);
+    const cpu::FlashFwdOut<scalar_t> o{out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>()};
+    PYATTN_CPU_DISPATCH(flash_attention_fwd_kernel, p, o);
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+    const at::Tensor& value, const c10::optional<at::Tensor>& attn_mask, const at::Tensor& out,
+    const at::Tensor& lse, double dropout_p, bool is_causal, double scale, int64_t seed,
+    int64_t offset) {
+  check_flash_attention_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale);
+  check_flash_attention_backward_inputs(query, value, grad_out, out, lse);
+  check_cpu(query);
+  const auto q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
+  const auto dO = grad_out.contiguous();
+  const auto l = lse.to(q.scalar_type()).contiguous();
+  const at::Tensor mask = mask_view(attn_mask, q, k);
+  // Delta_i = dO_i . O_i, in the input dtype (float32 rows of length Dv: a short dot product).
+  const at::Tensor delta = (dO * out.to(q.scalar_type())).sum(-1).contiguous();
+
+  at::Tensor dq = at::zeros_like(q);
+  at::Tensor dk = at::zeros_like(k);
+  at::Tensor dv = at::zeros_like(v);
+  if (q.size(0) * q.size(1) * q.size(2) == 0 || k.size(2) == 0) return {dq, dk, dv};
+
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "flash_attention_bwd_cpu", [&] {
+    const auto p =
+        make_params<scalar_t>(q, k, v, mask, dropout_p, is_causal, scale, seed, offset);
+    const cpu::FlashBwdArgs<scalar_t> a{dO.data_ptr<scalar_t>(), l.data_ptr<scalar_t>(),
+                                        delta.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(),
+                                        dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>()};
+    PYATTN_CPU_DISPATCH(flash_attention_bwd_kernel, p, a);
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace pyattn
+
+TORCH_LIBRARY_IMPL(pyattn, CPU, m) {
+  m.impl("flash_attention_fwd", &pyattn::flash_attention_fwd_cpu);
+  m.impl("flash_attention_bwd", &pyattn::flash_attention_bwd_cpu);
+}
