@@ -410,3 +410,12 @@ def test_default_backend_falls_back_for_any_float_dtype():
         out = pyattn.scaled_dot_product_attention(*[t.to(dtype) for t in _sdpa_good()])
         assert out.dtype == dtype and torch.isfinite(out).all()
     assert math.isfinite(FLOOR[torch.float32])
+
+
+def test_triton_sdpa_head_dim_limit_is_a_clear_error():
+    if "triton" not in pyattn.backends():
+        pytest.fail("triton is a CPU-runnable backend here (interpreter) and must be listed")
+    q, k, v = torch.randn(1, 1, 2, 257), torch.randn(1, 1, 3, 257), torch.randn(1, 1, 3, 4)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with pytest.raises(ValueError, match=r"head dim D must be in \[1, 256\], got 257"):
+        pyattn.scaled_dot_product_attention(q.to(device), k.to(device), v.to(device), backend="triton")
