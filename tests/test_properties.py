@@ -62,11 +62,15 @@ BACKENDS = [
 ]
 
 
-def dtypes_for(backend: str, device: str) -> list[torch.dtype]:
+def dtypes_for(backend: str, device: str, op: str) -> list[torch.dtype]:
     if backend == "cpu":
         return [torch.float32, torch.float64]
     if backend == "triton" and device == "cpu":
-        # fp32 mostly; the interpreter also runs fp16/bf16 (fp32 statistics)
+        # fp32 mostly; the interpreter also runs fp16/bf16 (fp32 statistics). Not bf16 for sdpa:
+        # the interpreter's tl.dot multiplies bf16 bit patterns as integers (a known-bad result,
+        # test_edge_cases.py::test_triton_sdpa_bfloat16_under_interpreter, xfail)
+        if op == "sdpa":
+            return [torch.float32, torch.float32, torch.float16]
         return [torch.float32, torch.float32, torch.float16, torch.bfloat16]
     return [torch.float32, torch.float16, torch.bfloat16]
 
@@ -160,7 +164,7 @@ def additive_cases(draw, backend, device):
         Tk=Tk,
         H=H,
         Dv=Dv,
-        dtype=draw(st.sampled_from(dtypes_for(backend, device))),
+        dtype=draw(st.sampled_from(dtypes_for(backend, device, "additive"))),
         mask=draw(st.sampled_from([None, "random", "lengths", "full_row", "all"])),
         mask_transposed=draw(st.booleans()),
         layouts=[draw(st.sampled_from(LAYOUTS)) for _ in range(3)]
@@ -263,7 +267,7 @@ def sdpa_cases(draw, backend, device):
         Lk=draw(st.integers(1, 7 if interp else 17)),
         E=draw(st.integers(1, 9 if interp else 21)),
         Dv=draw(st.integers(1, 9 if interp else 21)),
-        dtype=draw(st.sampled_from(dtypes_for(backend, device))),
+        dtype=draw(st.sampled_from(dtypes_for(backend, device, "sdpa"))),
         mask=draw(st.sampled_from(SDPA_MASKS)),
         mask_grad=draw(st.booleans()),  # a float mask that requires grad (reference fallback)
         scale=draw(st.one_of(st.none(), st.floats(0.0, 2.0))),
