@@ -45,8 +45,10 @@ _COMMON = dict(
 settings.register_profile("pyattn-default", max_examples=300, **_COMMON)
 settings.register_profile("pyattn-nightly", max_examples=3000, **_COMMON)
 PROFILE = settings.get_profile("pyattn-" + os.environ.get("PYATTN_HYPOTHESIS_PROFILE", "default"))
-# Triton's interpreter costs ~0.15 s (additive) / ~0.25 s (sdpa) per example, forward and
-# backward, on these 2 shared cores: half the examples keep the file inside its time budget.
+# Triton's interpreter costs ~0.2-0.3 s per example (forward and backward) on these 2 shared
+# cores, where the C++ kernels take ~10 ms: 300 examples per op took 58 s (additive) + 96 s
+# (sdpa) under load, over the file's 150 s budget, so it runs half the examples (nightly: 1500)
+# on smaller shapes (B <= 2).
 INTERP_PROFILE = settings(PROFILE, max_examples=PROFILE.max_examples // 2)
 
 
@@ -153,7 +155,7 @@ def check_grads(names, outs, weights_out, inputs, floors):
 @st.composite
 def additive_cases(draw, backend, device):
     interp = backend == "triton" and device == "cpu"
-    B = draw(st.integers(1, 3))
+    B = draw(st.integers(1, 2 if interp else 3))
     Tq = draw(st.integers(1, 5 if interp else 9))
     Tk = draw(st.integers(1, 7 if interp else 17))
     H = draw(st.integers(1, 9 if interp else 19))
@@ -363,8 +365,8 @@ def test_sdpa_properties(backend, device):
 
 
 def test_profiles():
-    # the normal run meets issue 9's 300 cases per op per compiled backend (150 through Triton's
-    # interpreter); nightly is 10x
+    # issue 9's 300 cases per op per backend in the normal run (150 through Triton's
+    # interpreter, see INTERP_PROFILE); nightly is 10x
     assert settings.get_profile("pyattn-default").max_examples >= 300
     assert settings.get_profile("pyattn-nightly").max_examples >= 3000
     assert PROFILE.max_examples >= 300
