@@ -1007,6 +1007,17 @@ def _op(name: str, schema: str):
     return triton_op(name, mutates_args=())
 
 
+def _interpreter_bf16(t: Tensor) -> bool:
+    """Triton's interpreter (3.8) computes tl.dot on bfloat16 operands from their raw bits, so
+    there the bf16 path runs in float32 and rounds its results back (exact for the inputs,
+    more accurate than a bf16 kernel); compiled GPU runs are unaffected."""
+    return INTERPRET and t.dtype == torch.bfloat16 and not _traced(t)
+
+
+def _up(t: Tensor | None) -> Tensor | None:
+    return t.float() if t is not None and t.dtype == torch.bfloat16 else t
+
+
 @_op("pyattn::flash_attention_fwd_triton", FWD_SCHEMA)
 def flash_attention_fwd_triton(
     query: Tensor,
@@ -1019,6 +1030,11 @@ def flash_attention_fwd_triton(
     seed: int,
     offset: int,
 ) -> tuple[Tensor, Tensor]:
+    if _interpreter_bf16(query):
+        out, lse = flash_attention_forward(
+            _up(query), _up(key), _up(value), _up(attn_mask), dropout_p, is_causal, scale, seed, offset
+        )
+        return out.to(torch.bfloat16), lse
     return flash_attention_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, seed, offset)
 
 
@@ -1037,6 +1053,12 @@ def flash_attention_bwd_triton(
     seed: int,
     offset: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    if _interpreter_bf16(query):
+        grads = flash_attention_backward(
+            *(_up(t) for t in (grad_out, query, key, value, attn_mask, out)),
+            lse, dropout_p, is_causal, scale, seed, offset,
+        )
+        return tuple(g.to(torch.bfloat16) for g in grads)
     return flash_attention_backward(
         grad_out, query, key, value, attn_mask, out, lse, dropout_p, is_causal, scale, seed, offset
     )

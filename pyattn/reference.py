@@ -42,6 +42,8 @@ def masked_softmax(scores: Tensor, allowed: Tensor | None = None) -> Tensor:
     """
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
+    if scores.shape[-1] == 0:  # no keys at all: every row is empty (amax needs a non-empty dim)
+        return scores
     row_max = scores.amax(dim=-1, keepdim=True)
     # An all -inf row has max -inf; subtracting it would give NaN. Use 0 there: exp(-inf) = 0.
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))

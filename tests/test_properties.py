@@ -68,11 +68,7 @@ def dtypes_for(backend: str, device: str, op: str) -> list[torch.dtype]:
     if backend == "cpu":
         return [torch.float32, torch.float64]
     if backend == "triton" and device == "cpu":
-        # fp32 mostly; the interpreter also runs fp16/bf16 (fp32 statistics). Not bf16 for sdpa:
-        # the interpreter's tl.dot multiplies bf16 bit patterns as integers (a known-bad result,
-        # test_edge_cases.py::test_triton_sdpa_bfloat16_under_interpreter, xfail)
-        if op == "sdpa":
-            return [torch.float32, torch.float32, torch.float16]
+        # fp32 mostly; the interpreter also runs fp16/bf16 (fp32 statistics)
         return [torch.float32, torch.float32, torch.float16, torch.bfloat16]
     return [torch.float32, torch.float16, torch.bfloat16]
 

@@ -226,5 +226,8 @@ def additive_attention(
         return reference.additive_attention(
             query, key, value, v, key_padding_mask, return_weights=return_weights
         )
+    if chosen not in _FWD_OPS:
+        why = _backend.IMPORT_ERRORS.get(chosen, "its kernels are not registered")
+        raise RuntimeError(f"pyattn.{OP}: backend {chosen!r} cannot run here: {why}")
     out, _lse, weights = _FWD_OPS[chosen](query, key, value, v, key_padding_mask, return_weights)
     return (out, weights) if return_weights else out
