@@ -12,37 +12,16 @@
 #include <cmath>
 
 #include "common.h"
+#include "online_softmax.h"
 #include "philox.h"
 
 namespace pyattn {
 namespace flash {
 
-template <typename T>
-PYATTN_HD T exp_(T x);
-template <>
-PYATTN_HD float exp_<float>(float x) {
-  return expf(x);
-}
-template <>
-PYATTN_HD double exp_<double>(double x) {
-  return exp(x);
-}
-template <typename T>
-PYATTN_HD T log_(T x);
-template <>
-PYATTN_HD float log_<float>(float x) {
-  return logf(x);
-}
-template <>
-PYATTN_HD double log_<double>(double x) {
-  return log(x);
-}
-
-// max that lets NaN through, so a NaN score poisons its row instead of being taken as masked.
-template <typename T>
-PYATTN_HD T nan_max(T a, T b) {
-  return (b > a || b != b) ? b : a;
-}
+using softmax::exp_;
+using softmax::log_;
+using softmax::nan_max;
+using softmax::RowSoftmax;
 
 // Causal masking is top-left aligned, as torch: query i sees keys j <= i (for any Lq, Lk).
 PYATTN_HD bool causal_allowed(int64_t i, int64_t j) {
@@ -69,39 +48,6 @@ PYATTN_HD acc_t apply_bool_mask(acc_t s, bool attend) {
   return attend ? s : neg_inf<acc_t>();
 }
 
-// Online softmax of one query row: m the largest score so far, l the sum of exp(s - m).
-template <typename acc_t>
-struct RowSoftmax {
-  acc_t m;
-  acc_t l;
-
-  PYATTN_HD void init() {
-    m = neg_inf<acc_t>();
-    l = acc_t(0);
-  }
-  // Moves the reference point to include a block with largest score block_max; returns the
-  // factor that rescales l and the output accumulated so far. All-masked block: factor 1.
-  PYATTN_HD acc_t rescale(acc_t block_max) {
-    const acc_t m_new = nan_max(m, block_max);
-    if (m_new == neg_inf<acc_t>()) return acc_t(1);
-    const acc_t alpha = exp_(m - m_new);
-    l *= alpha;
-    m = m_new;
-    return alpha;
-  }
-  // exp(s - m) of a score of the current block (-inf, i.e. masked, gives 0).
-  PYATTN_HD acc_t weight(acc_t s) const {
-    return m == neg_inf<acc_t>() ? acc_t(0) : exp_(s - m);
-  }
-  // 1 / l, or 0 for a row with no allowed key: its output is zeros, not NaN.
-  PYATTN_HD acc_t inv_sum() const {
-    return l > acc_t(0) ? acc_t(1) / l : (l == l ? acc_t(0) : l);
-  }
-  // lse; +inf for an empty row so that every recomputed exp(s - lse) in the backward is 0.
-  PYATTN_HD acc_t lse() const {
-    return l > acc_t(0) ? m + log_(l) : (l == l ? pos_inf<acc_t>() : l);
-  }
-};
 
 // P_ij recomputed in the backward from the saved lse.
 template <typename acc_t>

@@ -66,6 +66,17 @@ def assert_close_to_ref(name, out, ref_lowp, ref64, factor=2.0, floor=None):
     )
 
 
+# float32 gradients get a larger floor (6e-6, ~50 ulp of the largest gradient): a fused backward
+# recomputes P from the saved lse and forms dS = P (dP - Delta), whose terms cancel, so its error
+# scales with those terms rather than with the gradient; the CPU additive kernel needed up to
+# 3.2e-6 over 300 seeds of the test shapes (3x rule on top), a naive float32 graph less.
+GRAD_FLOOR = {torch.float32: 6e-6}
+
+
 def assert_grads_close(names, grads, grads_lowp, grads64, factor=3.0):
     for name, g, gl, g64 in zip(names, grads, grads_lowp, grads64):
-        assert_close_to_ref(f"grad {name}", g, gl, g64, factor=factor)
+        floor = None
+        if g.dtype in GRAD_FLOOR:
+            scale = max(1.0, g64.abs().nan_to_num(0.0).max().item()) if g64.numel() else 1.0
+            floor = GRAD_FLOOR[g.dtype] * scale
+        assert_close_to_ref(f"grad {name}", g, gl, g64, factor=factor, floor=floor)
