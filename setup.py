@@ -50,6 +50,9 @@ CPU_CAPABILITIES = [
             "-mavx512vl",
             "-mavx512dq",
             "-mfma",
+            # GCC 12 flags the self-initialised placeholder (_mm512_undefined_*) inside its own
+            # AVX512 intrinsics wherever they inline, ATen's Vectorized included: false positives
+            "-Wno-maybe-uninitialized",
         ],
     ),
 ]
@@ -112,6 +115,13 @@ cpu_kernel_sources = _rel(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
 cuda_sources = _rel(glob.glob(os.path.join(CSRC, "cuda", "*.cu"))) if WITH_CUDA else []
 
 cxx_flags = ["-O3", "-fvisibility=hidden", "-Wall", "-Wno-unused-function"]
+# at::parallel_for is header code: with torch's OpenMP backend it is a `#pragma omp parallel`,
+# which a build without -fopenmp silently compiles to a serial loop (every CPU kernel then ran
+# on one core). Linking -fopenmp names libgomp.so.1, which resolves to the copy torch loaded.
+link_flags = []
+if sys.platform.startswith("linux") and "parallel backend: OpenMP" in torch.__config__.parallel_info():
+    cxx_flags.append("-fopenmp")
+    link_flags.append("-fopenmp")
 define_macros = [("PYATTN_WITH_CUDA", "1" if WITH_CUDA else "0")]
 include_dirs = [CSRC]
 nvcc_flags = [
@@ -134,6 +144,7 @@ if WITH_CUDA:
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=link_flags,
     )
 else:
     ext = CppExtension(
@@ -142,6 +153,7 @@ else:
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=link_flags,
     )
 ext.depends = _rel(glob.glob(os.path.join(CSRC, "**", "*.h"), recursive=True))
 

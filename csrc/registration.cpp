@@ -15,8 +15,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <ATen/Parallel.h>
 #include <ATen/Version.h>
 
+#include <atomic>
 #include <string>
 
 TORCH_LIBRARY(pyattn, m) {
@@ -55,10 +57,26 @@ PyObject* cpu_capability(PyObject*, PyObject*) {
   return PyUnicode_FromString(cap.c_str());
 }
 
+// How many threads an at::parallel_for in this module really runs on: at::parallel_for is header
+// code, so a build without the compiler's OpenMP flag gets a serial loop while torch itself runs
+// on every intra-op thread.
+PyObject* parallel_threads(PyObject*, PyObject*) {
+  std::atomic<int> seen{1};
+  at::parallel_for(0, 4 * at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    const int mine = at::get_thread_num() + 1;
+    int cur = seen.load();
+    while (mine > cur && !seen.compare_exchange_weak(cur, mine)) {
+    }
+  });
+  return PyLong_FromLong(seen.load());
+}
+
 PyMethodDef methods[] = {
     {"with_cuda", with_cuda, METH_NOARGS, "True when the CUDA kernels were compiled in."},
     {"cpu_capability", cpu_capability, METH_NOARGS,
      "The CPU instruction set ATen (and so pyattn's CPU kernels) uses: DEFAULT, AVX2, AVX512."},
+    {"parallel_threads", parallel_threads, METH_NOARGS,
+     "How many threads pyattn's CPU kernels run on (torch.get_num_threads() when built right)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "pyattn's compiled operators", -1, methods};

@@ -20,7 +20,10 @@ def run(args) -> int:
     print(f"backends here: {', '.join(pyattn.backends())}")
     print(f"compiled extension: {'yes' if c is not None else 'MISSING'}", end="")
     if c is not None:
-        print(f" (CPU kernels: {c.cpu_capability()}, CUDA kernels: {'yes' if c.with_cuda() else 'no'})")
+        print(
+            f" (CPU kernels: {c.cpu_capability()} on {c.parallel_threads()} of"
+            f" {torch.get_num_threads()} threads, CUDA kernels: {'yes' if c.with_cuda() else 'no'})"
+        )
     else:
         print()
     if torch.cuda.is_available():

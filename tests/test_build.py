@@ -44,3 +44,16 @@ def test_cuda_kernel_registered_when_built_with_cuda(name):
     else:
         # A CPU-only build must not claim a CUDA kernel it does not have.
         assert not has_cuda_kernel, f"pyattn._C was built without CUDA, yet {name} has a CUDA kernel"
+
+
+def test_cpu_kernels_use_every_intra_op_thread():
+    # at::parallel_for is inlined from ATen's headers; built without OpenMP it is a serial loop
+    # and every CPU kernel silently runs on one core (a 2x loss on a 2-core machine).
+    if torch.get_num_threads() < 2:
+        pytest.skip("torch runs one intra-op thread here")
+    used = _extension().parallel_threads()
+    backend = [ln for ln in torch.__config__.parallel_info().splitlines() if "parallel backend" in ln]
+    assert used == torch.get_num_threads(), (
+        f"pyattn's CPU kernels run on {used} thread(s), torch on {torch.get_num_threads()}:"
+        f" was pyattn._C built without -fopenmp? ({backend})"
+    )
