@@ -22,6 +22,7 @@
 
 #include "../flash_attention_math.h"
 #include "flash_attention_kernel.h"
+#include "philox_lanes.h"
 
 namespace pyattn {
 namespace cpu {
@@ -116,17 +117,18 @@ inline void scale_row(T* y, T alpha, int64_t n) {
   at::vec::map<T>([alpha](Vec<T> x) { return x * Vec<T>(alpha); }, y, y, n);
 }
 
-// Dropout multiplier of score (bh, i, j): 0 or 1 / (1 - p), with the keep test of
-// flash::dropout_scale but the multiplier in T (exact in float64).
+// Dropout multipliers of scores (bh, i, j0 .. j0 + n - 1): 0 or 1 / (1 - p), with the keep test
+// of flash::dropout_scale but the multiplier in T (exact in float64).
 template <typename T>
-inline T dropout_z(const FlashParams<T>& p, T keep_scale, int64_t bh, int64_t i, int64_t j) {
-  const uint64_t ctr = p.offset + flash::dropout_index(bh, i, j, p.Lq, p.Lk);
-  return dropout_keep(p.seed, ctr, static_cast<float>(p.dropout_p)) ? keep_scale : T(0);
+inline void dropout_row(const FlashParams<T>& p, T keep_scale, int64_t bh, int64_t i, int64_t j0,
+                        int64_t n, T* z) {
+  philox_dropout_row(p.seed, p.offset + flash::dropout_index(bh, i, j0, p.Lq, p.Lk),
+                     static_cast<float>(p.dropout_p), keep_scale, n, z);
 }
 
 template <typename T>
 void forward_block(const FlashParams<T>& p, const FlashFwdOut<T>& o, int64_t bh, int64_t i0,
-                   int64_t m, T* S, std::vector<flash::RowSoftmax<T>>& sm) {
+                   int64_t m, T* S, T* Z, std::vector<flash::RowSoftmax<T>>& sm) {
   const int64_t b = bh / p.Hq, h = bh % p.Hq;
   const int64_t kvh = flash::kv_head(h, p.Hq, p.Hkv);
   const int64_t D = p.D, Dv = p.Dv, Lk = p.Lk;
@@ -159,7 +161,8 @@ void forward_block(const FlashParams<T>& p, const FlashFwdOut<T>& o, int64_t bh,
       sm[r].l += exp_sub_sum(s, sm[r].m, n);
       if (dropout) {
         // the softmax sum above is taken before dropout: dropout scales normalised weights
-        for (int64_t c = 0; c < n; ++c) s[c] *= dropout_z(p, keep_scale, bh, i, j0 + c);
+        dropout_row(p, keep_scale, bh, i, j0, n, Z);
+        at::vec::map2<T>([](Vec<T> x, Vec<T> z) { return x * z; }, s, s, Z, n);
       }
       if (alpha != T(1)) scale_row(acc + r * Dv, alpha, Dv);
     }
@@ -175,18 +178,18 @@ template <typename T>
 void forward(const FlashParams<T>& p, const FlashFwdOut<T>& o) {
   const int64_t q_blocks = (p.Lq + kFwdBlockQ - 1) / kFwdBlockQ;
   at::parallel_for(0, p.B * p.Hq * q_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> S(kFwdBlockQ * kFwdBlockK);
+    std::vector<T> S(kFwdBlockQ * kFwdBlockK), Z(kFwdBlockK);
     std::vector<flash::RowSoftmax<T>> sm(kFwdBlockQ);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / q_blocks, i0 = (t % q_blocks) * kFwdBlockQ;
-      forward_block(p, o, bh, i0, std::min(kFwdBlockQ, p.Lq - i0), S.data(), sm);
+      forward_block(p, o, bh, i0, std::min(kFwdBlockQ, p.Lq - i0), S.data(), Z.data(), sm);
     }
   });
 }
 
 template <typename T>
 void backward_head(const FlashParams<T>& p, const FlashBwdArgs<T>& a, int64_t b, int64_t kvh,
-                   T* S, T* dP) {
+                   T* S, T* dP, T* Z) {
   const int64_t D = p.D, Dv = p.Dv, Lq = p.Lq, Lk = p.Lk;
   const int64_t group = p.Hq / p.Hkv;
   const T* K = p.k + (b * p.Hkv + kvh) * Lk * D;
@@ -220,11 +223,11 @@ void backward_head(const FlashParams<T>& p, const FlashBwdArgs<T>& a, int64_t b,
           exp_sub(s, lse[r], n);  // P
           const T dl = delta[r];
           if (dropout) {
-            for (int64_t c = 0; c < n; ++c) {
-              const T z = dropout_z(p, keep_scale, bh, i, j0 + c);
-              dp[c] = flash::dscore(s[c], z * dp[c], dl);
-              s[c] *= z;  // Z P, what multiplied V in the forward
-            }
+            dropout_row(p, keep_scale, bh, i, j0, n, Z);
+            // dS = P (Z dP - Delta) (flash::dscore), then s becomes Z P, what multiplied V
+            at::vec::map3<T>([dl](Vec<T> pp, Vec<T> d, Vec<T> z) { return pp * (z * d - Vec<T>(dl)); },
+                             dp, s, dp, Z, n);
+            at::vec::map2<T>([](Vec<T> pp, Vec<T> z) { return pp * z; }, s, s, Z, n);
           } else {
             at::vec::map2<T>(
                 [dl](Vec<T> pp, Vec<T> d) { return pp * (d - Vec<T>(dl)); }, dp, s, dp, n);
@@ -242,8 +245,9 @@ void backward_head(const FlashParams<T>& p, const FlashBwdArgs<T>& a, int64_t b,
 template <typename T>
 void backward(const FlashParams<T>& p, const FlashBwdArgs<T>& a) {
   at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> S(kBwdBlockQ * kBwdBlockK), dP(kBwdBlockQ * kBwdBlockK);
-    for (int64_t t = begin; t < end; ++t) backward_head(p, a, t / p.Hkv, t % p.Hkv, S.data(), dP.data());
+    std::vector<T> S(kBwdBlockQ * kBwdBlockK), dP(kBwdBlockQ * kBwdBlockK), Z(kBwdBlockK);
+    for (int64_t t = begin; t < end; ++t)
+      backward_head(p, a, t / p.Hkv, t % p.Hkv, S.data(), dP.data(), Z.data());
   });
 }
 
