@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, reference
+from ._glue import FusedOp, shape_str
 
 OP = "additive_attention"
 
@@ -34,9 +35,6 @@ def _lse_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 # -- input validation (one function, every backend) --------------------------------------------
 
-
-def _shape(t: Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
 def check_inputs(
@@ -54,20 +52,20 @@ def check_inputs(
         if t.dim() != rank:
             dims = {"query": "(B, Tq, H)", "key": "(B, Tk, H)", "value": "(B, Tk, Dv)", "v": "(H,)"}[name]
             raise ValueError(
-                f"additive_attention: '{name}' must be {rank}-D {dims}, got {t.dim()}-D {_shape(t)}"
+                f"additive_attention: '{name}' must be {rank}-D {dims}, got {t.dim()}-D {shape_str(t)}"
             )
     B, Tq, H = query.shape
     if key.shape[0] != B:
-        raise ValueError(f"additive_attention: 'key' batch size must match query's B={B}, got key {_shape(key)}")
+        raise ValueError(f"additive_attention: 'key' batch size must match query's B={B}, got key {shape_str(key)}")
     if key.shape[2] != H:
-        raise ValueError(f"additive_attention: 'key' last dim must match query's H={H}, got key {_shape(key)}")
+        raise ValueError(f"additive_attention: 'key' last dim must match query's H={H}, got key {shape_str(key)}")
     Tk = key.shape[1]
     if value.shape[0] != B or value.shape[1] != Tk:
         raise ValueError(
-            f"additive_attention: 'value' must be (B={B}, Tk={Tk}, Dv) to match query and key, got {_shape(value)}"
+            f"additive_attention: 'value' must be (B={B}, Tk={Tk}, Dv) to match query and key, got {shape_str(value)}"
         )
     if v.shape[0] != H:
-        raise ValueError(f"additive_attention: 'v' must have length H={H} (query's last dim), got {_shape(v)}")
+        raise ValueError(f"additive_attention: 'v' must have length H={H} (query's last dim), got {shape_str(v)}")
     for name, t in named.items():
         if t.dtype != query.dtype:
             raise TypeError(
@@ -90,7 +88,7 @@ def check_inputs(
             )
         if tuple(key_padding_mask.shape) != (B, Tk):
             raise ValueError(
-                f"additive_attention: 'key_padding_mask' must be (B={B}, Tk={Tk}), got {_shape(key_padding_mask)}"
+                f"additive_attention: 'key_padding_mask' must be (B={B}, Tk={Tk}), got {shape_str(key_padding_mask)}"
             )
         if key_padding_mask.device != query.device:
             raise ValueError(
@@ -153,40 +151,14 @@ def _make_backward(bwd_op):
     return backward
 
 
-def _register(fwd_name: str, bwd_name: str, fake: bool) -> None:
-    if fake:
-        torch.library.register_fake(fwd_name)(_fake_fwd)
-        torch.library.register_fake(bwd_name)(_fake_bwd)
-    bwd_op = getattr(torch.ops.pyattn, bwd_name.split("::")[1])
-    torch.library.register_autograd(fwd_name, _make_backward(bwd_op), setup_context=_setup_context)
-
-
-_FWD_OPS: dict[str, object] = {}
-
-
-def _load_cpp() -> None:
-    if _backend._C() is None:
-        return
-    _register("pyattn::additive_attention_fwd", "pyattn::additive_attention_bwd", fake=True)
-    _FWD_OPS["cpu"] = torch.ops.pyattn.additive_attention_fwd
-    _FWD_OPS["cuda"] = torch.ops.pyattn.additive_attention_fwd
-
-
-def _load_triton() -> None:
-    if not _backend.have_triton():
-        return
-    try:
-        # Defines pyattn::additive_attention_{fwd,bwd}_triton (triton_op: fake impls come free).
-        from ..kernels import additive_attention as _kernels  # noqa: F401
-    except Exception as exc:  # a broken Triton install must not break `import pyattn`
-        _backend.record_import_error("triton", exc)
-        return
-    _register("pyattn::additive_attention_fwd_triton", "pyattn::additive_attention_bwd_triton", fake=False)
-    _FWD_OPS["triton"] = torch.ops.pyattn.additive_attention_fwd_triton
-
-
-_load_cpp()
-_load_triton()
+_OPS = FusedOp(
+    OP,
+    fake_fwd=_fake_fwd,
+    fake_bwd=_fake_bwd,
+    setup_context=_setup_context,
+    make_backward=_make_backward,
+)
+_OPS.load()
 
 
 # -- public API ------------------------------------------------------------------------------------
@@ -226,8 +198,5 @@ def additive_attention(
         return reference.additive_attention(
             query, key, value, v, key_padding_mask, return_weights=return_weights
         )
-    if chosen not in _FWD_OPS:
-        why = _backend.IMPORT_ERRORS.get(chosen, "its kernels are not registered")
-        raise RuntimeError(f"pyattn.{OP}: backend {chosen!r} cannot run here: {why}")
-    out, _lse, weights = _FWD_OPS[chosen](query, key, value, v, key_padding_mask, return_weights)
+    out, _lse, weights = _OPS.forward_op(chosen)(query, key, value, v, key_padding_mask, return_weights)
     return (out, weights) if return_weights else out

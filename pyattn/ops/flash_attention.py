@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, reference
+from ._glue import FusedOp, shape_str
 
 OP = "flash_attention"
 
@@ -36,9 +37,6 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # -- input validation (one function, every backend) --------------------------------------------
 
-
-def _shape(t: Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
 def _broadcast(name: str, shapes: list[tuple[str, tuple[int, ...]]]) -> tuple[int, ...]:
@@ -81,7 +79,7 @@ def check_inputs(
         if t.dim() < 2:
             raise ValueError(
                 f"scaled_dot_product_attention: '{name}' must have at least 2 dims (..., L, E), "
-                f"got {t.dim()}-D {_shape(t)}"
+                f"got {t.dim()}-D {shape_str(t)}"
             )
     for name, t in named.items():
         if t.dtype != query.dtype:
@@ -98,12 +96,12 @@ def check_inputs(
     if key.shape[-1] != E:
         raise ValueError(
             f"scaled_dot_product_attention: 'key' head dim must match query's E={E}, got key "
-            f"{_shape(key)} and query {_shape(query)}"
+            f"{shape_str(key)} and query {shape_str(query)}"
         )
     if value.shape[-2] != Lk:
         raise ValueError(
             f"scaled_dot_product_attention: 'value' length must match key's Lk={Lk}, got value "
-            f"{_shape(value)} and key {_shape(key)}"
+            f"{shape_str(value)} and key {shape_str(key)}"
         )
     if not isinstance(dropout_p, (int, float)) or not (0.0 <= dropout_p < 1.0):
         raise ValueError(f"scaled_dot_product_attention: 'dropout_p' must be in [0, 1), got {dropout_p!r}")
@@ -129,7 +127,7 @@ def check_inputs(
         if value.shape[-3] != Hkv:
             raise ValueError(
                 f"scaled_dot_product_attention: 'value' heads must match key's Hkv={Hkv}, got "
-                f"value {_shape(value)} and key {_shape(key)}"
+                f"value {shape_str(value)} and key {shape_str(key)}"
             )
         if Hkv == 0 or Hq % Hkv != 0:
             raise ValueError(
@@ -175,7 +173,7 @@ def check_inputs(
         if not ok:
             raise ValueError(
                 f"scaled_dot_product_attention: 'attn_mask' must be broadcastable to "
-                f"(..., Hq, Lq, Lk) = {target}, got {_shape(attn_mask)}"
+                f"(..., Hq, Lq, Lk) = {target}, got {shape_str(attn_mask)}"
             )
     out_batch = (*lead, Hq) if gqa or len(batch) else ()
     return lead, Hq, Hkv, gqa, out_batch
@@ -229,40 +227,14 @@ def _make_backward(bwd_op):
     return backward
 
 
-def _register(fwd_name: str, bwd_name: str, fake: bool) -> None:
-    if fake:
-        torch.library.register_fake(fwd_name)(_fake_fwd)
-        torch.library.register_fake(bwd_name)(_fake_bwd)
-    bwd_op = getattr(torch.ops.pyattn, bwd_name.split("::")[1])
-    torch.library.register_autograd(fwd_name, _make_backward(bwd_op), setup_context=_setup_context)
-
-
-_FWD_OPS: dict[str, object] = {}
-
-
-def _load_cpp() -> None:
-    if _backend._C() is None:
-        return
-    _register("pyattn::flash_attention_fwd", "pyattn::flash_attention_bwd", fake=True)
-    _FWD_OPS["cpu"] = torch.ops.pyattn.flash_attention_fwd
-    _FWD_OPS["cuda"] = torch.ops.pyattn.flash_attention_fwd
-
-
-def _load_triton() -> None:
-    if not _backend.have_triton():
-        return
-    try:
-        # Defines pyattn::flash_attention_{fwd,bwd}_triton (triton_op: fake impls come free).
-        from ..kernels import flash_attention as _kernels  # noqa: F401
-    except Exception as exc:  # a broken (or not yet written) Triton kernel must not break import
-        _backend.record_import_error("triton", exc)
-        return
-    _register("pyattn::flash_attention_fwd_triton", "pyattn::flash_attention_bwd_triton", fake=False)
-    _FWD_OPS["triton"] = torch.ops.pyattn.flash_attention_fwd_triton
-
-
-_load_cpp()
-_load_triton()
+_OPS = FusedOp(
+    OP,
+    fake_fwd=_fake_fwd,
+    fake_bwd=_fake_bwd,
+    setup_context=_setup_context,
+    make_backward=_make_backward,
+)
+_OPS.load()
 
 
 def _dropout_seed_offset() -> tuple[int, int]:
@@ -329,9 +301,6 @@ def scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
         )
 
-    if chosen not in _FWD_OPS:
-        why = _backend.IMPORT_ERRORS.get(chosen, "its kernels are not registered")
-        raise RuntimeError(f"pyattn.{OP}: backend {chosen!r} cannot run here: {why}")
     Lq, E, Lk, Dv = query.shape[-2], query.shape[-1], key.shape[-2], value.shape[-1]
     B = math.prod(lead)
     q = query.expand(*lead, Hq, Lq, E).reshape(B, Hq, Lq, E)  # (B, Hq, Lq, E)
@@ -343,7 +312,8 @@ def scaled_dot_product_attention(
         mask = attn_mask.expand(*lead, Hq, Lq, Lk).reshape(B, Hq, Lq, Lk)  # (B, Hq, Lq, Lk)
     seed, offset = _dropout_seed_offset() if dropout_p > 0.0 else (0, 0)
     scale_f = 1.0 / math.sqrt(E) if scale is None else float(scale)
-    out, _lse = _FWD_OPS[chosen](q, k, v, mask, float(dropout_p), bool(is_causal), scale_f, seed, offset)
+    fwd = _OPS.forward_op(chosen)
+    out, _lse = fwd(q, k, v, mask, float(dropout_p), bool(is_causal), scale_f, seed, offset)
     return out.reshape(*out_batch, Lq, Dv)  # (..., Hq, Lq, Dv)
 
 
