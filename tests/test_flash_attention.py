@@ -518,3 +518,21 @@ def test_op_checks_direct_calls(args, pattern):
         torch.ops.pyattn.flash_attention_fwd(
             q, k, v, torch.ones(3, 7, dtype=torch.bool), 0.0, False, 1.0, 0, 0
         )
+
+
+def test_shape_broadcast_matches_torch():
+    # the op broadcasts plain-int shapes itself (torch.broadcast_shapes is slow per call)
+    import random
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        shapes = [
+            tuple(rng.choice((0, 1, 2, 3)) for _ in range(rng.randint(0, 4))) for _ in range(rng.randint(1, 3))
+        ]
+        try:
+            want = tuple(torch.broadcast_shapes(*shapes))
+        except RuntimeError:
+            with pytest.raises(RuntimeError):
+                fa._broadcast_shapes(*shapes)
+        else:
+            assert fa._broadcast_shapes(*shapes) == want, shapes

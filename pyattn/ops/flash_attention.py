@@ -39,9 +39,25 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 
+def _broadcast_shapes(*shapes) -> tuple[int, ...]:
+    """torch.broadcast_shapes, with plain-int shapes done here: torch's version costs ~15 us a
+    call (a third of the op's Python overhead on small inputs); symbolic shapes go to torch."""
+    if not all(isinstance(d, int) for s in shapes for d in s):
+        return tuple(torch.broadcast_shapes(*shapes))
+    n = max((len(s) for s in shapes), default=0)
+    out = [1] * n
+    for s in shapes:
+        for i, d in enumerate(s, n - len(s)):
+            if d != 1:
+                if out[i] != 1 and out[i] != d:
+                    raise RuntimeError(f"shapes {shapes} do not broadcast")
+                out[i] = d
+    return tuple(out)
+
+
 def _broadcast(name: str, shapes: list[tuple[str, tuple[int, ...]]]) -> tuple[int, ...]:
     try:
-        return tuple(torch.broadcast_shapes(*(s for _, s in shapes)))
+        return _broadcast_shapes(*(tuple(s) for _, s in shapes))
     except RuntimeError:
         desc = ", ".join(f"{n} {tuple(s)}" for n, s in shapes)
         raise ValueError(
@@ -167,7 +183,7 @@ def check_inputs(
             )
         target = (*lead, Hq, query.shape[-2], Lk)
         try:
-            ok = tuple(torch.broadcast_shapes(attn_mask.shape, target)) == target
+            ok = _broadcast_shapes(tuple(attn_mask.shape), target) == target
         except RuntimeError:
             ok = False
         if not ok:
