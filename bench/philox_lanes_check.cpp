@@ -1,9 +1,10 @@
 // Throughput and bit-identity of the SIMD dropout draws (csrc/cpu/philox_lanes.h) against the
 // scalar generator (csrc/philox.h), outside PyTorch. From the repository root:
 //   TI=$(python -c "import torch.utils.cpp_extension as e; print(e.include_paths()[0])")
-//   F="-DCPU_CAPABILITY_AVX512 -mavx512f -mavx512bw -mavx512vl -mavx512dq"
+//   F="-DCPU_CAPABILITY=AVX512 -DCPU_CAPABILITY_AVX512 -mavx512f -mavx512bw -mavx512vl -mavx512dq"
 //   g++ -O3 -std=c++20 $F -I$TI -Icsrc bench/philox_lanes_check.cpp -o /tmp/philox_check && /tmp/philox_check
-// (-DCPU_CAPABILITY_AVX2 -mavx2 for the AVX2 path, neither for the scalar fallback.)
+// (-DCPU_CAPABILITY=AVX2 -DCPU_CAPABILITY_AVX2 -mavx2 for the AVX2 path, -DCPU_CAPABILITY=DEFAULT
+// for the scalar fallback.)
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -22,7 +23,7 @@ int main() {
   for (int64_t c = 0; c < n; ++c) scalar[c] = pyattn::dropout_keep(seed, base + c, 0.1f) ? 1.f / 0.9f : 0.f;
   auto t1 = clock::now();
   for (int64_t c = 0; c < n; c += row)
-    pyattn::cpu::philox_dropout_row<float>(seed, base + c, 0.1f, 1.f / 0.9f, std::min(row, n - c),
+    pyattn::cpu::CPU_CAPABILITY::philox_dropout_row<float>(seed, base + c, 0.1f, 1.f / 0.9f, std::min(row, n - c),
                                            lanes.data() + c);
   auto t2 = clock::now();
   int64_t mismatches = 0;

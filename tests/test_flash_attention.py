@@ -391,6 +391,42 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_backward_both_schemes(causal):
+    # One (batch, kv head) pair and 3 key blocks: on one thread the backward walks the pair's key
+    # blocks in one task; on several it splits dK/dV by key block and dQ by query block (two
+    # passes). Both must match the reference, dropout (same keep-mask) and MQA included.
+    B, Hq, Hkv, Lq, Lk, D, p = 1, 4, 1, 300, 700, 32, 0.2
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(s, generator=gen, dtype=torch.float64) for s in ((B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, D)))
+    g = torch.randn(B, Hq, Lq, D, generator=gen, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    try:
+        for n in sorted({1, max(2, threads)}):
+            torch.set_num_threads(n)
+            ins = [t.float().requires_grad_() for t in (q, k, v)]
+            state = torch.get_rng_state()
+            out = pyattn.scaled_dot_product_attention(*ins, dropout_p=p, is_causal=causal, enable_gqa=True, backend="cpu")
+            grads = torch.autograd.grad(out, ins, g.float())
+            torch.set_rng_state(state)
+            seed, offset = fa._dropout_seed_offset()
+            keep = reference.dropout_keep_mask(seed, offset, (B, Hq, Lq, Lk), p)
+            kw = dict(dropout_p=p, is_causal=causal, enable_gqa=True, dropout_mask=keep)
+            ins_l = [t.float().requires_grad_() for t in (q, k, v)]
+            ins64 = [t.clone().requires_grad_() for t in (q, k, v)]
+            out_l = reference.scaled_dot_product_attention(*ins_l, **kw)
+            out64 = reference.scaled_dot_product_attention(*ins64, **kw)
+            assert_close_to_ref(f"out ({n} threads)", out, out_l, out64)
+            assert_grads_close(
+                [f"{name} ({n} threads)" for name in ("query", "key", "value")],
+                grads,
+                torch.autograd.grad(out_l, ins_l, g.float()),
+                torch.autograd.grad(out64, ins64, g),
+            )
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 def test_deterministic(backend, device, dropout_p):

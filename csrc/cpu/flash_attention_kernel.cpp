@@ -12,7 +12,9 @@
 // element (the two-stage loop). Scores never exist beyond one (queries x keys) block.
 // Backward: one task per (batch, kv head), so dK and dV of that head and dQ of its query heads
 // belong to one task: no atomics, no partial buffers, and a fixed summation order (bitwise
-// reproducible). P is recomputed from the saved lse; Delta = rowsum(dO * O) comes precomputed.
+// reproducible); with fewer (batch, kv head) pairs than threads, dK/dV and dQ run as two passes
+// over finer tasks instead (see backward()). P is recomputed from the saved lse;
+// Delta = rowsum(dO * O) comes precomputed.
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -193,67 +195,127 @@ void forward(const FlashParams<T>& p, const FlashFwdOut<T>& o) {
   });
 }
 
+// One (query block, key block) tile of query head h: P from the saved lse, then dS (into dP)
+// and Z P (into S), the middle every backward GEMM reads. Q, dO and the statistics are the
+// block's rows i0 .. i0 + m - 1; K and V point at the kv head's first key.
 template <typename T>
-void backward_head(const FlashParams<T>& p, const FlashBwdArgs<T>& a, int64_t b, int64_t kvh,
-                   T* S, T* dP, T* Z) {
+void backward_tile(const FlashParams<T>& p, const FlashBwdArgs<T>& a, int64_t b, int64_t h, int64_t i0,
+                   int64_t m, int64_t j0, int64_t n, const T* K, const T* V, T* S, T* dP, T* Z) {
+  const int64_t D = p.D, Dv = p.Dv, Lq = p.Lq;
+  const int64_t bh = b * p.Hq + h;
+  const T* Q = p.q + (bh * Lq + i0) * D;
+  const T* dO = a.grad_out + (bh * Lq + i0) * Dv;
+  const T* lse = a.lse + bh * Lq + i0;
+  const T* delta = a.delta + bh * Lq + i0;
+  const bool dropout = p.dropout_p > 0.0;
+  const T keep_scale = T(1) / (T(1) - T(p.dropout_p));
+  flash_gemm(false, true, m, n, D, p.scale, Q, D, K + j0 * D, D, T(0), S, n);
+  flash_gemm(false, true, m, n, Dv, T(1), dO, Dv, V + j0 * Dv, Dv, T(0), dP, n);
+  const bool causal_block = p.causal && flash::causal_block_needs_mask(i0, j0 + n);
+  for (int64_t r = 0; r < m; ++r) {
+    T* s = S + r * n;
+    T* dp = dP + r * n;
+    const int64_t i = i0 + r;
+    mask_row(p, b, h, i, j0, n, causal_block, s);
+    exp_sub(s, lse[r], n);  // P
+    const T dl = delta[r];
+    if (dropout) {
+      dropout_row(p, keep_scale, bh, i, j0, n, Z);
+      // dS = P (Z dP - Delta) (flash::dscore), then s becomes Z P, what multiplied V
+      at::vec::map3<T>([dl](Vec<T> pp, Vec<T> d, Vec<T> z) { return pp * (z * d - Vec<T>(dl)); }, dp,
+                       s, dp, Z, n);
+      at::vec::map2<T>([](Vec<T> pp, Vec<T> z) { return pp * z; }, s, s, Z, n);
+    } else {
+      at::vec::map2<T>([dl](Vec<T> pp, Vec<T> d) { return pp * (d - Vec<T>(dl)); }, dp, s, dp, n);
+    }
+  }
+}
+
+// Key block j0 of kv head (b, kvh), against every query of every query head of its group:
+// dK and dV of the block's keys, and (with_dq) the block's share of dQ.
+template <typename T>
+void backward_key_block(const FlashParams<T>& p, const FlashBwdArgs<T>& a, int64_t b, int64_t kvh,
+                        int64_t j0, bool with_dq, T* S, T* dP, T* Z) {
   const int64_t D = p.D, Dv = p.Dv, Lq = p.Lq, Lk = p.Lk;
   const int64_t group = p.Hq / p.Hkv;
   const T* K = p.k + (b * p.Hkv + kvh) * Lk * D;
   const T* V = p.v + (b * p.Hkv + kvh) * Lk * Dv;
   T* dK = a.dk + (b * p.Hkv + kvh) * Lk * D;
   T* dV = a.dv + (b * p.Hkv + kvh) * Lk * Dv;
-  const bool dropout = p.dropout_p > 0.0;
-  const T keep_scale = T(1) / (T(1) - T(p.dropout_p));
-
-  for (int64_t j0 = 0; j0 < Lk; j0 += kBwdBlockK) {
-    const int64_t n = std::min(kBwdBlockK, Lk - j0);
-    for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
-      const int64_t bh = b * p.Hq + h;
-      // Causal: queries before j0 see no key of this block; start the query loop at j0.
-      const int64_t i_begin = p.causal ? std::min(j0, Lq) : 0;
-      for (int64_t i0 = i_begin; i0 < Lq; i0 += kBwdBlockQ) {
-        const int64_t m = std::min(kBwdBlockQ, Lq - i0);
-        const T* Q = p.q + (bh * Lq + i0) * D;
-        const T* dO = a.grad_out + (bh * Lq + i0) * Dv;
-        const T* lse = a.lse + bh * Lq + i0;
-        const T* delta = a.delta + bh * Lq + i0;
+  const int64_t n = std::min(kBwdBlockK, Lk - j0);
+  for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
+    const int64_t bh = b * p.Hq + h;
+    // Causal: queries before j0 see no key of this block; start the query loop at j0.
+    const int64_t i_begin = p.causal ? std::min(j0, Lq) : 0;
+    for (int64_t i0 = i_begin; i0 < Lq; i0 += kBwdBlockQ) {
+      const int64_t m = std::min(kBwdBlockQ, Lq - i0);
+      const T* Q = p.q + (bh * Lq + i0) * D;
+      const T* dO = a.grad_out + (bh * Lq + i0) * Dv;
+      backward_tile(p, a, b, h, i0, m, j0, n, K, V, S, dP, Z);
+      // dV += (Z P)^T dO;  dQ += scale dS K;  dK += scale dS^T Q
+      flash_gemm(true, false, n, Dv, m, T(1), S, n, dO, Dv, T(1), dV + j0 * Dv, Dv);
+      if (with_dq) {
         T* dQ = a.dq + (bh * Lq + i0) * D;
-        flash_gemm(false, true, m, n, D, p.scale, Q, D, K + j0 * D, D, T(0), S, n);
-        flash_gemm(false, true, m, n, Dv, T(1), dO, Dv, V + j0 * Dv, Dv, T(0), dP, n);
-        const bool causal_block = p.causal && flash::causal_block_needs_mask(i0, j0 + n);
-        for (int64_t r = 0; r < m; ++r) {
-          T* s = S + r * n;
-          T* dp = dP + r * n;
-          const int64_t i = i0 + r;
-          mask_row(p, b, h, i, j0, n, causal_block, s);
-          exp_sub(s, lse[r], n);  // P
-          const T dl = delta[r];
-          if (dropout) {
-            dropout_row(p, keep_scale, bh, i, j0, n, Z);
-            // dS = P (Z dP - Delta) (flash::dscore), then s becomes Z P, what multiplied V
-            at::vec::map3<T>([dl](Vec<T> pp, Vec<T> d, Vec<T> z) { return pp * (z * d - Vec<T>(dl)); },
-                             dp, s, dp, Z, n);
-            at::vec::map2<T>([](Vec<T> pp, Vec<T> z) { return pp * z; }, s, s, Z, n);
-          } else {
-            at::vec::map2<T>(
-                [dl](Vec<T> pp, Vec<T> d) { return pp * (d - Vec<T>(dl)); }, dp, s, dp, n);
-          }
-        }
-        // dV += (Z P)^T dO;  dQ += scale dS K;  dK += scale dS^T Q
-        flash_gemm(true, false, n, Dv, m, T(1), S, n, dO, Dv, T(1), dV + j0 * Dv, Dv);
         flash_gemm(false, false, m, D, n, p.scale, dP, n, K + j0 * D, D, T(1), dQ, D);
-        flash_gemm(true, false, n, D, m, p.scale, dP, n, Q, D, T(1), dK + j0 * D, D);
       }
+      flash_gemm(true, false, n, D, m, p.scale, dP, n, Q, D, T(1), dK + j0 * D, D);
     }
   }
 }
 
+// dQ of query block i0 of head (b, h), over every key block it sees.
+template <typename T>
+void backward_query_block(const FlashParams<T>& p, const FlashBwdArgs<T>& a, int64_t b, int64_t h,
+                          int64_t i0, T* S, T* dP, T* Z) {
+  const int64_t D = p.D, Dv = p.Dv, Lq = p.Lq, Lk = p.Lk;
+  const int64_t kvh = flash::kv_head(h, p.Hq, p.Hkv);
+  const T* K = p.k + (b * p.Hkv + kvh) * Lk * D;
+  const T* V = p.v + (b * p.Hkv + kvh) * Lk * Dv;
+  const int64_t m = std::min(kBwdBlockQ, Lq - i0);
+  T* dQ = a.dq + ((b * p.Hq + h) * Lq + i0) * D;
+  const int64_t key_end = p.causal ? flash::causal_key_end(i0 + m, Lk) : Lk;
+  for (int64_t j0 = 0; j0 < key_end; j0 += kBwdBlockK) {
+    const int64_t n = std::min(kBwdBlockK, Lk - j0);
+    backward_tile(p, a, b, h, i0, m, j0, n, K, V, S, dP, Z);
+    flash_gemm(false, false, m, D, n, p.scale, dP, n, K + j0 * D, D, T(1), dQ, D);
+  }
+}
+
+// Two schemes, neither with atomics or partial buffers, each with a fixed summation order:
+// - one task per (batch, kv head) walks its key blocks and accumulates dK, dV and dQ: the least
+//   work (five GEMMs per tile), but only B * Hkv tasks;
+// - with fewer such tasks than threads (B = 1 with few heads, MQA), one task per (batch, kv head,
+//   key block) for dK and dV, then one per (batch, head, query block) for dQ, which recomputes
+//   S and dP (seven GEMMs per tile) but keeps every thread busy.
 template <typename T>
 void backward(const FlashParams<T>& p, const FlashBwdArgs<T>& a) {
-  at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> S(kBwdBlockQ * kBwdBlockK), dP(kBwdBlockQ * kBwdBlockK), Z(kBwdBlockK);
-    for (int64_t t = begin; t < end; ++t)
-      backward_head(p, a, t / p.Hkv, t % p.Hkv, S.data(), dP.data(), Z.data());
+  const int64_t pairs = p.B * p.Hkv;
+  const int64_t key_blocks = (p.Lk + kBwdBlockK - 1) / kBwdBlockK;
+  const int64_t threads = at::get_num_threads();
+  const int64_t rounds = (pairs + threads - 1) / threads;  // of the first scheme
+  // the second costs ~1.5x the work, spread over every thread
+  const bool split = key_blocks > 1 && 3 * pairs < 2 * rounds * threads;
+  auto run = [&](int64_t tasks, auto&& body) {
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> S(kBwdBlockQ * kBwdBlockK), dP(kBwdBlockQ * kBwdBlockK), Z(kBwdBlockK);
+      for (int64_t t = begin; t < end; ++t) body(t, S.data(), dP.data(), Z.data());
+    });
+  };
+  if (!split) {
+    run(pairs, [&](int64_t t, T* S, T* dP, T* Z) {
+      for (int64_t j0 = 0; j0 < p.Lk; j0 += kBwdBlockK)
+        backward_key_block(p, a, t / p.Hkv, t % p.Hkv, j0, true, S, dP, Z);
+    });
+    return;
+  }
+  run(pairs * key_blocks, [&](int64_t t, T* S, T* dP, T* Z) {
+    const int64_t pair = t / key_blocks;
+    backward_key_block(p, a, pair / p.Hkv, pair % p.Hkv, (t % key_blocks) * kBwdBlockK, false, S, dP, Z);
+  });
+  const int64_t q_blocks = (p.Lq + kBwdBlockQ - 1) / kBwdBlockQ;
+  run(p.B * p.Hq * q_blocks, [&](int64_t t, T* S, T* dP, T* Z) {
+    const int64_t bh = t / q_blocks;
+    backward_query_block(p, a, bh / p.Hq, bh % p.Hq, (t % q_blocks) * kBwdBlockQ, S, dP, Z);
   });
 }
 

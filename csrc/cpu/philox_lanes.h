@@ -10,6 +10,15 @@
 
 #include <cstdint>
 
+// Everything here lives in pyattn::cpu::CPU_CAPABILITY, as the kernels do: these inline
+// templates differ per instruction set, and one name shared by the DEFAULT, AVX2 and AVX512
+// objects would let the linker keep a single copy for all of them (it once kept AVX2's 32-lane
+// philox_dropout_vectors<4> for the AVX512 kernel, which then left lanes 32-63 of each block
+// unset).
+#ifndef CPU_CAPABILITY
+#error "philox_lanes.h is for the per-ISA kernel files, compiled with -DCPU_CAPABILITY=..."
+#endif
+
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
 #endif
@@ -18,6 +27,7 @@
 
 namespace pyattn {
 namespace cpu {
+namespace CPU_CAPABILITY {
 
 #if defined(CPU_CAPABILITY_AVX512)
 struct PhiloxSimd {
@@ -109,5 +119,6 @@ inline void philox_dropout_row(uint64_t seed, uint64_t base, float p, T keep_sca
   for (; c < n; ++c) z[c] = dropout_keep(seed, base + static_cast<uint64_t>(c), p) ? keep_scale : T(0);
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace pyattn
