@@ -427,6 +427,53 @@ def test_cpu_backward_both_schemes(causal):
         torch.set_num_threads(threads)
 
 
+def test_cpu_split_backward_random_float64():
+    # The two-pass backward (one (batch, kv head) pair, several key blocks, >= 2 threads) over
+    # random head groups, lengths, head dims, masks, causality and dropout, in float64 where the
+    # kernel must match the reference to rounding.
+    import random
+
+    rng = random.Random(5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        for _ in range(12):
+            g = rng.choice((1, 2, 3))
+            Lq, Lk = rng.choice((1, 5, 130, 513)), rng.choice((257, 700))
+            D, Dv = rng.choice((1, 7, 32)), rng.choice((1, 16, 33))
+            causal = rng.random() < 0.3
+            kind = None if causal else rng.choice((None, "bool", "float"))
+            p = rng.choice((0.0, 0.25))
+            shapes = ((1, g, Lq, D), (1, 1, Lk, D), (1, 1, Lk, Dv))
+            q, k, v = (torch.randn(s, dtype=torch.float64) for s in shapes)
+            mask = None
+            if kind == "bool":
+                mask = torch.rand(1, 1, Lq, Lk) > 0.3
+            elif kind == "float":
+                mask = torch.randn(1, g, 1, Lk, dtype=torch.float64)
+            kw = dict(dropout_p=p, is_causal=causal, enable_gqa=g > 1)
+            ins = [t.clone().requires_grad_() for t in (q, k, v)]
+            state = torch.get_rng_state()
+            out = pyattn.scaled_dot_product_attention(*ins, mask, backend="cpu", **kw)
+            keep = None
+            if p > 0:
+                torch.set_rng_state(state)
+                seed, offset = fa._dropout_seed_offset()
+                keep = reference.dropout_keep_mask(seed, offset, (1, g, Lq, Lk), p)
+            ref_ins = [t.clone().requires_grad_() for t in (q, k, v)]
+            ref = reference.scaled_dot_product_attention(*ref_ins, mask, dropout_mask=keep, **kw)
+            gout = torch.randn_like(ref)
+            got = (out, *torch.autograd.grad(out, ins, gout))
+            want = (ref, *torch.autograd.grad(ref, ref_ins, gout))
+            for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+                # relative to the tensor's scale, at least 1: a one-key row's dQ is 0 up to rounding
+                err = ((a - b).abs().max() / b.abs().max().clamp_min(1.0)).item()
+                case = f"g={g} Lq={Lq} Lk={Lk} mask={kind} causal={causal} p={p}"
+                assert err < 1e-12, f"{name}: error {err:.2e} ({case})"
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 def test_deterministic(backend, device, dropout_p):
