@@ -31,12 +31,12 @@ TORCH_LIBRARY(pyattn, m) {
       "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_v)");
   m.def(
       "flash_attention_fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
-      "float dropout_p, bool is_causal, float scale, int seed, int offset) "
+      "float dropout_p, bool is_causal, float scale, SymInt seed, SymInt offset) "
       "-> (Tensor out, Tensor lse)");
   m.def(
       "flash_attention_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, "
       "Tensor? attn_mask, Tensor out, Tensor lse, float dropout_p, bool is_causal, float scale, "
-      "int seed, int offset) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
+      "SymInt seed, SymInt offset) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
   // The dropout keep-mask (B, H, Lq, Lk) that the kernels draw for (seed, offset): for tests
   // and for the reference path, so every backend's dropout can be checked exactly.
   m.def("dropout_keep_mask(int seed, int offset, int[] shape, float p) -> Tensor");

@@ -988,15 +988,16 @@ def flash_attention_backward(
 # pyattn/ops/flash_attention.py, for these and the C++ ops alike.
 
 
-# The schemas of the C++ ops, verbatim (named outputs, int seed/offset rather than the SymInt that
-# inference would give); torch releases whose triton_op takes no schema fall back to inference.
+# The schemas of the C++ ops, verbatim (named outputs); torch releases whose triton_op takes no
+# schema fall back to inference. seed/offset are SymInt: under torch.compile they are drawn in
+# the graph (unbacked), and an `int` argument would refuse them (fullgraph=True failed).
 FWD_SCHEMA = (
     "(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, bool is_causal, "
-    "float scale, int seed, int offset) -> (Tensor out, Tensor lse)"
+    "float scale, SymInt seed, SymInt offset) -> (Tensor out, Tensor lse)"
 )
 BWD_SCHEMA = (
     "(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor out, "
-    "Tensor lse, float dropout_p, bool is_causal, float scale, int seed, int offset) "
+    "Tensor lse, float dropout_p, bool is_causal, float scale, SymInt seed, SymInt offset) "
     "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)"
 )
 

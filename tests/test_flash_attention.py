@@ -391,6 +391,32 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(a, b)
 
 
+def test_torch_compile_fullgraph_with_dropout():
+    # The dropout seed is drawn inside the graph (an unbacked SymInt under torch.compile); the
+    # ops take SymInt seed/offset so the whole training step stays one graph. With inductor's
+    # fallback_random the compiled draw equals eager's, so the results must agree exactly.
+    import torch._inductor.config as inductor_config
+
+    def f(q, k, v):
+        return pyattn.scaled_dot_product_attention(q, k, v, dropout_p=0.3, is_causal=True, backend="cpu")
+
+    ins = [torch.randn(2, 3, 12, 8, requires_grad=True) for _ in range(3)]
+    g = torch.randn(2, 3, 12, 8)
+    with inductor_config.patch(fallback_random=True):
+        compiled = torch.compile(f, fullgraph=True)
+        torch.manual_seed(3)
+        out_c = compiled(*ins)
+        grads_c = torch.autograd.grad(out_c, ins, g)
+    torch.manual_seed(3)
+    out_e = f(*ins)
+    grads_e = torch.autograd.grad(out_e, ins, g)
+    plain = pyattn.scaled_dot_product_attention(*ins, is_causal=True, backend="cpu")
+    assert not torch.allclose(out_e, plain), "dropout was not applied"
+    torch.testing.assert_close(out_c, out_e, rtol=0, atol=0)
+    for a, b in zip(grads_c, grads_e, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_cpu_backward_both_schemes(causal):
     # One (batch, kv head) pair and 3 key blocks: on one thread the backward walks the pair's key
