@@ -29,7 +29,7 @@ import torch
 # CLI op name -> the kernel/model name written in results.
 GROUPS = {
     "additive": "additive_attention",
-    "sdpa": "flash_attention",
+    "sdpa": "sdpa",
     "mha": "multihead_attention",
     "bert": "bert",
     "transformer": "transformer",

@@ -1,6 +1,6 @@
 // The pieces of streaming (online) softmax that both fused ops share, on CPU and GPU alike:
 // exp/log for float and double, a NaN-propagating max, and the per-row state that folds in one
-// block of scores at a time. csrc/additive_attention_math.h and csrc/flash_attention_math.h
+// block of scores at a time. csrc/additive_attention_math.h and csrc/sdpa_math.h
 // bring these into their own namespaces.
 #pragma once
 

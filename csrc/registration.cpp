@@ -1,5 +1,5 @@
 // The one place where pyattn's operator schemas live. Backend files (additive_attention.cpp,
-// flash_attention.cpp, cuda/*.cu) only add TORCH_LIBRARY_IMPL blocks for these schemas; the
+// sdpa.cpp, cuda/*.cu) only add TORCH_LIBRARY_IMPL blocks for these schemas; the
 // Triton backend registers its own twins (same signatures, suffix _triton) from kernels/.
 //
 // Conventions shared by every implementation:
@@ -7,7 +7,7 @@
 //   inputs; the CPU additive op keeps it in float64 always, see cpu/additive_attention_kernel.h);
 //   a row with no key to attend to has lse = +inf, output 0 and zero gradients.
 // - additive_attention_fwd returns an empty weights tensor unless return_weights is true.
-// - flash_attention_* take canonical 4-D (B, H, L, D) inputs; attn_mask, when given, is bool
+// - sdpa_* take canonical 4-D (B, H, L, D) inputs; attn_mask, when given, is bool
 //   (True = attend) or of the query's dtype (added to the scores), broadcast to (B, Hq, Lq, Lk)
 //   by strides (a stride may be 0). Dropout keeps score element e = ((b*Hq + h)*Lq + i)*Lk + j
 //   when philox_uniform(seed, offset + e) >= dropout_p (csrc/philox.h).
@@ -30,11 +30,11 @@ TORCH_LIBRARY(pyattn, m) {
       "Tensor? key_padding_mask, Tensor out, Tensor lse, Tensor? grad_weights, Tensor? weights) "
       "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_v)");
   m.def(
-      "flash_attention_fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
+      "sdpa_fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
       "float dropout_p, bool is_causal, float scale, SymInt seed, SymInt offset) "
       "-> (Tensor out, Tensor lse)");
   m.def(
-      "flash_attention_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, "
+      "sdpa_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, "
       "Tensor? attn_mask, Tensor out, Tensor lse, float dropout_p, bool is_causal, float scale, "
       "SymInt seed, SymInt offset) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
   // The dropout keep-mask (B, H, Lq, Lk) that the kernels draw for (seed, offset): for tests

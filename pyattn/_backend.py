@@ -32,7 +32,7 @@ DTYPES = {
 # usable one wins. On CPU tensors the C++ kernels are always preferred to the interpreter.
 _PREFERENCE = {
     "additive_attention": ("triton", "cuda"),
-    "flash_attention": ("triton", "cuda"),
+    "sdpa": ("triton", "cuda"),
 }
 
 

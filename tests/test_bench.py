@@ -74,7 +74,7 @@ def test_quick_run_writes_json_with_every_column(quick_run):
     rows = payload["rows"]
     expected = cases_mod.build_cases("cpu", "quick", ["additive", "sdpa"])
     assert len(rows) == len(expected)
-    assert {r["kernel"] for r in rows} == {"additive_attention", "flash_attention"}
+    assert {r["kernel"] for r in rows} == {"additive_attention", "sdpa"}
     for r in rows:
         assert list(r) == runner.COLUMNS
         assert r["status"] == "ok", r
@@ -88,7 +88,7 @@ def test_quick_run_writes_json_with_every_column(quick_run):
         if timing.cpu_memory_supported():
             assert r["peak_mem_mb"] is not None and r["peak_mem_mb"] >= 0
     modes = {(r["kernel"], r["mode"]) for r in rows}
-    assert ("additive_attention", "fwd+bwd") in modes and ("flash_attention", "fwd") in modes
+    assert ("additive_attention", "fwd+bwd") in modes and ("sdpa", "fwd") in modes
 
 
 def test_quick_run_writes_csv_matching_json(quick_run):
@@ -279,7 +279,7 @@ def test_pytest_benchmark_files_collect_from_the_registry():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     n_additive = len(cases_mod.build_cases("cpu", "quick", ["additive"]))
     assert proc.stdout.count("bench_additive_attention.py::test_additive_attention[") == n_additive
-    assert "bench_flash_attention.py::test_flash_attention[" in proc.stdout
+    assert "bench_sdpa.py::test_sdpa[" in proc.stdout
 
 
 @pytest.mark.parametrize("group", ["mha", "bert", "transformer", "seq2seq"])

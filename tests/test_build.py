@@ -15,8 +15,8 @@ from pyattn import _backend
 CUDA_OPS = [
     "pyattn::additive_attention_fwd",
     "pyattn::additive_attention_bwd",
-    "pyattn::flash_attention_fwd",
-    "pyattn::flash_attention_bwd",
+    "pyattn::sdpa_fwd",
+    "pyattn::sdpa_bwd",
 ]
 
 

@@ -1,6 +1,6 @@
 """Edge cases of both ops, the same on every backend usable here (issue 9): empty sizes, rows with
 no key, length and head dim 1, huge logits, NaN propagation, strided inputs, and the error paths
-not covered by tests/test_additive_attention.py and tests/test_flash_attention.py.
+not covered by tests/test_additive_attention.py and tests/test_sdpa.py.
 
 Conventions checked (pyattn.reference, DESIGN.md): a row with no key to attend to (Lk = 0, every
 key padded / masked) gives zeros and zero gradients, where torch may give NaN.

@@ -4,7 +4,7 @@
 // odd lanes) and a blend, as x86 has no 32-bit multiply-high. The AVX2 and AVX512 builds of the
 // CPU kernels (CPU_CAPABILITY_*) get the vector path, DEFAULT the scalar generator. Per draw this
 // is 1.7x (AVX512) to 2.1x (AVX2) cheaper than the scalar philox_first (bench/philox_lanes_check.cpp);
-// tests/test_flash_attention.py checks the draws against the scalar generator through
+// tests/test_sdpa.py checks the draws against the scalar generator through
 // pyattn::dropout_keep_mask.
 #pragma once
 

@@ -1,5 +1,5 @@
-// Host-side checks of pyattn::flash_attention_{fwd,bwd}, shared by the CPU and CUDA
-// implementations. The Python layer (pyattn/ops/flash_attention.py) validates first and gives the
+// Host-side checks of pyattn::sdpa_{fwd,bwd}, shared by the CPU and CUDA
+// implementations. The Python layer (pyattn/ops/sdpa.py) validates first and gives the
 // friendlier messages; these keep a direct torch.ops call from reaching a kernel with inputs it
 // cannot take (out-of-bounds reads through a wrong shape or mask stride).
 #pragma once
@@ -12,7 +12,7 @@
 
 namespace pyattn {
 
-inline void check_flash_attention_inputs(const at::Tensor& query, const at::Tensor& key,
+inline void check_sdpa_inputs(const at::Tensor& query, const at::Tensor& key,
                                          const at::Tensor& value,
                                          const c10::optional<at::Tensor>& attn_mask,
                                          double dropout_p, bool is_causal, double scale) {
@@ -53,7 +53,7 @@ inline void check_flash_attention_inputs(const at::Tensor& query, const at::Tens
                    "expected a non-negative number, got ", scale);
 }
 
-inline void check_flash_attention_backward_inputs(const at::Tensor& query, const at::Tensor& value,
+inline void check_sdpa_backward_inputs(const at::Tensor& query, const at::Tensor& value,
                                                   const at::Tensor& grad_out,
                                                   const at::Tensor& out, const at::Tensor& lse) {
   const int64_t B = query.size(0), Hq = query.size(1), Lq = query.size(2), Dv = value.size(3);

@@ -6,5 +6,5 @@ from ._pytest_bench import params, run_case
 
 
 @pytest.mark.parametrize("case", params(["sdpa", "mha"]))
-def test_flash_attention(benchmark, case):
+def test_sdpa(benchmark, case):
     run_case(benchmark, case)

@@ -1,6 +1,6 @@
 // Fused scaled-dot-product attention on the CPU (flash-attention style), compiled once per
 // instruction set (setup.py builds this file with -DCPU_CAPABILITY=DEFAULT / AVX2 / AVX512 and
-// the matching -m flags; csrc/flash_attention.cpp picks one at run time). Only at::vec and
+// the matching -m flags; csrc/sdpa.cpp picks one at run time). Only at::vec and
 // at::parallel_for come from ATen here; block matrix products go through flash_gemm (ATen's
 // BLAS, defined on the ATen side).
 //
@@ -22,8 +22,8 @@
 #include <algorithm>
 #include <vector>
 
-#include "../flash_attention_math.h"
-#include "flash_attention_kernel.h"
+#include "../sdpa_math.h"
+#include "sdpa_kernel.h"
 #include "philox_lanes.h"
 
 namespace pyattn {
@@ -321,16 +321,16 @@ void backward(const FlashParams<T>& p, const FlashBwdArgs<T>& a) {
 
 }  // namespace
 
-void flash_attention_fwd_kernel(const FlashParams<float>& p, const FlashFwdOut<float>& o) {
+void sdpa_fwd_kernel(const FlashParams<float>& p, const FlashFwdOut<float>& o) {
   forward(p, o);
 }
-void flash_attention_fwd_kernel(const FlashParams<double>& p, const FlashFwdOut<double>& o) {
+void sdpa_fwd_kernel(const FlashParams<double>& p, const FlashFwdOut<double>& o) {
   forward(p, o);
 }
-void flash_attention_bwd_kernel(const FlashParams<float>& p, const FlashBwdArgs<float>& a) {
+void sdpa_bwd_kernel(const FlashParams<float>& p, const FlashBwdArgs<float>& a) {
   backward(p, a);
 }
-void flash_attention_bwd_kernel(const FlashParams<double>& p, const FlashBwdArgs<double>& a) {
+void sdpa_bwd_kernel(const FlashParams<double>& p, const FlashBwdArgs<double>& a) {
   backward(p, a);
 }
 

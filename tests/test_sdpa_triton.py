@@ -1,4 +1,4 @@
-"""The Triton flash-attention ops (pyattn::flash_attention_{fwd,bwd}_triton), called directly,
+"""The Triton flash-attention ops (pyattn::sdpa_{fwd,bwd}_triton), called directly,
 against pyattn.reference in float64.
 
 Without a GPU they run through Triton's interpreter on CPU tensors (float32, one float16 case),
@@ -17,10 +17,10 @@ from helpers import FLOOR, HAS_CUDA, assert_close_to_ref, assert_grads_close, ba
 
 from pyattn import reference
 
-fa = pytest.importorskip("pyattn.kernels.flash_attention")  # registers the *_triton ops
+fa = pytest.importorskip("pyattn.kernels.sdpa")  # registers the *_triton ops
 
-FWD = torch.ops.pyattn.flash_attention_fwd_triton
-BWD = torch.ops.pyattn.flash_attention_bwd_triton
+FWD = torch.ops.pyattn.sdpa_fwd_triton
+BWD = torch.ops.pyattn.sdpa_bwd_triton
 DEVICES = [p.values[1] for p in backend_params(cpu=False, triton=True, cuda=False)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16] if HAS_CUDA else [torch.float32]
 
@@ -261,7 +261,7 @@ def _normalised(schema) -> str:
 def test_schemas_match_cpp():
     import pyattn._C  # noqa: F401  (registers the C++ schemas)
 
-    for name in ("flash_attention_fwd", "flash_attention_bwd"):
+    for name in ("sdpa_fwd", "sdpa_bwd"):
         cpp = getattr(torch.ops.pyattn, name).default._schema
         tri = getattr(torch.ops.pyattn, name + "_triton").default._schema
         assert _normalised(tri) == _normalised(cpp), f"{tri} != {cpp}"

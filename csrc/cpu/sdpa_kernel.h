@@ -1,5 +1,5 @@
-// Raw-pointer interface between csrc/flash_attention.cpp (ATen side, compiled once) and the
-// per-instruction-set kernels in csrc/cpu/flash_attention_kernel.cpp (compiled for DEFAULT, AVX2
+// Raw-pointer interface between csrc/sdpa.cpp (ATen side, compiled once) and the
+// per-instruction-set kernels in csrc/cpu/sdpa_kernel.cpp (compiled for DEFAULT, AVX2
 // and AVX512). q, k, v, out, grad_out and the gradients are contiguous (B, H, L, D); the mask is
 // read through its (B, Hq, Lq, Lk) strides (broadcast dims have stride 0). lse is of the input
 // dtype (float32 or float64), as is every accumulator.
@@ -12,7 +12,7 @@ namespace cpu {
 
 // Row-major C (m x n, leading dim ldc) = alpha * op(A) op(B) + beta * C, where op(A) is (m x k)
 // and op(B) is (k x n); trans_a means A is stored (k x m) with leading dim lda (same for B).
-// Defined in csrc/flash_attention.cpp on top of ATen's CPU addmm (MKL here): the per-ISA kernel
+// Defined in csrc/sdpa.cpp on top of ATen's CPU addmm (MKL here): the per-ISA kernel
 // files cannot include ATen's tensor headers, and at::native::cpublas is not exported. beta = 0
 // ignores C's old contents (NaN included).
 void flash_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
@@ -57,10 +57,10 @@ struct FlashBwdArgs {
 
 #define PYATTN_DECLARE_FLASH_KERNELS(CAP)                                                       \
   namespace CAP {                                                                               \
-  void flash_attention_fwd_kernel(const FlashParams<float>&, const FlashFwdOut<float>&);        \
-  void flash_attention_fwd_kernel(const FlashParams<double>&, const FlashFwdOut<double>&);      \
-  void flash_attention_bwd_kernel(const FlashParams<float>&, const FlashBwdArgs<float>&);       \
-  void flash_attention_bwd_kernel(const FlashParams<double>&, const FlashBwdArgs<double>&);     \
+  void sdpa_fwd_kernel(const FlashParams<float>&, const FlashFwdOut<float>&);        \
+  void sdpa_fwd_kernel(const FlashParams<double>&, const FlashFwdOut<double>&);      \
+  void sdpa_bwd_kernel(const FlashParams<float>&, const FlashBwdArgs<float>&);       \
+  void sdpa_bwd_kernel(const FlashParams<double>&, const FlashBwdArgs<double>&);     \
   }
 
 PYATTN_DECLARE_FLASH_KERNELS(DEFAULT)

@@ -1,9 +1,9 @@
-// pyattn::flash_attention_{fwd,bwd} for CUDA tensors: fused scaled-dot-product attention.
+// pyattn::sdpa_{fwd,bwd} for CUDA tensors: fused scaled-dot-product attention.
 //
 //   S = scale * Q K^T + mask     P = softmax(S)     O = dropout(P) V     lse = logsumexp(S)
 //
 // The score math (masking, causal bounds, online softmax, dropout counters, dS) is the one in
-// csrc/flash_attention_math.h that the CPU op runs too; this file only tiles it.
+// csrc/sdpa_math.h that the CPU op runs too; this file only tiles it.
 //
 // Structure: every kernel is a short sequence of block GEMMs on shared-memory tiles
 // (block_gemm: C (+)= A B with A and B addressed through strides, so transposes cost nothing)
@@ -39,7 +39,7 @@
 #include <tuple>
 
 #include "common.h"
-#include "flash_attention_math.h"
+#include "sdpa_math.h"
 #include "philox.h"
 
 namespace pyattn {
@@ -371,7 +371,7 @@ __device__ __forceinline__ void block_gemm(const T* A, int ars, int acs, const T
 #endif
 }
 
-// ---- score math (flash_attention_math.h) ----------------------------------------------------
+// ---- score math (sdpa_math.h) ----------------------------------------------------
 
 // The masked, scaled score of (b, h, i, j) from the raw dot product; -inf where the element is
 // outside the tensor, above the causal diagonal (when check_causal) or masked out.
@@ -401,7 +401,7 @@ __device__ __forceinline__ float dropout_mult(const Params& p, int64_t bh, int64
 // ------------------------------------------------------------------------------------------
 
 template <typename T, int Dp>
-__global__ void __launch_bounds__(kThreads) flash_attention_fwd_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads) sdpa_fwd_kernel(const Params p) {
   using Tl = Tiles<Kernel::kFwd, T, Dp>;
   constexpr int BM = Tl::BM, BN = Tl::BN;
   using L = Layout<T, Dp, BM, BN>;
@@ -505,7 +505,7 @@ __global__ void __launch_bounds__(kThreads) flash_attention_fwd_kernel(const Par
 
 // Delta_i = dO_i . O_i in fp32, one warp per (b, h, i) row.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) flash_attention_bwd_delta_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads) sdpa_bwd_delta_kernel(const Params p) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int64_t rows = p.B * p.Hq * p.Lq;
@@ -549,7 +549,7 @@ __device__ void load_row_stats(const Params& p, float* s_lse, float* s_delta, in
 }
 
 template <typename T, int Dp>
-__global__ void __launch_bounds__(kThreads) flash_attention_bwd_kv_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads) sdpa_bwd_kv_kernel(const Params p) {
   using Tl = Tiles<Kernel::kBwdKV, T, Dp>;
   constexpr int BM = Tl::BM, BN = Tl::BN;
   using L = Layout<T, Dp, BM, BN>;
@@ -611,7 +611,7 @@ __global__ void __launch_bounds__(kThreads) flash_attention_bwd_kv_kernel(const 
 }
 
 template <typename T, int Dp>
-__global__ void __launch_bounds__(kThreads) flash_attention_bwd_q_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads) sdpa_bwd_q_kernel(const Params p) {
   using Tl = Tiles<Kernel::kBwdQ, T, Dp>;
   constexpr int BM = Tl::BM, BN = Tl::BN;
   using L = Layout<T, Dp, BM, BN>;
@@ -823,7 +823,7 @@ void dispatch(at::ScalarType dt, int64_t head_dim, Fn&& fn) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cuda(const at::Tensor& query, const at::Tensor& key,
+std::tuple<at::Tensor, at::Tensor> sdpa_fwd_cuda(const at::Tensor& query, const at::Tensor& key,
                                                             const at::Tensor& value,
                                                             const c10::optional<at::Tensor>& attn_mask,
                                                             double dropout_p, bool is_causal, double scale,
@@ -849,13 +849,13 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cuda(const at::Tensor& qu
     constexpr int Dp = decltype(dp)::value;
     using Tl = Tiles<Kernel::kFwd, T, Dp>;
     p.n_blocks = ceil_div(p.Lq, Tl::BM);
-    launch(flash_attention_fwd_kernel<T, Dp>, smem_bytes<Kernel::kFwd, T, Dp>(), p.n_blocks * p.B * p.Hq, p,
-           "flash_attention_fwd_kernel");
+    launch(sdpa_fwd_kernel<T, Dp>, smem_bytes<Kernel::kFwd, T, Dp>(), p.n_blocks * p.B * p.Hq, p,
+           "sdpa_fwd_kernel");
   });
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const c10::optional<at::Tensor>& attn_mask, const at::Tensor& out, const at::Tensor& lse, double dropout_p,
     bool is_causal, double scale, int64_t seed, int64_t offset) {
@@ -897,16 +897,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cuda(
   dispatch(q.scalar_type(), std::max(p.D, p.Dv), [&](auto tag, auto dp) {
     using T = typename decltype(tag)::type;
     constexpr int Dp = decltype(dp)::value;
-    launch(flash_attention_bwd_delta_kernel<T>, 0, ceil_div(p.B * p.Hq * p.Lq, kWarps), p,
-           "flash_attention_bwd_delta_kernel");
+    launch(sdpa_bwd_delta_kernel<T>, 0, ceil_div(p.B * p.Hq * p.Lq, kWarps), p,
+           "sdpa_bwd_delta_kernel");
     using TKV = Tiles<Kernel::kBwdKV, T, Dp>;
     p.n_blocks = ceil_div(p.Lk, TKV::BN);
-    launch(flash_attention_bwd_kv_kernel<T, Dp>, smem_bytes<Kernel::kBwdKV, T, Dp>(), p.n_blocks * p.B * p.Hkv, p,
-           "flash_attention_bwd_kv_kernel");
+    launch(sdpa_bwd_kv_kernel<T, Dp>, smem_bytes<Kernel::kBwdKV, T, Dp>(), p.n_blocks * p.B * p.Hkv, p,
+           "sdpa_bwd_kv_kernel");
     using TQ = Tiles<Kernel::kBwdQ, T, Dp>;
     p.n_blocks = ceil_div(p.Lq, TQ::BM);
-    launch(flash_attention_bwd_q_kernel<T, Dp>, smem_bytes<Kernel::kBwdQ, T, Dp>(), p.n_blocks * p.B * p.Hq, p,
-           "flash_attention_bwd_q_kernel");
+    launch(sdpa_bwd_q_kernel<T, Dp>, smem_bytes<Kernel::kBwdQ, T, Dp>(), p.n_blocks * p.B * p.Hq, p,
+           "sdpa_bwd_q_kernel");
   });
   return {dq, dk, dv};
 }
@@ -915,6 +915,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cuda(
 }  // namespace pyattn
 
 TORCH_LIBRARY_IMPL(pyattn, CUDA, m) {
-  m.impl("flash_attention_fwd", &pyattn::flash_cuda::flash_attention_fwd_cuda);
-  m.impl("flash_attention_bwd", &pyattn::flash_cuda::flash_attention_bwd_cuda);
+  m.impl("sdpa_fwd", &pyattn::flash_cuda::sdpa_fwd_cuda);
+  m.impl("sdpa_bwd", &pyattn::flash_cuda::sdpa_bwd_cuda);
 }

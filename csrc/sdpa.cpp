@@ -1,5 +1,5 @@
-// pyattn::flash_attention_{fwd,bwd} for CPU tensors: argument checks, allocation, Delta, and the
-// choice of the kernel build for this CPU's instruction set (csrc/cpu/flash_attention_kernel.cpp).
+// pyattn::sdpa_{fwd,bwd} for CPU tensors: argument checks, allocation, Delta, and the
+// choice of the kernel build for this CPU's instruction set (csrc/cpu/sdpa_kernel.cpp).
 // Also the block GEMM those kernels call (flash_gemm), which needs ATen's tensor API.
 #include <ATen/ATen.h>
 #include <ATen/CPUFunctions.h>
@@ -10,9 +10,9 @@
 #include <tuple>
 
 #include "cpu/capability.h"
-#include "cpu/flash_attention_kernel.h"
-#include "flash_attention.h"
-#include "flash_attention_math.h"
+#include "cpu/sdpa_kernel.h"
+#include "sdpa.h"
+#include "sdpa_math.h"
 
 namespace pyattn {
 
@@ -145,11 +145,11 @@ at::Tensor mask_view(const c10::optional<at::Tensor>& attn_mask, const at::Tenso
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor> sdpa_fwd_cpu(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const c10::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal, double scale,
     int64_t seed, int64_t offset) {
-  check_flash_attention_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale);
+  check_sdpa_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale);
   check_cpu(query);
   const auto q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
   const at::Tensor mask = mask_view(attn_mask, q, k);
@@ -158,22 +158,22 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cpu(
   at::Tensor lse = at::empty({B, Hq, Lq}, q.options());
   if (lse.numel() == 0) return {out, lse};
 
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "flash_attention_fwd_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "sdpa_fwd_cpu", [&] {
     const auto p =
         make_params<scalar_t>(q, k, v, mask, dropout_p, is_causal, scale, seed, offset);
     const cpu::FlashFwdOut<scalar_t> o{out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>()};
-    PYATTN_CPU_DISPATCH(flash_attention_fwd_kernel, p, o);
+    PYATTN_CPU_DISPATCH(sdpa_fwd_kernel, p, o);
   });
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
     const at::Tensor& value, const c10::optional<at::Tensor>& attn_mask, const at::Tensor& out,
     const at::Tensor& lse, double dropout_p, bool is_causal, double scale, int64_t seed,
     int64_t offset) {
-  check_flash_attention_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale);
-  check_flash_attention_backward_inputs(query, value, grad_out, out, lse);
+  check_sdpa_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale);
+  check_sdpa_backward_inputs(query, value, grad_out, out, lse);
   check_cpu(query);
   const auto q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
   const auto dO = grad_out.contiguous();
@@ -187,13 +187,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cpu(
   at::Tensor dv = at::zeros_like(v);
   if (q.size(0) * q.size(1) * q.size(2) == 0 || k.size(2) == 0) return {dq, dk, dv};
 
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "flash_attention_bwd_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "sdpa_bwd_cpu", [&] {
     const auto p =
         make_params<scalar_t>(q, k, v, mask, dropout_p, is_causal, scale, seed, offset);
     const cpu::FlashBwdArgs<scalar_t> a{dO.data_ptr<scalar_t>(), l.data_ptr<scalar_t>(),
                                         delta.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(),
                                         dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>()};
-    PYATTN_CPU_DISPATCH(flash_attention_bwd_kernel, p, a);
+    PYATTN_CPU_DISPATCH(sdpa_bwd_kernel, p, a);
   });
   return {dq, dk, dv};
 }
@@ -201,6 +201,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cpu(
 }  // namespace pyattn
 
 TORCH_LIBRARY_IMPL(pyattn, CPU, m) {
-  m.impl("flash_attention_fwd", &pyattn::flash_attention_fwd_cpu);
-  m.impl("flash_attention_bwd", &pyattn::flash_attention_bwd_cpu);
+  m.impl("sdpa_fwd", &pyattn::sdpa_fwd_cpu);
+  m.impl("sdpa_bwd", &pyattn::sdpa_bwd_cpu);
 }

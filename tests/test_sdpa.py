@@ -16,7 +16,7 @@ from helpers import HAS_CUDA, assert_close_to_ref, assert_grads_close, backend_p
 
 import pyattn
 from pyattn import reference
-from pyattn.ops import flash_attention as fa
+from pyattn.ops import sdpa as fa
 
 BACKENDS = backend_params(cpu=True, triton=True, cuda=True)
 
@@ -310,7 +310,7 @@ def test_dropout_op_against_keep_mask_float64():
         torch.randn(B, H, Lk, D, dtype=torch.float64),
         torch.randn(B, H, Lk, D, dtype=torch.float64),
     )
-    out, lse = torch.ops.pyattn.flash_attention_fwd(q, k, v, None, p, False, 0.5, seed, offset)
+    out, lse = torch.ops.pyattn.sdpa_fwd(q, k, v, None, p, False, 0.5, seed, offset)
     keep = torch.ops.pyattn.dropout_keep_mask(seed, offset, [B, H, Lq, Lk], p)
     assert torch.equal(keep, reference.dropout_keep_mask(seed, offset, (B, H, Lq, Lk), p))
     ref = reference.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=0.5, dropout_mask=keep)
@@ -344,7 +344,7 @@ def test_gradcheck_float64(variant):
     m4 = None if mask is None else mask.expand(B, Hq, Lq, Lk)
 
     def f(q, k, v):  # the op with a fixed dropout seed, so every evaluation draws the same mask
-        return torch.ops.pyattn.flash_attention_fwd(q, k, v, m4, p, causal, 0.7, 42, 7)[0]
+        return torch.ops.pyattn.sdpa_fwd(q, k, v, m4, p, causal, 0.7, 42, 7)[0]
 
     assert torch.autograd.gradcheck(f, ins)
     if p == 0.0:
@@ -370,10 +370,10 @@ def test_opcheck(variant):
     k = torch.randn(B, Hkv, Lk, D, requires_grad=True)
     v = torch.randn(B, Hkv, Lk, Dv, requires_grad=True)
     args = (q, k, v, mask, p, causal, 0.35, 5, 11)
-    torch.library.opcheck(torch.ops.pyattn.flash_attention_fwd, args)
-    out, lse = torch.ops.pyattn.flash_attention_fwd(q.detach(), k.detach(), v.detach(), *args[3:])
+    torch.library.opcheck(torch.ops.pyattn.sdpa_fwd, args)
+    out, lse = torch.ops.pyattn.sdpa_fwd(q.detach(), k.detach(), v.detach(), *args[3:])
     bwd = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), mask, out, lse, p, causal, 0.35, 5, 11)
-    torch.library.opcheck(torch.ops.pyattn.flash_attention_bwd, bwd)
+    torch.library.opcheck(torch.ops.pyattn.sdpa_bwd, bwd)
 
 
 def test_torch_compile_fullgraph():
@@ -534,7 +534,7 @@ def test_cpu_deterministic_many_heads():
 
 def test_backend_choice_and_fallbacks():
     q = torch.randn(1, 2, 4, 8)
-    assert pyattn._backend.resolve("flash_attention", None, q.device, q.dtype) == "cpu"
+    assert pyattn._backend.resolve("sdpa", None, q.device, q.dtype) == "cpu"
     out = pyattn.scaled_dot_product_attention(q.half(), q.half(), q.half())  # no cpu kernel: reference
     assert out.dtype == torch.float16
     with pytest.raises(RuntimeError, match="takes float32, float64 inputs, got float16"):
@@ -621,10 +621,10 @@ def test_bad_backend_names():
 )  # fmt: skip
 def test_op_checks_direct_calls(args, pattern):
     with pytest.raises(RuntimeError, match=pattern):
-        torch.ops.pyattn.flash_attention_fwd(*args, None, 0.0, False, 1.0, 0, 0)
+        torch.ops.pyattn.sdpa_fwd(*args, None, 0.0, False, 1.0, 0, 0)
     q, k, v = _good()
     with pytest.raises(RuntimeError, match=r"'attn_mask': expected a shape broadcastable"):
-        torch.ops.pyattn.flash_attention_fwd(
+        torch.ops.pyattn.sdpa_fwd(
             q, k, v, torch.ones(3, 7, dtype=torch.bool), 0.0, False, 1.0, 0, 0
         )
 

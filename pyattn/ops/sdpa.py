@@ -8,12 +8,12 @@ never store S beyond a block; the forward saves the row log-sum-exp and the back
 P from it (flash-attention). Ops (schemas and conventions in csrc/registration.cpp), on
 canonical 4-D (B, H, L, D) tensors:
 
-    pyattn::flash_attention_fwd(query, key, value, attn_mask, dropout_p, is_causal, scale,
+    pyattn::sdpa_fwd(query, key, value, attn_mask, dropout_p, is_causal, scale,
         seed, offset) -> (out, lse)
-    pyattn::flash_attention_bwd(grad_out, query, key, value, attn_mask, out, lse, dropout_p,
+    pyattn::sdpa_bwd(grad_out, query, key, value, attn_mask, out, lse, dropout_p,
         is_causal, scale, seed, offset) -> (grad_query, grad_key, grad_value)
 
-and their Triton twins ``*_triton`` (kernels/flash_attention.py). This module gives them fake
+and their Triton twins ``*_triton`` (kernels/sdpa.py). This module gives them fake
 (meta) implementations and autograd, validates inputs once for every backend, broadcasts and
 flattens torch's (..., H, L, E) inputs to the canonical form, and picks the backend.
 """
@@ -28,7 +28,7 @@ from torch import Tensor
 from .. import _backend, reference
 from ._glue import FusedOp, shape_str
 
-OP = "flash_attention"
+OP = "sdpa"
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -44,7 +44,10 @@ def _broadcast_shapes(*shapes) -> tuple[int, ...]:
     call (a third of the op's Python overhead on small inputs); symbolic shapes go to torch."""
     if not all(isinstance(d, int) for s in shapes for d in s):
         return tuple(torch.broadcast_shapes(*shapes))
-    n = max((len(s) for s in shapes), default=0)
+    # a plain loop: torch 2.11's dynamo cannot trace max() over a generator with a default
+    n = 0
+    for s in shapes:
+        n = max(n, len(s))
     out = [1] * n
     for s in shapes:
         for i, d in enumerate(s, n - len(s)):

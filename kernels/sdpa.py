@@ -745,7 +745,7 @@ _PREPROCESS_BLOCK_M = 16 if INTERPRET else 64
 
 
 def _fail(cls, msg: str):
-    raise cls(f"flash_attention (triton): {msg}")
+    raise cls(f"sdpa (triton): {msg}")
 
 
 def _check_slice(name: str, t: Tensor, rows: int, cols: int) -> None:
@@ -852,7 +852,7 @@ def _drop_scale(dropout_p: float) -> float:
     return 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
 
 
-def flash_attention_forward(
+def sdpa_forward(
     query: Tensor,
     key: Tensor,
     value: Tensor,
@@ -902,7 +902,7 @@ def flash_attention_forward(
     return out, lse
 
 
-def flash_attention_backward(
+def sdpa_backward(
     grad_out: Tensor,
     query: Tensor,
     key: Tensor,
@@ -921,7 +921,7 @@ def flash_attention_backward(
     Arguments:
         grad_out: (B, Hq, Lq, Dv), the gradient of ``out``.
         query, key, value, attn_mask, dropout_p, is_causal, scale, seed, offset: as given to
-            ``flash_attention_forward``.
+            ``sdpa_forward``.
         out: (B, Hq, Lq, Dv) and lse: (B, Hq, Lq) float32, as it returned.
     Returns:
         grad_query (B, Hq, Lq, D), grad_key (B, Hkv, Lk, D), grad_value (B, Hkv, Lk, Dv),
@@ -982,10 +982,10 @@ def flash_attention_backward(
     return dq, dk, dv
 
 
-# -- glue: the custom ops (same schemas as the C++ pyattn::flash_attention_fwd/_bwd) --------------
+# -- glue: the custom ops (same schemas as the C++ pyattn::sdpa_fwd/_bwd) --------------
 # triton_op + wrap_triton: torch traces the launchers for the fake (meta) impls and sees the
 # kernels, so torch.compile can fuse around them on a GPU. Autograd is registered by
-# pyattn/ops/flash_attention.py, for these and the C++ ops alike.
+# pyattn/ops/sdpa.py, for these and the C++ ops alike.
 
 
 # The schemas of the C++ ops, verbatim (named outputs); torch releases whose triton_op takes no
@@ -1019,8 +1019,8 @@ def _up(t: Tensor | None) -> Tensor | None:
     return t.float() if t is not None and t.dtype == torch.bfloat16 else t
 
 
-@_op("pyattn::flash_attention_fwd_triton", FWD_SCHEMA)
-def flash_attention_fwd_triton(
+@_op("pyattn::sdpa_fwd_triton", FWD_SCHEMA)
+def sdpa_fwd_triton(
     query: Tensor,
     key: Tensor,
     value: Tensor,
@@ -1032,15 +1032,15 @@ def flash_attention_fwd_triton(
     offset: int,
 ) -> tuple[Tensor, Tensor]:
     if _interpreter_bf16(query):
-        out, lse = flash_attention_forward(
+        out, lse = sdpa_forward(
             _up(query), _up(key), _up(value), _up(attn_mask), dropout_p, is_causal, scale, seed, offset
         )
         return out.to(torch.bfloat16), lse
-    return flash_attention_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, seed, offset)
+    return sdpa_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, seed, offset)
 
 
-@_op("pyattn::flash_attention_bwd_triton", BWD_SCHEMA)
-def flash_attention_bwd_triton(
+@_op("pyattn::sdpa_bwd_triton", BWD_SCHEMA)
+def sdpa_bwd_triton(
     grad_out: Tensor,
     query: Tensor,
     key: Tensor,
@@ -1055,11 +1055,11 @@ def flash_attention_bwd_triton(
     offset: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if _interpreter_bf16(query):
-        grads = flash_attention_backward(
+        grads = sdpa_backward(
             *(_up(t) for t in (grad_out, query, key, value, attn_mask, out)),
             lse, dropout_p, is_causal, scale, seed, offset,
         )
         return tuple(g.to(torch.bfloat16) for g in grads)
-    return flash_attention_backward(
+    return sdpa_backward(
         grad_out, query, key, value, attn_mask, out, lse, dropout_p, is_causal, scale, seed, offset
     )
