@@ -1,8 +1,10 @@
 """Build pyattn._C from csrc/ (CPU always; CUDA when nvcc and a CUDA torch are present).
 
-The CPU kernels in csrc/cpu/ are compiled once per instruction set (DEFAULT, AVX2, AVX512),
-each with its own flags, and the right one is chosen at run time (as ATen's DispatchStub does),
-so a shipped build never depends on ``-march=native``.
+The CPU kernels (csrc/cpu/*_kernel.cpp) are compiled once per instruction set (DEFAULT, AVX2,
+AVX512), each with its own flags, and the right one is chosen at run time (as ATen's
+DispatchStub does), so a shipped build never depends on ``-march=native``. The other sources,
+csrc/*.cpp and the rest of csrc/cpu/ (the BLAS shim), are compiled once, without -m flags.
+docs/design.md describes the layout.
 
 Environment:
   PYATTN_CUDA=0|1          force the CUDA sources off / on (default: on when nvcc is found)
@@ -110,8 +112,9 @@ def _rel(paths):
 
 
 WITH_CUDA = _want_cuda()
-main_sources = _rel(glob.glob(os.path.join(CSRC, "*.cpp")))
-cpu_kernel_sources = _rel(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+cpu_kernel_sources = _rel(glob.glob(os.path.join(CSRC, "cpu", "*_kernel.cpp")))
+main_sources = _rel(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+main_sources = [s for s in main_sources if s not in cpu_kernel_sources]
 cuda_sources = _rel(glob.glob(os.path.join(CSRC, "cuda", "*.cu"))) if WITH_CUDA else []
 
 cxx_flags = ["-O3", "-fvisibility=hidden", "-Wall", "-Wno-unused-function"]
@@ -159,7 +162,7 @@ ext.depends = _rel(glob.glob(os.path.join(CSRC, "**", "*.h"), recursive=True))
 
 
 class Build(BuildExtension):
-    """Compiles csrc/cpu/*.cpp once per CPU capability and links those objects into _C."""
+    """Compiles csrc/cpu/*_kernel.cpp once per CPU capability and links those objects into _C."""
 
     def build_extension(self, extension):
         objects = []
@@ -181,7 +184,7 @@ if __name__ == "__main__":
     if shutil.which("ninja") is None:
         print("pyattn: ninja not found; the build falls back to slow serial compiles", file=sys.stderr)
     setup(
-        # kernels/ and bench/ sit at the top of the repo (the design card's layout) and install
+        # kernels/ and bench/ sit at the top of the repo (docs/design.md, "Layout") and install
         # as pyattn.kernels and pyattn.bench, so `pyattn bench` works from any install.
         packages=find_packages(include=["pyattn", "pyattn.*"]) + ["pyattn.kernels", "pyattn.bench"],
         package_dir={"pyattn.kernels": "kernels", "pyattn.bench": "bench"},
