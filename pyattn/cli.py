@@ -2,7 +2,9 @@
 
 Subcommands live in their own modules and are imported only when used, so ``pyattn --help``
 is fast and a missing optional dependency breaks only its own subcommand. Each module named in
-SUBCOMMANDS defines ``add_arguments(parser)`` and ``run(args) -> int``.
+SUBCOMMANDS defines ``add_arguments(parser)`` and ``run(args) -> int``. ``bench`` and ``info``
+are the library's; ``train``, ``embed`` and ``translate`` are applications (pyattn.apps, the
+``apps`` extra): where a package they need is missing they say which to install and exit with 2.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS = {
     "bench": ("pyattn.bench.cli", "run the benchmark suite on this machine's device (the main job)"),
-    "train": ("pyattn.train", "train a tiny seq2seq / Transformer / BERT on CPU"),
-    "embed": ("pyattn.korean", "sentence embeddings (Korean and English) and their cosine matrix"),
-    "translate": ("pyattn.translate", "train and evaluate the seq2seq translation demos"),
+    "train": ("pyattn.apps.train", "train a tiny seq2seq / Transformer / BERT on CPU"),
+    "embed": ("pyattn.apps.korean", "sentence embeddings (Korean and English) and their cosine matrix"),
+    "translate": ("pyattn.apps.translate", "train and evaluate the seq2seq translation demos"),
     "info": ("pyattn.info", "the backends usable here and how pyattn was built"),
 }
 
@@ -24,11 +26,10 @@ SUBCOMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyattn", description="Fused attention kernels for PyTorch.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module)
-        # Arguments are added when the subcommand runs (parse_known_args below), keeping
-        # `pyattn --help` free of heavy imports.
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        # Only the name and help here: each subcommand's own parser is built when it runs (main),
+        # keeping `pyattn --help` free of heavy imports.
+        sub.add_parser(name, help=help_text, description=help_text)
     return parser
 
 
@@ -42,11 +43,24 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         parser.error(f"unknown command {name!r}; choose from {', '.join(SUBCOMMANDS)}")
     module_name, help_text = SUBCOMMANDS[name]
-    module = importlib.import_module(module_name)
-    sub = argparse.ArgumentParser(prog=f"pyattn {name}", description=help_text)
-    module.add_arguments(sub)
-    args = sub.parse_args(argv[1:])
-    return int(module.run(args) or 0)
+    from pyattn.apps import OPTIONAL, MissingPackages
+
+    try:
+        module = importlib.import_module(module_name)
+        sub = argparse.ArgumentParser(prog=f"pyattn {name}", description=help_text)
+        module.add_arguments(sub)
+        args = sub.parse_args(argv[1:])
+        return int(module.run(args) or 0)
+    except MissingPackages as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        # an optional import that no `require` call anticipated: still say what to install
+        top = (exc.name or "").split(".")[0]
+        if top not in OPTIONAL:
+            raise
+        print(MissingPackages(name, [OPTIONAL[top]]), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

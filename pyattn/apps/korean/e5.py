@@ -113,7 +113,7 @@ class E5Embedder:
     """multilingual-e5-small sentence embeddings on a BertModel.
 
     Arguments:
-        prefer: "pyattn" (pyattn.models.bert when importable) or "transformers".
+        prefer: "pyattn" (pyattn.models.bert) or "transformers".
         attn_backend: "fused" or "reference" (pyattn's model only).
         max_positions: window length including ``<s>``/``</s>`` (512, the model's limit).
     """

