@@ -3,8 +3,9 @@
 // bit: the rounds only use 32-bit multiplies, whose high halves come from two vpmuludq (even and
 // odd lanes) and a blend, as x86 has no 32-bit multiply-high. The AVX2 and AVX512 builds of the
 // CPU kernels (CPU_CAPABILITY_*) get the vector path, DEFAULT the scalar generator. Per draw this
-// is 1.7x (AVX512) to 2.1x (AVX2) cheaper than the scalar philox_first (bench/philox_lanes_check.cpp);
-// tests/test_sdpa.py checks the draws against the scalar generator through
+// is 1.7x (AVX512) to 2.1x (AVX2) cheaper than the scalar philox_first. tests/test_philox_lanes.py
+// builds tests/cpp/philox_lanes_check.cpp with each capability's flags and checks every lane bit
+// for bit against the scalar generator; tests/test_sdpa.py checks the kernels' draws through
 // pyattn::dropout_keep_mask.
 #pragma once
 
