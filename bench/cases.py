@@ -317,14 +317,14 @@ def _sdpa_cases(device: str, suite: str, dtypes: list[str]) -> list[Case]:
         else:
             lengths = (1024, 4096, 16384) if suite == "default" else (512, 1024, 2048, 4096, 8192, 16384)
             heads_dims = ((16, 128),) if suite == "default" else ((16, 128), (32, 64))
-            # 16k tokens per batch, H*D = 2048 (issue 5)
+            # 16k tokens per batch, H*D = 2048 (the flash-attention paper's benchmark grid)
             grid = [(16384 // L, H, L, D, c) for (H, D) in heads_dims for L in lengths for c in (False, True)]
     cases = []
     for dt, (B, H, L, D, causal), mode, prov in itertools.product(
         dtypes, grid, ("fwd", "fwd+bwd"), providers
     ):
         if suite == "default" and device == "cpu" and L >= 1024 and mode == "fwd":
-            continue  # issue 4's targets at L=1024 and 2048 are forward+backward
+            continue  # the headline figures at L=1024 and 2048 are forward+backward
         if prov == "torch-math" and L > 4096:
             continue  # the math backend is another naive reference; one is enough past 4k
         fwd = 4.0 * B * H * L * L * D * (0.5 if causal else 1.0)
@@ -588,7 +588,7 @@ def build_cases(
     Arguments:
         device: "cpu" or "cuda".
         suite: "quick" (tiny shapes, for tests), "default" (the subset that runs in minutes on
-            a 2-core CPU) or "full" (every shape the issues ask for).
+            a 2-core CPU) or "full" (every shape of the headline grids).
         ops: GROUPS keys to include.
         dtypes: DTYPES keys; None takes each op's own default for the device.
     Returns:

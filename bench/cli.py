@@ -1,7 +1,7 @@
 """``pyattn bench``: every op, backend and model against its baselines, on this machine's device.
 
 pyattn bench                      # the default suite (minutes on a 2-core CPU)
-pyattn bench --full --device cuda # everything the issues ask for, on the GPU
+pyattn bench --full --device cuda # every shape, dtype and provider, on the GPU
 pyattn bench --ops additive,sdpa --json new.json --compare old.json
 """
 

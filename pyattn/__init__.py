@@ -1,5 +1,7 @@
 """pyattn: fused attention kernels for PyTorch (Triton, CUDA C++ and CPU C++).
 
+Usage (docs/design.md describes how a call reaches its kernel)::
+
     import pyattn
     context = pyattn.additive_attention(query, key, value, v, key_padding_mask)
     out = pyattn.scaled_dot_product_attention(q, k, v, is_causal=True)

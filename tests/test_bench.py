@@ -252,8 +252,9 @@ def test_cli_rejects_bad_arguments(capsys):
     assert main(["bench", "--quick", "--full"]) == 2
 
 
-def test_registry_shapes_follow_the_issues():
-    """The --full CPU suite holds the shapes issues 2 and 4 ask for, with their baselines."""
+def test_registry_full_shapes():
+    """The --full CPU suite holds the headline shapes (additive B=16 H=256 T in 64/256/512; sdpa
+    L in 256/1024/2048, causal and not), with their baselines."""
     full = cases_mod.build_cases("cpu", "full", ["additive", "sdpa"])
     additive = {(c.dims["B"], c.dims["T"], c.dims["H"]) for c in full if c.group == "additive"}
     assert additive == {(16, t, 256) for t in (64, 256, 512)}

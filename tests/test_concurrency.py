@@ -1,4 +1,4 @@
-"""Concurrency, memory and determinism of both ops (issue 9).
+"""Concurrency, memory and determinism of both ops.
 
 - several Python threads calling the C++ ops at once (each call runs its own at::parallel_for)
   get exactly what serial calls get;
