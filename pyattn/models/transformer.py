@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -368,6 +368,3 @@ class Transformer(nn.Module):
         """The (sz, sz) float causal mask: -inf above the diagonal, 0 elsewhere (as torch)."""
         dtype = torch.get_default_dtype() if dtype is None else dtype
         return torch.triu(torch.full((sz, sz), float("-inf"), dtype=dtype, device=device), diagonal=1)
-
-    def config_dict(self) -> dict:
-        return asdict(self.config)
