@@ -110,7 +110,7 @@ class TransformerSeq2Seq(nn.Module):
         self, vocab: int, d_model: int = 32, nhead: int = 4, layers: int = 2, attn_backend: str = "fused"
     ):
         super().__init__()
-        from .models.transformer import Transformer
+        from pyattn.models.transformer import Transformer
 
         self.d_model = d_model
         self.embed = nn.Embedding(vocab, d_model, padding_idx=PAD)
@@ -150,7 +150,7 @@ class Task(nn.Module):
         self.name = name
         V = FIRST + args.vocab
         if name == "seq2seq":
-            from .models.seq2seq import Seq2Seq, Seq2SeqConfig
+            from pyattn.models.seq2seq import Seq2Seq, Seq2SeqConfig
 
             self.model = Seq2Seq(
                 Seq2SeqConfig(V, V, embed_dim=32, hidden_dim=64, attn_dim=32, dropout=0.1,
@@ -159,7 +159,7 @@ class Task(nn.Module):
         elif name == "transformer":
             self.model = TransformerSeq2Seq(V, attn_backend=args.attn_backend)
         else:
-            from .models.bert import BertConfig, BertForPreTraining
+            from pyattn.models.bert import BertConfig, BertForPreTraining
 
             self.model = BertForPreTraining(
                 BertConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
