@@ -25,24 +25,19 @@ References: Triton tutorial 06-fused-attention; Dao, "FlashAttention-2: Faster A
 Better Parallelism and Work Partitioning" (2023), algorithms 1-2.
 """
 
-import inspect
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
-from torch.library import triton_op, wrap_triton
+
+from ._glue import DTYPES, INTERPRET, Tuned, define_op, is_traced, launch_kernel
 
 # log2(e): scores are kept in base 2 so that the softmax uses exp2 (the kernels spell it out,
 # and ln(2) = 0.693..., as literals: a plain Python global cannot be read inside @triton.jit)
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Under TRITON_INTERPRET=1 kernels run on CPU tensors through numpy: one small config, no tuning.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # Offsets inside one (batch, head) slice are int32 in the kernels (the batch/head base is int64).
 _MAX_SLICE_OFFSET = 2**31 - 1
 
@@ -688,9 +683,11 @@ def _bwd_dkdv_kernel(
 _TUNE_KEY = ["Lq", "Lk", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL"]
 
 
+# Under TRITON_INTERPRET=1 kernels run on CPU tensors through numpy: one small config, no tuning.
+_INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)
+
+
 def _configs(kind: str) -> list:
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     if kind == "fwd":
         # the program owns BLOCK_M queries and streams BLOCK_N keys
         shapes = [(128, 64), (128, 128), (64, 64), (64, 32), (32, 32)]
@@ -730,14 +727,13 @@ def _prune(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
 
 
-def _tuned(kind: str):
-    prune = None if INTERPRET else {"early_config_prune": _prune}
-    return triton.autotune(configs=_configs(kind), key=_TUNE_KEY, prune_configs_by=prune)
+def _tuned(fn, kind: str) -> Tuned:
+    return Tuned(fn, _configs(kind), key=_TUNE_KEY, prune=_prune, interpret_config=_INTERPRET_CONFIG)
 
 
-_fwd = _tuned("fwd")(_fwd_kernel)
-_bwd_dq = _tuned("bwd")(_bwd_dq_kernel)
-_bwd_dkdv = _tuned("bwd")(_bwd_dkdv_kernel)
+_fwd = _tuned(_fwd_kernel, "fwd")
+_bwd_dq = _tuned(_bwd_dq_kernel, "bwd")
+_bwd_dkdv = _tuned(_bwd_dkdv_kernel, "bwd")
 _PREPROCESS_BLOCK_M = 16 if INTERPRET else 64
 
 
@@ -841,11 +837,8 @@ def _common_constexprs(query, value, D, Dv, is_causal, mask_kind, mask_row, drop
     )
 
 
-def _traced(t: Tensor) -> bool:
-    """True for the fake tensors of the triton_op's traced fake impl. On a GPU, wrap_triton turns
-    the launch into a graph node there; under TRITON_INTERPRET=1 it hands back the bare kernel,
-    and the interpreter would copy fake storage to the host, so the launchers stop before it."""
-    return INTERPRET and is_fake(t)
+# the launchers allocate their outputs and stop before launching on a traced (fake) call
+_traced = is_traced
 
 
 def _drop_scale(dropout_p: float) -> float:
@@ -892,7 +885,7 @@ def sdpa_forward(
     def grid(meta):
         return (triton.cdiv(Lq, meta["BLOCK_M"]), B, Hq)
 
-    wrap_triton(_fwd)[grid](
+    _fwd[grid](
         query, key, value, mask, out, lse,
         *query.stride(), *key.stride(), *value.stride(), *ms, *out.stride(),
         Hq, Hq // Hkv, Lq, Lk, scale * LOG2E, float(dropout_p), _drop_scale(dropout_p),
@@ -956,8 +949,8 @@ def sdpa_backward(
         return dq, dk, dv
 
     delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=query.device)
-    wrap_triton(_bwd_preprocess_kernel)[(triton.cdiv(Lq, _PREPROCESS_BLOCK_M), B, Hq)](
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), Hq, Lq,
+    launch_kernel(
+        _bwd_preprocess_kernel, (triton.cdiv(Lq, _PREPROCESS_BLOCK_M), B, Hq), out, grad_out, delta, *out.stride(), *grad_out.stride(), Hq, Lq,
         HEAD_DIM_V=Dv, BLOCK_DV=consts["BLOCK_DV"], BLOCK_M=_PREPROCESS_BLOCK_M,
     )  # fmt: skip
     scalars = (float(dropout_p), _drop_scale(dropout_p), int(seed), int(offset))
@@ -965,7 +958,7 @@ def sdpa_backward(
     def grid_kv(meta):
         return (triton.cdiv(Lk, meta["BLOCK_N"]), B, Hkv)
 
-    wrap_triton(_bwd_dkdv)[grid_kv](
+    _bwd_dkdv[grid_kv](
         query, key, value, mask, grad_out, lse, delta, dk, dv,
         *query.stride(), *key.stride(), *value.stride(), *ms, *grad_out.stride(),
         Hq, Hkv, Hq // Hkv, Lq, Lk, scale * LOG2E, scale, *scalars, **consts,
@@ -974,7 +967,7 @@ def sdpa_backward(
     def grid_q(meta):
         return (triton.cdiv(Lq, meta["BLOCK_M"]), B, Hq)
 
-    wrap_triton(_bwd_dq)[grid_q](
+    _bwd_dq[grid_q](
         query, key, value, mask, grad_out, lse, delta, dq,
         *query.stride(), *key.stride(), *value.stride(), *ms, *grad_out.stride(),
         Hq, Hq // Hkv, Lq, Lk, scale * LOG2E, scale, *scalars, **consts,
@@ -982,30 +975,10 @@ def sdpa_backward(
     return dq, dk, dv
 
 
-# -- glue: the custom ops (same schemas as the C++ pyattn::sdpa_fwd/_bwd) --------------
-# triton_op + wrap_triton: torch traces the launchers for the fake (meta) impls and sees the
-# kernels, so torch.compile can fuse around them on a GPU. Autograd is registered by
+# -- glue: the custom ops (the schemas of the C++ pyattn::sdpa_fwd/_bwd, kernels/_glue.py) ------
+# triton_op + wrap_triton on a GPU: torch traces the launchers for the fake (meta) impls and sees
+# the kernels, so torch.compile can fuse around them. Autograd is registered by
 # pyattn/ops/sdpa.py, for these and the C++ ops alike.
-
-
-# The schemas of the C++ ops, verbatim (named outputs); torch releases whose triton_op takes no
-# schema fall back to inference. seed/offset are SymInt: under torch.compile they are drawn in
-# the graph (unbacked), and an `int` argument would refuse them (fullgraph=True failed).
-FWD_SCHEMA = (
-    "(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, bool is_causal, "
-    "float scale, SymInt seed, SymInt offset) -> (Tensor out, Tensor lse)"
-)
-BWD_SCHEMA = (
-    "(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor out, "
-    "Tensor lse, float dropout_p, bool is_causal, float scale, SymInt seed, SymInt offset) "
-    "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)"
-)
-
-
-def _op(name: str, schema: str):
-    if "schema" in inspect.signature(triton_op).parameters:
-        return triton_op(name, mutates_args=(), schema=schema)
-    return triton_op(name, mutates_args=())
 
 
 def _interpreter_bf16(t: Tensor) -> bool:
@@ -1019,7 +992,7 @@ def _up(t: Tensor | None) -> Tensor | None:
     return t.float() if t is not None and t.dtype == torch.bfloat16 else t
 
 
-@_op("pyattn::sdpa_fwd_triton", FWD_SCHEMA)
+@define_op("sdpa_fwd")
 def sdpa_fwd_triton(
     query: Tensor,
     key: Tensor,
@@ -1039,7 +1012,7 @@ def sdpa_fwd_triton(
     return sdpa_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, seed, offset)
 
 
-@_op("pyattn::sdpa_bwd_triton", BWD_SCHEMA)
+@define_op("sdpa_bwd")
 def sdpa_bwd_triton(
     grad_out: Tensor,
     query: Tensor,
