@@ -441,7 +441,9 @@ def _tuned(fn, tiles, key, prune) -> Tuned:
     return Tuned(fn, _configs(tiles), key=key, prune=prune, interpret_config=_INTERPRET_CONFIG)
 
 
-_fwd = _tuned(_fwd_kernel, _SCORE_TILES, ["Tq", "Tk", "H", "Dv", "HAS_MASK", "WRITE_SCORES"], _prune("BLOCK_Q"))
+_fwd = _tuned(
+    _fwd_kernel, _SCORE_TILES, ["Tq", "Tk", "H", "Dv", "HAS_MASK", "WRITE_SCORES"], _prune("BLOCK_Q")
+)
 _bwd_dvalue = _tuned(
     _bwd_dvalue_kernel, _SCORE_TILES, ["Tq", "Tk", "H", "Dv", "HAS_MASK", "HAS_GW"], _prune("BLOCK_K")
 )
