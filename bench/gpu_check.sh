@@ -72,6 +72,11 @@ stage() {
         return 0
     fi
     log "START $name (limit ${limit}s) -> $file"
+    if declare -F "$1" > /dev/null; then
+        # timeout runs programs, not shell functions: hand it a bash with the functions and
+        # the variables they read
+        set -- bash -c "$(declare -f); $(declare -p PY TINY SAN SELECT PLUGINS 2> /dev/null); $(printf '%q ' "$@")"
+    fi
     local t0=$SECONDS
     timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$OUT/$file" > /dev/null
     local rc=${PIPESTATUS[0]}

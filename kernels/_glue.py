@@ -11,7 +11,7 @@ Environment, read once at import:
                              reproducible compile for correctness runs. Default 1: full autotuning.
 
 On a GPU the ops are ``torch.library.triton_op``s and every launch goes through ``wrap_triton``,
-so torch.compile traces the kernels themselves (docs/design.md, "the path of a call").
+so torch.compile traces the kernels themselves; pyattn/ops/_glue.py registers their autograd.
 """
 
 from __future__ import annotations
