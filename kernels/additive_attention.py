@@ -394,16 +394,23 @@ def _bwd_dq_kernel(
 _MAX_ACC = 8192
 
 
-def _configs(tiles, warps=(4, 8), stages=(2,)):
+def _configs(tiles, warps=(4, 8), stages=(2,), exclude=()):
+    """Every tile x warps x stages, less the (BLOCK_Q, BLOCK_K, BLOCK_H, warps) in ``exclude``."""
     return [
         triton.Config(dict(t), num_warps=w, num_stages=s)
         for t in tiles
         for w in warps
         for s in stages
-        # 16-row score tiles with 4 warps left a stack frame on sm_90 (8 bytes, fwd bf16 and
-        # dvalue fp16 Dv=128; bench/triton_resources.py): they run with 8 warps
-        if not (t in _SCORE_TILES and t["BLOCK_Q"] == 16 and w == 4)
+        if (t["BLOCK_Q"], t["BLOCK_K"], t["BLOCK_H"], w) not in exclude
     ]
+
+
+# Configs that left a stack frame on sm_90 (bench/triton_resources.py), 8-24 bytes each: the
+# forward's 16 x 16 x 16 tile with 4 warps (bf16, Dv = 64) and 16 x 32 x 8 with 8 warps (Dv = 512);
+# dvalue's 16-row tiles with 4 warps (fp16, Dv = 128) and 16 x 16 x 16 at any warp count
+# (Dv = 512, 384 bytes), where 16 x 32 x 8 with 8 warps compiles clean.
+_FWD_EXCLUDE = {(16, 16, 16, 4), (16, 32, 8, 8)}
+_DVALUE_EXCLUDE = {(16, 32, 8, 4), (16, 16, 16, 4), (16, 16, 16, 8)}
 
 
 def _prune(acc_rows: str | None = None):
@@ -435,6 +442,7 @@ _SCORE_TILES = [
     {"BLOCK_Q": 32, "BLOCK_K": 32, "BLOCK_H": 8},
     {"BLOCK_Q": 64, "BLOCK_K": 64, "BLOCK_H": 2},
     {"BLOCK_Q": 16, "BLOCK_K": 32, "BLOCK_H": 8},
+    {"BLOCK_Q": 16, "BLOCK_K": 16, "BLOCK_H": 16},
 ]
 _GRAD_TILES = [
     {"BLOCK_Q": 32, "BLOCK_K": 32, "BLOCK_H": 8},
@@ -444,15 +452,23 @@ _GRAD_TILES = [
 ]
 
 
-def _tuned(fn, tiles, key, prune) -> Tuned:
-    return Tuned(fn, _configs(tiles), key=key, prune=prune, interpret_config=_INTERPRET_CONFIG)
+def _tuned(fn, tiles, key, prune, exclude=()) -> Tuned:
+    return Tuned(fn, _configs(tiles, exclude=exclude), key=key, prune=prune, interpret_config=_INTERPRET_CONFIG)
 
 
 _fwd = _tuned(
-    _fwd_kernel, _SCORE_TILES, ["Tq", "Tk", "H", "Dv", "HAS_MASK", "WRITE_SCORES"], _prune("BLOCK_Q")
+    _fwd_kernel,
+    _SCORE_TILES,
+    ["Tq", "Tk", "H", "Dv", "HAS_MASK", "WRITE_SCORES"],
+    _prune("BLOCK_Q"),
+    _FWD_EXCLUDE,
 )
 _bwd_dvalue = _tuned(
-    _bwd_dvalue_kernel, _SCORE_TILES, ["Tq", "Tk", "H", "Dv", "HAS_MASK", "HAS_GW"], _prune("BLOCK_K")
+    _bwd_dvalue_kernel,
+    _SCORE_TILES,
+    ["Tq", "Tk", "H", "Dv", "HAS_MASK", "HAS_GW"],
+    _prune("BLOCK_K"),
+    _DVALUE_EXCLUDE,
 )
 _bwd_dk = _tuned(_bwd_dk_kernel, _GRAD_TILES, ["Tq", "Tk", "H"], _prune())
 _bwd_dq = _tuned(_bwd_dq_kernel, _GRAD_TILES, ["Tq", "Tk", "H"], _prune())
