@@ -22,7 +22,7 @@
 #
 # Time plan (GPU_CHECK_BUDGET_S=540, one 10-minute call with a minute to spare): each stage runs
 # under min(its cap, budget left - the reserve kept for the stages after it):
-#   env 5 s | build cap 200 s (6 translation units, MAX_JOBS=16) | correctness cap 130 s |
+#   env ~10 s (cap 60) | build cap 200 s (6 translation units, MAX_JOBS=16) | correctness cap 130 s |
 #   sanitizer cap 70 s (2 x 35) | bench: the rest, at least 120 s (reserve kept by the stages
 #   before it), with pyattn bench --time-budget ending it 15 s before the budget.
 #
@@ -97,7 +97,7 @@ env_info() {
     "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" --version | tail -n 1
     echo "nproc $(nproc); CUDA_HOME=${CUDA_HOME:-}"
 }
-stage env gpu_check.env.tmp 20 500 env_info
+stage env gpu_check.env.tmp 60 470 env_info
 cat "$OUT/gpu_check.env.tmp" >> "$LOG" 2>/dev/null
 
 # 2. build (editable: pyattn.kernels and pyattn.bench map to kernels/ and bench/)
