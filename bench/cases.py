@@ -638,15 +638,9 @@ def _headline_cases(device: str, ops: Iterable[str] | None, dtypes: Iterable[str
     if device != "cuda":
         return build_cases(device, "quick", ops, dtypes)
     want = list(dtypes or [])
+    # the small comparisons first: sdpa's autotuning (one compile per config, head dim and
+    # causality) takes most of the time, and a run cut short by its budget keeps these rows
     cases: list[Case] = []
-    if "sdpa" in ops:
-        for c in _sdpa_cases(device, "full", want or ["bf16"]):
-            d = c.dims
-            if d["L"] not in _HEADLINE_SDPA_LENGTHS or c.provider in ("flash-attn", "xformers"):
-                continue
-            if c.provider in ("reference", "torch-math") and d["L"] > _HEADLINE_NAIVE_MAX_L:
-                continue
-            cases.append(c)
     if "additive" in ops:
         cases += [
             c
@@ -660,6 +654,14 @@ def _headline_cases(device: str, ops: Iterable[str] | None, dtypes: Iterable[str
         for c in _model_cases(device, "full", want or ["bf16"], [o for o in ops if o == "bert"])
         if c.mode == "fwd" and c.dims["L"] == 512
     ]
+    if "sdpa" in ops:
+        for c in _sdpa_cases(device, "full", want or ["bf16"]):
+            d = c.dims
+            if d["L"] not in _HEADLINE_SDPA_LENGTHS or c.provider in ("flash-attn", "xformers"):
+                continue
+            if c.provider in ("reference", "torch-math") and d["L"] > _HEADLINE_NAIVE_MAX_L:
+                continue
+            cases.append(c)
     order = {c.key: i for i, c in reversed(list(enumerate(cases)))}
     cases.sort(key=lambda c: (order[c.key], c.provider != c.baseline))
     return cases

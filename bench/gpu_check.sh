@@ -22,9 +22,14 @@
 #
 # Time plan (GPU_CHECK_BUDGET_S=540, one 10-minute call with a minute to spare): each stage runs
 # under min(its cap, budget left - the reserve kept for the stages after it):
-#   env ~10 s (cap 60) | build cap 200 s (6 translation units, MAX_JOBS=16) | correctness cap 130 s |
-#   sanitizer cap 70 s (2 x 35) | bench: the rest, at least 120 s (reserve kept by the stages
-#   before it), with pyattn bench --time-budget ending it 15 s before the budget.
+#   stage        cap   reserve  worst-case start -> limit
+#   env           60     470      0 -> 60
+#   build        200     320     60 -> 160    (6 translation units, MAX_JOBS=16)
+#   correctness  130     190    220 -> 130
+#   sanitizer     70     120    350 -> 70     (memcheck 35 + racecheck 35)
+#   bench          -       5    420 -> 115    (expected: env 10 s, build ~120 s -> bench ~200 s)
+# pyattn bench --time-budget stops starting cases 30 s before the bench stage's limit; the
+# headline runs the small comparisons first, sdpa (whose autotuning dominates) last.
 #
 # Environment:
 #   GPU_CHECK_BUDGET_S   whole-script budget in seconds (default 540)
