@@ -35,7 +35,7 @@ GROUPS = {
     "transformer": "transformer",
     "seq2seq": "seq2seq",
 }
-SUITES = ("quick", "default", "full")
+SUITES = ("quick", "default", "full", "headline")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 
 # torch SDPA backends measured one by one on CUDA (torch.nn.attention.SDPBackend member names).
@@ -588,7 +588,8 @@ def build_cases(
     Arguments:
         device: "cpu" or "cuda".
         suite: "quick" (tiny shapes, for tests), "default" (the subset that runs in minutes on
-            a 2-core CPU) or "full" (every shape of the headline grids).
+            a 2-core CPU), "full" (every shape of the headline grids) or "headline" (the few
+            minutes of GPU figures bench/gpu_check.sh takes; "quick" on CPU).
         ops: GROUPS keys to include.
         dtypes: DTYPES keys; None takes each op's own default for the device.
     Returns:
@@ -596,6 +597,8 @@ def build_cases(
     """
     if suite not in SUITES:
         raise ValueError(f"suite must be one of {SUITES}, got {suite!r}")
+    if suite == "headline":
+        return _headline_cases(device, ops, dtypes)
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     ops = list(GROUPS) if ops is None else list(ops)
@@ -615,6 +618,50 @@ def build_cases(
         cases += _mha_cases(device, suite, dtypes)
     cases += _model_cases(device, suite, dtypes, ops)
     # baselines run first in their comparison, so a provider's ratio is known when it prints
+    order = {c.key: i for i, c in reversed(list(enumerate(cases)))}
+    cases.sort(key=lambda c: (order[c.key], c.provider != c.baseline))
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------
+# The headline selection: what one bounded GPU call measures (bench/gpu_check.sh)
+
+# (op, mode, shape, dtype) kept from each op's full suite, most wanted first; every provider of
+# a kept comparison runs (for sdpa: torch's default, pyattn's backends and each torch backend).
+_HEADLINE_SDPA_LENGTHS = (1024, 2048, 4096, 8192)
+# the naive providers materialise (B, H, L, L) scores: only at the short lengths
+_HEADLINE_NAIVE_MAX_L = 2048
+
+
+def _headline_cases(device: str, ops: Iterable[str] | None, dtypes: Iterable[str] | None) -> list[Case]:
+    ops = list(GROUPS) if ops is None else list(ops)
+    if device != "cuda":
+        return build_cases(device, "quick", ops, dtypes)
+    want = list(dtypes or [])
+    # the small comparisons first: sdpa's autotuning (one compile per config, head dim and
+    # causality) takes most of the time, and a run cut short by its budget keeps these rows
+    cases: list[Case] = []
+    if "additive" in ops:
+        cases += [
+            c
+            for c in _additive_cases(device, "full", want or ["fp16"])
+            if c.dims["T"] == 512 and c.dims["H"] == 512
+        ]
+    if "mha" in ops:
+        cases += [c for c in _mha_cases(device, "default", want or ["bf16"]) if c.mode == "fwd"]
+    cases += [
+        c
+        for c in _model_cases(device, "full", want or ["bf16"], [o for o in ops if o == "bert"])
+        if c.mode == "fwd" and c.dims["L"] == 512
+    ]
+    if "sdpa" in ops:
+        for c in _sdpa_cases(device, "full", want or ["bf16"]):
+            d = c.dims
+            if d["L"] not in _HEADLINE_SDPA_LENGTHS or c.provider in ("flash-attn", "xformers"):
+                continue
+            if c.provider in ("reference", "torch-math") and d["L"] > _HEADLINE_NAIVE_MAX_L:
+                continue
+            cases.append(c)
     order = {c.key: i for i, c in reversed(list(enumerate(cases)))}
     cases.sort(key=lambda c: (order[c.key], c.provider != c.baseline))
     return cases

@@ -2,6 +2,7 @@
 
 pyattn bench                      # the default suite (minutes on a 2-core CPU)
 pyattn bench --full --device cuda # every shape, dtype and provider, on the GPU
+pyattn bench --headline           # the few minutes of GPU figures of bench/gpu_check.sh
 pyattn bench --ops additive,sdpa --json new.json --compare old.json
 """
 
@@ -29,6 +30,11 @@ def _default_out() -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full", action="store_true", help="every shape, dtype and provider (slow)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, a few repeats (plumbing checks)")
+    parser.add_argument(
+        "--headline",
+        action="store_true",
+        help="the headline GPU figures in a few minutes (bench/gpu_check.sh); --quick on CPU",
+    )
     parser.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda when present"
     )
@@ -74,10 +80,10 @@ def _device(choice: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.full and args.quick:
-        print("pyattn bench: --full and --quick exclude each other", file=sys.stderr)
+    if sum((args.full, args.quick, args.headline)) > 1:
+        print("pyattn bench: --full, --quick and --headline exclude each other", file=sys.stderr)
         return 2
-    suite = "full" if args.full else "quick" if args.quick else "default"
+    suite = "full" if args.full else "quick" if args.quick else "headline" if args.headline else "default"
     device = _device(args.device)
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]

@@ -52,6 +52,8 @@ COLUMNS = [
 
 # Fraction of the free host RAM a naive case may plan to use.
 HOST_MEMORY_HEADROOM = 0.6
+# the share of free device memory a naive provider may be estimated to need
+DEVICE_MEMORY_HEADROOM = 0.8
 
 
 def git_commit() -> str:
@@ -130,6 +132,15 @@ def measure(case: Case, budget: timing.Budget) -> dict:
             row.update(
                 status="oom",
                 note=f"needs ~{case.mem_estimate / 2**30:.1f} GiB; {free / 2**30:.1f} GiB free: not started",
+            )
+            return row
+    if case.device == "cuda" and case.mem_estimate:
+        # a naive provider at long L would take the whole device and the cases after it
+        free, _total = torch.cuda.mem_get_info()
+        if case.mem_estimate > DEVICE_MEMORY_HEADROOM * free:
+            row.update(
+                status="oom",
+                note=f"needs ~{case.mem_estimate / 2**30:.1f} GiB; {free / 2**30:.1f} GiB free on the device: not started",
             )
             return row
     step = None

@@ -59,6 +59,8 @@ BUDGETS = {
     ),
     "default": Budget(),
     "full": Budget(min_repeats=5, target_s=2.0, gpu_warmup_ms=10, gpu_rep_ms=50),
+    # one bounded GPU call (bench/gpu_check.sh): short do_bench windows, still medians of many runs
+    "headline": Budget(min_repeats=3, target_s=0.5, gpu_warmup_ms=10, gpu_rep_ms=40),
 }
 
 

@@ -34,7 +34,7 @@ fp32 (B, Tk, H) one (dv partials), never (B, Tq, Tk, H).
 Ops (glue at the end): ``pyattn::additive_attention_{fwd,bwd}_triton``, the schemas of the C++
 ops. On a GPU they are ``torch.library.triton_op``s (torch.compile sees the kernels); under the
 interpreter (TRITON_INTERPRET=1) they are opaque ``custom_op``s, because a triton_op's traced
-decomposition would lose the interpreted kernels (see ``_triton_op``).
+decomposition would lose the interpreted kernels (see kernels/_glue.py).
 
 Conventions (csrc/registration.cpp): lse is float32, natural log, +inf for a row whose keys are
 all padding (its context, weights and gradients are 0); out and the gradients have the input
@@ -47,15 +47,14 @@ Translate" (ICLR 2015); Dao et al., "FlashAttention" (NeurIPS 2022) and the Trit
 
 from __future__ import annotations
 
-import inspect
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
-from torch.library import triton_op, wrap_triton
+
+from ._glue import DTYPES as _DTYPES
+from ._glue import INTERPRET as _INTERPRET
+from ._glue import Tuned, define_op, launch_kernel
 
 # -- constants ---------------------------------------------------------------------------------
 
@@ -64,9 +63,6 @@ LN2 = tl.constexpr(0.6931471805599453)
 # Below this |x| the exp-based tanh loses bits to the cancellation in 1 - exp(-2|x|); an odd
 # Taylor polynomial up to x^11 is accurate to 2e-9 relative there.
 TANH_SERIES_MAX = tl.constexpr(0.3)
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # -- kernels -----------------------------------------------------------------------------------
@@ -398,10 +394,23 @@ def _bwd_dq_kernel(
 _MAX_ACC = 8192
 
 
-def _configs(tiles, warps=(4, 8), stages=(2,)):
-    if _INTERPRET:
-        return [triton.Config(dict(tiles[0]), num_warps=4, num_stages=1)]
-    return [triton.Config(dict(t), num_warps=w, num_stages=s) for t in tiles for w in warps for s in stages]
+def _configs(tiles, warps=(4, 8), stages=(2,), exclude=()):
+    """Every tile x warps x stages, less the (BLOCK_Q, BLOCK_K, BLOCK_H, warps) in ``exclude``."""
+    return [
+        triton.Config(dict(t), num_warps=w, num_stages=s)
+        for t in tiles
+        for w in warps
+        for s in stages
+        if (t["BLOCK_Q"], t["BLOCK_K"], t["BLOCK_H"], w) not in exclude
+    ]
+
+
+# Configs that left a stack frame on sm_90 (bench/triton_resources.py), 8-24 bytes each: the
+# forward's 16 x 16 x 16 tile with 4 warps (bf16, Dv = 64) and 16 x 32 x 8 with 8 warps (Dv = 512);
+# dvalue's 16-row tiles with 4 warps (fp16, Dv = 128) and 16 x 16 x 16 at any warp count
+# (Dv = 512, 384 bytes), where 16 x 32 x 8 with 8 warps compiles clean.
+_FWD_EXCLUDE = {(16, 16, 16, 4), (16, 32, 8, 8)}
+_DVALUE_EXCLUDE = {(16, 32, 8, 4), (16, 16, 16, 4), (16, 16, 16, 8)}
 
 
 def _prune(acc_rows: str | None = None):
@@ -422,41 +431,47 @@ def _prune(acc_rows: str | None = None):
             ]
         return kept
 
-    return {"early_config_prune": prune}
+    return prune
 
 
-_INTERP_TILE = {"BLOCK_Q": 16, "BLOCK_K": 32, "BLOCK_H": 32}
+# the interpreter's one config: fewer, larger blocks run faster through numpy
+_INTERPRET_CONFIG = triton.Config({"BLOCK_Q": 16, "BLOCK_K": 32, "BLOCK_H": 32}, num_warps=4, num_stages=1)
 
-_SCORE_TILES = [_INTERP_TILE] if _INTERPRET else [
+_SCORE_TILES = [
     {"BLOCK_Q": 64, "BLOCK_K": 32, "BLOCK_H": 4},
     {"BLOCK_Q": 32, "BLOCK_K": 32, "BLOCK_H": 8},
     {"BLOCK_Q": 64, "BLOCK_K": 64, "BLOCK_H": 2},
     {"BLOCK_Q": 16, "BLOCK_K": 32, "BLOCK_H": 8},
     {"BLOCK_Q": 16, "BLOCK_K": 16, "BLOCK_H": 16},
-]  # fmt: skip
-_GRAD_TILES = [_INTERP_TILE] if _INTERPRET else [
+]
+_GRAD_TILES = [
     {"BLOCK_Q": 32, "BLOCK_K": 32, "BLOCK_H": 8},
     {"BLOCK_Q": 16, "BLOCK_K": 32, "BLOCK_H": 16},
     {"BLOCK_Q": 32, "BLOCK_K": 16, "BLOCK_H": 16},
     {"BLOCK_Q": 64, "BLOCK_K": 32, "BLOCK_H": 4},
-]  # fmt: skip
+]
 
-_fwd = triton.autotune(
-    _configs(_SCORE_TILES),
-    key=["Tq", "Tk", "H", "Dv", "HAS_MASK", "WRITE_SCORES"],
-    prune_configs_by=_prune("BLOCK_Q"),
-)(_fwd_kernel)
-_bwd_dvalue = triton.autotune(
-    _configs(_SCORE_TILES),
-    key=["Tq", "Tk", "H", "Dv", "HAS_MASK", "HAS_GW"],
-    prune_configs_by=_prune("BLOCK_K"),
-)(_bwd_dvalue_kernel)
-_bwd_dk = triton.autotune(_configs(_GRAD_TILES), key=["Tq", "Tk", "H"], prune_configs_by=_prune())(
-    _bwd_dk_kernel
+
+def _tuned(fn, tiles, key, prune, exclude=()) -> Tuned:
+    return Tuned(fn, _configs(tiles, exclude=exclude), key=key, prune=prune, interpret_config=_INTERPRET_CONFIG)
+
+
+_fwd = _tuned(
+    _fwd_kernel,
+    _SCORE_TILES,
+    ["Tq", "Tk", "H", "Dv", "HAS_MASK", "WRITE_SCORES"],
+    _prune("BLOCK_Q"),
+    _FWD_EXCLUDE,
 )
-_bwd_dq = triton.autotune(_configs(_GRAD_TILES), key=["Tq", "Tk", "H"], prune_configs_by=_prune())(
-    _bwd_dq_kernel
+_bwd_dvalue = _tuned(
+    _bwd_dvalue_kernel,
+    _SCORE_TILES,
+    ["Tq", "Tk", "H", "Dv", "HAS_MASK", "HAS_GW"],
+    _prune("BLOCK_K"),
+    _DVALUE_EXCLUDE,
 )
+_bwd_dk = _tuned(_bwd_dk_kernel, _GRAD_TILES, ["Tq", "Tk", "H"], _prune())
+_bwd_dq = _tuned(_bwd_dq_kernel, _GRAD_TILES, ["Tq", "Tk", "H"], _prune())
 
 # Elementwise/row kernels: fixed blocks, memory bound.
 _ROW_BLOCK_Q = 16
@@ -467,12 +482,12 @@ _ROW_BLOCK = 64
 
 
 def _launch(kernel, grid, *args, **kwargs) -> None:
-    # Under TRITON_INTERPRET=1, wrap_triton hands back the plain interpreted kernel, which would
-    # then run on the fake tensors with which torch traces the op for its fake impl (opcheck,
-    # torch.compile): there only the outputs' shapes matter, so nothing is launched.
-    if _INTERPRET and any(is_fake(a) for a in args if isinstance(a, Tensor)):
-        return
-    wrap_triton(kernel)[grid](*args, **kwargs)
+    # a Tuned kernel (autotuned, or its one fixed config) or a plain jit kernel; both skip the
+    # fake tensors of a traced call under the interpreter (kernels/_glue.py)
+    if isinstance(kernel, Tuned):
+        kernel[grid](*args, **kwargs)
+    else:
+        launch_kernel(kernel, grid, *args, **kwargs)
 
 
 def _check(query: Tensor, key: Tensor, value: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> None:
@@ -662,41 +677,10 @@ def additive_attention_backward(
     return dquery, dkey, dvalue, dv
 
 
-# -- glue: the custom ops (schemas as in csrc/registration.cpp; fake impls come from tracing) ----
+# -- glue: the custom ops (the schemas of csrc/registration.cpp, kernels/_glue.py) ---------------
 
 
-# The C++ ops' schemas, return names included; a torch without triton_op(schema=) infers the same
-# schema from the annotations, less the return names.
-_FWD_SCHEMA = (
-    "(Tensor query, Tensor key, Tensor value, Tensor v, Tensor? key_padding_mask, bool return_weights)"
-    " -> (Tensor out, Tensor lse, Tensor weights)"
-)
-_BWD_SCHEMA = (
-    "(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor v, Tensor? key_padding_mask, "
-    "Tensor out, Tensor lse, Tensor? grad_weights, Tensor? weights) "
-    "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_v)"
-)
-
-
-def _triton_op(name: str, schema: str):
-    """triton_op on a GPU. Under TRITON_INTERPRET=1, wrap_triton cannot trace the interpreted
-    kernels, so a triton_op's decomposition would trace to a graph without them (torch.compile and
-    opcheck's AOT checks would then return empty outputs): there the op is an opaque custom_op
-    whose fake impl is the launcher itself, which launches nothing on fake tensors."""
-    if _INTERPRET:
-
-        def define(fn):
-            op = torch.library.custom_op(name, mutates_args=(), schema=schema)(fn)
-            op.register_fake(fn)
-            return op
-
-        return define
-    if "schema" in inspect.signature(triton_op).parameters:
-        return triton_op(name, mutates_args=(), schema=schema)
-    return triton_op(name, mutates_args=())
-
-
-@_triton_op("pyattn::additive_attention_fwd_triton", _FWD_SCHEMA)
+@define_op("additive_attention_fwd")
 def additive_attention_fwd_triton(
     query: Tensor,
     key: Tensor,
@@ -708,7 +692,7 @@ def additive_attention_fwd_triton(
     return additive_attention_forward(query, key, value, v, key_padding_mask, return_weights)
 
 
-@_triton_op("pyattn::additive_attention_bwd_triton", _BWD_SCHEMA)
+@define_op("additive_attention_bwd")
 def additive_attention_bwd_triton(
     grad_out: Tensor,
     query: Tensor,

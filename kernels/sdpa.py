@@ -25,24 +25,19 @@ References: Triton tutorial 06-fused-attention; Dao, "FlashAttention-2: Faster A
 Better Parallelism and Work Partitioning" (2023), algorithms 1-2.
 """
 
-import inspect
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
-from torch.library import triton_op, wrap_triton
+
+from ._glue import DTYPES, INTERPRET, Tuned, define_op, is_traced, launch_kernel
 
 # log2(e): scores are kept in base 2 so that the softmax uses exp2 (the kernels spell it out,
 # and ln(2) = 0.693..., as literals: a plain Python global cannot be read inside @triton.jit)
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Under TRITON_INTERPRET=1 kernels run on CPU tensors through numpy: one small config, no tuning.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # Offsets inside one (batch, head) slice are int32 in the kernels (the batch/head base is int64).
 _MAX_SLICE_OFFSET = 2**31 - 1
 
@@ -688,56 +683,110 @@ def _bwd_dkdv_kernel(
 _TUNE_KEY = ["Lq", "Lk", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL"]
 
 
+# Under TRITON_INTERPRET=1 kernels run on CPU tensors through numpy: one small config, no tuning.
+_INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)
+
+
+# Retuned from the sm_90 table of bench/triton_resources.py (`make triton-resources`): the
+# estimates below hold the live tiles of a program to what compiled with no spill (stack frame 0)
+# and within the 227 KB of shared memory a block may have; tests/test_triton_resources.py
+# compiles the headline configs on every CI run.
+_SHAPES = {
+    # the program owns BLOCK_M queries and streams BLOCK_N keys
+    "fwd": [(128, 64), (128, 128), (64, 64), (64, 32), (32, 32)],
+    # dQ owns BLOCK_M queries streaming BLOCK_N keys
+    "dq": [(64, 64), (32, 64), (64, 32), (128, 64), (32, 32)],
+    # dK/dV owns BLOCK_N keys streaming BLOCK_M queries; BLOCK_M = 128 spilled at every head dim
+    # and warp count tried (its dk, dv accumulators and transposed tiles)
+    "dkdv": [(64, 64), (64, 32), (32, 64), (32, 32)],
+}
+# fp32 inputs take true fp32 products (FMA, not tensor cores), whose operand layouts hold about
+# twice the registers: at D = 64, 32 x 32 tiles compile spill-free in every kernel and 64 x 32
+# spill; so BLOCK_M * BLOCK_N * BLOCK_D stays within 32 * 32 * 64, one stage, 4 warps. 32 x 32
+# comes last (the fixed config is the first kept): causal dK/dV at D = 32 left a 16-byte stack.
+_FP32_SHAPES = [(32, 16), (16, 32), (16, 16), (32, 32)]
+_FP32_MAX_TILE = 32 * 32 * 64
+# fp32 elements per thread the live register tiles of a half-precision config may take: at or
+# under it no config spilled on sm_90, over it nearly all did (255 registers and a stack frame)
+_REG_BUDGET = 224
+# shared memory a config may plan for (the limit is 227 KB; the estimate is within ~3 KB)
+_SMEM_BUDGET = 216 * 1024
+
+
 def _configs(kind: str) -> list:
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    if kind == "fwd":
-        # the program owns BLOCK_M queries and streams BLOCK_N keys
-        shapes = [(128, 64), (128, 128), (64, 64), (64, 32), (32, 32)]
-    else:
-        # dQ owns BLOCK_M queries streaming BLOCK_N keys; dK/dV owns BLOCK_N keys streaming
-        # BLOCK_M queries: both hold more tiles than the forward, so smaller blocks
-        shapes = [(64, 64), (32, 64), (64, 32), (128, 64), (32, 32)]
-    return [
+    half = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn in shapes
+        for bm, bn in _SHAPES[kind]
         for w in (4, 8)
         for s in (1, 2, 3, 4)
     ]
+    fp32 = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=1) for bm, bn in _FP32_SHAPES]
+    return half + fp32
 
 
-def _prune(configs, named_args, **kwargs):
-    """Keep the configs whose tiles fit the head dim and the lengths (a handful per key)."""
-    args = {**named_args, **kwargs}
-    block_d = max(args["BLOCK_D"], args["BLOCK_DV"])
-    wide = args["DOT_PREC"] == "ieee"  # fp32 tiles are twice as big
-    lq, lk = args["Lq"], args["Lk"]
-    # deep pipelines for small head dims; wide tiles leave shared memory for 1-2 stages only
-    stages = (3, 4) if block_d <= 64 else (2, 3) if block_d <= 128 else (1, 2)
-    kept = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if c.num_stages not in stages:
-            continue
-        if max(bm, bn) * block_d * (2 if wide else 1) > 128 * 128 and max(bm, bn) > 64:
-            continue
-        if c.num_warps == 8 and max(bm, bn) < 128:
-            continue
-        # no block much longer than the sequence
-        if bm > max(32, triton.next_power_of_2(lq)) or bn > max(32, triton.next_power_of_2(lk)):
-            continue
-        kept.append(c)
-    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
+def _footprint(kind: str, bm: int, bn: int, bd: int, bdv: int, stages: int, elt: int, mask_elt: int):
+    """(fp32 register elements of the live tiles, shared-memory bytes) of one program."""
+    if kind == "fwd":  # acc, scores, q; K and V tiles pipelined through shared memory
+        regs = bm * bdv + bm * bn + bm * bd * elt / 4
+        smem = stages * bn * (bd + bdv) * elt + bm * bd * elt + stages * bm * bn * mask_elt
+    elif kind == "dq":  # dq, scores and dP, q and dO; K and V pipelined
+        regs = bm * bd + 2 * bm * bn + bm * (bd + bdv) * elt / 4
+        smem = stages * bn * (bd + bdv) * elt + bm * (bd + bdv) * elt + stages * bm * bn * mask_elt
+    else:  # dk and dv, k and v, scores and dP, q and dO; Q and dO pipelined
+        regs = bn * (bd + bdv) * (1 + elt / 4) + 2 * bn * bm + bm * (bd + bdv) * elt / 4
+        smem = stages * bm * (bd + bdv) * elt + bn * (bd + bdv) * elt + stages * bm * bn * mask_elt
+    return regs, smem + 4096
 
 
-def _tuned(kind: str):
-    prune = None if INTERPRET else {"early_config_prune": _prune}
-    return triton.autotune(configs=_configs(kind), key=_TUNE_KEY, prune_configs_by=prune)
+def _pruner(kind: str):
+    def prune(configs, named_args, **kwargs):
+        """Keep the configs whose tiles fit the registers, shared memory and the lengths."""
+        args = {**named_args, **kwargs}
+        bd, bdv = args["BLOCK_D"], args["BLOCK_DV"]
+        block_d = max(bd, bdv)
+        wide = args["DOT_PREC"] == "ieee"
+        elt = 4 if wide else 2
+        mask_kind = args.get("MASK_KIND", 0)
+        mask_elt = 0 if mask_kind == 0 else 1 if mask_kind == 1 else elt
+        lq, lk = args["Lq"], args["Lk"]
+        # deep pipelines for small head dims; wide tiles leave shared memory for 1-2 stages only
+        stages = (3, 4) if block_d <= 64 else (2, 3) if block_d <= 128 else (1, 2)
+        kept, seen = [], set()
+        for c in configs:
+            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            is_fp32_config = c.num_stages == 1 and c.num_warps == 4 and (bm, bn) in _FP32_SHAPES
+            if wide:
+                if not is_fp32_config or bm * bn * block_d > _FP32_MAX_TILE:
+                    continue
+            else:
+                if c.num_stages not in stages or (c.num_warps == 8 and max(bm, bn) < 128):
+                    continue
+                regs, smem = _footprint(kind, bm, bn, bd, bdv, c.num_stages, elt, mask_elt)
+                if regs / (32 * c.num_warps) > _REG_BUDGET or smem > _SMEM_BUDGET:
+                    continue
+            # no block much longer than the sequence
+            if bm > max(32, triton.next_power_of_2(lq)) or bn > max(32, triton.next_power_of_2(lk)):
+                continue
+            ident = (bm, bn, c.num_warps, c.num_stages)
+            if ident not in seen:
+                seen.add(ident)
+                kept.append(c)
+        if kept:
+            return kept
+        # nothing fits the estimates (fp16 at D = 256): the smallest tiles
+        pool = [c for c in configs if (c.num_stages == 1) == wide] or configs
+        return [min(pool, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages, c.num_warps))]
+
+    return prune
 
 
-_fwd = _tuned("fwd")(_fwd_kernel)
-_bwd_dq = _tuned("bwd")(_bwd_dq_kernel)
-_bwd_dkdv = _tuned("bwd")(_bwd_dkdv_kernel)
+def _tuned(fn, kind: str) -> Tuned:
+    return Tuned(fn, _configs(kind), key=_TUNE_KEY, prune=_pruner(kind), interpret_config=_INTERPRET_CONFIG)
+
+
+_fwd = _tuned(_fwd_kernel, "fwd")
+_bwd_dq = _tuned(_bwd_dq_kernel, "dq")
+_bwd_dkdv = _tuned(_bwd_dkdv_kernel, "dkdv")
 _PREPROCESS_BLOCK_M = 16 if INTERPRET else 64
 
 
@@ -841,11 +890,8 @@ def _common_constexprs(query, value, D, Dv, is_causal, mask_kind, mask_row, drop
     )
 
 
-def _traced(t: Tensor) -> bool:
-    """True for the fake tensors of the triton_op's traced fake impl. On a GPU, wrap_triton turns
-    the launch into a graph node there; under TRITON_INTERPRET=1 it hands back the bare kernel,
-    and the interpreter would copy fake storage to the host, so the launchers stop before it."""
-    return INTERPRET and is_fake(t)
+# the launchers allocate their outputs and stop before launching on a traced (fake) call
+_traced = is_traced
 
 
 def _drop_scale(dropout_p: float) -> float:
@@ -892,7 +938,7 @@ def sdpa_forward(
     def grid(meta):
         return (triton.cdiv(Lq, meta["BLOCK_M"]), B, Hq)
 
-    wrap_triton(_fwd)[grid](
+    _fwd[grid](
         query, key, value, mask, out, lse,
         *query.stride(), *key.stride(), *value.stride(), *ms, *out.stride(),
         Hq, Hq // Hkv, Lq, Lk, scale * LOG2E, float(dropout_p), _drop_scale(dropout_p),
@@ -956,8 +1002,8 @@ def sdpa_backward(
         return dq, dk, dv
 
     delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=query.device)
-    wrap_triton(_bwd_preprocess_kernel)[(triton.cdiv(Lq, _PREPROCESS_BLOCK_M), B, Hq)](
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), Hq, Lq,
+    launch_kernel(
+        _bwd_preprocess_kernel, (triton.cdiv(Lq, _PREPROCESS_BLOCK_M), B, Hq), out, grad_out, delta, *out.stride(), *grad_out.stride(), Hq, Lq,
         HEAD_DIM_V=Dv, BLOCK_DV=consts["BLOCK_DV"], BLOCK_M=_PREPROCESS_BLOCK_M,
     )  # fmt: skip
     scalars = (float(dropout_p), _drop_scale(dropout_p), int(seed), int(offset))
@@ -965,7 +1011,7 @@ def sdpa_backward(
     def grid_kv(meta):
         return (triton.cdiv(Lk, meta["BLOCK_N"]), B, Hkv)
 
-    wrap_triton(_bwd_dkdv)[grid_kv](
+    _bwd_dkdv[grid_kv](
         query, key, value, mask, grad_out, lse, delta, dk, dv,
         *query.stride(), *key.stride(), *value.stride(), *ms, *grad_out.stride(),
         Hq, Hkv, Hq // Hkv, Lq, Lk, scale * LOG2E, scale, *scalars, **consts,
@@ -974,7 +1020,7 @@ def sdpa_backward(
     def grid_q(meta):
         return (triton.cdiv(Lq, meta["BLOCK_M"]), B, Hq)
 
-    wrap_triton(_bwd_dq)[grid_q](
+    _bwd_dq[grid_q](
         query, key, value, mask, grad_out, lse, delta, dq,
         *query.stride(), *key.stride(), *value.stride(), *ms, *grad_out.stride(),
         Hq, Hq // Hkv, Lq, Lk, scale * LOG2E, scale, *scalars, **consts,
@@ -982,30 +1028,10 @@ def sdpa_backward(
     return dq, dk, dv
 
 
-# -- glue: the custom ops (same schemas as the C++ pyattn::sdpa_fwd/_bwd) --------------
-# triton_op + wrap_triton: torch traces the launchers for the fake (meta) impls and sees the
-# kernels, so torch.compile can fuse around them on a GPU. Autograd is registered by
+# -- glue: the custom ops (the schemas of the C++ pyattn::sdpa_fwd/_bwd, kernels/_glue.py) ------
+# triton_op + wrap_triton on a GPU: torch traces the launchers for the fake (meta) impls and sees
+# the kernels, so torch.compile can fuse around them. Autograd is registered by
 # pyattn/ops/sdpa.py, for these and the C++ ops alike.
-
-
-# The schemas of the C++ ops, verbatim (named outputs); torch releases whose triton_op takes no
-# schema fall back to inference. seed/offset are SymInt: under torch.compile they are drawn in
-# the graph (unbacked), and an `int` argument would refuse them (fullgraph=True failed).
-FWD_SCHEMA = (
-    "(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, bool is_causal, "
-    "float scale, SymInt seed, SymInt offset) -> (Tensor out, Tensor lse)"
-)
-BWD_SCHEMA = (
-    "(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor out, "
-    "Tensor lse, float dropout_p, bool is_causal, float scale, SymInt seed, SymInt offset) "
-    "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)"
-)
-
-
-def _op(name: str, schema: str):
-    if "schema" in inspect.signature(triton_op).parameters:
-        return triton_op(name, mutates_args=(), schema=schema)
-    return triton_op(name, mutates_args=())
 
 
 def _interpreter_bf16(t: Tensor) -> bool:
@@ -1019,7 +1045,7 @@ def _up(t: Tensor | None) -> Tensor | None:
     return t.float() if t is not None and t.dtype == torch.bfloat16 else t
 
 
-@_op("pyattn::sdpa_fwd_triton", FWD_SCHEMA)
+@define_op("sdpa_fwd")
 def sdpa_fwd_triton(
     query: Tensor,
     key: Tensor,
@@ -1039,7 +1065,7 @@ def sdpa_fwd_triton(
     return sdpa_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, seed, offset)
 
 
-@_op("pyattn::sdpa_bwd_triton", BWD_SCHEMA)
+@define_op("sdpa_bwd")
 def sdpa_bwd_triton(
     grad_out: Tensor,
     query: Tensor,
