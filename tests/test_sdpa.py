@@ -600,7 +600,7 @@ def _good():
         (lambda a: None, {"scale": "1"}, TypeError, r"'scale' must be a float, got str"),
         (lambda a: None, {"is_causal": 1}, TypeError, r"'is_causal' must be a bool, got int"),
         (lambda a: None, {"attn_mask": torch.ones(5, 7, dtype=torch.bool), "is_causal": True}, RuntimeError, r"'attn_mask' and 'is_causal' cannot both be set"),
-        (lambda a: None, {"attn_mask": torch.ones(5, 6, dtype=torch.bool)}, ValueError, r"'attn_mask' must be broadcastable to \(..., Hq, Lq, Lk\) = \(2, 4, 5, 7\), got \(5, 6\)"),
+        (lambda a: None, {"attn_mask": torch.ones(5, 6, dtype=torch.bool)}, ValueError, r"'attn_mask' must be broadcastable to the scores \(..., Hq, Lq, Lk\) = \(2, 4, 5, 7\), got \(5, 6\)"),
         (lambda a: None, {"attn_mask": torch.ones(5, 7, dtype=torch.float64)}, TypeError, r"'attn_mask' must be bool .* or of query's dtype torch.float32, got torch.float64"),
         (lambda a: None, {"attn_mask": torch.ones(5, 7, dtype=torch.int32)}, TypeError, r"'attn_mask' must be bool .* got torch.int32"),
         (lambda a: None, {"attn_mask": [[True]]}, TypeError, r"'attn_mask' must be a tensor or None, got list"),

@@ -116,7 +116,10 @@ def _causal_bias(attn_mask, is_causal: bool, Lq: int, Lk: int) -> tuple[int, Ten
     is the fused offset diagonal when its lengths are the inputs', else torch materialises it
     and broadcasts (so must we)."""
     if is_causal:
-        _fail("a CausalBias attn_mask cannot be used with is_causal=True (as in torch)")
+        _fail(
+            f"a CausalBias attn_mask cannot be used with is_causal=True (as in torch), got "
+            f"{attn_mask.variant.name} ({attn_mask.seq_len_q}, {attn_mask.seq_len_kv}) and is_causal=True"
+        )
     sq, skv = attn_mask.seq_len_q, attn_mask.seq_len_kv
     if sq == skv or attn_mask.variant == CausalVariant.UPPER_LEFT:
         return CAUSAL_UPPER_LEFT, None
@@ -154,7 +157,10 @@ def check_inputs(
         _number("scale", scale)
     bias = isinstance(attn_mask, CausalBias)
     if bias and is_causal:
-        _fail("a CausalBias attn_mask cannot be used with is_causal=True (as in torch)")
+        _fail(
+            f"a CausalBias attn_mask cannot be used with is_causal=True (as in torch), got "
+            f"{attn_mask.variant.name} ({attn_mask.seq_len_q}, {attn_mask.seq_len_kv}) and is_causal=True"
+        )
     for name, t in named.items():
         if t.dtype != query.dtype:
             _fail(
@@ -183,7 +189,18 @@ def check_inputs(
                 f"{t.dim()}-D {shape_str(t)}"
             )
     if attn_mask is not None and is_causal:
-        _fail("'attn_mask' and 'is_causal' cannot both be set (as in torch); fold the causal mask into attn_mask")
+        _fail(
+            f"'attn_mask' and 'is_causal' cannot both be set (as in torch; fold the causal mask into "
+            f"attn_mask), got attn_mask {shape_str(attn_mask)} and is_causal=True"
+        )
+    if enable_gqa and not all(t.dim() >= 3 for t in named.values()):
+        _fail(
+            f"with enable_gqa, query, key and value need a head dim (at least 3-D), got query "
+            f"{shape_str(query)}, key {shape_str(key)}, value {shape_str(value)}",
+            InputIndexError,
+        )
+    if not query.is_floating_point():
+        _fail(f"query, key and value must be floating-point tensors, got {query.dtype}", InputTypeError)
     if not 0.0 <= dropout_p <= 1.0:
         _fail(f"'dropout_p' must be in [0, 1], got {dropout_p!r}")
     Lq, E, Lk = query.shape[-2], query.shape[-1], key.shape[-2]
@@ -197,10 +214,6 @@ def check_inputs(
     # Heads (dim -3) and the leading dims before them. With enable_gqa and differing head counts
     # the heads stay apart (the kernel maps query head h to kv head h // (Hq // Hkv)); otherwise
     # every dim before (L, E) broadcasts, as torch's matmuls do.
-    if enable_gqa and not all(t.dim() >= 3 for t in named.values()):
-        _fail("with enable_gqa, query, key and value need a head dim (at least 3-D)", InputIndexError)
-    if not query.is_floating_point():
-        _fail(f"query, key and value must be floating-point tensors, got {query.dtype}", InputTypeError)
     gqa = bool(enable_gqa) and (query.shape[-3] != key.shape[-3] or query.shape[-3] != value.shape[-3])
     if gqa:
         Hq, Hkv, Hv = query.shape[-3], key.shape[-3], value.shape[-3]
@@ -226,17 +239,19 @@ def check_inputs(
         causal, attn_mask = _causal_bias(attn_mask, is_causal, Lq, Lk)
         if attn_mask is not None:
             attn_mask = attn_mask.to(query.device)
+    out_batch = (*lead, Hq) if gqa or len(batch) else ()
     if attn_mask is not None:
-        target = (*lead, Hq, Lq, Lk)
+        # added to the scores in place, as torch's: it broadcasts to them, never beyond
+        target = (*out_batch, Lq, Lk)
         try:
             ok = _broadcast_shapes(tuple(attn_mask.shape), target) == target
         except RuntimeError:
             ok = False
         if not ok:
             _fail(
-                f"'attn_mask' must be broadcastable to (..., Hq, Lq, Lk) = {target}, got {shape_str(attn_mask)}"
+                f"'attn_mask' must be broadcastable to the scores (..., Hq, Lq, Lk) = {target}, got "
+                f"{shape_str(attn_mask)}"
             )
-    out_batch = (*lead, Hq) if gqa or len(batch) else ()
     return Plan(lead, Hq, Hkv, gqa, out_batch, causal, attn_mask)
 
 
