@@ -764,7 +764,7 @@ def _check_slice(name: str, t: Tensor, rows: int, cols: int) -> None:
 
 
 def _expandable(shape, to) -> bool:
-    return len(shape) <= len(to) and all(s in (1, t) for s, t in zip(reversed(shape), reversed(to)))
+    return len(shape) <= len(to) and all(s in (1, t) for s, t in zip(reversed(shape), reversed(to), strict=False))
 
 
 def _check(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, causal: int):

@@ -41,7 +41,11 @@ _SETTINGS = dict(
     database=None,
     derandomize=False,
     print_blob=True,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
 )
 _NIGHTLY = os.environ.get("PYATTN_HYPOTHESIS_PROFILE") == "nightly"
 CPU_EXAMPLES = 2000 if _NIGHTLY else 250
@@ -133,7 +137,9 @@ def calls(draw, dtypes, small=False):
     note.append(bad)
 
     mshape = draw(st.sampled_from(["full", "2d", "row", "bcast"]))
-    mask_dims = {"full": [*lead, Hq, Lq_, Lk_], "2d": [Lq_, Lk_], "row": [1, Lk_], "bcast": [Hq, 1, Lk_]}[mshape]
+    mask_dims = {"full": [*lead, Hq, Lq_, Lk_], "2d": [Lq_, Lk_], "row": [1, Lk_], "bcast": [Hq, 1, Lk_]}[
+        mshape
+    ]
     if bad == "mask_shape":
         mask_dims = [Lq_ + 1, Lk_]  # not broadcastable
     if mask_kind == "bool":
@@ -233,7 +239,11 @@ def check_against_torch(call: Call, backend: str, grads: bool = False):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sdpa_conformance_generated(backend):
     triton = backend == "triton"
-    dtypes = [torch.float32, torch.float16] if triton else [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+    dtypes = (
+        [torch.float32, torch.float16]
+        if triton
+        else [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+    )
 
     @seed(SESSION_SEED)
     @settings(max_examples=TRITON_EXAMPLES if triton else CPU_EXAMPLES, **_SETTINGS)
@@ -282,7 +292,10 @@ def test_defect1_lower_right_gradients_match_reference(backend):
     # rows with no visible key (Lq > Lk) give zeros and zero gradients; block skipping honours
     # the offset (long enough for several key blocks on the CPU kernel)
     Lq, Lk = (40, 23) if backend == "triton" else (700, 530)
-    ins = [torch.randn(1, 2, L, 16, dtype=torch.float64 if backend == "cpu" else torch.float32) for L in (Lq, Lk, Lk)]
+    ins = [
+        torch.randn(1, 2, L, 16, dtype=torch.float64 if backend == "cpu" else torch.float32)
+        for L in (Lq, Lk, Lk)
+    ]
     ins = [t.requires_grad_() for t in ins]
     ins64 = [t.detach().double().requires_grad_() for t in ins]
     ins_l = [t.detach().clone().requires_grad_() for t in ins]
@@ -342,7 +355,9 @@ def test_defect4_empty_sizes_give_torch_results_with_gradients(shapes):
 @pytest.mark.parametrize(
     "make",
     [
-        lambda q, k, v: dict(query=q, key=k, value=v, attn_mask=torch.ones(5, 7, dtype=torch.bool), is_causal=True),
+        lambda q, k, v: dict(
+            query=q, key=k, value=v, attn_mask=torch.ones(5, 7, dtype=torch.bool), is_causal=True
+        ),
         lambda q, k, v: dict(query=q, key=k.double(), value=v),
         lambda q, k, v: dict(query=q[0, 0, 0], key=k[0, 0, 0], value=v[0, 0, 0]),
         lambda q, k, v: dict(query=q, key=k[..., :7], value=v),
@@ -378,7 +393,9 @@ def test_defect6_half_cpu_computes_in_float32():
         # rounded once: within one rounding of the float64 result
         ours = pyattn.scaled_dot_product_attention(q, k, v, mask)
         exact = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), mask)
-        assert (ours.double() - exact).abs().max() <= 1.01 * (exact.to(dtype).double() - exact).abs().max() + 1e-6
+        assert (ours.double() - exact).abs().max() <= 1.01 * (
+            exact.to(dtype).double() - exact
+        ).abs().max() + 1e-6
 
 
 def test_defect6_half_gradients_on_fully_masked_rows():

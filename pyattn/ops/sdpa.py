@@ -161,7 +161,7 @@ def check_inputs(
             f"a CausalBias attn_mask cannot be used with is_causal=True (as in torch), got "
             f"{attn_mask.variant.name} ({attn_mask.seq_len_q}, {attn_mask.seq_len_kv}) and is_causal=True"
         )
-    for name, t in named.items():
+    for t in named.values():
         if t.dtype != query.dtype:
             _fail(
                 f"query, key and value must share one dtype, got query {query.dtype}, key "
@@ -376,7 +376,7 @@ def scaled_dot_product_attention(
         key = key.repeat_interleave(Hq // key.shape[-3], dim=-3)
         value = value.repeat_interleave(Hq // value.shape[-3], dim=-3)
         Hkv = Hq
-    Lq, E, Lk, Dv = query.shape[-2], query.shape[-1], key.shape[-2], value.shape[-1]
+    E, Dv = query.shape[-1], value.shape[-1]
     # E = 0: every score is an empty dot product, 0 whatever the scale (as torch)
     scale_f = (1.0 / math.sqrt(E) if E > 0 else 1.0) if scale is None else float(scale)
     dtype = query.dtype
