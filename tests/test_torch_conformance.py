@@ -523,7 +523,8 @@ def mha_calls(draw):
         pad[:, 0] = False  # no fully masked row: torch gives NaN there
         fwd["key_padding_mask"] = pad if batched else pad[0]
         if draw(st.booleans()):
-            fwd["key_padding_mask"] = torch.zeros(pad.shape).masked_fill(pad, float("-inf"))
+            kpm = fwd["key_padding_mask"]
+            fwd["key_padding_mask"] = torch.zeros(kpm.shape).masked_fill(kpm, float("-inf"))
     mask = draw(st.sampled_from(["none", "bool", "float", "causal", "3d"]))
     if mask == "bool":
         m = torch.rand(L, S) < 0.3
