@@ -10,7 +10,11 @@
 // - sdpa_* take canonical 4-D (B, H, L, D) inputs; attn_mask, when given, is bool
 //   (True = attend) or of the query's dtype (added to the scores), broadcast to (B, Hq, Lq, Lk)
 //   by strides (a stride may be 0). Dropout keeps score element e = ((b*Hq + h)*Lq + i)*Lk + j
-//   when philox_uniform(seed, offset + e) >= dropout_p (csrc/philox.h).
+//   when philox_uniform(seed, offset + e) >= dropout_p (csrc/philox.h). causal is 0 (none),
+//   1 (upper-left, torch's is_causal: query i sees keys j <= i) or 2 (lower-right:
+//   j <= i + Lk - Lq, flash-attention's when Lq != Lk), the values of torch's CausalVariant.
+// - Users' inputs are validated in Python (pyattn/ops/); the C++ ops check only what keeps a
+//   direct torch.ops call from reading or writing out of bounds.
 
 #include <Python.h>
 #include <torch/library.h>
@@ -31,11 +35,11 @@ TORCH_LIBRARY(pyattn, m) {
       "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_v)");
   m.def(
       "sdpa_fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
-      "float dropout_p, bool is_causal, float scale, SymInt seed, SymInt offset) "
+      "float dropout_p, int causal, float scale, SymInt seed, SymInt offset) "
       "-> (Tensor out, Tensor lse)");
   m.def(
       "sdpa_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, "
-      "Tensor? attn_mask, Tensor out, Tensor lse, float dropout_p, bool is_causal, float scale, "
+      "Tensor? attn_mask, Tensor out, Tensor lse, float dropout_p, int causal, float scale, "
       "SymInt seed, SymInt offset) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
   // The dropout keep-mask (B, H, Lq, Lk) that the kernels draw for (seed, offset): for tests
   // and for the reference path, so every backend's dropout can be checked exactly.

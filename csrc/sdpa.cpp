@@ -1,4 +1,4 @@
-// pyattn::sdpa_{fwd,bwd} for CPU tensors: argument checks, allocation, Delta, and the
+// pyattn::sdpa_{fwd,bwd} for CPU tensors: memory-safety guards, allocation, Delta, and the
 // choice of the kernel build for this CPU's instruction set (csrc/cpu/sdpa_kernel.cpp).
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -15,15 +15,12 @@ namespace pyattn {
 namespace {
 
 void check_cpu(const at::Tensor& query) {
-  PYATTN_CHECK_ARG(query.device().is_cpu(), "query", "the cpu backend takes CPU tensors, got ",
-                   query.device());
-  PYATTN_CHECK_ARG(query.scalar_type() == at::kFloat || query.scalar_type() == at::kDouble,
-                   "query", "the cpu backend takes float32 or float64, got ", query.scalar_type());
+  TORCH_CHECK(query.device().is_cpu(), "pyattn::sdpa (cpu): expected CPU tensors, got ", query.device());
 }
 
 template <typename T>
 cpu::FlashParams<T> make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                const at::Tensor& mask, double dropout_p, bool is_causal,
+                                const at::Tensor& mask, double dropout_p, int64_t causal,
                                 double scale, int64_t seed, int64_t offset) {
   cpu::FlashParams<T> p;
   p.q = q.data_ptr<T>();
@@ -51,7 +48,8 @@ cpu::FlashParams<T> make_params(const at::Tensor& q, const at::Tensor& k, const 
   p.Lk = k.size(2);
   p.Dv = v.size(3);
   p.scale = static_cast<T>(scale);
-  p.causal = is_causal;
+  p.causal = causal != flash::kNoCausal;
+  p.causal_off = flash::causal_offset(static_cast<int>(causal), p.Lq, p.Lk);
   p.dropout_p = dropout_p;
   p.seed = static_cast<uint64_t>(seed);
   p.offset = static_cast<uint64_t>(offset);
@@ -74,9 +72,9 @@ at::Tensor mask_view(const c10::optional<at::Tensor>& attn_mask, const at::Tenso
 
 std::tuple<at::Tensor, at::Tensor> sdpa_fwd_cpu(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const c10::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal, double scale,
+    const c10::optional<at::Tensor>& attn_mask, double dropout_p, int64_t causal, double scale,
     int64_t seed, int64_t offset) {
-  check_sdpa_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale);
+  check_sdpa_inputs(query, key, value, attn_mask, causal);
   check_cpu(query);
   const auto q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
   const at::Tensor mask = mask_view(attn_mask, q, k);
@@ -87,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor> sdpa_fwd_cpu(
 
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "sdpa_fwd_cpu", [&] {
     const auto p =
-        make_params<scalar_t>(q, k, v, mask, dropout_p, is_causal, scale, seed, offset);
+        make_params<scalar_t>(q, k, v, mask, dropout_p, causal, scale, seed, offset);
     const cpu::FlashFwdOut<scalar_t> o{out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>()};
     PYATTN_CPU_DISPATCH(sdpa_fwd_kernel, p, o);
   });
@@ -97,9 +95,9 @@ std::tuple<at::Tensor, at::Tensor> sdpa_fwd_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
     const at::Tensor& value, const c10::optional<at::Tensor>& attn_mask, const at::Tensor& out,
-    const at::Tensor& lse, double dropout_p, bool is_causal, double scale, int64_t seed,
+    const at::Tensor& lse, double dropout_p, int64_t causal, double scale, int64_t seed,
     int64_t offset) {
-  check_sdpa_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale);
+  check_sdpa_inputs(query, key, value, attn_mask, causal);
   check_sdpa_backward_inputs(query, value, grad_out, out, lse);
   check_cpu(query);
   const auto q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
@@ -116,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_bwd_cpu(
 
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "sdpa_bwd_cpu", [&] {
     const auto p =
-        make_params<scalar_t>(q, k, v, mask, dropout_p, is_causal, scale, seed, offset);
+        make_params<scalar_t>(q, k, v, mask, dropout_p, causal, scale, seed, offset);
     const cpu::FlashBwdArgs<scalar_t> a{dO.data_ptr<scalar_t>(), l.data_ptr<scalar_t>(),
                                         delta.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(),
                                         dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>()};

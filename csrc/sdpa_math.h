@@ -23,21 +23,36 @@ using softmax::log_;
 using softmax::nan_max;
 using softmax::RowSoftmax;
 
-// Causal masking is top-left aligned, as torch: query i sees keys j <= i (for any Lq, Lk).
-PYATTN_HD bool causal_allowed(int64_t i, int64_t j) {
-  return j <= i;
+// Causal masking: query i sees keys j <= i + off, where off = causal_offset(...) is 0 for the
+// upper-left diagonal (torch's is_causal) and Lk - Lq for the lower-right one (the diagonal ends
+// at the last key). A row with no such key (i + off < 0) is empty: zeros, zero gradients.
+enum Causal : int { kNoCausal = 0, kUpperLeft = 1, kLowerRight = 2 };
+
+PYATTN_HD int64_t causal_offset(int causal, int64_t Lq, int64_t Lk) {
+  return causal == kLowerRight ? Lk - Lq : 0;
 }
 
-// Keys [0, causal_key_end(q_end, Lk)) can be seen by some query in [q_begin, q_end): the blocks
-// past it are skipped entirely (the two-stage causal loop).
-PYATTN_HD int64_t causal_key_end(int64_t q_end, int64_t Lk) {
-  return q_end < Lk ? q_end : Lk;
+PYATTN_HD bool causal_allowed(int64_t i, int64_t j, int64_t off) {
+  return j <= i + off;
+}
+
+// Keys [0, causal_key_end(q_end, Lk, off)) can be seen by some query in [q_begin, q_end): the
+// blocks past it are skipped entirely (the two-stage causal loop).
+PYATTN_HD int64_t causal_key_end(int64_t q_end, int64_t Lk, int64_t off) {
+  const int64_t e = q_end + off;
+  return e < 0 ? 0 : (e < Lk ? e : Lk);
+}
+
+// Queries [causal_query_begin(k_begin, Lq, off), Lq) can see some key in [k_begin, ...).
+PYATTN_HD int64_t causal_query_begin(int64_t k_begin, int64_t Lq, int64_t off) {
+  const int64_t b = k_begin - off;
+  return b < 0 ? 0 : (b < Lq ? b : Lq);
 }
 
 // A key block [k_begin, k_end) needs per-element causal masking for queries [q_begin, q_end)
-// only when some key in it lies right of some query's diagonal: k_end - 1 > q_begin.
-PYATTN_HD bool causal_block_needs_mask(int64_t q_begin, int64_t k_end) {
-  return k_end - 1 > q_begin;
+// only when some key in it lies right of some query's diagonal: k_end - 1 > q_begin + off.
+PYATTN_HD bool causal_block_needs_mask(int64_t q_begin, int64_t k_end, int64_t off) {
+  return k_end - 1 > q_begin + off;
 }
 
 // A score with its mask applied. mask_kind: 0 none, 1 bool (true = attend), 2 additive.

@@ -36,12 +36,12 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # would refuse them (fullgraph=True failed).
 SCHEMAS = {
     "sdpa_fwd": (
-        "(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, bool is_causal, "
+        "(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, int causal, "
         "float scale, SymInt seed, SymInt offset) -> (Tensor out, Tensor lse)"
     ),
     "sdpa_bwd": (
         "(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor out, "
-        "Tensor lse, float dropout_p, bool is_causal, float scale, SymInt seed, SymInt offset) "
+        "Tensor lse, float dropout_p, int causal, float scale, SymInt seed, SymInt offset) "
         "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)"
     ),
     "additive_attention_fwd": (

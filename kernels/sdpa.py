@@ -57,12 +57,14 @@ def _masked_scores(
     Lk,
     stride_mm,
     stride_mn,
+    causal_off,
     MASKED: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     MASK_KIND: tl.constexpr,
     MASK_ROW: tl.constexpr,
 ):
-    """Scores (log2 units) with the attention mask, bounds and causality applied.
+    """Scores (log2 units) with the attention mask, bounds and causality applied (query i sees
+    keys j <= i + causal_off: 0 upper-left, as torch's is_causal; Lk - Lq lower-right).
 
     ``oq`` / ``ok`` are the query / key indices broadcast to the tile's layout ((M, 1)/(1, N) in
     the forward and dQ passes, (1, M)/(N, 1) in the transposed dK/dV pass)."""
@@ -79,7 +81,7 @@ def _masked_scores(
     if MASKED:
         allowed = (oq < Lq) & (ok < Lk)
         if IS_CAUSAL:
-            allowed = allowed & (ok <= oq)  # top-left aligned, as torch
+            allowed = allowed & (ok <= oq + causal_off)
         s = tl.where(allowed, s, float("-inf"))
     return s
 
@@ -108,6 +110,7 @@ def _fwd_inner(
     seed,
     drop_base,
     dropout_p,
+    causal_off,
     MASKED: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     MASK_KIND: tl.constexpr,
@@ -134,7 +137,7 @@ def _fwd_inner(
             v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
         s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
         s = _masked_scores(
-            s, mask_base, offs_m[:, None], offs_n[None, :], Lq, Lk, stride_mm, stride_mn,
+            s, mask_base, offs_m[:, None], offs_n[None, :], Lq, Lk, stride_mm, stride_mn, causal_off,
             MASKED, IS_CAUSAL, MASK_KIND, MASK_ROW,
         )  # fmt: skip
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -190,6 +193,7 @@ def _fwd_kernel(
     drop_scale,
     seed,
     offset,
+    causal_off,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -227,24 +231,25 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
     if IS_CAUSAL:
-        # keys past the block's last query are invisible to all of it: skipped
-        hi = tl.minimum(start_m + BLOCK_M, Lk)
-        # blocks with every key <= the block's first query (and inside Lk) need no masking
-        full_end = tl.minimum((start_m + 1) // BLOCK_N, Lk // BLOCK_N) * BLOCK_N
+        # keys past the block's last query's diagonal are invisible to all of it: skipped
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_off, 0), Lk)
+        # blocks with every key on or left of the block's first query's diagonal (and inside Lk)
+        # need no masking
+        full_end = tl.minimum(tl.maximum(start_m + 1 + causal_off, 0) // BLOCK_N, Lk // BLOCK_N) * BLOCK_N
     else:
         hi = Lk
         full_end = (Lk // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, 0, full_end, Lq, Lk,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
-        seed, drop_base, dropout_p,
+        seed, drop_base, dropout_p, causal_off,
         False, IS_CAUSAL, MASK_KIND, MASK_ROW, HAS_DROPOUT, DOT_PREC,
         HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, full_end, hi, Lq, Lk,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
-        seed, drop_base, dropout_p,
+        seed, drop_base, dropout_p, causal_off,
         True, IS_CAUSAL, MASK_KIND, MASK_ROW, HAS_DROPOUT, DOT_PREC,
         HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
     )  # fmt: skip
@@ -326,6 +331,7 @@ def _bwd_dq_inner(
     drop_base,
     dropout_p,
     drop_scale,
+    causal_off,
     MASKED: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     MASK_KIND: tl.constexpr,
@@ -352,7 +358,7 @@ def _bwd_dq_inner(
             vt = tl.load(vt_ptrs, mask=offs_dv[:, None] < HEAD_DIM_V, other=0.0)
         s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
         s = _masked_scores(
-            s, mask_base, offs_m[:, None], offs_n[None, :], Lq, Lk, stride_mm, stride_mn,
+            s, mask_base, offs_m[:, None], offs_n[None, :], Lq, Lk, stride_mm, stride_mn, causal_off,
             MASKED, IS_CAUSAL, MASK_KIND, MASK_ROW,
         )  # fmt: skip
         p = tl.math.exp2(s - lse2[:, None])
@@ -405,6 +411,7 @@ def _bwd_dq_kernel(
     drop_scale,
     seed,
     offset,
+    causal_off,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -448,22 +455,22 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     if IS_CAUSAL:
-        hi = tl.minimum(start_m + BLOCK_M, Lk)
-        full_end = tl.minimum((start_m + 1) // BLOCK_N, Lk // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_off, 0), Lk)
+        full_end = tl.minimum(tl.maximum(start_m + 1 + causal_off, 0) // BLOCK_N, Lk // BLOCK_N) * BLOCK_N
     else:
         hi = Lk
         full_end = (Lk // BLOCK_N) * BLOCK_N
     dq = _bwd_dq_inner(
         dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, 0, full_end, Lq, Lk,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
-        seed, drop_base, dropout_p, drop_scale,
+        seed, drop_base, dropout_p, drop_scale, causal_off,
         False, IS_CAUSAL, MASK_KIND, MASK_ROW, HAS_DROPOUT, DOT_PREC,
         HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
     )  # fmt: skip
     dq = _bwd_dq_inner(
         dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, full_end, hi, Lq, Lk,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
-        seed, drop_base, dropout_p, drop_scale,
+        seed, drop_base, dropout_p, drop_scale, causal_off,
         True, IS_CAUSAL, MASK_KIND, MASK_ROW, HAS_DROPOUT, DOT_PREC,
         HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
     )  # fmt: skip
@@ -500,6 +507,7 @@ def _bwd_dkdv_inner(
     drop_base,
     dropout_p,
     drop_scale,
+    causal_off,
     MASKED: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     MASK_KIND: tl.constexpr,
@@ -530,7 +538,7 @@ def _bwd_dkdv_inner(
             delta = tl.load(delta_base + offs_m)
         st = tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale  # (N, M): S^T
         st = _masked_scores(
-            st, mask_base, offs_m[None, :], offs_n[:, None], Lq, Lk, stride_mm, stride_mn,
+            st, mask_base, offs_m[None, :], offs_n[:, None], Lq, Lk, stride_mm, stride_mn, causal_off,
             MASKED, IS_CAUSAL, MASK_KIND, MASK_ROW,
         )  # fmt: skip
         pt = tl.math.exp2(st - (lse * 1.4426950408889634)[None, :])
@@ -589,6 +597,7 @@ def _bwd_dkdv_kernel(
     drop_scale,
     seed,
     offset,
+    causal_off,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -623,10 +632,13 @@ def _bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
     if IS_CAUSAL:
-        # queries before the block's first key see none of it; from the first query that sees
-        # the block's last key on (start_n + BLOCK_N - 1), no causal masking is needed
-        lo = start_n
-        diag_end = tl.minimum(start_n + ((BLOCK_N + BLOCK_M - 2) // BLOCK_M) * BLOCK_M, Lq)
+        # queries before the block's first key's diagonal (start_n - causal_off) see none of it;
+        # from the first query that sees the block's last key on (start_n + BLOCK_N - 1 -
+        # causal_off), no causal masking is needed; lo..diag_end is whole query blocks
+        first = start_n - causal_off
+        lo = tl.minimum(tl.maximum(first, 0), Lq)
+        need = tl.maximum(first + BLOCK_N - 1 - lo, 0)
+        diag_end = tl.minimum(lo + ((need + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, Lq)
     else:
         lo = 0
         diag_end = 0
@@ -644,14 +656,14 @@ def _bwd_dkdv_kernel(
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, offs_n, lo, diag_end,
             Lq, Lk, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, qk_scale,
-            seed, drop_base, dropout_p, drop_scale,
+            seed, drop_base, dropout_p, drop_scale, causal_off,
             True, IS_CAUSAL, MASK_KIND, MASK_ROW, HAS_DROPOUT, DOT_PREC,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M,
         )  # fmt: skip
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, offs_n, diag_end, full_end,
             Lq, Lk, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, qk_scale,
-            seed, drop_base, dropout_p, drop_scale,
+            seed, drop_base, dropout_p, drop_scale, causal_off,
             False, IS_CAUSAL, MASK_KIND, MASK_ROW, HAS_DROPOUT, DOT_PREC,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M,
         )  # fmt: skip
@@ -659,7 +671,7 @@ def _bwd_dkdv_kernel(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, offs_n,
             tl.maximum(full_end, lo), Lq,
             Lq, Lk, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, qk_scale,
-            seed, drop_base, dropout_p, drop_scale,
+            seed, drop_base, dropout_p, drop_scale, causal_off,
             True, IS_CAUSAL, MASK_KIND, MASK_ROW, HAS_DROPOUT, DOT_PREC,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M,
         )  # fmt: skip
@@ -793,67 +805,30 @@ _PREPROCESS_BLOCK_M = 16 if INTERPRET else 64
 # -- launchers ----------------------------------------------------------------------------------
 
 
-def _fail(cls, msg: str):
-    raise cls(f"sdpa (triton): {msg}")
-
-
 def _check_slice(name: str, t: Tensor, rows: int, cols: int) -> None:
     # the kernels index inside one (batch, head) slice with int32
     span = (rows - 1) * abs(t.stride(2)) + (cols - 1) * abs(t.stride(3)) if rows and cols else 0
     if span > _MAX_SLICE_OFFSET:
-        _fail(ValueError, f"'{name}' spans {span} elements per (batch, head); at most 2^31 - 1 supported")
+        raise ValueError(f"sdpa (triton): '{name}' spans {span} elements per (batch, head); at most 2^31 - 1")
 
 
-def _check(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, dropout_p: float):
-    """Validate the canonical 4-D inputs; return (B, Hq, Hkv, Lq, Lk, D, Dv)."""
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, Tensor):
-            _fail(TypeError, f"'{name}' must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            _fail(ValueError, f"'{name}' must be 4-D (B, H, L, D), got {t.dim()}-D {tuple(t.shape)}")
-        if t.dtype not in DTYPES:
-            _fail(TypeError, f"'{name}' must be float16, bfloat16 or float32, got {t.dtype}")
-        if t.dtype != query.dtype:
-            _fail(TypeError, f"'{name}' dtype {t.dtype} differs from query's {query.dtype}")
-        if t.device != query.device:
-            _fail(ValueError, f"'{name}' is on {t.device} but query is on {query.device}")
-    if query.device.type != "cuda" and not (INTERPRET and query.device.type == "cpu"):
-        _fail(
-            RuntimeError,
-            f"needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {query.device}",
-        )
+def _expandable(shape, to) -> bool:
+    return len(shape) <= len(to) and all(s in (1, t) for s, t in zip(reversed(shape), reversed(to), strict=False))
+
+
+def _check(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, causal: int):
+    """Memory-safety guards only (users' inputs are validated in pyattn/ops/sdpa.py): shapes that
+    keep every load in bounds; returns (B, Hq, Hkv, Lq, Lk, D, Dv)."""
+    if not query.dim() == key.dim() == value.dim() == 4:
+        raise ValueError("sdpa (triton): inputs are not canonical (B, H, L, D) tensors the kernels can take")
     B, Hq, Lq, D = query.shape
-    Bk, Hkv, Lk, Dk = key.shape
-    if Bk != B or Dk != D:
-        _fail(ValueError, f"'key' must be (B={B}, Hkv, Lk, D={D}), got {tuple(key.shape)}")
-    if tuple(value.shape[:3]) != (B, Hkv, Lk):
-        _fail(ValueError, f"'value' must be (B={B}, Hkv={Hkv}, Lk={Lk}, Dv), got {tuple(value.shape)}")
-    Dv = value.shape[3]
-    if Hkv == 0 or Hq % Hkv != 0:
-        _fail(ValueError, f"query heads Hq={Hq} must be a multiple of key/value heads Hkv={Hkv}")
-    for name, d in (("query/key head dim D", D), ("value head dim Dv", Dv)):
-        if not 1 <= d <= MAX_HEAD_DIM:
-            _fail(ValueError, f"{name} must be in [1, {MAX_HEAD_DIM}], got {d}")
-    if attn_mask is not None:
-        if not isinstance(attn_mask, Tensor):
-            _fail(TypeError, f"'attn_mask' must be a tensor or None, got {type(attn_mask).__name__}")
-        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
-            _fail(
-                TypeError,
-                f"'attn_mask' must be bool or the query's dtype {query.dtype}, got {attn_mask.dtype}",
-            )
-        if attn_mask.device != query.device:
-            _fail(ValueError, f"'attn_mask' is on {attn_mask.device} but query is on {query.device}")
-        if attn_mask.dim() != 4 or any(
-            m not in (1, s) for m, s in zip(attn_mask.shape, (B, Hq, Lq, Lk), strict=True)
-        ):
-            _fail(
-                ValueError,
-                f"'attn_mask' must be (B={B}, Hq={Hq}, Lq={Lq}, Lk={Lk}) (broadcast dims may be 1 "
-                f"or stride 0), got {tuple(attn_mask.shape)}",
-            )
-    if not 0.0 <= dropout_p <= 1.0:
-        _fail(ValueError, f"'dropout_p' must be in [0, 1], got {dropout_p}")
+    Hkv, Lk, Dv = key.shape[1], key.shape[2], value.shape[3]
+    ok = key.shape == (B, Hkv, Lk, D) and value.shape[:3] == (B, Hkv, Lk) and query.dtype in DTYPES
+    ok = ok and key.dtype == value.dtype == query.dtype and (Hq % Hkv == 0 if Hkv else Hq == 0)
+    ok = ok and D <= MAX_HEAD_DIM and Dv <= MAX_HEAD_DIM and causal in (0, 1, 2)
+    ok = ok and (attn_mask is None or _expandable(attn_mask.shape, (B, Hq, Lq, Lk)))
+    if not ok:
+        raise ValueError("sdpa (triton): inputs are not canonical (B, H, L, D) tensors the kernels can take")
     _check_slice("query", query, Lq, D)
     _check_slice("key", key, Lk, D)
     _check_slice("value", value, Lk, Dv)
@@ -873,14 +848,14 @@ def _mask_args(attn_mask: Tensor | None, query: Tensor, shape) -> tuple:
     return m, m.stride(), kind, m.stride(2) == 0
 
 
-def _common_constexprs(query, value, D, Dv, is_causal, mask_kind, mask_row, dropout_p):
+def _common_constexprs(query, value, D, Dv, causal, mask_kind, mask_row, dropout_p):
     return dict(
         HEAD_DIM=D,
         HEAD_DIM_V=Dv,
         # tl.dot wants every dim >= 16; odd head dims (59) pad to a power of two, masked
         BLOCK_D=max(16, triton.next_power_of_2(D)),
         BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
-        IS_CAUSAL=bool(is_causal),
+        IS_CAUSAL=bool(causal),
         MASK_KIND=mask_kind,
         MASK_ROW=bool(mask_row),
         HAS_DROPOUT=dropout_p > 0.0,
@@ -904,7 +879,7 @@ def sdpa_forward(
     value: Tensor,
     attn_mask: Tensor | None = None,
     dropout_p: float = 0.0,
-    is_causal: bool = False,
+    causal: int = 0,
     scale: float | None = None,
     seed: int = 0,
     offset: int = 0,
@@ -917,7 +892,8 @@ def sdpa_forward(
         attn_mask: None, bool (True = attend) or of the query's dtype (added to the scores),
             (B, Hq, Lq, Lk) or broadcastable to it (size-1 / stride-0 dims are not copied).
         dropout_p: dropout probability on the attention weights.
-        is_causal: top-left aligned causal mask (query i sees keys j <= i).
+        causal: 0 none, 1 upper-left (query i sees keys j <= i, torch's is_causal), 2
+            lower-right (j <= i + Lk - Lq; a row with no such key gives 0).
         scale: score scale, default 1/sqrt(D).
         seed, offset: dropout keeps element e = ((b*Hq + h)*Lq + i)*Lk + j when
             ``tl.rand(seed, offset + e) >= dropout_p``.
@@ -925,8 +901,9 @@ def sdpa_forward(
         out (B, Hq, Lq, Dv) in the query's dtype, lse (B, Hq, Lq) float32 (+inf for rows with no
         allowed key, whose output is 0).
     """
-    B, Hq, Hkv, Lq, Lk, D, Dv = _check(query, key, value, attn_mask, dropout_p)
+    B, Hq, Hkv, Lq, Lk, D, Dv = _check(query, key, value, attn_mask, causal)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    causal_off = Lk - Lq if causal == 2 else 0
     out = torch.empty((B, Hq, Lq, Dv), dtype=query.dtype, device=query.device)
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=query.device)
     if out.numel() == 0:
@@ -942,8 +919,8 @@ def sdpa_forward(
         query, key, value, mask, out, lse,
         *query.stride(), *key.stride(), *value.stride(), *ms, *out.stride(),
         Hq, Hq // Hkv, Lq, Lk, scale * LOG2E, float(dropout_p), _drop_scale(dropout_p),
-        int(seed), int(offset),
-        **_common_constexprs(query, value, D, Dv, is_causal, kind, row, dropout_p),
+        int(seed), int(offset), causal_off,
+        **_common_constexprs(query, value, D, Dv, causal, kind, row, dropout_p),
     )  # fmt: skip
     return out, lse
 
@@ -957,7 +934,7 @@ def sdpa_backward(
     out: Tensor,
     lse: Tensor,
     dropout_p: float = 0.0,
-    is_causal: bool = False,
+    causal: int = 0,
     scale: float | None = None,
     seed: int = 0,
     offset: int = 0,
@@ -966,38 +943,30 @@ def sdpa_backward(
 
     Arguments:
         grad_out: (B, Hq, Lq, Dv), the gradient of ``out``.
-        query, key, value, attn_mask, dropout_p, is_causal, scale, seed, offset: as given to
+        query, key, value, attn_mask, dropout_p, causal, scale, seed, offset: as given to
             ``sdpa_forward``.
         out: (B, Hq, Lq, Dv) and lse: (B, Hq, Lq) float32, as it returned.
     Returns:
         grad_query (B, Hq, Lq, D), grad_key (B, Hkv, Lk, D), grad_value (B, Hkv, Lk, Dv),
         contiguous, in the inputs' dtype; grad_key/grad_value summed over each GQA group.
     """
-    B, Hq, Hkv, Lq, Lk, D, Dv = _check(query, key, value, attn_mask, dropout_p)
-    for name, t, shape in (("grad_out", grad_out, (B, Hq, Lq, Dv)), ("out", out, (B, Hq, Lq, Dv))):
-        if tuple(t.shape) != shape:
-            _fail(ValueError, f"'{name}' must be {shape}, got {tuple(t.shape)}")
-        if t.device != query.device:
-            _fail(ValueError, f"'{name}' is on {t.device} but query is on {query.device}")
-        if t.dtype not in DTYPES:
-            _fail(TypeError, f"'{name}' must be float16, bfloat16 or float32, got {t.dtype}")
-    if tuple(lse.shape) != (B, Hq, Lq) or lse.dtype != torch.float32:
-        _fail(
-            ValueError, f"'lse' must be float32 (B={B}, Hq={Hq}, Lq={Lq}), got {lse.dtype} {tuple(lse.shape)}"
-        )
+    B, Hq, Hkv, Lq, Lk, D, Dv = _check(query, key, value, attn_mask, causal)
+    if grad_out.shape != (B, Hq, Lq, Dv) or out.shape != (B, Hq, Lq, Dv) or lse.shape != (B, Hq, Lq):
+        raise ValueError("sdpa (triton): grad_out/out must be (B, Hq, Lq, Dv) and lse (B, Hq, Lq)")
+    causal_off = Lk - Lq if causal == 2 else 0
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     dq = torch.empty((B, Hq, Lq, D), dtype=query.dtype, device=query.device)
     dk = torch.empty((B, Hkv, Lk, D), dtype=key.dtype, device=query.device)
     dv = torch.empty((B, Hkv, Lk, Dv), dtype=value.dtype, device=query.device)
     if dq.numel() == 0 or dk.numel() == 0 or dv.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    lse = lse.contiguous()
+    lse = lse.float().contiguous()
     # tl.dot needs both operands in one dtype (an fp32 gradient of a half output, say)
     grad_out = grad_out.to(query.dtype)
     mask, ms, kind, row = _mask_args(attn_mask, query, (B, Hq, Lq, Lk))
     _check_slice("grad_out", grad_out, Lq, Dv)
     _check_slice("out", out, Lq, Dv)
-    consts = _common_constexprs(query, value, D, Dv, is_causal, kind, row, dropout_p)
+    consts = _common_constexprs(query, value, D, Dv, causal, kind, row, dropout_p)
     if _traced(query):
         return dq, dk, dv
 
@@ -1006,7 +975,7 @@ def sdpa_backward(
         _bwd_preprocess_kernel, (triton.cdiv(Lq, _PREPROCESS_BLOCK_M), B, Hq), out, grad_out, delta, *out.stride(), *grad_out.stride(), Hq, Lq,
         HEAD_DIM_V=Dv, BLOCK_DV=consts["BLOCK_DV"], BLOCK_M=_PREPROCESS_BLOCK_M,
     )  # fmt: skip
-    scalars = (float(dropout_p), _drop_scale(dropout_p), int(seed), int(offset))
+    scalars = (float(dropout_p), _drop_scale(dropout_p), int(seed), int(offset), causal_off)
 
     def grid_kv(meta):
         return (triton.cdiv(Lk, meta["BLOCK_N"]), B, Hkv)
@@ -1052,17 +1021,17 @@ def sdpa_fwd_triton(
     value: Tensor,
     attn_mask: Tensor | None,
     dropout_p: float,
-    is_causal: bool,
+    causal: int,
     scale: float,
     seed: int,
     offset: int,
 ) -> tuple[Tensor, Tensor]:
     if _interpreter_bf16(query):
         out, lse = sdpa_forward(
-            _up(query), _up(key), _up(value), _up(attn_mask), dropout_p, is_causal, scale, seed, offset
+            _up(query), _up(key), _up(value), _up(attn_mask), dropout_p, causal, scale, seed, offset
         )
         return out.to(torch.bfloat16), lse
-    return sdpa_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, seed, offset)
+    return sdpa_forward(query, key, value, attn_mask, dropout_p, causal, scale, seed, offset)
 
 
 @define_op("sdpa_bwd")
@@ -1075,7 +1044,7 @@ def sdpa_bwd_triton(
     out: Tensor,
     lse: Tensor,
     dropout_p: float,
-    is_causal: bool,
+    causal: int,
     scale: float,
     seed: int,
     offset: int,
@@ -1083,9 +1052,9 @@ def sdpa_bwd_triton(
     if _interpreter_bf16(query):
         grads = sdpa_backward(
             *(_up(t) for t in (grad_out, query, key, value, attn_mask, out)),
-            lse, dropout_p, is_causal, scale, seed, offset,
+            lse, dropout_p, causal, scale, seed, offset,
         )
         return tuple(g.to(torch.bfloat16) for g in grads)
     return sdpa_backward(
-        grad_out, query, key, value, attn_mask, out, lse, dropout_p, is_causal, scale, seed, offset
+        grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal, scale, seed, offset
     )

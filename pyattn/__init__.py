@@ -5,12 +5,15 @@ Usage (docs/design.md describes how a call reaches its kernel)::
     import pyattn
     context = pyattn.additive_attention(query, key, value, v, key_padding_mask)
     out = pyattn.scaled_dot_product_attention(q, k, v, is_causal=True)
+    with pyattn.patch_torch():  # torch's F.scaled_dot_product_attention runs pyattn's kernels
+        ...
 """
 
 from __future__ import annotations
 
 from . import nn, reference
 from ._backend import backends
+from ._patch import TorchPatch, patch_torch
 from .ops import additive_attention, scaled_dot_product_attention
 
 __version__ = "0.1.0"
@@ -20,6 +23,8 @@ __all__ = [
     "additive_attention",
     "backends",
     "nn",
+    "patch_torch",
     "reference",
     "scaled_dot_product_attention",
+    "TorchPatch",
 ]

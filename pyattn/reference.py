@@ -91,19 +91,36 @@ def additive_attention(
     return (context, weights) if return_weights else context
 
 
+def _causal_bias_mask(bias, device) -> Tensor:
+    """A torch CausalBias as the bool (seq_len_q, seq_len_kv) mask it stands for."""
+    from torch.nn.attention.bias import CausalVariant
+
+    sq, skv = bias.seq_len_q, bias.seq_len_kv
+    diagonal = skv - sq if bias.variant == CausalVariant.LOWER_RIGHT else 0
+    return torch.ones(sq, skv, dtype=torch.bool, device=device).tril(diagonal=diagonal)
+
+
 def sdpa_scores(
     query: Tensor,
     key: Tensor,
     attn_mask: Tensor | None = None,
-    is_causal: bool = False,
+    is_causal: bool | int = False,
     scale: float | None = None,
     enable_gqa: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Scaled, masked scores of scaled-dot-product attention, and where attention is allowed.
 
+    ``is_causal``: False / 0 none, True / 1 upper-left (query i sees keys j <= i, torch's),
+    2 lower-right (j <= i + Lk - Lq: the diagonal ends at the last key; the values of
+    torch.nn.attention.bias.CausalVariant). A CausalBias ``attn_mask`` is its bool mask.
+
     Returns ``(scores, allowed)``: scores (..., Hq, Lq, Lk) with float masks added, and a bool
     tensor broadcastable to them (or None) that is False where a bool mask or causality forbids.
     """
+    from torch.nn.attention.bias import CausalBias
+
+    if isinstance(attn_mask, CausalBias):
+        attn_mask = _causal_bias_mask(attn_mask, query.device)
     L, S, E = query.shape[-2], key.shape[-2], query.shape[-1]
     scale = 1.0 / math.sqrt(E) if scale is None else scale
     if enable_gqa and key.dim() >= 3 and key.shape[-3] != query.shape[-3]:
@@ -112,8 +129,9 @@ def sdpa_scores(
     scores = (query @ key.transpose(-2, -1)) * scale  # (..., Hq, Lq, Lk)
     allowed = None
     if is_causal:
-        # top-left aligned, as torch: query i sees keys j <= i
-        allowed = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
+        # upper-left (torch's is_causal): j <= i; lower-right: j <= i + S - L
+        diagonal = S - L if int(is_causal) == 2 else 0
+        allowed = torch.ones(L, S, dtype=torch.bool, device=query.device).tril(diagonal=diagonal)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             allowed = attn_mask if allowed is None else allowed & attn_mask
@@ -128,7 +146,7 @@ def scaled_dot_product_attention(
     value: Tensor,
     attn_mask: Tensor | None = None,
     dropout_p: float = 0.0,
-    is_causal: bool = False,
+    is_causal: bool | int = False,
     scale: float | None = None,
     enable_gqa: bool = False,
     *,
@@ -140,9 +158,10 @@ def scaled_dot_product_attention(
     Arguments:
         query: (..., Hq, Lq, D); key: (..., Hkv, Lk, D); value: (..., Hkv, Lk, Dv).
         attn_mask: bool (True = attend) or float (added to the scores), broadcastable to
-            (..., Hq, Lq, Lk).
-        dropout_p: dropout probability on the attention weights.
-        is_causal: top-left aligned causal mask.
+            (..., Hq, Lq, Lk), or a torch CausalBias.
+        dropout_p: dropout probability on the attention weights (1: every weight dropped).
+        is_causal: False / 0, True / 1 (upper-left, as torch) or 2 (lower-right), as in
+            ``sdpa_scores``.
         scale: score scale, default ``1/sqrt(D)``.
         enable_gqa: Hq may be a multiple of Hkv (grouped-query attention).
         dropout_mask: explicit keep-mask (bool, broadcastable to the scores) used instead of a
@@ -156,7 +175,9 @@ def scaled_dot_product_attention(
         raise ValueError("attn_mask and is_causal cannot both be set (as in torch)")
     scores, allowed = sdpa_scores(query, key, attn_mask, is_causal, scale, enable_gqa)
     weights = masked_softmax(scores, allowed)
-    if dropout_p > 0.0:
+    if dropout_p >= 1.0:
+        weights = weights * 0.0
+    elif dropout_p > 0.0:
         if dropout_mask is None:
             dropout_mask = torch.rand_like(weights) >= dropout_p
         weights = weights * dropout_mask / (1.0 - dropout_p)

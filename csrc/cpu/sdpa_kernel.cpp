@@ -9,7 +9,8 @@
 // row (flash::RowSoftmax) turns S into exp(S - m) in place, and the running output (kept in the
 // output tensor itself) is rescaled and accumulates P V on the GEMM. Causal: key blocks past the
 // block's last query are never visited, and only blocks crossing the diagonal are masked per
-// element (the two-stage loop). Scores never exist beyond one (queries x keys) block.
+// element (the two-stage loop); the diagonal is shifted by
+// FlashParams::causal_off for the lower-right alignment. Scores never exist beyond one (queries x keys) block.
 // Backward: one task per (batch, kv head), so dK and dV of that head and dQ of its query heads
 // belong to one task: no atomics, no partial buffers, and a fixed summation order (bitwise
 // reproducible); with fewer (batch, kv head) pairs than threads, dK/dV and dQ run as two passes
@@ -54,8 +55,8 @@ template <typename T>
 inline void mask_row(const FlashParams<T>& p, int64_t b, int64_t h, int64_t i, int64_t j0,
                      int64_t n, bool causal_block, T* s) {
   if (causal_block) {
-    // keys j > i are masked: columns c > i - j0
-    const int64_t first = std::max<int64_t>(0, std::min<int64_t>(n, i - j0 + 1));
+    // keys j > i + off are masked: columns c > i + off - j0
+    const int64_t first = std::max<int64_t>(0, std::min<int64_t>(n, i + p.causal_off - j0 + 1));
     std::fill(s + first, s + n, neg_inf<T>());
   }
   if (p.mask_kind == flash::kNoMask) return;
@@ -148,11 +149,11 @@ void forward_block(const FlashParams<T>& p, const FlashFwdOut<T>& o, int64_t bh,
   const bool dropout = p.dropout_p > 0.0;
   const T keep_scale = T(1) / (T(1) - T(p.dropout_p));
 
-  const int64_t key_end = p.causal ? flash::causal_key_end(i0 + m, Lk) : Lk;
+  const int64_t key_end = p.causal ? flash::causal_key_end(i0 + m, Lk, p.causal_off) : Lk;
   for (int64_t j0 = 0; j0 < key_end; j0 += kFwdBlockK) {
     const int64_t n = std::min(kFwdBlockK, key_end - j0);
     flash_gemm(false, true, m, n, D, p.scale, Q, D, K + j0 * D, D, T(0), S, n);
-    const bool causal_block = p.causal && flash::causal_block_needs_mask(i0, j0 + n);
+    const bool causal_block = p.causal && flash::causal_block_needs_mask(i0, j0 + n, p.causal_off);
     bool any = false;
     for (int64_t r = 0; r < m; ++r) {
       T* s = S + r * n;
@@ -211,7 +212,7 @@ void backward_tile(const FlashParams<T>& p, const FlashBwdArgs<T>& a, int64_t b,
   const T keep_scale = T(1) / (T(1) - T(p.dropout_p));
   flash_gemm(false, true, m, n, D, p.scale, Q, D, K + j0 * D, D, T(0), S, n);
   flash_gemm(false, true, m, n, Dv, T(1), dO, Dv, V + j0 * Dv, Dv, T(0), dP, n);
-  const bool causal_block = p.causal && flash::causal_block_needs_mask(i0, j0 + n);
+  const bool causal_block = p.causal && flash::causal_block_needs_mask(i0, j0 + n, p.causal_off);
   for (int64_t r = 0; r < m; ++r) {
     T* s = S + r * n;
     T* dp = dP + r * n;
@@ -245,8 +246,8 @@ void backward_key_block(const FlashParams<T>& p, const FlashBwdArgs<T>& a, int64
   const int64_t n = std::min(kBwdBlockK, Lk - j0);
   for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
     const int64_t bh = b * p.Hq + h;
-    // Causal: queries before j0 see no key of this block; start the query loop at j0.
-    const int64_t i_begin = p.causal ? std::min(j0, Lq) : 0;
+    // Causal: queries before j0 - off see no key of this block; start the query loop there.
+    const int64_t i_begin = p.causal ? flash::causal_query_begin(j0, Lq, p.causal_off) : 0;
     for (int64_t i0 = i_begin; i0 < Lq; i0 += kBwdBlockQ) {
       const int64_t m = std::min(kBwdBlockQ, Lq - i0);
       const T* Q = p.q + (bh * Lq + i0) * D;
@@ -273,7 +274,7 @@ void backward_query_block(const FlashParams<T>& p, const FlashBwdArgs<T>& a, int
   const T* V = p.v + (b * p.Hkv + kvh) * Lk * Dv;
   const int64_t m = std::min(kBwdBlockQ, Lq - i0);
   T* dQ = a.dq + ((b * p.Hq + h) * Lq + i0) * D;
-  const int64_t key_end = p.causal ? flash::causal_key_end(i0 + m, Lk) : Lk;
+  const int64_t key_end = p.causal ? flash::causal_key_end(i0 + m, Lk, p.causal_off) : Lk;
   for (int64_t j0 = 0; j0 < key_end; j0 += kBwdBlockK) {
     const int64_t n = std::min(kBwdBlockK, Lk - j0);
     backward_tile(p, a, b, h, i0, m, j0, n, K, V, S, dP, Z);

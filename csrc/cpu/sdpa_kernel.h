@@ -35,6 +35,7 @@ struct FlashParams {
   int64_t B, Hq, Hkv, Lq, Lk, D, Dv;
   scalar_t scale;
   bool causal;
+  int64_t causal_off;  // query i sees keys j <= i + causal_off (flash::causal_offset)
   double dropout_p;  // 0: no dropout (the keep test compares in float, as philox.h)
   uint64_t seed, offset;
 };

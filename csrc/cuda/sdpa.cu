@@ -39,6 +39,7 @@
 #include <tuple>
 
 #include "common.h"
+#include "sdpa.h"
 #include "sdpa_math.h"
 #include "philox.h"
 
@@ -130,6 +131,7 @@ struct Params {
   float scale;
   float dropout_p;
   bool causal;
+  int64_t causal_off;  // query i sees keys j <= i + causal_off (flash::causal_offset)
   bool vec_ok;  // every global tile base is 16-byte aligned and D, Dv are multiples of 16 bytes
   uint64_t seed, offset;
 
@@ -380,7 +382,7 @@ __device__ __forceinline__ float masked_score(const Params& p, float dot, int64_
                                               int64_t j, bool check_causal) {
   if (i >= p.Lq || j >= p.Lk) return -std::numeric_limits<float>::infinity();
   float s = dot * p.scale;
-  if (check_causal) s = flash::apply_bool_mask(s, flash::causal_allowed(i, j));
+  if (check_causal) s = flash::apply_bool_mask(s, flash::causal_allowed(i, j, p.causal_off));
   if (p.mask_kind != flash::kNoMask) {
     const int64_t off = b * p.msb + h * p.msh + i * p.msi + j * p.msj;
     if (p.mask_kind == flash::kBoolMask) {
@@ -438,7 +440,7 @@ __global__ void __launch_bounds__(kThreads) sdpa_fwd_kernel(const Params p) {
   }
 
   const int64_t q_end = q0 + BM < p.Lq ? q0 + BM : p.Lq;
-  const int64_t k_stop = p.causal ? flash::causal_key_end(q_end, p.Lk) : p.Lk;
+  const int64_t k_stop = p.causal ? flash::causal_key_end(q_end, p.Lk, p.causal_off) : p.Lk;
   for (int64_t k0 = 0; k0 < k_stop; k0 += BN) {
     __syncthreads();  // the previous block's P V product is done with sK, sV, sP
     load_tile(sK, L::ldD, k, k0, p.Lk, p.D, BN, Dk, p.vec_ok);
@@ -449,7 +451,7 @@ __global__ void __launch_bounds__(kThreads) sdpa_fwd_kernel(const Params p) {
     __syncthreads();
 
     const int64_t k_end = k0 + BN < p.Lk ? k0 + BN : p.Lk;
-    const bool check_causal = p.causal && flash::causal_block_needs_mask(q0, k_end);
+    const bool check_causal = p.causal && flash::causal_block_needs_mask(q0, k_end, p.causal_off);
     // One warp per query row: mask, online-softmax update, P (with dropout), rescale O.
     for (int r = warp; r < BM; r += kWarps) {
       const int64_t i = q0 + r;
@@ -525,7 +527,7 @@ __device__ void backward_scores(const Params& p, const float* sS, const float* s
                                 const float* s_delta, T* sPZ, T* sdS, int64_t b, int64_t h, int64_t bh, int64_t q0,
                                 int64_t k0) {
   const int64_t k_end = k0 + BN < p.Lk ? k0 + BN : p.Lk;
-  const bool check_causal = p.causal && flash::causal_block_needs_mask(q0, k_end);
+  const bool check_causal = p.causal && flash::causal_block_needs_mask(q0, k_end, p.causal_off);
   for (int idx = threadIdx.x; idx < BM * BN; idx += blockDim.x) {
     const int r = idx / BN, c = idx % BN;
     const int64_t i = q0 + r, j = k0 + c;
@@ -582,8 +584,9 @@ __global__ void __launch_bounds__(kThreads) sdpa_bwd_kv_kernel(const Params p) {
   zero_f<T>(sdK, L::ldF, BN, Dk);
   zero_f<T>(sdV, L::ldF, BN, Dvk);
 
-  // Causal: query i sees key j only when j <= i, so queries before k0 contribute nothing.
-  const int64_t q_begin = p.causal ? (k0 / BM) * BM : 0;
+  // Causal: query i sees key j only when j <= i + off, so queries before k0 - off contribute
+  // nothing (the loop starts at the query block holding the first one that does).
+  const int64_t q_begin = p.causal ? (flash::causal_query_begin(k0, p.Lq, p.causal_off) / BM) * BM : 0;
   for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
     const int64_t bh = b * p.Hq + h;
     const T* q = static_cast<const T*>(p.q) + bh * p.Lq * p.D;
@@ -645,7 +648,7 @@ __global__ void __launch_bounds__(kThreads) sdpa_bwd_q_kernel(const Params p) {
   zero_f<T>(sdQ, L::ldF, BM, Dk);
 
   const int64_t q_end = q0 + BM < p.Lq ? q0 + BM : p.Lq;
-  const int64_t k_stop = p.causal ? flash::causal_key_end(q_end, p.Lk) : p.Lk;
+  const int64_t k_stop = p.causal ? flash::causal_key_end(q_end, p.Lk, p.causal_off) : p.Lk;
   for (int64_t k0 = 0; k0 < k_stop; k0 += BN) {
     __syncthreads();  // the previous dQ GEMM is done with sK, sdS
     load_tile(sK, L::ldD, k, k0, p.Lk, p.D, BN, Dk, p.vec_ok);
@@ -687,60 +690,19 @@ int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
-void check_like_query(const at::Tensor& query, const at::Tensor& t, const char* name, bool same_dtype = true) {
-  PYATTN_CHECK_ARG(t.device() == query.device(), name, "expected a tensor on ", query.device(), " like query, got ",
-                   t.device());
-  if (same_dtype) {
-    PYATTN_CHECK_ARG(t.scalar_type() == query.scalar_type(), name, "expected dtype ", query.scalar_type(),
-                     " like query, got ", t.scalar_type());
-  }
-}
-
-// The shapes and dtypes every CUDA entry point needs; messages name the argument, the
-// expectation and what was given.
+// Memory-safety guards only (users' inputs are validated in pyattn/ops/sdpa.py): shapes that
+// keep every read in bounds, and what these kernels are instantiated for.
 void check_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                  const c10::optional<at::Tensor>& attn_mask, double dropout_p) {
-  PYATTN_CHECK_ARG(query.dim() == 4, "query", "expected a 4-D (B, Hq, Lq, D) tensor, got ", query.dim(), "-D");
-  PYATTN_CHECK_ARG(key.dim() == 4, "key", "expected a 4-D (B, Hkv, Lk, D) tensor, got ", key.dim(), "-D");
-  PYATTN_CHECK_ARG(value.dim() == 4, "value", "expected a 4-D (B, Hkv, Lk, Dv) tensor, got ", value.dim(), "-D");
-  PYATTN_CHECK_ARG(query.is_cuda(), "query", "the cuda backend takes CUDA tensors, got ", query.device());
-  check_like_query(query, key, "key");
-  check_like_query(query, value, "value");
-  const auto dt = query.scalar_type();
-  PYATTN_CHECK_ARG(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat, "query",
-                   "the cuda backend takes float16, bfloat16 or float32, got ", dt);
-  const int64_t B = query.size(0), Hq = query.size(1), D = query.size(3);
-  const int64_t Hkv = key.size(1), Lk = key.size(2);
-  PYATTN_CHECK_ARG(key.size(0) == B, "key", "expected batch size ", B, " like query, got ", key.size(0));
-  PYATTN_CHECK_ARG(key.size(3) == D, "key", "expected head dim ", D, " like query, got ", key.size(3));
-  PYATTN_CHECK_ARG(value.size(0) == B && value.size(1) == Hkv && value.size(2) == Lk, "value",
-                   "expected sizes (", B, ", ", Hkv, ", ", Lk, ", Dv) to match key, got ", value.sizes());
-  PYATTN_CHECK_ARG((Hkv == 0 && Hq == 0) || (Hkv > 0 && Hq % Hkv == 0), "key",
-                   "expected a number of heads dividing the query's ", Hq, ", got ", Hkv);
-  PYATTN_CHECK_ARG(D <= kMaxHeadDim, "query", "the cuda backend takes head dims up to ", kMaxHeadDim, ", got ", D);
-  PYATTN_CHECK_ARG(value.size(3) <= kMaxHeadDim, "value", "the cuda backend takes head dims up to ", kMaxHeadDim,
-                   ", got ", value.size(3));
-  PYATTN_CHECK_ARG(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p", "expected a probability in [0, 1), got ",
-                   dropout_p);
-  if (attn_mask.has_value() && attn_mask->defined()) {
-    const auto& m = *attn_mask;
-    PYATTN_CHECK_ARG(m.device() == query.device(), "attn_mask", "expected a tensor on ", query.device(), ", got ",
-                     m.device());
-    PYATTN_CHECK_ARG(m.scalar_type() == at::kBool || m.scalar_type() == dt, "attn_mask",
-                     "expected dtype bool or ", dt, " (the query's), got ", m.scalar_type());
-    PYATTN_CHECK_ARG(m.dim() <= 4, "attn_mask", "expected at most 4 dims broadcastable to (", B, ", ", Hq, ", ",
-                     query.size(2), ", ", Lk, "), got sizes ", m.sizes());
-    const int64_t want[4] = {B, Hq, query.size(2), Lk};
-    for (int64_t d = 0; d < m.dim(); ++d) {
-      const int64_t s = m.size(m.dim() - 1 - d), w = want[3 - d];
-      PYATTN_CHECK_ARG(s == w || s == 1, "attn_mask", "expected sizes broadcastable to (", B, ", ", Hq, ", ",
-                       query.size(2), ", ", Lk, "), got ", m.sizes());
-    }
-  }
+                  const c10::optional<at::Tensor>& attn_mask, int64_t causal) {
+  check_sdpa_inputs(query, key, value, attn_mask, causal);
+  TORCH_CHECK(query.is_cuda(), "pyattn::sdpa (cuda): expected CUDA tensors, got ", query.device());
+  TORCH_CHECK(std::max(query.size(3), value.size(3)) <= kMaxHeadDim, "pyattn::sdpa (cuda): head dims up to ", kMaxHeadDim);
+  TORCH_CHECK(!attn_mask.has_value() || attn_mask->scalar_type() == at::kBool || attn_mask->scalar_type() == query.scalar_type(),
+              "pyattn::sdpa (cuda): attn_mask must be bool or of query's dtype");
 }
 
 Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                   const c10::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal, double scale,
+                   const c10::optional<at::Tensor>& attn_mask, double dropout_p, int64_t causal, double scale,
                    int64_t seed, int64_t offset, at::Tensor& mask_holder) {
   Params p{};
   p.q = q.data_ptr();
@@ -755,7 +717,8 @@ Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   p.Dv = static_cast<int>(v.size(3));
   p.scale = static_cast<float>(scale);
   p.dropout_p = static_cast<float>(dropout_p);
-  p.causal = is_causal;
+  p.causal = causal != flash::kNoCausal;
+  p.causal_off = flash::causal_offset(static_cast<int>(causal), p.Lq, p.Lk);
   p.seed = static_cast<uint64_t>(seed);
   p.offset = static_cast<uint64_t>(offset);
   p.mask_kind = flash::kNoMask;
@@ -826,13 +789,13 @@ void dispatch(at::ScalarType dt, int64_t head_dim, Fn&& fn) {
 std::tuple<at::Tensor, at::Tensor> sdpa_fwd_cuda(const at::Tensor& query, const at::Tensor& key,
                                                             const at::Tensor& value,
                                                             const c10::optional<at::Tensor>& attn_mask,
-                                                            double dropout_p, bool is_causal, double scale,
+                                                            double dropout_p, int64_t causal, double scale,
                                                             int64_t seed, int64_t offset) {
-  check_inputs(query, key, value, attn_mask, dropout_p);
+  check_inputs(query, key, value, attn_mask, causal);
   const at::cuda::OptionalCUDAGuard guard(query.device());
   const auto q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
   at::Tensor mask_holder;
-  Params p = make_params(q, k, v, attn_mask, dropout_p, is_causal, scale, seed, offset, mask_holder);
+  Params p = make_params(q, k, v, attn_mask, dropout_p, causal, scale, seed, offset, mask_holder);
   at::Tensor out = at::empty({p.B, p.Hq, p.Lq, p.Dv}, q.options());
   at::Tensor lse = at::empty({p.B, p.Hq, p.Lq}, q.options().dtype(at::kFloat));
   if (p.B * p.Hq * p.Lq == 0) return {out, lse};
@@ -858,26 +821,17 @@ std::tuple<at::Tensor, at::Tensor> sdpa_fwd_cuda(const at::Tensor& query, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const c10::optional<at::Tensor>& attn_mask, const at::Tensor& out, const at::Tensor& lse, double dropout_p,
-    bool is_causal, double scale, int64_t seed, int64_t offset) {
-  check_inputs(query, key, value, attn_mask, dropout_p);
-  const int64_t B = query.size(0), Hq = query.size(1), Lq = query.size(2), Dv = value.size(3);
-  const std::vector<int64_t> o_vec{B, Hq, Lq, Dv}, l_vec{B, Hq, Lq};
-  const c10::IntArrayRef o_shape(o_vec), l_shape(l_vec);
-  PYATTN_CHECK_ARG(grad_out.sizes().equals(o_shape), "grad_out", "expected sizes ", o_shape, ", got ",
-                   grad_out.sizes());
-  PYATTN_CHECK_ARG(out.sizes().equals(o_shape), "out", "expected sizes ", o_shape, ", got ", out.sizes());
-  PYATTN_CHECK_ARG(lse.sizes().equals(l_shape), "lse", "expected sizes ", l_shape, ", got ", lse.sizes());
-  check_like_query(query, grad_out, "grad_out");
-  check_like_query(query, out, "out");
-  check_like_query(query, lse, "lse", false);
-  PYATTN_CHECK_ARG(lse.is_floating_point(), "lse", "expected float32, got ", lse.scalar_type());
+    int64_t causal, double scale, int64_t seed, int64_t offset) {
+  check_inputs(query, key, value, attn_mask, causal);
+  check_sdpa_backward_inputs(query, value, grad_out, out, lse);
 
   const at::cuda::OptionalCUDAGuard guard(query.device());
   const auto q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
-  const auto dout = grad_out.contiguous(), o = out.contiguous();
+  // read as T by the kernels: same dtype as query, whatever the caller passed
+  const auto dout = grad_out.to(q.scalar_type()).contiguous(), o = out.to(q.scalar_type()).contiguous();
   const auto l = lse.to(at::kFloat).contiguous();
   at::Tensor mask_holder;
-  Params p = make_params(q, k, v, attn_mask, dropout_p, is_causal, scale, seed, offset, mask_holder);
+  Params p = make_params(q, k, v, attn_mask, dropout_p, causal, scale, seed, offset, mask_holder);
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   if (p.B * p.Hq * p.Lq == 0 || p.Lk == 0) {  // nothing attends: all gradients are zero
     dq.zero_();

@@ -6,9 +6,14 @@ outputs as torch's module. The attention itself runs through
 one mask; ``need_weights=True`` needs the full weight matrix, which a fused kernel never builds,
 so that case runs ``pyattn.reference`` (still exact, just not fused).
 
+Bad inputs raise where torch's module raises, as classes that are instances of torch's
+(AssertionError for shapes, RuntimeError for mask shapes; pyattn/ops/errors.py). Nested-tensor
+inputs (batch_first, inference) are padded, run with a key padding mask and returned nested, as
+torch's fast path returns them.
+
 Differences from torch, on purpose:
 - A query row whose keys are all masked gives zeros (torch gives NaN).
-- No ``static_k``/``static_v`` and no nested-tensor fast path.
+- No ``static_k``/``static_v``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from torch import Tensor, nn
 
 from .. import reference
 from ..ops import scaled_dot_product_attention
+from ..ops.errors import InputAssertionError, InputError
 
 ATTN_BACKENDS = ("fused", "reference")
 
@@ -39,15 +45,29 @@ def _shape(t: Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
+class _MaskTypeError(InputAssertionError, TypeError):
+    """A mask of the wrong type: torch's module asserts (AssertionError); also a TypeError."""
+
+
+def _fail(msg: str, cls: type[InputError] = InputAssertionError):
+    raise cls(f"MultiheadAttention: {msg}")
+
+
 def _check_mask(name: str, mask: Tensor | None) -> None:
     if mask is None:
         return
     if not isinstance(mask, Tensor):
-        raise TypeError(f"MultiheadAttention: '{name}' must be a tensor or None, got {type(mask).__name__}")
+        _fail(f"'{name}' must be a tensor or None, got {type(mask).__name__}", _MaskTypeError)
     if mask.dtype != torch.bool and not mask.is_floating_point():
-        raise TypeError(
-            f"MultiheadAttention: '{name}' must be a bool or floating-point tensor, got {mask.dtype}"
-        )
+        _fail(f"'{name}' must be a bool or floating-point tensor, got {mask.dtype}", _MaskTypeError)
+
+
+def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """F.linear, with a bias of another dtype added by type promotion (as torch's module copes
+    with a half in_proj_bias beside a double query) instead of failing inside addmm."""
+    if b is not None and b.dtype != x.dtype:
+        return F.linear(x, w) + b
+    return F.linear(x, w, b)
 
 
 def _to_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -92,13 +112,9 @@ class MultiheadAttention(nn.Module):
     ) -> None:
         super().__init__()
         if embed_dim <= 0 or num_heads <= 0:
-            raise ValueError(
-                f"MultiheadAttention: embed_dim and num_heads must be > 0, got embed_dim={embed_dim}, num_heads={num_heads}"
-            )
+            _fail(f"embed_dim and num_heads must be > 0, got embed_dim={embed_dim}, num_heads={num_heads}")
         if embed_dim % num_heads != 0:
-            raise ValueError(
-                f"MultiheadAttention: embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})"
-            )
+            _fail(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         factory = {"device": device, "dtype": dtype}
         self.embed_dim = embed_dim
         self.kdim = kdim if kdim is not None else embed_dim
@@ -169,11 +185,40 @@ class MultiheadAttention(nn.Module):
             w = self.in_proj_weight
             if query is key and key is value:
                 # Self-attention: one GEMM for q, k and v.
-                return F.linear(query, w, b).chunk(3, dim=-1)
+                return _linear(query, w, b).chunk(3, dim=-1)
             w_q, w_k, w_v = w[:E], w[E : 2 * E], w[2 * E :]
         else:
             w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
-        return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+        return _linear(query, w_q, b_q), _linear(key, w_k, b_k), _linear(value, w_v, b_v)
+
+    def _nested_forward(self, query, key, value, key_padding_mask, need_weights, attn_mask,
+                        average_attn_weights, is_causal):  # fmt: skip
+        """Nested (B, L_b, E) inputs: padded, run with a key padding mask, returned nested (as
+        torch's fast path, the only path where torch's module takes them)."""
+        params_grad = any(p.requires_grad for p in self.parameters())
+        inputs_grad = any(t.requires_grad for t in (query, key, value))
+        if self.training or (torch.is_grad_enabled() and (params_grad or inputs_grad)):
+            _fail("nested tensor inputs are supported in inference only (eval() and no grad), as in torch")
+        if not self.batch_first or not all(t.is_nested for t in (query, key, value)):
+            _fail("nested tensor inputs need batch_first=True and query, key, value all nested")
+        if key_padding_mask is not None or attn_mask is not None:
+            _fail("nested tensor inputs take no key_padding_mask or attn_mask (their lengths are the mask)")
+        q_lens = [t.shape[0] for t in query.unbind()]
+        k_lens = [t.shape[0] for t in key.unbind()]
+        same_kv = key is value
+        same_qk = query is key
+        q = torch.nested.to_padded_tensor(query, 0.0)  # (B, L, E)
+        k = q if same_qk else torch.nested.to_padded_tensor(key, 0.0)  # (B, S, kdim)
+        v = k if same_kv else torch.nested.to_padded_tensor(value, 0.0)  # (B, S, vdim)
+        S = k.shape[1]
+        pad = torch.arange(S, device=q.device)[None, :] >= torch.tensor(k_lens, device=q.device)[:, None]  # (B, S)
+        out, weights = self.forward(q, k, v, pad, need_weights, None, average_attn_weights, is_causal)
+        out = torch.nested.nested_tensor([o[:n] for o, n in zip(out, q_lens, strict=True)])
+        if weights is not None:
+            # padding queries get no weights, as torch's fast path
+            rows = torch.arange(q.shape[1], device=q.device)[None, :] < torch.tensor(q_lens, device=q.device)[:, None]
+            weights = weights * (rows[:, None, :, None] if weights.dim() == 4 else rows[:, :, None])
+        return out, weights
 
     def forward(
         self,
@@ -201,22 +246,25 @@ class MultiheadAttention(nn.Module):
             (attn_output of the query's layout with E features,
              weights (B, L, S) averaged or (B, H, L, S), unbatched without B; or None).
         """
+        if any(isinstance(t, Tensor) and t.is_nested for t in (query, key, value)):
+            return self._nested_forward(
+                query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+            )
         _check_mask("key_padding_mask", key_padding_mask)
         _check_mask("attn_mask", attn_mask)
         if query.dim() not in (2, 3):
-            raise ValueError(
-                f"MultiheadAttention: 'query' must be 3-D (batched) or 2-D (unbatched), got {query.dim()}-D {_shape(query)}"
-            )
+            _fail(f"'query' must be 3-D (batched) or 2-D (unbatched), got {query.dim()}-D {_shape(query)}")
         is_batched = query.dim() == 3
         if key.dim() != query.dim() or value.dim() != query.dim():
-            raise ValueError(
-                f"MultiheadAttention: 'key' and 'value' must have query's rank {query.dim()}, got "
-                f"key {_shape(key)}, value {_shape(value)}"
+            _fail(
+                f"'key' and 'value' must have query's rank {query.dim()}, got key {_shape(key)}, "
+                f"value {_shape(value)}"
             )
         if is_causal and attn_mask is None:
-            raise RuntimeError(
-                "MultiheadAttention: is_causal=True needs attn_mask too (as in torch); build it with "
-                "Transformer.generate_square_subsequent_mask"
+            _fail(
+                "is_causal=True needs attn_mask too (as in torch); build it with "
+                "Transformer.generate_square_subsequent_mask",
+                InputError,
             )
 
         # Work batch-first internally: (B, L, E).
@@ -235,39 +283,30 @@ class MultiheadAttention(nn.Module):
         S = key.shape[1]
         H, D = self.num_heads, self.head_dim
         if E != self.embed_dim:
-            raise ValueError(
-                f"MultiheadAttention: 'query' must have embed_dim={self.embed_dim} features, got {E}"
-            )
+            _fail(f"'query' must have embed_dim={self.embed_dim} features, got {E}")
         if key.shape[0] != B or value.shape[0] != B or value.shape[1] != S:
-            raise ValueError(
-                f"MultiheadAttention: batch/length mismatch: query {_shape(query)}, key {_shape(key)}, "
-                f"value {_shape(value)} (batch-first view)"
+            _fail(
+                f"batch/length mismatch: query {_shape(query)}, key {_shape(key)}, value {_shape(value)} "
+                f"(batch-first view)"
             )
         if key.shape[2] != self.kdim or value.shape[2] != self.vdim:
-            raise ValueError(
-                f"MultiheadAttention: 'key'/'value' must have kdim={self.kdim}/vdim={self.vdim} features, "
-                f"got {key.shape[2]}/{value.shape[2]}"
+            _fail(
+                f"'key'/'value' must have kdim={self.kdim}/vdim={self.vdim} features, got "
+                f"{key.shape[2]}/{value.shape[2]}"
             )
         if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, S):
-            raise ValueError(
-                f"MultiheadAttention: 'key_padding_mask' must be (B={B}, S={S}), got {_shape(key_padding_mask)}"
-            )
+            _fail(f"'key_padding_mask' must be (B={B}, S={S}), got {_shape(key_padding_mask)}")
         if attn_mask is not None:
             if attn_mask.dim() == 2:
                 if tuple(attn_mask.shape) != (L, S):
-                    raise ValueError(
-                        f"MultiheadAttention: 2-D 'attn_mask' must be (L={L}, S={S}), got {_shape(attn_mask)}"
-                    )
+                    _fail(f"2-D 'attn_mask' must be (L={L}, S={S}), got {_shape(attn_mask)}")
             elif attn_mask.dim() == 3:
                 if tuple(attn_mask.shape) != (B * H, L, S):
-                    raise ValueError(
-                        f"MultiheadAttention: 3-D 'attn_mask' must be (B*num_heads={B * H}, L={L}, S={S}), "
-                        f"got {_shape(attn_mask)}"
+                    _fail(
+                        f"3-D 'attn_mask' must be (B*num_heads={B * H}, L={L}, S={S}), got {_shape(attn_mask)}"
                     )
             else:
-                raise ValueError(
-                    f"MultiheadAttention: 'attn_mask' must be 2-D or 3-D, got {attn_mask.dim()}-D"
-                )
+                _fail(f"'attn_mask' must be 2-D or 3-D, got {attn_mask.dim()}-D")
 
         # As torch: is_causal is only a hint, and the mask is dropped for the causal kernel
         # only when nothing else (padding, weights) needs an explicit mask.

@@ -10,7 +10,7 @@ and the Triton ops ``pyattn::NAME_fwd_triton`` / ``pyattn::NAME_bwd_triton`` def
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -8,10 +8,13 @@ never store S beyond a block; the forward saves the row log-sum-exp and the back
 P from it (flash-attention). Ops (schemas and conventions in csrc/registration.cpp), on
 canonical 4-D (B, H, L, D) tensors:
 
-    pyattn::sdpa_fwd(query, key, value, attn_mask, dropout_p, is_causal, scale,
+    pyattn::sdpa_fwd(query, key, value, attn_mask, dropout_p, causal, scale,
         seed, offset) -> (out, lse)
     pyattn::sdpa_bwd(grad_out, query, key, value, attn_mask, out, lse, dropout_p,
-        is_causal, scale, seed, offset) -> (grad_query, grad_key, grad_value)
+        causal, scale, seed, offset) -> (grad_query, grad_key, grad_value)
+
+where ``causal`` is 0 (none), 1 (upper-left, torch's is_causal=True) or 2 (lower-right, the
+diagonal ending at the last key: flash-attention's causal when Lq != Lk)
 
 and their Triton twins ``*_triton`` (kernels/sdpa.py). This module gives them fake
 (meta) implementations and autograd, validates inputs once for every backend, broadcasts and
@@ -21,14 +24,20 @@ flattens torch's (..., H, L, E) inputs to the canonical form, and picks the back
 from __future__ import annotations
 
 import math
+import os
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from .. import _backend, reference
 from ._glue import FusedOp, shape_str
+from .errors import InputError, InputIndexError, InputTypeError
 
 OP = "sdpa"
+# The Triton and CUDA kernels keep a head's row in registers / shared memory: up to 256 wide.
+MAX_GPU_HEAD_DIM = 256
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -37,6 +46,13 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # -- input validation (one function, every backend) --------------------------------------------
 
+# The ops' `causal` argument (csrc/registration.cpp): the values of
+# torch.nn.attention.bias.CausalVariant, 0 for none.
+CAUSAL_NONE, CAUSAL_UPPER_LEFT, CAUSAL_LOWER_RIGHT = 0, 1, 2
+
+
+def _fail(msg: str, cls: type[InputError] = InputError):
+    raise cls(f"scaled_dot_product_attention: {msg}")
 
 
 def _broadcast_shapes(*shapes) -> tuple[int, ...]:
@@ -63,10 +79,56 @@ def _broadcast(name: str, shapes: list[tuple[str, tuple[int, ...]]]) -> tuple[in
         return _broadcast_shapes(*(tuple(s) for _, s in shapes))
     except RuntimeError:
         desc = ", ".join(f"{n} {tuple(s)}" for n, s in shapes)
-        raise ValueError(
-            f"scaled_dot_product_attention: the {name} of query, key and value must be "
-            f"broadcastable, got {desc}"
-        ) from None
+        _fail(f"the {name} of query, key and value must be broadcastable, got {desc}")
+
+
+def _number(name: str, x) -> float:
+    """A float argument as torch's argument parser takes it: a Python number or a 1-element
+    tensor (not a string or None)."""
+    if isinstance(x, Tensor) and x.numel() == 1:
+        return float(x)
+    if isinstance(x, (bool, int, float)):
+        return float(x)
+    _fail(f"'{name}' must be a float, got {type(x).__name__}", InputTypeError)
+
+
+class Plan(NamedTuple):
+    """What check_inputs found: how the call broadcasts and which mask it carries.
+
+    ``lead``: the broadcast dims before the head dim; ``Hq`` / ``Hkv``: query and key/value head
+    counts; ``gqa``: the kernel runs grouped-query attention (Hq != Hkv); ``out_batch``: the
+    output's dims before (Lq, Dv); ``causal``: CAUSAL_NONE / _UPPER_LEFT / _LOWER_RIGHT;
+    ``attn_mask``: the mask tensor to apply (None for none, or when a CausalBias became
+    ``causal``)."""
+
+    lead: tuple[int, ...]
+    Hq: int
+    Hkv: int
+    gqa: bool
+    out_batch: tuple[int, ...]
+    causal: int
+    attn_mask: Tensor | None
+
+
+def _causal_bias(attn_mask, is_causal: bool, Lq: int, Lk: int) -> tuple[int, Tensor | None]:
+    """(causal, mask) for a torch CausalBias, with torch's choices: upper-left, or any bias whose
+    own lengths are equal, is torch's is_causal=True (whatever the inputs' lengths); lower-right
+    is the fused offset diagonal when its lengths are the inputs', else torch materialises it
+    and broadcasts (so must we)."""
+    if is_causal:
+        _fail(
+            f"a CausalBias attn_mask cannot be used with is_causal=True (as in torch), got "
+            f"{attn_mask.variant.name} ({attn_mask.seq_len_q}, {attn_mask.seq_len_kv}) and is_causal=True"
+        )
+    sq, skv = attn_mask.seq_len_q, attn_mask.seq_len_kv
+    if sq == skv or attn_mask.variant == CausalVariant.UPPER_LEFT:
+        return CAUSAL_UPPER_LEFT, None
+    if attn_mask.variant != CausalVariant.LOWER_RIGHT:
+        _fail(f"CausalBias.variant must be a CausalVariant, got {attn_mask.variant!r}")
+    if (sq, skv) == (Lq, Lk):
+        return CAUSAL_LOWER_RIGHT, None
+    # (sq, skv) bool (True = attend), as CausalBias._materialize builds it
+    return CAUSAL_NONE, torch.ones(sq, skv, dtype=torch.bool).tril(diagonal=skv - sq)
 
 
 def check_inputs(
@@ -78,80 +140,87 @@ def check_inputs(
     is_causal: bool,
     scale: float | None,
     enable_gqa: bool,
-) -> tuple[tuple[int, ...], int, int, bool]:
-    """Raise a TypeError/ValueError naming the argument, what was expected and what came.
-
-    Returns ``(lead, Hq, Hkv, gqa, out_batch)``: the broadcast leading dims (before the head
-    dim), the query and key/value head counts, whether the kernel runs grouped-query attention
-    (Hq != Hkv), and the output's dims before (Lq, Dv).
+) -> Plan:
+    """Raise an InputError (a ValueError and a RuntimeError; InputTypeError also a TypeError)
+    naming the argument, what was expected and what came, wherever torch raises; else the Plan.
     """
     named = {"query": query, "key": key, "value": value}
     for name, t in named.items():
         if not isinstance(t, Tensor):
-            raise TypeError(
-                f"scaled_dot_product_attention: '{name}' must be a torch.Tensor, got {type(t).__name__}"
-            )
-        if not t.is_floating_point():
-            raise TypeError(
-                f"scaled_dot_product_attention: '{name}' must be a floating-point tensor, got {t.dtype}"
-            )
-        if t.dim() < 2:
-            raise ValueError(
-                f"scaled_dot_product_attention: '{name}' must have at least 2 dims (..., L, E), "
-                f"got {t.dim()}-D {shape_str(t)}"
-            )
-    for name, t in named.items():
+            _fail(f"'{name}' must be a torch.Tensor, got {type(t).__name__}", InputTypeError)
+    if attn_mask is not None and not isinstance(attn_mask, Tensor):
+        _fail(f"'attn_mask' must be a tensor or None, got {type(attn_mask).__name__}", InputTypeError)
+    if not isinstance(is_causal, bool):
+        _fail(f"'is_causal' must be a bool, got {type(is_causal).__name__}", InputTypeError)
+    dropout_p = _number("dropout_p", dropout_p)
+    if scale is not None:
+        _number("scale", scale)
+    bias = isinstance(attn_mask, CausalBias)
+    if bias and is_causal:
+        _fail(
+            f"a CausalBias attn_mask cannot be used with is_causal=True (as in torch), got "
+            f"{attn_mask.variant.name} ({attn_mask.seq_len_q}, {attn_mask.seq_len_kv}) and is_causal=True"
+        )
+    for t in named.values():
         if t.dtype != query.dtype:
-            raise TypeError(
-                f"scaled_dot_product_attention: '{name}' dtype {t.dtype} differs from query's "
-                f"{query.dtype}; query, key and value must share one dtype"
+            _fail(
+                f"query, key and value must share one dtype, got query {query.dtype}, key "
+                f"{key.dtype}, value {value.dtype}",
+                InputTypeError,
             )
         if t.device != query.device:
-            raise ValueError(
-                f"scaled_dot_product_attention: '{name}' is on {t.device} but query is on "
-                f"{query.device}; all inputs must be on one device"
+            _fail(
+                f"query, key and value must be on one device, got query on {query.device}, key on "
+                f"{key.device}, value on {value.device}"
             )
-    E, Lk = query.shape[-1], key.shape[-2]
+    if attn_mask is not None and not bias:
+        if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+            _fail(
+                f"'attn_mask' must be bool (True = attend), float32 or of query's dtype {query.dtype}, "
+                f"got {attn_mask.dtype}",
+                InputTypeError,
+            )
+        if attn_mask.device != query.device:
+            _fail(f"'attn_mask' is on {attn_mask.device} but query is on {query.device}")
+    for name, t in named.items():
+        if t.dim() < 2:
+            _fail(
+                f"query, key and value must have at least 2 dims (..., L, E), got '{name}' "
+                f"{t.dim()}-D {shape_str(t)}"
+            )
+    if attn_mask is not None and is_causal:
+        _fail(
+            f"'attn_mask' and 'is_causal' cannot both be set (as in torch; fold the causal mask into "
+            f"attn_mask), got attn_mask {shape_str(attn_mask)} and is_causal=True"
+        )
+    if enable_gqa and not all(t.dim() >= 3 for t in named.values()):
+        _fail(
+            f"with enable_gqa, query, key and value need a head dim (at least 3-D), got query "
+            f"{shape_str(query)}, key {shape_str(key)}, value {shape_str(value)}",
+            InputIndexError,
+        )
+    if not query.is_floating_point():
+        _fail(f"query, key and value must be floating-point tensors, got {query.dtype}", InputTypeError)
+    if not 0.0 <= dropout_p <= 1.0:
+        _fail(f"'dropout_p' must be in [0, 1], got {dropout_p!r}")
+    Lq, E, Lk = query.shape[-2], query.shape[-1], key.shape[-2]
     if key.shape[-1] != E:
-        raise ValueError(
-            f"scaled_dot_product_attention: 'key' head dim must match query's E={E}, got key "
-            f"{shape_str(key)} and query {shape_str(query)}"
-        )
+        _fail(f"'key' head dim must match query's E={E}, got key {shape_str(key)} and query {shape_str(query)}")
     if value.shape[-2] != Lk:
-        raise ValueError(
-            f"scaled_dot_product_attention: 'value' length must match key's Lk={Lk}, got value "
-            f"{shape_str(value)} and key {shape_str(key)}"
-        )
-    if not isinstance(dropout_p, (int, float)) or not (0.0 <= dropout_p < 1.0):
-        raise ValueError(f"scaled_dot_product_attention: 'dropout_p' must be in [0, 1), got {dropout_p!r}")
-    if scale is not None and (not isinstance(scale, (int, float)) or math.isnan(scale) or scale < 0):
-        raise ValueError(
-            f"scaled_dot_product_attention: 'scale' must be None or a non-negative number, got {scale!r}"
+        _fail(
+            f"'value' length must match key's Lk={Lk}, got value {shape_str(value)} and key {shape_str(key)}"
         )
 
     # Heads (dim -3) and the leading dims before them. With enable_gqa and differing head counts
     # the heads stay apart (the kernel maps query head h to kv head h // (Hq // Hkv)); otherwise
     # every dim before (L, E) broadcasts, as torch's matmuls do.
-    ranks3 = all(t.dim() >= 3 for t in named.values())
-    gqa = (
-        bool(enable_gqa)
-        and ranks3
-        and query.shape[-3] != key.shape[-3]
-        or bool(enable_gqa)
-        and ranks3
-        and query.shape[-3] != value.shape[-3]
-    )
+    gqa = bool(enable_gqa) and (query.shape[-3] != key.shape[-3] or query.shape[-3] != value.shape[-3])
     if gqa:
-        Hq, Hkv = query.shape[-3], key.shape[-3]
-        if value.shape[-3] != Hkv:
-            raise ValueError(
-                f"scaled_dot_product_attention: 'value' heads must match key's Hkv={Hkv}, got "
-                f"value {shape_str(value)} and key {shape_str(key)}"
-            )
-        if Hkv == 0 or Hq % Hkv != 0:
-            raise ValueError(
-                f"scaled_dot_product_attention: with enable_gqa, query heads Hq={Hq} must be a "
-                f"multiple of key/value heads Hkv={Hkv}"
+        Hq, Hkv, Hv = query.shape[-3], key.shape[-3], value.shape[-3]
+        if Hkv == 0 or Hv == 0 or Hq % Hkv != 0 or Hq % Hv != 0:
+            _fail(
+                f"with enable_gqa, key and value heads must divide query's: got query "
+                f"{shape_str(query)}, key {shape_str(key)}, value {shape_str(value)}"
             )
         batch = ()
         lead = _broadcast(
@@ -165,50 +234,38 @@ def check_inputs(
         )
         lead, H = (batch[:-1], batch[-1]) if batch else ((), 1)
         Hq = Hkv = H
+    causal = CAUSAL_UPPER_LEFT if is_causal else CAUSAL_NONE
+    if bias:
+        causal, attn_mask = _causal_bias(attn_mask, is_causal, Lq, Lk)
+        if attn_mask is not None:
+            attn_mask = attn_mask.to(query.device)
+    out_batch = (*lead, Hq) if gqa or len(batch) else ()
     if attn_mask is not None:
-        if is_causal:
-            raise ValueError(
-                "scaled_dot_product_attention: 'attn_mask' and 'is_causal' cannot both be set "
-                "(as in torch); fold the causal mask into attn_mask"
-            )
-        if not isinstance(attn_mask, Tensor):
-            raise TypeError(
-                f"scaled_dot_product_attention: 'attn_mask' must be a tensor or None, got {type(attn_mask).__name__}"
-            )
-        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
-            raise TypeError(
-                f"scaled_dot_product_attention: 'attn_mask' must be bool (True = attend) or of "
-                f"query's dtype {query.dtype}, got {attn_mask.dtype}"
-            )
-        if attn_mask.device != query.device:
-            raise ValueError(
-                f"scaled_dot_product_attention: 'attn_mask' is on {attn_mask.device} but query is on {query.device}"
-            )
-        target = (*lead, Hq, query.shape[-2], Lk)
+        # added to the scores in place, as torch's: it broadcasts to them, never beyond
+        target = (*out_batch, Lq, Lk)
         try:
             ok = _broadcast_shapes(tuple(attn_mask.shape), target) == target
         except RuntimeError:
             ok = False
         if not ok:
-            raise ValueError(
-                f"scaled_dot_product_attention: 'attn_mask' must be broadcastable to "
-                f"(..., Hq, Lq, Lk) = {target}, got {shape_str(attn_mask)}"
+            _fail(
+                f"'attn_mask' must be broadcastable to the scores (..., Hq, Lq, Lk) = {target}, got "
+                f"{shape_str(attn_mask)}"
             )
-    out_batch = (*lead, Hq) if gqa or len(batch) else ()
-    return lead, Hq, Hkv, gqa, out_batch
+    return Plan(lead, Hq, Hkv, gqa, out_batch, causal, attn_mask)
 
 
 # -- fake (meta) implementations and autograd, shared by the C++ op and its Triton twin ----------
 
 
-def _fake_fwd(query, key, value, attn_mask, dropout_p, is_causal, scale, seed, offset):
+def _fake_fwd(query, key, value, attn_mask, dropout_p, causal, scale, seed, offset):
     B, Hq, Lq, _ = query.shape
     out = query.new_empty((B, Hq, Lq, value.shape[-1]))
     lse = query.new_empty((B, Hq, Lq), dtype=_lse_dtype(query.dtype))
     return out, lse
 
 
-def _fake_bwd(grad_out, query, key, value, attn_mask, out, lse, dropout_p, is_causal, scale, seed, offset):
+def _fake_bwd(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal, scale, seed, offset):
     return (
         torch.empty_like(query, memory_format=torch.contiguous_format),
         torch.empty_like(key, memory_format=torch.contiguous_format),
@@ -217,9 +274,9 @@ def _fake_bwd(grad_out, query, key, value, attn_mask, out, lse, dropout_p, is_ca
 
 
 def _setup_context(ctx, inputs, output):
-    query, key, value, attn_mask, dropout_p, is_causal, scale, seed, offset = inputs
+    query, key, value, attn_mask, dropout_p, causal, scale, seed, offset = inputs
     out, lse = output
-    ctx.args = (dropout_p, is_causal, scale, seed, offset)
+    ctx.args = (dropout_p, causal, scale, seed, offset)
     ctx.save_for_backward(query, key, value, attn_mask, out, lse)
 
 
@@ -231,10 +288,10 @@ def _make_backward(bwd_op):
             return (None,) * 9
         if grad_out is None:
             grad_out = torch.zeros_like(out)
-        dropout_p, is_causal, scale, seed, offset = ctx.args
+        dropout_p, causal, scale, seed, offset = ctx.args
         dq, dk, dv = bwd_op(
             grad_out.contiguous(), query, key, value, attn_mask, out, lse,
-            dropout_p, is_causal, scale, seed, offset,
+            dropout_p, causal, scale, seed, offset,
         )  # fmt: skip
         return (
             dq if needs[0] else None,
@@ -283,61 +340,111 @@ def scaled_dot_product_attention(
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``, fused.
 
     ``softmax(query key^T * scale + mask) value`` with dropout on the weights. Leading dims
-    broadcast as in torch. Differences from torch: a query row whose keys are all masked gets
-    zeros (and zero gradients), always, where torch has given NaN (older versions, some of its
-    kernels); dropout draws its mask from a counter-based
-    generator (philox) seeded from torch's default generator, so ``torch.manual_seed`` reproduces
-    it but the mask differs from torch's. A float ``attn_mask`` that requires grad is computed
-    through pyattn.reference (naive, materialised scores) so that its gradient is right; so is
-    every call with ``backend="reference"``.
+    broadcast as in torch; bad inputs raise where torch raises, as an InputError that is an
+    instance of torch's exception class (pyattn/ops/errors.py). Differences from torch (README,
+    "Behaviour"): a query row whose keys are all masked gets zeros (and zero gradients), always;
+    dropout draws its mask from a counter-based generator (philox) seeded from torch's default
+    generator, so ``torch.manual_seed`` reproduces it but the mask differs from torch's. A float
+    ``attn_mask`` that requires grad is computed through pyattn.reference (naive, materialised
+    scores) so that its gradient is right; so are empty inputs, ``dropout_p=1`` and every call
+    with ``backend="reference"``. float16/bfloat16 CPU tensors are computed in float32 and
+    rounded once.
 
     Arguments:
         query: (..., Hq, Lq, E).
         key: (..., Hkv, Lk, E).
         value: (..., Hkv, Lk, Dv).
-        attn_mask: bool (True = attend) or of query's dtype (added to the scores),
-            broadcastable to (..., Hq, Lq, Lk). Not together with ``is_causal``.
-        dropout_p: dropout probability on the attention weights, in [0, 1).
+        attn_mask: bool (True = attend), float32 or of query's dtype (added to the scores),
+            broadcastable to (..., Hq, Lq, Lk); or a ``torch.nn.attention.bias.CausalBias``
+            (``causal_upper_left`` / ``causal_lower_right``), run as the fused causal mask.
+            Not together with ``is_causal``.
+        dropout_p: dropout probability on the attention weights, in [0, 1].
         is_causal: top-left aligned causal mask (query i sees keys j <= i), as torch.
-        scale: score scale, default ``1 / sqrt(E)``; must be non-negative.
+        scale: score scale (any sign), default ``1 / sqrt(E)``.
         enable_gqa: Hq may be a multiple of Hkv (grouped-query attention).
         backend: None (best for the device; env PYATTN_BACKEND overrides), "cpu", "cuda",
             "triton" or "reference".
     Returns:
         (..., Hq, Lq, Dv).
     """
-    lead, Hq, Hkv, _gqa, out_batch = check_inputs(
+    lead, Hq, Hkv, _gqa, out_batch, causal, mask = check_inputs(
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
     )
-    chosen = _backend.resolve(OP, backend, query.device, query.dtype)
-    float_mask_grad = attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.requires_grad
-    if chosen == "reference" or float_mask_grad:
-        if dropout_p > 0.0:
-            return _reference_with_fused_dropout(
-                query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, lead, Hq
+    dropout_p = float(dropout_p)
+    if _gqa and key.shape[-3] != value.shape[-3]:
+        # key and value grouped differently (as torch allows): each repeated to the query heads
+        key = key.repeat_interleave(Hq // key.shape[-3], dim=-3)
+        value = value.repeat_interleave(Hq // value.shape[-3], dim=-3)
+        Hkv = Hq
+    E, Dv = query.shape[-1], value.shape[-1]
+    # E = 0: every score is an empty dot product, 0 whatever the scale (as torch)
+    scale_f = (1.0 / math.sqrt(E) if E > 0 else 1.0) if scale is None else float(scale)
+    dtype = query.dtype
+    half_cpu = query.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+    chosen = _backend.resolve(OP, backend, query.device, torch.float32 if half_cpu else dtype)
+    if chosen in ("triton", "cuda") and max(E, Dv) > MAX_GPU_HEAD_DIM:
+        if backend is None and not os.environ.get("PYATTN_BACKEND"):
+            chosen = "reference"  # the best this device has for such heads
+        else:
+            name, d = ("query/key head dim D", E) if E > MAX_GPU_HEAD_DIM else ("value head dim Dv", Dv)
+            raise InputError(
+                f"pyattn.sdpa: backend {chosen!r} cannot run here: {name} must be in "
+                f"[1, {MAX_GPU_HEAD_DIM}], got {d}"
             )
-        return reference.scaled_dot_product_attention(
-            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
-        )
+    if half_cpu and chosen in ("cpu", "reference"):
+        # No fused half CPU kernels yet: compute in float32 and round once (a half score matrix
+        # overflows to NaN and doubles the error).
+        up = [t.float() for t in (query, key, value)]
+        fmask = None if mask is None or mask.dtype == torch.bool else mask.float()
+        out = _run(chosen, *up, fmask if fmask is not None else mask, dropout_p, causal, scale_f,
+                   enable_gqa, lead, Hq, Hkv, out_batch)  # fmt: skip
+        return out.to(dtype)
+    return _run(chosen, query, key, value, mask, dropout_p, causal, scale_f, enable_gqa, lead, Hq, Hkv, out_batch)
 
+
+def _run(chosen, query, key, value, mask, dropout_p, causal, scale, enable_gqa, lead, Hq, Hkv, out_batch):
+    """The validated call on backend ``chosen``."""
     Lq, E, Lk, Dv = query.shape[-2], query.shape[-1], key.shape[-2], value.shape[-1]
     B = math.prod(lead)
+    empty = B * Hq * Lq * Lk * E * Dv == 0
+    float_mask_grad = mask is not None and mask.dtype != torch.bool and mask.requires_grad
+    if chosen == "reference" or float_mask_grad or empty or dropout_p >= 1.0:
+        if 0.0 < dropout_p < 1.0:
+            return _reference_with_fused_dropout(
+                query, key, value, mask, dropout_p, causal, scale, enable_gqa, lead, Hq
+            )
+        return reference.scaled_dot_product_attention(
+            query, key, value, mask, dropout_p, causal, scale, enable_gqa
+        )
+
     q = query.expand(*lead, Hq, Lq, E).reshape(B, Hq, Lq, E)  # (B, Hq, Lq, E)
     k = key.expand(*lead, Hkv, Lk, E).reshape(B, Hkv, Lk, E)  # (B, Hkv, Lk, E)
     v = value.expand(*lead, Hkv, Lk, Dv).reshape(B, Hkv, Lk, Dv)  # (B, Hkv, Lk, Dv)
-    mask = None
-    if attn_mask is not None:
+    m4 = None
+    if mask is not None:
+        if mask.dtype != torch.bool and mask.dtype != query.dtype and chosen != "triton":
+            # a float32 mask beside a float64 (exact) or half (CUDA) query; the Triton kernels
+            # read any float mask as float32 themselves
+            mask = _cast_mask(mask, query.dtype)
         # stays a stride-0 view where it broadcasts: the kernels read it through its strides
-        mask = attn_mask.expand(*lead, Hq, Lq, Lk).reshape(B, Hq, Lq, Lk)  # (B, Hq, Lq, Lk)
+        m4 = mask.expand(*lead, Hq, Lq, Lk).reshape(B, Hq, Lq, Lk)  # (B, Hq, Lq, Lk)
     seed, offset = _dropout_seed_offset() if dropout_p > 0.0 else (0, 0)
-    scale_f = 1.0 / math.sqrt(E) if scale is None else float(scale)
     fwd = _OPS.forward_op(chosen)
-    out, _lse = fwd(q, k, v, mask, float(dropout_p), bool(is_causal), scale_f, seed, offset)
+    out, _lse = fwd(q, k, v, m4, dropout_p, causal, scale, seed, offset)
     return out.reshape(*out_batch, Lq, Dv)  # (..., Hq, Lq, Dv)
 
 
+def _cast_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """An additive mask in ``dtype``, finite values clamped to its range so that a large finite
+    bias cannot turn into +-inf (and a +inf into NaN) on the way."""
+    info = torch.finfo(dtype)
+    if torch.finfo(mask.dtype).max > info.max:
+        mask = torch.where(mask.isinf(), mask, mask.clamp(-info.max, info.max))
+    return mask.to(dtype)
+
+
 def _reference_with_fused_dropout(
-    query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, lead, Hq
+    query, key, value, attn_mask, dropout_p, causal, scale, enable_gqa, lead, Hq
 ):
     """The reference path with the same philox keep-mask the fused kernels would draw."""
     seed, offset = _dropout_seed_offset()
@@ -350,5 +457,5 @@ def _reference_with_fused_dropout(
     keep = keep.to(query.device)
     keep = keep.reshape(*lead, *shape[1:])
     return reference.scaled_dot_product_attention(
-        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_mask=keep
+        query, key, value, attn_mask, dropout_p, causal, scale, enable_gqa, dropout_mask=keep
     )
