@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The one script a session with a lent GPU runs on the device machine, from the repo root:
+# The GPU check: run on a CUDA machine from the repo root, within one 10-minute slot:
 #
-#   bash bench/gpu_check.sh      (device tool: run(command="bash bench/gpu_check.sh", timeout_s=600))
+#   bash bench/gpu_check.sh      (OUT=dir for the result files; GPU_CHECK_TINY=1: CPU rehearsal)
 #
 # Stages, in order of value; each streams through tee into its own file in $OUT, so a run cut off
 # at any point still leaves named results, and a failing stage does not stop the next:

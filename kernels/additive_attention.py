@@ -453,7 +453,9 @@ _GRAD_TILES = [
 
 
 def _tuned(fn, tiles, key, prune, exclude=()) -> Tuned:
-    return Tuned(fn, _configs(tiles, exclude=exclude), key=key, prune=prune, interpret_config=_INTERPRET_CONFIG)
+    return Tuned(
+        fn, _configs(tiles, exclude=exclude), key=key, prune=prune, interpret_config=_INTERPRET_CONFIG
+    )
 
 
 _fwd = _tuned(

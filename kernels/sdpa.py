@@ -732,7 +732,9 @@ def _configs(kind: str) -> list:
         for w in (4, 8)
         for s in (1, 2, 3, 4)
     ]
-    fp32 = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=1) for bm, bn in _FP32_SHAPES]
+    fp32 = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=1) for bm, bn in _FP32_SHAPES
+    ]
     return half + fp32
 
 
@@ -787,7 +789,9 @@ def _pruner(kind: str):
             return kept
         # nothing fits the estimates (fp16 at D = 256): the smallest tiles
         pool = [c for c in configs if (c.num_stages == 1) == wide] or configs
-        return [min(pool, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages, c.num_warps))]
+        return [
+            min(pool, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages, c.num_warps))
+        ]
 
     return prune
 
@@ -813,7 +817,9 @@ def _check_slice(name: str, t: Tensor, rows: int, cols: int) -> None:
 
 
 def _expandable(shape, to) -> bool:
-    return len(shape) <= len(to) and all(s in (1, t) for s, t in zip(reversed(shape), reversed(to), strict=False))
+    return len(shape) <= len(to) and all(
+        s in (1, t) for s, t in zip(reversed(shape), reversed(to), strict=False)
+    )
 
 
 def _check(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, causal: int):
@@ -1052,7 +1058,12 @@ def sdpa_bwd_triton(
     if _interpreter_bf16(query):
         grads = sdpa_backward(
             *(_up(t) for t in (grad_out, query, key, value, attn_mask, out)),
-            lse, dropout_p, causal, scale, seed, offset,
+            lse,
+            dropout_p,
+            causal,
+            scale,
+            seed,
+            offset,
         )
         return tuple(g.to(torch.bfloat16) for g in grads)
     return sdpa_backward(

@@ -116,9 +116,7 @@ def usable_on(backend: str, device: torch.device, dtype: torch.dtype | None = No
     return f"unknown backend; expected one of {', '.join(BACKENDS)}"
 
 
-def resolve(
-    op: str, backend: str | None, device: torch.device, dtype: torch.dtype | None = None
-) -> str:
+def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """The backend a call of ``op`` runs on; raises with the reason when the one asked for
     cannot take the inputs. With no backend asked for, falls back to the reference."""
     if backend is None:

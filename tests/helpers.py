@@ -104,10 +104,12 @@ def assert_close_to_ref(name, out, ref_lowp, ref64, factor=2.0, floor=None):
 GRAD_FLOOR = {torch.float32: 6e-6}
 
 
-def assert_grads_close(names, grads, grads_lowp, grads64, factor=3.0):
+def assert_grads_close(names, grads, grads_lowp, grads64, factor=3.0, floor_mult=1.0):
+    """The 3x rule on each gradient; ``floor_mult`` widens the float32 floor where a case's
+    scores are larger than the default scale gives (P's recompute error grows with |S|)."""
     for name, g, gl, g64 in zip(names, grads, grads_lowp, grads64, strict=True):
         floor = None
         if g.dtype in GRAD_FLOOR:
             scale = max(1.0, g64.abs().nan_to_num(0.0).max().item()) if g64.numel() else 1.0
-            floor = GRAD_FLOOR[g.dtype] * scale
+            floor = GRAD_FLOOR[g.dtype] * scale * floor_mult
         assert_close_to_ref(f"grad {name}", g, gl, g64, factor=factor, floor=floor)

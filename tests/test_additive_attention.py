@@ -50,7 +50,9 @@ def make_inputs(B, Tq, Tk, H, Dv, dtype, device, pad=None, contiguous=True):
     return ins, ins_lowp_ref, ins64, mask, mask_dev
 
 
-def check_against_reference(backend, device, dtype, B, Tq, Tk, H, Dv, pad=None, contiguous=True, weights=False):
+def check_against_reference(
+    backend, device, dtype, B, Tq, Tk, H, Dv, pad=None, contiguous=True, weights=False
+):
     ins, ins_l, ins64, mask, mask_dev = make_inputs(B, Tq, Tk, H, Dv, dtype, device, pad, contiguous)
     res = pyattn.additive_attention(*ins, mask_dev, return_weights=weights, backend=backend)
     res_l = reference.additive_attention(*ins_l, mask, return_weights=weights)
@@ -59,14 +61,14 @@ def check_against_reference(backend, device, dtype, B, Tq, Tk, H, Dv, pad=None, 
     outs_l = res_l if weights else (res_l,)
     outs64 = res64 if weights else (res64,)
     names = ["context", "weights"]
-    for name, o, ol, o64 in zip(names, outs, outs_l, outs64):
+    for name, o, ol, o64 in zip(names, outs, outs_l, outs64, strict=True):
         assert o.dtype == dtype and o.device.type == torch.device(device).type
         assert torch.isfinite(o).all(), f"{name} has non-finite values"
         assert_close_to_ref(name, o, ol, o64)
     grads_out = [torch.randn_like(o64) for o64 in outs64]
 
     def grads(outputs, inputs):
-        loss = sum((o * g.to(o.device, o.dtype)).sum() for o, g in zip(outputs, grads_out))
+        loss = sum((o * g.to(o.device, o.dtype)).sum() for o, g in zip(outputs, grads_out, strict=True))
         return torch.autograd.grad(loss, inputs)
 
     assert_grads_close(
@@ -95,7 +97,9 @@ def test_padding_masks(backend, device, pad):
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_return_weights_and_their_gradient(backend, device):
-    ctx, w = check_against_reference(backend, device, torch.float32, 2, 5, 23, 16, 8, pad="full_row", weights=True)
+    ctx, w = check_against_reference(
+        backend, device, torch.float32, 2, 5, 23, 16, 8, pad="full_row", weights=True
+    )
     assert w.shape == (2, 5, 23)
     assert torch.all(w[0] == 0)
     torch.testing.assert_close(w[1].sum(-1), torch.ones(5, device=w.device), rtol=0, atol=1e-5)
@@ -161,7 +165,7 @@ def test_deterministic(backend, device):
         return (out, *torch.autograd.grad(out, ins, g))
 
     first, second = run(), run()
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b), "same inputs must give bitwise-identical results"
 
 
@@ -249,13 +253,21 @@ def _good():
     "mutate,exc,pattern",
     [
         (lambda a: a.__setitem__(0, torch.randn(3, 8)), ValueError, r"'query' must be 3-D"),
-        (lambda a: a.__setitem__(1, torch.randn(2, 5, 9)), ValueError, r"'key' last dim must match query's H=8"),
+        (
+            lambda a: a.__setitem__(1, torch.randn(2, 5, 9)),
+            ValueError,
+            r"'key' last dim must match query's H=8",
+        ),
         (lambda a: a.__setitem__(1, torch.randn(3, 5, 8)), ValueError, r"'key' batch size"),
         (lambda a: a.__setitem__(2, torch.randn(2, 6, 4)), ValueError, r"'value' must be \(B=2, Tk=5, Dv\)"),
         (lambda a: a.__setitem__(3, torch.randn(7)), ValueError, r"'v' must have length H=8"),
         (lambda a: a.__setitem__(3, torch.randn(8, 1)), ValueError, r"'v' must be 1-D"),
         (lambda a: a.__setitem__(2, torch.randn(2, 5, 4, dtype=torch.float64)), TypeError, r"'value' dtype"),
-        (lambda a: a.__setitem__(0, torch.ones(2, 3, 8, dtype=torch.long)), TypeError, r"'query' must be a floating"),
+        (
+            lambda a: a.__setitem__(0, torch.ones(2, 3, 8, dtype=torch.long)),
+            TypeError,
+            r"'query' must be a floating",
+        ),
         (lambda a: a.__setitem__(0, [[1.0]]), TypeError, r"'query' must be a torch.Tensor"),
     ],
 )

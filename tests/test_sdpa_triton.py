@@ -286,7 +286,10 @@ def test_opcheck(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_head_dim_limit(device):
     q = torch.randn(1, 1, 4, 300, device=device)
-    with pytest.raises(ValueError, match=r"backend 'triton' cannot run here: query/key head dim D must be in \[1, 256\], got 300"):
+    with pytest.raises(
+        ValueError,
+        match=r"backend 'triton' cannot run here: query/key head dim D must be in \[1, 256\], got 300",
+    ):
         pyattn.scaled_dot_product_attention(q, q, q, backend="triton")
     with pytest.raises(ValueError, match="not canonical"):
         FWD(q, q, q, None, 0.0, 0, 0.1, 0, 0)

@@ -12,7 +12,7 @@ namespace cpu {
 
 // Row-major C (m x n, leading dim ldc) = alpha * op(A) op(B) + beta * C, where op(A) is (m x k)
 // and op(B) is (k x n); trans_a means A is stored (k x m) with leading dim lda (same for B).
-// Defined in csrc/sdpa.cpp on top of ATen's CPU addmm (MKL here): the per-ISA kernel
+// Defined in csrc/cpu/blas.cpp on top of ATen's CPU addmm (MKL here): the per-ISA kernel
 // files cannot include ATen's tensor headers, and at::native::cpublas is not exported. beta = 0
 // ignores C's old contents (NaN included).
 void flash_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,

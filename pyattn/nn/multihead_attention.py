@@ -211,12 +211,17 @@ class MultiheadAttention(nn.Module):
         k = q if same_qk else torch.nested.to_padded_tensor(key, 0.0)  # (B, S, kdim)
         v = k if same_kv else torch.nested.to_padded_tensor(value, 0.0)  # (B, S, vdim)
         S = k.shape[1]
-        pad = torch.arange(S, device=q.device)[None, :] >= torch.tensor(k_lens, device=q.device)[:, None]  # (B, S)
+        pad = (
+            torch.arange(S, device=q.device)[None, :] >= torch.tensor(k_lens, device=q.device)[:, None]
+        )  # (B, S)
         out, weights = self.forward(q, k, v, pad, need_weights, None, average_attn_weights, is_causal)
         out = torch.nested.nested_tensor([o[:n] for o, n in zip(out, q_lens, strict=True)])
         if weights is not None:
             # padding queries get no weights, as torch's fast path
-            rows = torch.arange(q.shape[1], device=q.device)[None, :] < torch.tensor(q_lens, device=q.device)[:, None]
+            rows = (
+                torch.arange(q.shape[1], device=q.device)[None, :]
+                < torch.tensor(q_lens, device=q.device)[:, None]
+            )
             weights = weights * (rows[:, None, :, None] if weights.dim() == 4 else rows[:, :, None])
         return out, weights
 

@@ -36,7 +36,6 @@ def _lse_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 # -- input validation (one function, every backend) --------------------------------------------
 
 
-
 def check_inputs(
     query: Tensor, key: Tensor, value: Tensor, v: Tensor, key_padding_mask: Tensor | None
 ) -> None:
@@ -56,16 +55,22 @@ def check_inputs(
             )
     B, Tq, H = query.shape
     if key.shape[0] != B:
-        raise ValueError(f"additive_attention: 'key' batch size must match query's B={B}, got key {shape_str(key)}")
+        raise ValueError(
+            f"additive_attention: 'key' batch size must match query's B={B}, got key {shape_str(key)}"
+        )
     if key.shape[2] != H:
-        raise ValueError(f"additive_attention: 'key' last dim must match query's H={H}, got key {shape_str(key)}")
+        raise ValueError(
+            f"additive_attention: 'key' last dim must match query's H={H}, got key {shape_str(key)}"
+        )
     Tk = key.shape[1]
     if value.shape[0] != B or value.shape[1] != Tk:
         raise ValueError(
             f"additive_attention: 'value' must be (B={B}, Tk={Tk}, Dv) to match query and key, got {shape_str(value)}"
         )
     if v.shape[0] != H:
-        raise ValueError(f"additive_attention: 'v' must have length H={H} (query's last dim), got {shape_str(v)}")
+        raise ValueError(
+            f"additive_attention: 'v' must have length H={H} (query's last dim), got {shape_str(v)}"
+        )
     for name, t in named.items():
         if t.dtype != query.dtype:
             raise TypeError(
@@ -193,7 +198,22 @@ def additive_attention(
         context (B, Tq, Dv); with ``return_weights`` also weights (B, Tq, Tk).
     """
     check_inputs(query, key, value, v, key_padding_mask)
-    chosen = _backend.resolve(OP, backend, query.device, query.dtype)
+    dtype = query.dtype
+    if query.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        # No fused half CPU kernels yet: the float32 kernel (or reference), rounded once; a half
+        # (B, Tq, Tk, H) tanh tensor would lose accuracy and overflow its sums.
+        chosen = _backend.resolve(OP, backend, query.device, torch.float32)
+        up = [t.float() for t in (query, key, value, v)]
+        result = _run(chosen, *up, key_padding_mask, return_weights)
+        if return_weights:
+            return result[0].to(dtype), result[1].to(dtype)
+        return result.to(dtype)
+    return _run(_backend.resolve(OP, backend, query.device, dtype), query, key, value, v,
+                key_padding_mask, return_weights)  # fmt: skip
+
+
+def _run(chosen, query, key, value, v, key_padding_mask, return_weights):
+    """The validated call on backend ``chosen``."""
     if chosen == "reference":
         return reference.additive_attention(
             query, key, value, v, key_padding_mask, return_weights=return_weights

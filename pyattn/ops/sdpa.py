@@ -205,7 +205,9 @@ def check_inputs(
         _fail(f"'dropout_p' must be in [0, 1], got {dropout_p!r}")
     Lq, E, Lk = query.shape[-2], query.shape[-1], key.shape[-2]
     if key.shape[-1] != E:
-        _fail(f"'key' head dim must match query's E={E}, got key {shape_str(key)} and query {shape_str(query)}")
+        _fail(
+            f"'key' head dim must match query's E={E}, got key {shape_str(key)} and query {shape_str(query)}"
+        )
     if value.shape[-2] != Lk:
         _fail(
             f"'value' length must match key's Lk={Lk}, got value {shape_str(value)} and key {shape_str(key)}"
@@ -399,7 +401,9 @@ def scaled_dot_product_attention(
         out = _run(chosen, *up, fmask if fmask is not None else mask, dropout_p, causal, scale_f,
                    enable_gqa, lead, Hq, Hkv, out_batch)  # fmt: skip
         return out.to(dtype)
-    return _run(chosen, query, key, value, mask, dropout_p, causal, scale_f, enable_gqa, lead, Hq, Hkv, out_batch)
+    return _run(
+        chosen, query, key, value, mask, dropout_p, causal, scale_f, enable_gqa, lead, Hq, Hkv, out_batch
+    )
 
 
 def _run(chosen, query, key, value, mask, dropout_p, causal, scale, enable_gqa, lead, Hq, Hkv, out_batch):
