@@ -716,8 +716,15 @@ _SHAPES = {
 # twice the registers: at D = 64, 32 x 32 tiles compile spill-free in every kernel and 64 x 32
 # spill; so BLOCK_M * BLOCK_N * BLOCK_D stays within 32 * 32 * 64, one stage, 4 warps. 32 x 32
 # comes last (the fixed config is the first kept): causal dK/dV at D = 32 left a 16-byte stack.
+# At D = 128, 32 x 16 spilled in dK/dV (and the forward without mask) while D = 256 at 16 x 16
+# compiled clean: from D = 128 on, fp32 tiles are 16 x 16.
 _FP32_SHAPES = [(32, 16), (16, 32), (16, 16), (32, 32)]
-_FP32_MAX_TILE = 32 * 32 * 64
+
+
+def _fp32_max_tile(block_d: int) -> int:
+    return 32 * 32 * 64 if block_d <= 64 else 16 * 16 * block_d
+
+
 # fp32 elements per thread the live register tiles of a half-precision config may take: at or
 # under it no config spilled on sm_90, over it nearly all did (255 registers and a stack frame)
 _REG_BUDGET = 224
@@ -770,7 +777,7 @@ def _pruner(kind: str):
             bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
             is_fp32_config = c.num_stages == 1 and c.num_warps == 4 and (bm, bn) in _FP32_SHAPES
             if wide:
-                if not is_fp32_config or bm * bn * block_d > _FP32_MAX_TILE:
+                if not is_fp32_config or bm * bn * block_d > _fp32_max_tile(block_d):
                     continue
             else:
                 if c.num_stages not in stages or (c.num_warps == 8 and max(bm, bn) < 128):
@@ -786,6 +793,10 @@ def _pruner(kind: str):
                 seen.add(ident)
                 kept.append(c)
         if kept:
+            if wide:
+                # the half-precision lists hold (32, 32) w4 s1 too: keep _FP32_SHAPES' order, so
+                # the fixed config (the first kept) is the smallest-risk fp32 tile
+                kept.sort(key=lambda c: _FP32_SHAPES.index((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])))
             return kept
         # nothing fits the estimates (fp16 at D = 256): the smallest tiles
         pool = [c for c in configs if (c.num_stages == 1) == wide] or configs
