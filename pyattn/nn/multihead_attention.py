@@ -77,6 +77,10 @@ def _to_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return mask.to(dtype)
 
 
+def kind_of(is_batched: bool) -> str:
+    return "batched (3-D)" if is_batched else "unbatched (2-D)"
+
+
 class MultiheadAttention(nn.Module):
     """Multi-head attention with the interface of ``torch.nn.MultiheadAttention``.
 
@@ -261,9 +265,22 @@ class MultiheadAttention(nn.Module):
             _fail(f"'query' must be 3-D (batched) or 2-D (unbatched), got {query.dim()}-D {_shape(query)}")
         is_batched = query.dim() == 3
         if key.dim() != query.dim() or value.dim() != query.dim():
+            # torch's wording (code and tests match on it), with the shapes added
             _fail(
-                f"'key' and 'value' must have query's rank {query.dim()}, got key {_shape(key)}, "
-                f"value {_shape(value)}"
+                f"For {kind_of(is_batched)} `query`, expected `key` and `value` to be {query.dim()}-D but found "
+                f"{key.dim()}-D and {value.dim()}-D tensors respectively (key {_shape(key)}, "
+                f"value {_shape(value)})"
+            )
+        want_kpm = 2 if is_batched else 1
+        if key_padding_mask is not None and key_padding_mask.dim() != want_kpm:
+            _fail(
+                f"For {kind_of(is_batched)} `query`, expected `key_padding_mask` to be `None` or "
+                f"{want_kpm}-D but found {key_padding_mask.dim()}-D tensor instead"
+            )
+        if attn_mask is not None and attn_mask.dim() not in (2, 3):
+            _fail(
+                f"For {kind_of(is_batched)} `query`, expected `attn_mask` to be `None`, 2-D or 3-D "
+                f"but found {attn_mask.dim()}-D tensor instead"
             )
         if is_causal and attn_mask is None:
             _fail(
@@ -303,12 +320,16 @@ class MultiheadAttention(nn.Module):
             _fail(f"'key_padding_mask' must be (B={B}, S={S}), got {_shape(key_padding_mask)}")
         if attn_mask is not None:
             if attn_mask.dim() == 2:
+                # torch's wording for these (its tests match on it)
                 if tuple(attn_mask.shape) != (L, S):
-                    _fail(f"2-D 'attn_mask' must be (L={L}, S={S}), got {_shape(attn_mask)}")
+                    _fail(f"The shape of the 2D attn_mask is {_shape(attn_mask)}, but should be {(L, S)}.")
             elif attn_mask.dim() == 3:
+                if not is_batched and tuple(attn_mask.shape) != (H, L, S):
+                    _fail(f"Expected `attn_mask` shape to be {(H, L, S)} but got {_shape(attn_mask)}")
                 if tuple(attn_mask.shape) != (B * H, L, S):
                     _fail(
-                        f"3-D 'attn_mask' must be (B*num_heads={B * H}, L={L}, S={S}), got {_shape(attn_mask)}"
+                        f"The shape of the 3D attn_mask is {_shape(attn_mask)}, but should be "
+                        f"{(B * H, L, S)} (B*num_heads, L, S)."
                     )
             else:
                 _fail(f"'attn_mask' must be 2-D or 3-D, got {attn_mask.dim()}-D")
