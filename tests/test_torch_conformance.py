@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from conftest import SESSION_SEED
 from helpers import FLOOR, assert_close_to_ref
-from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import HealthCheck, assume, given, seed, settings
 from hypothesis import strategies as st
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import CausalBias, causal_lower_right, causal_upper_left
@@ -197,8 +197,21 @@ def _grad_floor(g: torch.Tensor, g64: torch.Tensor) -> float:
     return 6 * FLOOR[g.dtype] * max(1.0, g64.abs().max().item() if g64.numel() else 0.0)
 
 
+_TORCH = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def _crashes_torch(call: Call) -> bool:
+    """torch < 2.14 (seen on 2.11) divides by the head count: zero heads (with or without
+    enable_gqa) kill the process (SIGFPE) instead of returning or raising, so such a call has
+    no oracle there. Conservatively: any zero batch or head dim."""
+    if _TORCH >= (2, 14):
+        return False
+    return any(isinstance(t, torch.Tensor) and 0 in t.shape[:-2] for t in (call.q, call.k, call.v))
+
+
 def check_against_torch(call: Call, backend: str, grads: bool = False):
     """Both raise (ours an instance of torch's class) or both return the same values."""
+    assume(not _crashes_torch(call))
     theirs, their_exc = _run(lambda: F.scaled_dot_product_attention(call.q, call.k, call.v, **call.kwargs))
     ours, our_exc = _run(
         lambda: pyattn.scaled_dot_product_attention(call.q, call.k, call.v, **call.kwargs, backend=backend)
@@ -333,7 +346,10 @@ def test_defect3_any_finite_scale(scale):
 @pytest.mark.parametrize(
     "shapes",
     [
-        [(2, 0, 10, 64)] * 3,  # zero heads
+        pytest.param(
+            [(2, 0, 10, 64)] * 3,
+            marks=pytest.mark.skipif(_TORCH < (2, 14), reason="torch < 2.14 crashes (SIGFPE) on zero heads"),
+        ),  # zero heads
         [(0, 0, 0, 0)] * 3,  # all zero
         [(2, 3, 4, 0), (2, 3, 5, 0), (2, 3, 5, 6)],  # head dim 0, scale=None
         [(2, 3, 4, 8), (2, 3, 0, 8), (2, 3, 0, 8)],  # no keys
@@ -355,8 +371,13 @@ def test_defect4_empty_sizes_give_torch_results_with_gradients(shapes):
 @pytest.mark.parametrize(
     "make",
     [
-        lambda q, k, v: dict(
-            query=q, key=k, value=v, attn_mask=torch.ones(5, 7, dtype=torch.bool), is_causal=True
+        pytest.param(
+            lambda q, k, v: dict(
+                query=q, key=k, value=v, attn_mask=torch.ones(5, 7, dtype=torch.bool), is_causal=True
+            ),
+            marks=pytest.mark.skipif(
+                _TORCH < (2, 14), reason="torch < 2.14 (seen on 2.11) accepts attn_mask with is_causal"
+            ),
         ),
         lambda q, k, v: dict(query=q, key=k.double(), value=v),
         lambda q, k, v: dict(query=q[0, 0, 0], key=k[0, 0, 0], value=v[0, 0, 0]),
