@@ -132,8 +132,23 @@ def _key_allowed(mask_ptr, offs_k, k_ok, smt, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
+def _key_extent(EXTENT, b, Tk, HAS_MASK: tl.constexpr):
+    """[lo, hi): the keys of batch row b from its first to its last one that is not padding
+    (empty for a row of padding only). Key blocks outside it hold padding only and are skipped,
+    not masked: a seq2seq batch of varied source lengths spends no tanh on its padding. Only the
+    loop bounds change, not the loop bodies (a branch in them cost registers and spills)."""
+    if HAS_MASK:
+        lo = tl.load(EXTENT + 2 * b)
+        hi = tl.load(EXTENT + 2 * b + 1)
+    else:
+        lo = 0
+        hi = Tk
+    return lo, hi
+
+
+@triton.jit
 def _fwd_kernel(
-    Q, K, VAL, V, MASK, OUT, LSE, SCORES,
+    Q, K, VAL, V, MASK, EXTENT, OUT, LSE, SCORES,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svd, sv, smb, smt,
     Tq, Tk, H, Dv,
     HAS_MASK: tl.constexpr, WRITE_SCORES: tl.constexpr,
@@ -155,7 +170,9 @@ def _fwd_kernel(
     m = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)  # running max, base-2 units
     l_sum = tl.zeros([BLOCK_Q], dtype=tl.float32)
     acc = tl.zeros([BLOCK_Q, BLOCK_DV], dtype=tl.float32)
-    for k0 in range(0, Tk, BLOCK_K):
+    # skipped blocks' scores (WRITE_SCORES) keep the -inf the launcher filled them with
+    lo, hi = _key_extent(EXTENT, b, Tk, HAS_MASK)
+    for k0 in range((lo // BLOCK_K) * BLOCK_K, hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < Tk
         s = _score_tile(
@@ -236,6 +253,8 @@ def _bwd_dvalue_kernel(
         other=0.0,
     )
     dval = tl.zeros([BLOCK_K, BLOCK_DV], dtype=tl.float32)
+    # Not skipped here: any data-dependent bound or branch around this loop made the kept configs
+    # spill on sm_90 (docs/design.md); padding keys get a = 0 from `allowed`.
     for q0 in range(0, Tq, BLOCK_Q):
         offs_q = q0 + tl.arange(0, BLOCK_Q)
         q_ok = offs_q < Tq
@@ -322,6 +341,7 @@ def _bwd_dk_kernel(
     vv = tl.load(V + offs_h * sv, mask=h_ok, other=0.0).to(tl.float32)
     gk = tl.zeros([BLOCK_K, BLOCK_H], dtype=tl.float32)  # sum_i dS_ij (1 - t^2)
     gv = tl.zeros([BLOCK_K, BLOCK_H], dtype=tl.float32)  # sum_i dS_ij t
+    # not skipped, as in the dvalue kernel: dS is 0 for padding keys
     for q0 in range(0, Tq, BLOCK_Q):
         offs_q = q0 + tl.arange(0, BLOCK_Q)
         q_ok = offs_q < Tq
@@ -346,10 +366,10 @@ def _bwd_dk_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DS, DQ,
+    Q, K, V, EXTENT, DS, DQ,
     sqb, sqt, sqh, skb, skt, skh, sv,
     Tq, Tk, H,
-    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_MASK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
     pid_q = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -363,7 +383,8 @@ def _bwd_dq_kernel(
     q = q.to(tl.float32)
     vv = tl.load(V + offs_h * sv, mask=h_ok, other=0.0).to(tl.float32)
     gq = tl.zeros([BLOCK_Q, BLOCK_H], dtype=tl.float32)
-    for k0 in range(0, Tk, BLOCK_K):
+    lo, hi = _key_extent(EXTENT, b, Tk, HAS_MASK)  # dS is 0 outside it
+    for k0 in range((lo // BLOCK_K) * BLOCK_K, hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < Tk
         k = tl.load(
@@ -475,7 +496,7 @@ _bwd_dvalue = _tuned(
     _DVALUE_EXCLUDE,
 )
 _bwd_dk = _tuned(_bwd_dk_kernel, _GRAD_TILES, ["Tq", "Tk", "H"], _prune(), _DK_EXCLUDE)
-_bwd_dq = _tuned(_bwd_dq_kernel, _GRAD_TILES, ["Tq", "Tk", "H"], _prune())
+_bwd_dq = _tuned(_bwd_dq_kernel, _GRAD_TILES, ["Tq", "Tk", "H", "HAS_MASK"], _prune())
 
 # Elementwise/row kernels: fixed blocks, memory bound.
 _ROW_BLOCK_Q = 16
@@ -532,6 +553,19 @@ def _mask_args(key_padding_mask: Tensor | None, query: Tensor) -> tuple[Tensor, 
     return key_padding_mask, key_padding_mask.stride(0), key_padding_mask.stride(1)
 
 
+def _key_extents(key_padding_mask: Tensor | None, query: Tensor) -> Tensor:
+    """(B, 2) int32 [lo, hi) per batch row: its first and one past its last non-padding key, (0, 0)
+    for a row of padding only (kernels' _key_extent). Computed on the device, no host sync."""
+    if key_padding_mask is None:
+        return query  # any pointer: HAS_MASK=False never reads it
+    keep = ~key_padding_mask
+    Tk = keep.shape[1]
+    lo = keep.to(torch.int32).argmax(1)  # the first maximum: the first kept key
+    hi = Tk - keep.flip(1).to(torch.int32).argmax(1)
+    any_key = keep.any(1)
+    return torch.stack([lo * any_key, hi * any_key], 1).to(torch.int32).contiguous()
+
+
 def additive_attention_forward(
     query: Tensor,
     key: Tensor,
@@ -565,12 +599,16 @@ def additive_attention_forward(
         lse.fill_(float("inf"))
         return out, lse, weights
 
-    scores = torch.empty((B, Tq, Tk) if return_weights else (1,), dtype=torch.float32, device=dev)
+    # skipped key blocks (outside a row's key extent) leave their scores at this -inf
+    scores = torch.full(
+        (B, Tq, Tk) if return_weights else (1,), float("-inf"), dtype=torch.float32, device=dev
+    )
     mask, smb, smt = _mask_args(key_padding_mask, query)
+    extent = _key_extents(key_padding_mask, query)
     grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_Q"]), B)  # noqa: E731
     _launch(
         _fwd, grid,
-        query, key, value, v, mask, out, lse, scores,
+        query, key, value, v, mask, extent, out, lse, scores,
         *query.stride(), *key.stride(), *value.stride(), v.stride(0), smb, smt,
         Tq, Tk, H, Dv,
         HAS_MASK=key_padding_mask is not None, WRITE_SCORES=return_weights,
@@ -640,6 +678,7 @@ def additive_attention_backward(
     gw = grad_weights if has_gw else grad_out
     gw_strides = grad_weights.stride() if has_gw else (0, 0, 0)
     mask, smb, smt = _mask_args(key_padding_mask, query)
+    extent = _key_extents(key_padding_mask, query)
 
     prob = torch.empty((B, Tq, Tk), dtype=torch.float32, device=dev)
     ds = torch.empty((B, Tq, Tk), dtype=torch.float32, device=dev)  # dP, then dS in place
@@ -673,9 +712,10 @@ def additive_attention_backward(
         )  # fmt: skip
         _launch(
             _bwd_dq, lambda meta: (triton.cdiv(Tq, meta["BLOCK_Q"]), triton.cdiv(H, meta["BLOCK_H"]), B),
-            query, key, v, ds, dquery,
+            query, key, v, extent, ds, dquery,
             *query.stride(), *key.stride(), v.stride(0),
             Tq, Tk, H,
+            HAS_MASK=key_padding_mask is not None,
         )  # fmt: skip
     dv = dv_part.sum(dim=(0, 1)).to(dtype)
     return dquery, dkey, dvalue, dv

@@ -322,3 +322,40 @@ def test_empty_batch_and_single_key():
     q, k, val = torch.randn(2, 3, 8), torch.randn(2, 1, 8), torch.randn(2, 1, 4)
     out = pyattn.additive_attention(q, k, val, v, backend="cpu")
     torch.testing.assert_close(out, val.expand(2, 3, 4))  # one key: weight 1
+
+
+# -- key blocks of padding only are skipped, not masked -------------------------------------------
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("layout", ["suffix", "middle", "all_but_one"])
+def test_padding_blocks_skipped(backend, device, layout):
+    # Seq2seq batches: sources of varied lengths leave whole key blocks of padding, which the
+    # kernels skip (docs/design.md): trailing ones, padding in the middle (skipped by CUDA, masked
+    # by Triton), one key left at the end. The results match, and weights and key gradients are
+    # exact zeros on padding.
+    B, Tq, Tk, H, Dv = 3, 5, 150, 16, 8
+    ins, ins_l, ins64, _, _ = make_inputs(B, Tq, Tk, H, Dv, torch.float32, device)
+    j = torch.arange(Tk)
+    if layout == "suffix":
+        mask = j[None, :] >= torch.tensor([7, 150, 40])[:, None]
+    elif layout == "middle":
+        mask = ((j >= 20) & (j < 130))[None, :].expand(B, Tk).clone()
+    else:
+        mask = torch.ones(B, Tk, dtype=torch.bool)
+        mask[:, 140] = False
+    mask[2] = True  # one batch row with every key padded: zeros, zero gradients
+    out, w = pyattn.additive_attention(*ins, mask.to(device), return_weights=True, backend=backend)
+    outs_l = reference.additive_attention(*ins_l, mask, return_weights=True)
+    outs64 = reference.additive_attention(*ins64, mask, return_weights=True)
+    for name, o, ol, o64 in zip(["context", "weights"], (out, w), outs_l, outs64, strict=True):
+        assert torch.isfinite(o).all(), f"{name} has non-finite values"
+        assert_close_to_ref(name, o, ol, o64)
+    assert (w.cpu()[mask[:, None, :].expand(B, Tq, Tk)] == 0).all()
+    g = torch.randn(B, Tq, Dv, dtype=torch.float64)
+    got = torch.autograd.grad((out * g.to(out)).sum(), ins)
+    lowp = torch.autograd.grad((outs_l[0] * g.to(outs_l[0])).sum(), ins_l)
+    exact = torch.autograd.grad((outs64[0] * g).sum(), ins64)
+    assert_grads_close(["query", "key", "value", "v"], got, lowp, exact)
+    assert (got[1].cpu()[mask] == 0).all() and (got[2].cpu()[mask] == 0).all()
+    assert (got[0].cpu()[2] == 0).all()

@@ -188,8 +188,18 @@ __global__ void __launch_bounds__(kThreads) additive_attention_fwd_kernel(const 
   for (int64_t j0 = 0; j0 < Tk; j0 += kBlockK) {
     const int nk = tile_extent(kBlockK, Tk - j0);
     __syncthreads();  // the previous block's value pass is done with keep_s, s_s and row_s
-    if (tid < kBlockK) keep_s[tid] = tid < nk && !(mask_b && mask_b[j0 + tid]);
-    __syncthreads();
+    const bool kept = tid < kBlockK && tid < nk && !(mask_b && mask_b[j0 + tid]);
+    if (tid < kBlockK) keep_s[tid] = kept;
+    // A block of padding keys only is skipped, not masked: no tanh for it (its scores are -inf
+    // where they are returned). The barrier's vote is the same for every thread.
+    if (!__syncthreads_or(kept)) {
+      if (p.scores) {
+        for (int64_t e = tid; e < static_cast<int64_t>(nq) * nk; e += kThreads) {
+          p.scores[(b * p.Tq + i0 + e / nk) * Tk + j0 + e % nk] = neg_inf<acc_t>();
+        }
+      }
+      continue;
+    }
 
     // Scores of the 16 x 64 tile, H streamed in chunks.
     acc_t e[kPairs];
@@ -417,11 +427,15 @@ __device__ __forceinline__ void bwd_stage_rows(
   }
 }
 
+// Stages the keep flags of a key block and returns whether any key in it is not padding (the
+// same answer in every thread). It is a barrier: s.keep is visible when it returns.
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void bwd_stage_keys(
+__device__ __forceinline__ bool bwd_stage_keys(
     const BwdParams<scalar_t, acc_t>& p, BwdSmem<acc_t>& s, int64_t b, int64_t j0, int nk) {
   const int tid = threadIdx.x;
-  if (tid < kBlockK) s.keep[tid] = tid < nk && !(p.mask && p.mask[b * p.Tk + j0 + tid]);
+  const bool kept = tid < kBlockK && tid < nk && !(p.mask && p.mask[b * p.Tk + j0 + tid]);
+  if (tid < kBlockK) s.keep[tid] = kept;
+  return __syncthreads_or(kept);
 }
 
 // Key-block CTAs: dK, dvalue and this CTA's dv partial, for 64 keys of one batch element, over
@@ -443,7 +457,8 @@ __global__ void __launch_bounds__(kThreads) additive_attention_bwd_dkdv_kernel(c
   const int64_t i_begin = chunk * p.blocks_per_chunk * kBlockQ;
   const int64_t i_end = min(p.Tq, i_begin + p.blocks_per_chunk * kBlockQ);
 
-  bwd_stage_keys(p, s, b, j0, nk);
+  // dS is 0 for padding keys: a block of them has zero gradients (the buffers start at zero)
+  if (!bwd_stage_keys(p, s, b, j0, nk)) return;
   for (int64_t i0 = i_begin; i0 < i_end; i0 += kBlockQ) {
     const int nq = tile_extent(kBlockQ, p.Tq - i0);
     __syncthreads();  // the previous tile's readers of lse/delta are done
@@ -502,8 +517,7 @@ __global__ void __launch_bounds__(kThreads) additive_attention_bwd_dq_kernel(con
   for (int64_t j0 = 0; j0 < Tk; j0 += kBlockK) {
     const int nk = tile_extent(kBlockK, Tk - j0);
     __syncthreads();  // the previous tile's readers of keep/ds are done
-    bwd_stage_keys(p, s, b, j0, nk);
-    __syncthreads();
+    if (!bwd_stage_keys(p, s, b, j0, nk)) continue;  // padding only: dS = 0, nothing to add
     acc_t pr[kPairs];
     bwd_tile<false>(p, s, b, i0, nq, j0, nk, pr, static_cast<acc_t*>(nullptr));
 
