@@ -153,13 +153,21 @@ def _build_additive(case: Case):
         return (q, k, value, v)
 
     sets = _input_sets(make_one, (2 * B * T * H + B * T * Dv) * DTYPES[case.dtype].itemsize, case.device)
+    mask = None
+    if d.get("pad"):
+        # a seq2seq batch: source lengths uniform in [T/4, T], the rest padding (a fixed draw)
+        g = torch.Generator().manual_seed(0)
+        lengths = torch.randint(T // 4, T + 1, (B,), generator=g)
+        mask = (torch.arange(T)[None, :] >= lengths[:, None]).to(case.device)
     if case.provider == "reference":
-        fn = pyattn.reference.additive_attention
+
+        def fn(q, k, value, v):
+            return pyattn.reference.additive_attention(q, k, value, v, mask)
     else:
         backend = case.provider.removeprefix("pyattn-")
 
         def fn(q, k, value, v):
-            return pyattn.additive_attention(q, k, value, v, backend=backend)
+            return pyattn.additive_attention(q, k, value, v, mask, backend=backend)
 
     return _op_step(fn, sets, case.mode, range(4))
 
@@ -177,20 +185,25 @@ def _additive_cases(device: str, suite: str, dtypes: list[str]) -> list[Case]:
             # Smaller batches past T=64: the speed and memory ratios hardly depend on B (rows
             # are B*Tq, plenty for the threads), while the naive B=16 path needs 4 GB (T=256,
             # fwd+bwd) to 9 GB (T=512, fwd) of RAM and minutes per case. --full runs B=16.
-            shapes = [(16, 64, 256, 256), (4, 256, 256, 256), (2, 512, 256, 256)]
+            shapes = [(16, 64, 256, 256), (4, 256, 256, 256), (2, 512, 256, 256), (4, 256, 256, 256, 1)]
         else:
-            shapes = [(16, t, 256, 256) for t in (64, 256, 512)]
+            shapes = [(16, t, 256, 256) for t in (64, 256, 512)] + [(16, 256, 256, 256, 1)]
     else:
         providers = ["reference"] + [f"pyattn-{b}" for b in ("triton", "cuda") if b in avail]
         dtypes = dtypes or (["fp16"] if suite != "full" else ["fp16", "fp32"])
         if suite == "quick":
             shapes = [(2, 64, 32, 32)]
         elif suite == "default":
-            shapes = [(32, t, 512, 512) for t in (128, 512)]
+            shapes = [(32, t, 512, 512) for t in (128, 512)] + [(32, 512, 512, 512, 1)]
         else:
-            shapes = [(32, t, 512, 512) for t in (128, 512, 2048)]
+            shapes = [(32, t, 512, 512) for t in (128, 512, 2048)] + [(32, 512, 512, 512, 1)]
+    # a fifth entry 1: keys padded to source lengths uniform in [T/4, T] (blocks of padding are
+    # skipped by the kernels; the figures still count the padded problem's work)
+    shapes = [s if len(s) == 5 else (*s, 0) for s in shapes]
     cases = []
-    for dt, (B, T, H, Dv), mode, prov in itertools.product(dtypes, shapes, ("fwd", "fwd+bwd"), providers):
+    for dt, (B, T, H, Dv, pad), mode, prov in itertools.product(
+        dtypes, shapes, ("fwd", "fwd+bwd"), providers
+    ):
         if suite == "default" and device == "cpu" and T == 512 and mode == "fwd+bwd":
             continue  # the default suite measures the T=512 memory ratio on the forward
         fwd = B * T * T * H + 2 * B * T * T * Dv
@@ -204,7 +217,7 @@ def _additive_cases(device: str, suite: str, dtypes: list[str]) -> list[Case]:
                 provider=prov,
                 baseline="reference",
                 mode=mode,
-                shape=(("B", B), ("T", T), ("H", H), ("Dv", Dv)),
+                shape=(("B", B), ("T", T), ("H", H), ("Dv", Dv)) + ((("pad", 1),) if pad else ()),
                 dtype=dt,
                 device=device,
                 seq_len=T,

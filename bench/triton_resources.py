@@ -89,7 +89,8 @@ def all_cases() -> list[Case]:
                     cases.append(Case("sdpa", direction, dt, (("L", 1024), ("D", d)), flags))
         for dv in (64, 128, 512):
             for direction in ("fwd", "bwd"):
-                cases.append(Case("additive", direction, dt, (("T", 512), ("H", 512), ("Dv", dv))))
+                for flags in ((), (("mask", True),)):
+                    cases.append(Case("additive", direction, dt, (("T", 512), ("H", 512), ("Dv", dv)), flags))
     return cases
 
 
@@ -146,11 +147,13 @@ def _launches(case: Case) -> list[Launch]:
         else:
             T, H, Dv = dims["T"], dims["H"], dims["Dv"]
             q, k, val, vv = t(2, T, H), t(2, T, H), t(2, T, Dv), t(H)
+            # with a key padding mask: the kernels' branch that skips blocks of padding
+            kpm = t(2, T, dt=torch.bool) if flags.get("mask") else None
             if case.direction == "fwd":
-                additive_attention.additive_attention_forward(q, k, val, vv, None, False)
+                additive_attention.additive_attention_forward(q, k, val, vv, kpm, False)
             else:
                 out, lse = t(2, T, Dv), t(2, T, dt=torch.float32)
-                additive_attention.additive_attention_backward(t(2, T, Dv), q, k, val, vv, None, out, lse)
+                additive_attention.additive_attention_backward(t(2, T, Dv), q, k, val, vv, kpm, out, lse)
     return launches
 
 
