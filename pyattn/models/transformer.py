@@ -454,21 +454,59 @@ class Transformer(nn.Module):
         if not self.batch_first:
             src, tgt = src.transpose(0, 1), tgt.transpose(0, 1)  # (B, S, E), (B, T, E)
         ps, pt = _packing.packing(keep_src), _packing.packing(keep_tgt)
-        x = _packing.unpad(src, ps)  # (Ts, E)
-        for layer in self.encoder.layers:
-            x = layer.forward_packed(x, ps.seqs, src_causal)
-        x = self.encoder.norm(x) if self.encoder.norm is not None else x
+        mem = self._encode_packed(_packing.unpad(src, ps), ps.seqs, src_causal)  # (Ts, E)
         pm: Packing = ps
         if not torch.equal(keep_mem, keep_src):
             # the decoder reads fewer memory tokens than the encoder produced
             pm = _packing.packing(keep_mem)
-            x = _packing.unpad(_packing.pad(x, ps), pm)  # (Tm, E)
-        y = _packing.unpad(tgt, pt)  # (Tt, E)
-        for layer in self.decoder.layers:
-            y = layer.forward_packed(y, x, pt.seqs, pm.seqs, tgt_causal)
-        y = self.decoder.norm(y) if self.decoder.norm is not None else y
+            mem = _packing.unpad(_packing.pad(mem, ps), pm)  # (Tm, E)
+        y = self._decode_packed(_packing.unpad(tgt, pt), mem, pt.seqs, pm.seqs, tgt_causal)  # (Tt, E)
         out = _packing.pad(y, pt)  # (B, T, E)
         return out if self.batch_first else out.transpose(0, 1)  # (T, B, E)
+
+    def _encode_packed(self, x: Tensor, seqs: PackedSeqs, causal: bool) -> Tensor:
+        for layer in self.encoder.layers:
+            x = layer.forward_packed(x, seqs, causal)
+        return self.encoder.norm(x) if self.encoder.norm is not None else x
+
+    def _decode_packed(self, y: Tensor, mem: Tensor, seqs: PackedSeqs, mem_seqs: PackedSeqs, causal: bool):
+        for layer in self.decoder.layers:
+            y = layer.forward_packed(y, mem, seqs, mem_seqs, causal)
+        return self.decoder.norm(y) if self.decoder.norm is not None else y
+
+    def forward_packed(
+        self,
+        src: Tensor,
+        tgt: Tensor,
+        cu_seqlens_src: Tensor,
+        max_seqlen_src: int,
+        cu_seqlens_tgt: Tensor,
+        max_seqlen_tgt: int,
+        src_is_causal: bool = False,
+        tgt_is_causal: bool = False,
+    ) -> Tensor:
+        """Encoder and decoder on packed sequences, no padding anywhere (compiles with
+        ``torch.compile(fullgraph=True)``); target b attends to source b.
+
+        Arguments:
+            src: (Ts, E) the tokens of B source sequences one after another.
+            tgt: (Tt, E) the tokens of B target sequences.
+            cu_seqlens_src, cu_seqlens_tgt: int32 (B + 1,), cumulative lengths from 0.
+            max_seqlen_src, max_seqlen_tgt: upper bounds of the lengths.
+            src_is_causal, tgt_is_causal: causal self-attention within each sequence
+                (tgt_is_causal=True is the usual decoder).
+        Returns:
+            (Tt, E).
+        """
+        for name, t in (("src", src), ("tgt", tgt)):
+            if t.dim() != 2 or t.shape[-1] != self.d_model:
+                raise ValueError(
+                    f"Transformer.forward_packed: '{name}' must be (T, d_model={self.d_model}), got {tuple(t.shape)}"
+                )
+        ps = PackedSeqs(cu_seqlens_src, int(max_seqlen_src))
+        pt = PackedSeqs(cu_seqlens_tgt, int(max_seqlen_tgt))
+        mem = self._encode_packed(src, ps, src_is_causal)  # (Ts, E)
+        return self._decode_packed(tgt, mem, pt, ps, tgt_is_causal)  # (Tt, E)
 
     @staticmethod
     def generate_square_subsequent_mask(sz: int, device=None, dtype=None) -> Tensor:
