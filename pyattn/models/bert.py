@@ -364,9 +364,10 @@ class BertModel(nn.Module):
             token_type_ids: (B, L) segment ids (default 0).
         Returns:
             BertOutput(last_hidden_state (B, L, H), pooler_output (B, H) or None). With
-            ``config.padding_free`` and padding in ``attention_mask`` (not under torch.compile,
-            where unpadding would break the graph), the layers run on the real tokens only and
-            the padding positions of last_hidden_state are zeros; the real ones are the same.
+            ``config.padding_free`` and padding in ``attention_mask``, the layers run on the
+            real tokens only (not under torch.compile, where unpadding would break the graph:
+            the padded path runs there) and the padding positions of last_hidden_state are
+            zeros (on both paths); the real ones are the padded path's.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"BertModel: 'input_ids' must be (B, L), got {tuple(input_ids.shape)}")
@@ -386,6 +387,9 @@ class BertModel(nn.Module):
                 return self._forward_unpadded(input_ids, keep, token_type_ids)
             mask = keep[:, None, None, :]  # (B, 1, 1, L), True = attend
         h = self.encoder(self.embeddings(input_ids, token_type_ids), mask)  # (B, L, H)
+        if mask is not None and self.config.padding_free:
+            # padding rows are zeros on every path (compiled too), as the packed path leaves them
+            h = h.masked_fill(~mask[:, 0, 0, :, None], 0.0)
         return BertOutput(h, self.pooler(h) if self.pooler is not None else None)
 
     def _forward_unpadded(self, input_ids: Tensor, keep: Tensor, token_type_ids: Tensor | None) -> BertOutput:

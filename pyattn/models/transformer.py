@@ -11,8 +11,9 @@ tokens of ``src`` and ``tgt`` once, runs every layer on them (encoder self-atten
 source, decoder self-attention causal within each target, cross-attention from each target to
 its own source, through varlen attention) and pads the output back. Real target positions get
 the padded path's outputs (up to rounding); padding positions are zeros (torch's own fast path,
-nested tensors in eval, gives zeros there too), where the padded path computes values nothing
-else reads.
+nested tensors in eval, gives zeros there too) on every path while ``padding_free`` is on (also
+under torch.compile, which runs the padded path: unpadding is data-dependent, and when the masks
+cannot be packed), where the padded path computes values nothing else reads.
 """
 
 from __future__ import annotations
@@ -375,8 +376,8 @@ class Transformer(nn.Module):
             *_key_padding_mask: (B, S) / (B, T) / (B, S), True = padding.
             *_is_causal: hints that the matching mask is causal (None: detected, as torch).
         Returns:
-            (T, B, E) ((B, T, E) with batch_first). Padding-free (module doc): zeros at the
-            padding positions of ``tgt_key_padding_mask``.
+            (T, B, E) ((B, T, E) with batch_first). With ``config.padding_free``, zeros at
+            the padding positions of a bool ``tgt_key_padding_mask``, whichever path ran.
         """
         is_batched = src.dim() == 3
         if not is_batched and tgt.dim() != 2:
@@ -402,7 +403,7 @@ class Transformer(nn.Module):
         memory = self.encoder(
             src, mask=src_mask, src_key_padding_mask=src_key_padding_mask, is_causal=src_is_causal
         )
-        return self.decoder(
+        out = self.decoder(
             tgt,
             memory,
             tgt_mask=tgt_mask,
@@ -412,6 +413,11 @@ class Transformer(nn.Module):
             tgt_is_causal=tgt_is_causal,
             memory_is_causal=memory_is_causal,
         )
+        pad = tgt_key_padding_mask
+        if self.config.padding_free and is_batched and isinstance(pad, Tensor) and pad.dtype == torch.bool:
+            # padding rows are zeros on every path (compiled, unpackable masks), as packed
+            out = out.masked_fill((pad if self.batch_first else pad.T)[..., None], 0.0)
+        return out
 
     def _padding_free_plan(self, src, tgt, src_mask, tgt_mask, memory_mask, src_pad, tgt_pad, mem_pad,
                            src_is_causal, tgt_is_causal, memory_is_causal):  # fmt: skip
