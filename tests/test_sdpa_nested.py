@@ -22,7 +22,9 @@ BACKENDS = ["cpu", "reference"]
 
 def _nested(values: list[torch.Tensor], requires_grad=False) -> torch.Tensor:
     """(B, H, j, D) jagged from per-sequence (L_b, H, D) tensors, as torch's tutorial builds it."""
-    return torch.nested.nested_tensor(values, layout=torch.jagged, requires_grad=requires_grad).transpose(1, 2)
+    return torch.nested.nested_tensor(values, layout=torch.jagged, requires_grad=requires_grad).transpose(
+        1, 2
+    )
 
 
 def _qkv(lq, lk, H, D, Dv, dtype, requires_grad=False, self_attn=False):
@@ -55,9 +57,13 @@ def _torch_sdpa(q, k, v, scale=None):
             raise  # no empty sequence: a real refusal
     outs = []
     for qb, kb, vb in zip(*(t.transpose(1, 2).unbind() for t in (q, k, v)), strict=True):
-        o = F.scaled_dot_product_attention(qb.transpose(0, 1), kb.transpose(0, 1), vb.transpose(0, 1), scale=scale)
+        o = F.scaled_dot_product_attention(
+            qb.transpose(0, 1), kb.transpose(0, 1), vb.transpose(0, 1), scale=scale
+        )
         outs.append(o.transpose(0, 1))  # (L_b, H, Dv)
-    return torch.nested.nested_tensor_from_jagged(torch.cat(outs), q.transpose(1, 2).offsets()).transpose(1, 2)
+    return torch.nested.nested_tensor_from_jagged(torch.cat(outs), q.transpose(1, 2).offsets()).transpose(
+        1, 2
+    )
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

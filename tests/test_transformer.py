@@ -79,8 +79,9 @@ def test_transformer_matches_torch(norm_first, batch_first, masks, padding_free,
     want = [False] * SMALL["num_encoder_layers"] + [causal, False] * SMALL["num_decoder_layers"]
     assert calls == (want if packed else [])  # encoder self, then decoder self and cross
     w = torch.randn_like(out_ref)
-    if packed:
-        # padding target positions: zeros here, values nothing reads in torch; compared elsewhere
+    if padding_free and "tgt_key_padding_mask" in kw:
+        # padding target positions: zeros here (on the padded path too: "all" cannot be
+        # packed), values nothing reads in torch
         real = ~kw["tgt_key_padding_mask"]  # (B, T)
         real = (real if batch_first else real.T)[..., None]
         assert not out.masked_select(~real).any()
