@@ -486,6 +486,88 @@ def _build_bert(case: Case):
     )
 
 
+# BERT on padded batches (lengths uniform in [L/4, L], drawn from a fixed generator seed): pyattn's
+# padding-free path against transformers' BertModel on torch's SDPA with the same weights, and
+# against pyattn's own padded path. A user with a padded batch would otherwise pick HF + sdpa.
+_PADDED_BERT_PROVIDERS = ("transformers-sdpa", "pyattn-padded", "pyattn-padding-free")
+
+
+def _padded_bert_lengths(B: int, L: int) -> torch.Tensor:
+    return torch.randint(L // 4, L + 1, (B,), generator=torch.Generator().manual_seed(0))
+
+
+def _build_bert_padded_batch(case: Case):
+    from pyattn.models.bert import BertConfig, BertModel
+
+    d = case.dims
+    B, L, layers, hidden, heads = d["B"], d["L"], d["layers"], d["hidden"], d["heads"]
+    dtype = DTYPES[case.dtype]
+    torch.manual_seed(0)
+    config = BertConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=max(512, L),
+        padding_free=case.provider == "pyattn-padding-free",
+    )
+    model = BertModel(config)
+    if case.provider == "transformers-sdpa":
+        import transformers
+
+        hf_config = transformers.BertConfig(
+            **{k: v for k, v in config.to_dict().items() if k not in ("attn_backend", "padding_free")},
+            attn_implementation="sdpa",
+        )
+        hf = transformers.BertModel(hf_config)
+        missing = hf.load_state_dict(model.state_dict(), strict=False).missing_keys
+        if [k for k in missing if not k.endswith("_ids")]:
+            raise RuntimeError(f"transformers' BertModel did not take pyattn's weights: {missing[:4]}")
+        model = hf
+    model = model.to(device=case.device, dtype=dtype)
+    ids = torch.randint(1, config.vocab_size, (B, L), device=case.device)
+    keep = torch.arange(L)[None] < _padded_bert_lengths(B, L)[:, None]  # (B, L)
+    mask = keep.long().to(case.device)
+    weight = keep.to(case.device, dtype)[..., None] / keep.sum()  # the loss reads real tokens only
+
+    def forward():
+        return model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    if case.mode == "fwd":
+        model.eval()
+
+        def step():
+            with torch.no_grad():
+                return forward()
+
+        return step
+    return _train_step(model, lambda: (forward().float().square() * weight).sum())
+
+
+def _padded_bert_cases(device: str, suite: str, dtypes: list[str]) -> list[Case]:
+    dt = (dtypes or ["fp32" if device == "cpu" else "bf16"])[0]
+    base = (("layers", 12), ("hidden", 768), ("heads", 12))
+    if suite == "quick":
+        grid = [(2, 32, (("layers", 2), ("hidden", 64), ("heads", 2)))]
+    elif suite == "default":
+        grid = [(8, 128, base)]
+    else:  # BERT-base B=32 L=512 takes many seconds a step on a 2-core CPU
+        grid = [(B, L, base) for B in (8, 32) for L in (128, 512)]
+    have_hf = _importable("transformers")
+    if not have_hf:
+        print("note: transformers is not installed here; padded BERT is compared with pyattn's padded path")
+    providers = [p for p in _PADDED_BERT_PROVIDERS if have_hf or p != "transformers-sdpa"]
+    cases = []
+    for (B, L, model_shape), mode in itertools.product(grid, ("fwd", "train")):
+        shape = (("B", B), ("L", L), ("lengths", "U[L/4,L]"), *model_shape)
+        for prov in providers:
+            cases.append(
+                Case(group="bert", provider=prov, baseline=providers[0], mode=mode, shape=shape, dtype=dt,
+                     device=device, seq_len=L, builder=_build_bert_padded_batch)  # fmt: skip
+            )
+    return cases
+
+
 def _build_transformer(case: Case):
     from pyattn.models.transformer import Transformer
 
@@ -630,6 +712,8 @@ def build_cases(
     if "mha" in ops:
         cases += _mha_cases(device, suite, dtypes)
     cases += _model_cases(device, suite, dtypes, ops)
+    if "bert" in ops and _importable("pyattn.models.bert"):
+        cases += _padded_bert_cases(device, suite, dtypes)
     # baselines run first in their comparison, so a provider's ratio is known when it prints
     order = {c.key: i for i, c in reversed(list(enumerate(cases)))}
     cases.sort(key=lambda c: (order[c.key], c.provider != c.baseline))

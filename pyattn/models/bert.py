@@ -5,6 +5,13 @@ state dict (bare, or with the ``bert.`` prefix, or with legacy ``gamma``/``beta`
 names) loads unchanged, and :meth:`BertModel.from_pretrained` reads a local checkpoint folder.
 Self-attention runs through ``pyattn.scaled_dot_product_attention`` with the padding mask as a
 bool (B, 1, 1, L) mask (``attn_backend="fused"``) or through ``pyattn.reference``.
+
+Padding-free (``BertConfig.padding_free``, on by default): given an ``attention_mask`` with
+padding, :meth:`BertModel.forward` embeds only the real tokens, runs every layer on them packed
+(projections, LayerNorm and feed-forward over T real rows, attention through varlen attention
+within each sequence) and pads back once at the end. Real tokens get the padded path's outputs
+(up to rounding); padding positions of ``last_hidden_state`` are zeros. :meth:`forward_packed`
+takes packed tokens directly (and compiles with ``torch.compile(fullgraph=True)``).
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from torch import Tensor, nn
 
 from ..nn.multihead_attention import _sdpa_backend, check_attn_backend
 from ..ops import scaled_dot_product_attention
+from . import _packing
+from ._packing import PackedSeqs
 
 _ACT = {
     "gelu": F.gelu,
@@ -51,6 +60,8 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
     attn_backend: str = "fused"
+    # given an attention_mask with padding, run the layers on the real tokens only (module doc)
+    padding_free: bool = True
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads != 0:
@@ -112,15 +123,20 @@ class BertEmbeddings(nn.Module):
         self.dropout = nn.Dropout(c.hidden_dropout_prob)
         self.register_buffer("position_ids", torch.arange(c.max_position_embeddings)[None], persistent=False)
 
-    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
-        L = input_ids.shape[1]
+    def forward(
+        self, input_ids: Tensor, token_type_ids: Tensor | None = None, position_ids: Tensor | None = None
+    ) -> Tensor:
+        """(B, L) ids -> (B, L, H), positions 0..L-1 by default; or packed (T,) ids with their
+        (T,) positions -> (T, H)."""
+        if position_ids is None:
+            position_ids = self.position_ids[:, : input_ids.shape[1]]  # (1, L)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         x = (
             self.word_embeddings(input_ids)
-            + self.position_embeddings(self.position_ids[:, :L])
+            + self.position_embeddings(position_ids)
             + self.token_type_embeddings(token_type_ids)
-        )  # (B, L, H)
+        )  # (B, L, H) or (T, H)
         return self.dropout(self.LayerNorm(x))
 
 
@@ -135,7 +151,9 @@ class BertSelfAttention(nn.Module):
         self.dropout_p = c.attention_probs_dropout_prob
         self.attn_backend = c.attn_backend
 
-    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | PackedSeqs | None) -> Tensor:
+        if isinstance(mask, PackedSeqs):
+            return self._forward_packed(x, mask)
         B, L, H = x.shape
         nh, d = self.num_attention_heads, self.attention_head_size
         q = self.query(x).view(B, L, nh, d).transpose(1, 2)  # (B, nh, L, d)
@@ -151,6 +169,22 @@ class BertSelfAttention(nn.Module):
             backend=_sdpa_backend(self.attn_backend),
         )  # (B, nh, L, d)
         return out.transpose(1, 2).reshape(B, L, H)  # (B, L, H)
+
+    def _forward_packed(self, x: Tensor, seqs: PackedSeqs) -> Tensor:
+        T, H = x.shape
+        nh, d = self.num_attention_heads, self.attention_head_size
+        out = _packing.attention(
+            self.query(x).view(T, nh, d),  # (T, nh, d)
+            self.key(x).view(T, nh, d),  # (T, nh, d)
+            self.value(x).view(T, nh, d),  # (T, nh, d)
+            seqs,
+            seqs,
+            dropout_p=self.dropout_p if self.training else 0.0,
+            is_causal=False,
+            scale=1.0 / math.sqrt(d),
+            attn_backend=self.attn_backend,
+        )  # (T, nh, d)
+        return out.reshape(T, H)  # (T, H)
 
 
 class BertSelfOutput(nn.Module):
@@ -170,7 +204,7 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(c)
         self.output = BertSelfOutput(c)
 
-    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | PackedSeqs | None) -> Tensor:
         return self.output(self.self(x, mask), x)
 
 
@@ -202,7 +236,7 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(c)
         self.output = BertOutputLayer(c)
 
-    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | PackedSeqs | None) -> Tensor:
         x = self.attention(x, mask)
         return self.output(self.intermediate(x), x)
 
@@ -212,7 +246,8 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList([BertLayer(c) for _ in range(c.num_hidden_layers)])
 
-    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | PackedSeqs | None) -> Tensor:
+        """(B, L, H) with a (B, 1, 1, L) mask, or packed (T, H) with their PackedSeqs."""
         for layer in self.layer:
             x = layer(x, mask)
         return x
@@ -328,7 +363,11 @@ class BertModel(nn.Module):
             attention_mask: (B, L), 1/True for tokens, 0/False for padding.
             token_type_ids: (B, L) segment ids (default 0).
         Returns:
-            BertOutput(last_hidden_state (B, L, H), pooler_output (B, H) or None).
+            BertOutput(last_hidden_state (B, L, H), pooler_output (B, H) or None). With
+            ``config.padding_free`` and padding in ``attention_mask``, the layers run on the
+            real tokens only (not under torch.compile, where unpadding would break the graph:
+            the padded path runs there) and the padding positions of last_hidden_state are
+            zeros (on both paths); the real ones are the padded path's.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"BertModel: 'input_ids' must be (B, L), got {tuple(input_ids.shape)}")
@@ -343,9 +382,66 @@ class BertModel(nn.Module):
                 raise ValueError(
                     f"BertModel: 'attention_mask' must be (B={B}, L={L}), got {tuple(attention_mask.shape)}"
                 )
-            mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L), True = attend
+            keep = attention_mask.bool()  # (B, L), True = real token
+            if self.config.padding_free and not torch.compiler.is_compiling() and not bool(keep.all()):
+                return self._forward_unpadded(input_ids, keep, token_type_ids)
+            mask = keep[:, None, None, :]  # (B, 1, 1, L), True = attend
         h = self.encoder(self.embeddings(input_ids, token_type_ids), mask)  # (B, L, H)
+        if mask is not None and self.config.padding_free:
+            # padding rows are zeros on every path (compiled too), as the packed path leaves them
+            h = h.masked_fill(~mask[:, 0, 0, :, None], 0.0)
         return BertOutput(h, self.pooler(h) if self.pooler is not None else None)
+
+    def _forward_unpadded(self, input_ids: Tensor, keep: Tensor, token_type_ids: Tensor | None) -> BertOutput:
+        p = _packing.packing(keep)
+        types = None if token_type_ids is None else _packing.unpad(token_type_ids, p)  # (T,)
+        # absolute positions, as the padded path embeds them (left padding shifts them)
+        h = self._encode_packed(_packing.unpad(input_ids, p), p.seqs, types, p.indices % p.length)  # (T, H)
+        h = _packing.pad(h, p)  # (B, L, H)
+        return BertOutput(h, self.pooler(h) if self.pooler is not None else None)
+
+    def _encode_packed(
+        self, input_ids: Tensor, seqs: PackedSeqs, token_type_ids: Tensor | None, position_ids: Tensor | None
+    ) -> Tensor:
+        if position_ids is None:
+            position_ids = _packing.positions(seqs, input_ids.shape[0])  # (T,)
+        return self.encoder(self.embeddings(input_ids, token_type_ids, position_ids), seqs)  # (T, H)
+
+    def forward_packed(
+        self,
+        input_ids: Tensor,
+        cu_seqlens: Tensor,
+        max_seqlen: int,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+    ) -> BertOutput:
+        """The encoder on packed sequences, no padding anywhere (compiles with fullgraph=True).
+
+        Arguments:
+            input_ids: (T,) the tokens of B sequences one after another.
+            cu_seqlens: int32 (B + 1,), cumulative lengths from 0: sequence b is
+                ``input_ids[cu_seqlens[b]:cu_seqlens[b + 1]]``.
+            max_seqlen: an upper bound of the lengths (at most max_position_embeddings).
+            token_type_ids: (T,) segment ids (default 0).
+            position_ids: (T,) positions (default 0, 1, ... within each sequence).
+        Returns:
+            BertOutput(last_hidden_state (T, H), pooler_output (B, H) from each sequence's first
+            token, zeros for an empty sequence; None without a pooler).
+        """
+        if input_ids.dim() != 1:
+            raise ValueError(f"BertModel.forward_packed: 'input_ids' must be (T,), got {tuple(input_ids.shape)}")
+        if max_seqlen > self.config.max_position_embeddings:
+            raise ValueError(
+                f"BertModel.forward_packed: max_seqlen {max_seqlen} exceeds "
+                f"max_position_embeddings={self.config.max_position_embeddings}"
+            )
+        h = self._encode_packed(input_ids, PackedSeqs(cu_seqlens, int(max_seqlen)), token_type_ids, position_ids)
+        pooled = None
+        if self.pooler is not None:
+            first = cu_seqlens[:-1].long().clamp(max=max(h.shape[0] - 1, 0))  # (B,)
+            nonempty = (cu_seqlens[1:] > cu_seqlens[:-1])[:, None]  # (B, 1)
+            pooled = self.pooler(h[first][:, None]) * nonempty  # (B, H)
+        return BertOutput(h, pooled)
 
     @classmethod
     def from_pretrained(cls, folder: str, **config_overrides) -> BertModel:

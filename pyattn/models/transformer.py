@@ -4,6 +4,16 @@ A drop-in for ``torch.nn.Transformer``: the same constructor arguments, paramete
 torch state dict loads unchanged), forward signature and ``generate_square_subsequent_mask``.
 Every attention runs through pyattn's fused scaled-dot-product op (``attn_backend="fused"``) or
 ``pyattn.reference`` (``"reference"``), with the same weights.
+
+Padding-free (``TransformerConfig.padding_free``, on by default): when a batched call has key
+padding masks (bool) and no mask but the causal one, :meth:`Transformer.forward` packs the real
+tokens of ``src`` and ``tgt`` once, runs every layer on them (encoder self-attention within each
+source, decoder self-attention causal within each target, cross-attention from each target to
+its own source, through varlen attention) and pads the output back. Real target positions get
+the padded path's outputs (up to rounding); padding positions are zeros (torch's own fast path,
+nested tensors in eval, gives zeros there too) on every path while ``padding_free`` is on (also
+under torch.compile, which runs the padded path: unpadding is data-dependent, and when the masks
+cannot be packed), where the padded path computes values nothing else reads.
 """
 
 from __future__ import annotations
@@ -17,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn.multihead_attention import MultiheadAttention, check_attn_backend
+from . import _packing
+from ._packing import PackedSeqs, Packing
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 
@@ -37,6 +49,8 @@ class TransformerConfig:
     norm_first: bool = False
     bias: bool = True
     attn_backend: str = "fused"
+    # with key padding, run the layers on the real tokens only (module doc)
+    padding_free: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.activation, str) and self.activation not in _ACTIVATIONS:
@@ -116,6 +130,17 @@ class TransformerEncoderLayer(nn.Module):
     def _ff_block(self, x):
         return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
 
+    def forward_packed(self, x: Tensor, seqs: PackedSeqs, is_causal: bool = False) -> Tensor:
+        """The layer on (T, E) packed rows of sequences ``seqs``; attention within each one."""
+        if self.norm_first:
+            x = x + self._sa_packed(self.norm1(x), seqs, is_causal)
+            return x + self._ff_block(self.norm2(x))
+        x = self.norm1(x + self._sa_packed(x, seqs, is_causal))
+        return self.norm2(x + self._ff_block(x))
+
+    def _sa_packed(self, x, seqs, is_causal):
+        return self.dropout1(_packing.mha_packed(self.self_attn, x, None, seqs, seqs, is_causal))
+
 
 class TransformerDecoderLayer(nn.Module):
     """Causal self-attention + encoder-decoder attention + feed-forward, torch's names."""
@@ -187,6 +212,25 @@ class TransformerDecoderLayer(nn.Module):
     def _ff_block(self, x):
         return self.dropout3(self.linear2(self.dropout(self.activation(self.linear1(x)))))
 
+    def forward_packed(
+        self, x: Tensor, mem: Tensor, seqs: PackedSeqs, mem_seqs: PackedSeqs, is_causal: bool = False
+    ) -> Tensor:
+        """The layer on (T, E) packed target rows ``seqs`` over (S, E) packed memory rows
+        ``mem_seqs`` (target sequence b attends to memory sequence b)."""
+        if self.norm_first:
+            x = x + self._sa_packed(self.norm1(x), seqs, is_causal)
+            x = x + self._mha_packed(self.norm2(x), mem, seqs, mem_seqs)
+            return x + self._ff_block(self.norm3(x))
+        x = self.norm1(x + self._sa_packed(x, seqs, is_causal))
+        x = self.norm2(x + self._mha_packed(x, mem, seqs, mem_seqs))
+        return self.norm3(x + self._ff_block(x))
+
+    def _sa_packed(self, x, seqs, is_causal):
+        return self.dropout1(_packing.mha_packed(self.self_attn, x, None, seqs, seqs, is_causal))
+
+    def _mha_packed(self, x, mem, seqs, mem_seqs):
+        return self.dropout2(_packing.mha_packed(self.multihead_attn, x, mem, seqs, mem_seqs))
+
 
 class TransformerEncoder(nn.Module):
     def __init__(self, layer: TransformerEncoderLayer, num_layers: int, norm: nn.Module | None) -> None:
@@ -241,7 +285,7 @@ class TransformerDecoder(nn.Module):
         return self.norm(x) if self.norm is not None else x
 
 
-_TORCH_ARGS = [f.name for f in fields(TransformerConfig) if f.name != "attn_backend"]
+_TORCH_ARGS = [f.name for f in fields(TransformerConfig) if f.name not in ("attn_backend", "padding_free")]
 
 
 class Transformer(nn.Module):
@@ -332,7 +376,8 @@ class Transformer(nn.Module):
             *_key_padding_mask: (B, S) / (B, T) / (B, S), True = padding.
             *_is_causal: hints that the matching mask is causal (None: detected, as torch).
         Returns:
-            (T, B, E) ((B, T, E) with batch_first).
+            (T, B, E) ((B, T, E) with batch_first). With ``config.padding_free``, zeros at
+            the padding positions of a bool ``tgt_key_padding_mask``, whichever path ran.
         """
         is_batched = src.dim() == 3
         if not is_batched and tgt.dim() != 2:
@@ -349,10 +394,16 @@ class Transformer(nn.Module):
             raise RuntimeError(
                 f"Transformer: the feature size of src ({src.shape[-1]}) and tgt ({tgt.shape[-1]}) must be d_model={self.d_model}"
             )
+        plan = self._padding_free_plan(
+            src, tgt, src_mask, tgt_mask, memory_mask, src_key_padding_mask, tgt_key_padding_mask,
+            memory_key_padding_mask, src_is_causal, tgt_is_causal, memory_is_causal,
+        )  # fmt: skip
+        if plan is not None:
+            return self._forward_packed(src, tgt, *plan)
         memory = self.encoder(
             src, mask=src_mask, src_key_padding_mask=src_key_padding_mask, is_causal=src_is_causal
         )
-        return self.decoder(
+        out = self.decoder(
             tgt,
             memory,
             tgt_mask=tgt_mask,
@@ -362,6 +413,106 @@ class Transformer(nn.Module):
             tgt_is_causal=tgt_is_causal,
             memory_is_causal=memory_is_causal,
         )
+        pad = tgt_key_padding_mask
+        if self.config.padding_free and is_batched and isinstance(pad, Tensor) and pad.dtype == torch.bool:
+            # padding rows are zeros on every path (compiled, unpackable masks), as packed
+            out = out.masked_fill((pad if self.batch_first else pad.T)[..., None], 0.0)
+        return out
+
+    def _padding_free_plan(self, src, tgt, src_mask, tgt_mask, memory_mask, src_pad, tgt_pad, mem_pad,
+                           src_is_causal, tgt_is_causal, memory_is_causal):  # fmt: skip
+        """(src causal, tgt causal, src/tgt/memory keep masks (B, L), True = real) when the call
+        can run on packed tokens with the padded path's results on real tokens; else None.
+
+        Packable: batched, bool key padding masks with some padding, src_mask and tgt_mask absent
+        or the causal mask (compared, not trusted from a hint), no memory_mask, and every memory
+        key the decoder reads a real source token (memory padding covers source padding: the
+        encoder's outputs at source padding are never computed)."""
+        if not self.config.padding_free or src.dim() != 3 or torch.compiler.is_compiling():
+            return None
+        pads = (src_pad, tgt_pad, mem_pad)
+        if any(m is not None and (not isinstance(m, Tensor) or m.dtype != torch.bool) for m in pads):
+            return None
+        if memory_mask is not None or memory_is_causal or all(m is None for m in pads):
+            return None
+        sdim = 1 if self.batch_first else 0
+        S, T = src.shape[sdim], tgt.shape[sdim]
+        causal = []
+        for mask, hint, L in ((src_mask, src_is_causal, S), (tgt_mask, tgt_is_causal, T)):
+            if mask is not None and not _is_causal(mask, None, L):
+                return None
+            if mask is None and hint:
+                return None  # the padded path raises, as torch: the hint needs its mask
+            causal.append(mask is not None)
+        B = src.shape[1 - sdim]
+        for m, L in ((src_pad, S), (tgt_pad, T), (mem_pad, S)):
+            if m is not None and tuple(m.shape) != (B, L):
+                return None  # the padded path reports the bad shape
+        keep = [torch.ones(B, L, dtype=torch.bool, device=src.device) if m is None else ~m
+                for m, L in ((src_pad, S), (tgt_pad, T), (mem_pad, S))]  # fmt: skip
+        if not bool((keep[0] | ~keep[2]).all()):
+            return None
+        if not any(bool((~k).any()) for k in keep):
+            return None  # nothing to skip
+        return (causal[0], causal[1], *keep)
+
+    def _forward_packed(self, src, tgt, src_causal, tgt_causal, keep_src, keep_tgt, keep_mem) -> Tensor:
+        if not self.batch_first:
+            src, tgt = src.transpose(0, 1), tgt.transpose(0, 1)  # (B, S, E), (B, T, E)
+        ps, pt = _packing.packing(keep_src), _packing.packing(keep_tgt)
+        mem = self._encode_packed(_packing.unpad(src, ps), ps.seqs, src_causal)  # (Ts, E)
+        pm: Packing = ps
+        if not torch.equal(keep_mem, keep_src):
+            # the decoder reads fewer memory tokens than the encoder produced
+            pm = _packing.packing(keep_mem)
+            mem = _packing.unpad(_packing.pad(mem, ps), pm)  # (Tm, E)
+        y = self._decode_packed(_packing.unpad(tgt, pt), mem, pt.seqs, pm.seqs, tgt_causal)  # (Tt, E)
+        out = _packing.pad(y, pt)  # (B, T, E)
+        return out if self.batch_first else out.transpose(0, 1)  # (T, B, E)
+
+    def _encode_packed(self, x: Tensor, seqs: PackedSeqs, causal: bool) -> Tensor:
+        for layer in self.encoder.layers:
+            x = layer.forward_packed(x, seqs, causal)
+        return self.encoder.norm(x) if self.encoder.norm is not None else x
+
+    def _decode_packed(self, y: Tensor, mem: Tensor, seqs: PackedSeqs, mem_seqs: PackedSeqs, causal: bool):
+        for layer in self.decoder.layers:
+            y = layer.forward_packed(y, mem, seqs, mem_seqs, causal)
+        return self.decoder.norm(y) if self.decoder.norm is not None else y
+
+    def forward_packed(
+        self,
+        src: Tensor,
+        tgt: Tensor,
+        cu_seqlens_src: Tensor,
+        max_seqlen_src: int,
+        cu_seqlens_tgt: Tensor,
+        max_seqlen_tgt: int,
+        src_is_causal: bool = False,
+        tgt_is_causal: bool = False,
+    ) -> Tensor:
+        """Encoder and decoder on packed sequences, no padding anywhere (compiles with
+        ``torch.compile(fullgraph=True)``); target b attends to source b.
+
+        Arguments:
+            src: (Ts, E) the tokens of B source sequences one after another.
+            tgt: (Tt, E) the tokens of B target sequences.
+            cu_seqlens_src, cu_seqlens_tgt: int32 (B + 1,), cumulative lengths from 0.
+            max_seqlen_src, max_seqlen_tgt: upper bounds of the lengths.
+            src_is_causal, tgt_is_causal: causal self-attention within each sequence
+                (tgt_is_causal=True is the usual decoder).
+        Returns:
+            (Tt, E).
+        """
+        for name, t in (("src", src), ("tgt", tgt)):
+            if t.dim() != 2 or t.shape[-1] != self.d_model:
+                raise ValueError(
+                    f"Transformer.forward_packed: '{name}' must be (T, d_model={self.d_model}), got {tuple(t.shape)}"
+                )
+        ps = PackedSeqs(cu_seqlens_src, int(max_seqlen_src))
+        pt = PackedSeqs(cu_seqlens_tgt, int(max_seqlen_tgt))
+        mem = self._encode_packed(src, ps, src_is_causal)  # (Ts, E)
+        return self._decode_packed(tgt, mem, pt, ps, tgt_is_causal)  # (Tt, E)
 
     @staticmethod
     def generate_square_subsequent_mask(sz: int, device=None, dtype=None) -> Tensor:

@@ -368,7 +368,14 @@ def scaled_dot_product_attention(
             "triton" or "reference".
     Returns:
         (..., Hq, Lq, Dv).
+
+    Jagged nested tensors (``layout=torch.jagged``, (B, H, j, D) as torch takes them) run as
+    packed sequences through varlen attention and return nested, as torch (pyattn/ops/_nested.py).
     """
+    if any(isinstance(t, Tensor) and t.is_nested for t in (query, key, value)):
+        from ._nested import nested_sdpa  # here: it imports the varlen op, which imports this module
+
+        return nested_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend)
     lead, Hq, Hkv, _gqa, out_batch, causal, mask = check_inputs(
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
     )
