@@ -425,7 +425,8 @@ def _varlen_cases(device: str, suite: str, dtypes: list[str]) -> list[Case]:
             lengths = (2048,) if suite == "default" else (512, 2048, 8192)
             grid = [(16384 // L, 16, L, 128, c) for L in lengths for c in (False, True)]
     cases = []
-    for dt, (B, H, L, D, causal), mode, prov in itertools.product(dtypes, grid, ("fwd", "fwd+bwd"), providers):
+    combos = itertools.product(dtypes, grid, ("fwd", "fwd+bwd"), providers)
+    for dt, (B, H, L, D, causal), mode, prov in combos:
         useful = sum(4.0 * H * n * n * D * (0.5 if causal else 1.0) for n in varlen_lengths(B, L))
         cases.append(
             Case(

@@ -163,7 +163,8 @@ def _launches(case: Case) -> list[Launch]:
                 varlen_attention.varlen_forward(q, k, v, cu, cu, L, L, p, causal, None, 1, 0)
             else:
                 out, lse = t(total, 4, D), t(4, total, dt=torch.float32)
-                varlen_attention.varlen_backward(t(total, 4, D), q, k, v, cu, cu, out, lse, L, L, p, causal, None, 1, 0)
+                do = t(total, 4, D)
+                varlen_attention.varlen_backward(do, q, k, v, cu, cu, out, lse, L, L, p, causal, None, 1, 0)
         else:
             T, H, Dv = dims["T"], dims["H"], dims["Dv"]
             q, k, val, vv = t(2, T, H), t(2, T, H), t(2, T, Dv), t(H)

@@ -305,7 +305,8 @@ def _fwd_kernel(
     # empty rows: output 0 (acc is 0 there) and lse +inf, so the backward's exp(s - lse) is 0
     out = acc * (tl.where(has_key, drop_scale / l_safe, 0.0))[:, None]
     lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("inf"))
-    o_ptrs = Out + b * stride_ob + h * stride_oh + (q_start + offs_m[:, None]) * stride_om + offs_dv[None, :] * stride_od
+    o_rows = (q_start + offs_m[:, None]) * stride_om
+    o_ptrs = Out + b * stride_ob + h * stride_oh + o_rows + offs_dv[None, :] * stride_od
     tl.store(
         o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < HEAD_DIM_V)
     )
@@ -500,7 +501,8 @@ def _bwd_dq_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < Lq
     q = tl.load(
-        Q + b * stride_qb + h * stride_qh + (q_start + offs_m[:, None]) * stride_qm + offs_d[None, :] * stride_qd,
+        Q + b * stride_qb + h * stride_qh + (q_start + offs_m[:, None]) * stride_qm
+        + offs_d[None, :] * stride_qd,
         mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
         other=0.0,
     )
@@ -694,12 +696,14 @@ def _bwd_dkdv_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     col_ok = offs_n < Lk
     k = tl.load(
-        K + b * stride_kb + hk * stride_kh + (k_start + offs_n[:, None]) * stride_kn + offs_d[None, :] * stride_kd,
+        K + b * stride_kb + hk * stride_kh + (k_start + offs_n[:, None]) * stride_kn
+        + offs_d[None, :] * stride_kd,
         mask=col_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
         other=0.0,
     )
     v = tl.load(
-        V + b * stride_vb + hk * stride_vh + (k_start + offs_n[:, None]) * stride_vn + offs_dv[None, :] * stride_vd,
+        V + b * stride_vb + hk * stride_vh + (k_start + offs_n[:, None]) * stride_vn
+        + offs_dv[None, :] * stride_vd,
         mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V),
         other=0.0,
     )
@@ -1080,7 +1084,8 @@ def sdpa_backward(
         HEAD_DIM_V=Dv, BLOCK_DV=consts["BLOCK_DV"], BLOCK_M=_PREPROCESS_BLOCK_M,
     )  # fmt: skip
     scalars = (
-        float(dropout_p), _drop_scale(dropout_p), int(seed), int(offset), causal_off, *_not_varlen(query, Lq, Lk)
+        float(dropout_p), _drop_scale(dropout_p), int(seed), int(offset), causal_off,
+        *_not_varlen(query, Lq, Lk),
     )  # fmt: skip
 
     def grid_kv(meta):

@@ -61,8 +61,14 @@ def _check(query, key, value, cu_q, cu_k, max_q, max_k, causal):
         ok = ok and D <= MAX_HEAD_DIM and Dv <= MAX_HEAD_DIM and causal in (0, 1, 2)
         ok = ok and max_q >= 0 and max_k >= 0
     if not ok:
-        raise ValueError("varlen_attention (triton): inputs are not packed (total, H, D) tensors the kernels take")
-    for name, t, rows, cols in (("query", query, max_q, D), ("key", key, max_k, D), ("value", value, max_k, Dv)):
+        raise ValueError(
+            "varlen_attention (triton): inputs are not packed (total, H, D) tensors the kernels take"
+        )
+    for name, t, rows, cols in (
+        ("query", query, max_q, D),
+        ("key", key, max_k, D),
+        ("value", value, max_k, Dv),
+    ):
         _check_slice(name, _heads_view(t), rows, cols)
     return cu_q.shape[0] - 1, Hq, Hkv, D, Dv
 
@@ -101,7 +107,9 @@ def varlen_forward(
         out (total_q, Hq, Dv) in the query's dtype, lse (Hq, total_q) float32 (+inf for rows with
         no key).
     """
-    B, Hq, Hkv, D, Dv = _check(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
+    B, Hq, Hkv, D, Dv = _check(
+        query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal
+    )
     total_q, total_k = query.shape[0], key.shape[0]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     # rows no program writes (a sequence with no keys still has its programs: they write 0, +inf)
@@ -151,10 +159,14 @@ def varlen_backward(
         grad_query (total_q, Hq, D), grad_key (total_k, Hkv, D), grad_value (total_k, Hkv, Dv),
         contiguous, in the inputs' dtype; rows of keys no query sees are 0.
     """
-    B, Hq, Hkv, D, Dv = _check(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
+    B, Hq, Hkv, D, Dv = _check(
+        query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal
+    )
     total_q, total_k = query.shape[0], key.shape[0]
     if grad_out.shape != (total_q, Hq, Dv) or out.shape != (total_q, Hq, Dv) or lse.shape != (Hq, total_q):
-        raise ValueError("varlen_attention (triton): grad_out/out must be (total_q, Hq, Dv) and lse (Hq, total_q)")
+        raise ValueError(
+            "varlen_attention (triton): grad_out/out must be (total_q, Hq, Dv) and lse (Hq, total_q)"
+        )
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     # the kernels write (H, total, D) rows; returned as (total, H, D)
     dq = torch.zeros((Hq, total_q, D), dtype=query.dtype, device=query.device)

@@ -175,7 +175,9 @@ def test_dropout_equals_sdpa_on_padded_batch(backend, device, causal):
     lens_k = lens_q if causal else random_lengths(4, 1, 20 if small else 70, specials=(1,))
     Hq, Hkv, D, p = 4, 2, 16, 0.3
     mq, mk = max(lens_q) + 3, max(lens_k) + 2  # any max_seqlen at least the longest: the padded L
-    q, k, v = (torch.randn(sum(n), h, D, device=device) for n, h in ((lens_q, Hq), (lens_k, Hkv), (lens_k, Hkv)))
+    q, k, v = (
+        torch.randn(sum(n), h, D, device=device) for n, h in ((lens_q, Hq), (lens_k, Hkv), (lens_k, Hkv))
+    )
     ins = [t.requires_grad_() for t in (q, k, v)]
     seed = random.randrange(2**31)
     torch.manual_seed(seed)
@@ -183,7 +185,10 @@ def test_dropout_equals_sdpa_on_padded_batch(backend, device, causal):
         *ins, cu_of(lens_q, device), cu_of(lens_k, device), mq, mk, dropout_p=p, is_causal=causal,
         enable_gqa=True, backend=backend,
     )  # fmt: skip
-    padded = [pad(t.detach(), n, L).requires_grad_() for t, n, L in ((q, lens_q, mq), (k, lens_k, mk), (v, lens_k, mk))]
+    padded = [
+        pad(t.detach(), n, L).requires_grad_()
+        for t, n, L in ((q, lens_q, mq), (k, lens_k, mk), (v, lens_k, mk))
+    ]
     mask = key_padding_mask(lens_k, mk).to(device)
     if causal:
         mask = mask & torch.ones(mq, mk, dtype=torch.bool, device=device).tril()
@@ -197,7 +202,9 @@ def test_dropout_equals_sdpa_on_padded_batch(backend, device, causal):
     grads = torch.autograd.grad(out, ins, g)
     grads_p = torch.autograd.grad(out_p, padded, pad(g, lens_q, mq))
     for name, a, b, n in zip("qkv", grads, grads_p, (lens_q, lens_k, lens_k), strict=True):
-        torch.testing.assert_close(a, unpad(b, n), rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"grad {name}: {m}")
+        torch.testing.assert_close(
+            a, unpad(b, n), rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"grad {name}: {m}"
+        )
 
 
 def test_dropout_matches_reference_with_the_padded_keep_mask():
@@ -254,7 +261,9 @@ def test_gradcheck_float64(variant):
     assert torch.autograd.gradcheck(f, ins)
     if p == 0.0 and causal != 2:
         assert torch.autograd.gradcheck(
-            lambda *a: pyattn.varlen_attention(*a, cq, ck, is_causal=bool(causal), enable_gqa=True, backend="cpu"),
+            lambda *a: pyattn.varlen_attention(
+                *a, cq, ck, is_causal=bool(causal), enable_gqa=True, backend="cpu"
+            ),
             ins,
         )
 
@@ -398,7 +407,13 @@ def test_backend_names_and_error_classes():
 )
 def test_op_checks_direct_calls(cq, ck, pattern):
     g = _good()
-    args = (g["query"], g["key"], g["value"], torch.tensor(cq, dtype=torch.int32), torch.tensor(ck, dtype=torch.int32))
+    args = (
+        g["query"],
+        g["key"],
+        g["value"],
+        torch.tensor(cq, dtype=torch.int32),
+        torch.tensor(ck, dtype=torch.int32),
+    )
     with pytest.raises(RuntimeError, match=pattern):
         FWD(*args, 8, 8, 0.0, 0, 1.0, 0, 0)
 
