@@ -1,13 +1,18 @@
 // pyattn::varlen_attention_{fwd,bwd} for CPU tensors: packed variable-length sequences run
-// through the fused CPU sdpa kernels (csrc/cpu/sdpa_kernel.cpp) one sequence at a time, as a
-// batch of one, so a sequence costs its own Lq_b x Lk_b tiles and nothing is padded. The
-// packed (total, H, D) rows of a sequence are copied to the kernels' contiguous (1, H, L, D)
-// layout and back (O(L H D) next to the O(L^2 H D) of the attention). Dropout counters follow
+// through the fused CPU sdpa kernels (csrc/cpu/sdpa_kernel.cpp), each (sequence, kv-head group)
+// unit as a batch of one, so a sequence costs its own Lq_b x Lk_b tiles and nothing is padded
+// (run_units says how the units share the threads). The packed (total, H, D) rows of a unit are
+// copied to the kernels' contiguous (1, H, L, D) layout and back (O(L H D) next to the O(L^2 H D) of the attention). Dropout counters follow
 // the padded (B, Hq, max_seqlen_q, max_seqlen_k) layout through FlashParams::drop_* (see
 // docs/design.md, "Variable-length attention").
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+
+#include <algorithm>
+#include <atomic>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -35,15 +40,70 @@ std::vector<int32_t> seq_bounds(const at::Tensor& cu, int64_t total, const char*
   return out;
 }
 
-// (1, H, L, D) contiguous copy of the packed rows [start, start + len) of t (total, H, D).
-at::Tensor rows(const at::Tensor& t, int64_t start, int64_t len) {
-  return t.narrow(0, start, len).transpose(0, 1).unsqueeze(0).contiguous();
+// (1, H, L, D) contiguous copy of the packed rows [start, start + len), heads [h0, h0 + nh), of
+// t (total, H, D).
+at::Tensor rows(const at::Tensor& t, int64_t start, int64_t len, int64_t h0, int64_t nh) {
+  return t.narrow(0, start, len).narrow(1, h0, nh).transpose(0, 1).unsqueeze(0).contiguous();
+}
+
+// dst rows [start, start + len), heads [h0, h0 + nh) of a packed (total, H, D) tensor = src (1, nh, len, D).
+void put_rows(at::Tensor& dst, const at::Tensor& src, int64_t start, int64_t len, int64_t h0, int64_t nh) {
+  dst.narrow(0, start, len).narrow(1, h0, nh).copy_(src[0].transpose(0, 1));
+}
+
+// One unit of work: sequence b with kv heads [kv0, kv0 + nkv) and their query heads.
+struct Unit {
+  int64_t b, kv0, nkv, cost;
+};
+
+// The units of a call and how to run them. Many sequences (or heads) against few threads: one
+// task per unit of min(Hkv, threads) kv heads, pulled by the threads in order of decreasing cost
+// (balanced whatever the length mix, and robust to a thread that starts late), each unit running
+// the kernels serially (a parallel_for inside a parallel region runs inline). Few units: one
+// sequence at a time with all heads, the kernels spreading each over every thread. A per-sequence
+// parallel region for many short sequences costs more in thread wake-ups than the attention
+// itself on a busy machine (B=8, L=128: 20x the serial time). Units of at least `threads` kv
+// heads also keep the backward on its one-pass scheme (see backward() in cpu/sdpa_kernel.cpp).
+template <typename Fn>
+void run_units(const std::vector<int32_t>& cq, const std::vector<int32_t>& ck, int64_t Hkv, Fn&& fn) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t B = static_cast<int64_t>(cq.size()) - 1;
+  int64_t busy = 0;
+  for (int64_t b = 0; b < B; ++b) busy += cq[b + 1] > cq[b] && ck[b + 1] > ck[b];
+  const int64_t per = std::min<int64_t>(Hkv, std::max<int64_t>(threads, 1));
+  const int64_t fine = busy * ((Hkv + per - 1) / per);
+  const bool outer = threads > 1 && fine >= 2 * threads;
+  const int64_t step = outer ? per : Hkv;
+  std::vector<Unit> units;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t lq = cq[b + 1] - cq[b], lk = ck[b + 1] - ck[b];
+    if (lq == 0 || lk == 0) continue;
+    for (int64_t kv0 = 0; kv0 < Hkv; kv0 += step) {
+      const int64_t nkv = std::min(step, Hkv - kv0);
+      units.push_back({b, kv0, nkv, lq * lk * nkv});
+    }
+  }
+  if (!outer) {
+    for (const Unit& u : units) fn(u);
+    return;
+  }
+  std::stable_sort(units.begin(), units.end(), [](const Unit& a, const Unit& b) { return a.cost > b.cost; });
+  std::atomic<int64_t> next{0};
+  // the workers run ATen ops (copies, allocations): with the caller's thread-local state
+  // (inference mode, dispatch key sets), as at::launch does
+  const at::ThreadLocalState state;
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard guard(state);
+    for (int64_t w = begin; w < end; ++w) {
+      for (int64_t i = next++; i < static_cast<int64_t>(units.size()); i = next++) fn(units[i]);
+    }
+  });
 }
 
 template <typename T>
 cpu::FlashParams<T> seq_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t b,
-                               int64_t max_q, int64_t max_k, double dropout_p, int64_t causal,
-                               double scale, int64_t seed, int64_t offset) {
+                               int64_t h0, int64_t Hq_all, int64_t max_q, int64_t max_k, double dropout_p,
+                               int64_t causal, double scale, int64_t seed, int64_t offset) {
   cpu::FlashParams<T> p;
   p.q = q.data_ptr<T>();
   p.k = k.data_ptr<T>();
@@ -66,8 +126,8 @@ cpu::FlashParams<T> seq_params(const at::Tensor& q, const at::Tensor& k, const a
   p.dropout_p = dropout_p;
   p.seed = static_cast<uint64_t>(seed);
   p.offset = static_cast<uint64_t>(offset);
-  // the counters of sequence b's slice of the padded (B, Hq, max_q, max_k) score tensor
-  p.drop_bh0 = b * p.Hq;
+  // the counters of (sequence b, heads h0 ..)'s slice of the padded (B, Hq, max_q, max_k) scores
+  p.drop_bh0 = b * Hq_all + h0;
   p.drop_lq = max_q;
   p.drop_lk = max_k;
   return p;
@@ -76,6 +136,13 @@ cpu::FlashParams<T> seq_params(const at::Tensor& q, const at::Tensor& k, const a
 // The dtypes of the CPU kernels: extend here (and in pyattn/_backend.py DTYPES["cpu"]) when
 // csrc/cpu/sdpa_kernel.h gains more overloads (float16/bfloat16).
 #define PYATTN_VARLEN_DISPATCH(TYPE, NAME, ...) AT_DISPATCH_FLOATING_TYPES(TYPE, NAME, __VA_ARGS__)
+
+void check_lengths(const std::vector<int32_t>& cq, const std::vector<int32_t>& ck, int64_t max_q, int64_t max_k) {
+  for (size_t b = 0; b + 1 < cq.size(); ++b) {
+    TORCH_CHECK(cq[b + 1] - cq[b] <= max_q && ck[b + 1] - ck[b] <= max_k,
+                "pyattn::varlen_attention: a sequence is longer than max_seqlen_q/k");
+  }
+}
 
 }  // namespace
 
@@ -88,27 +155,29 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cpu(
               query.device());
   const auto cq = seq_bounds(cu_seqlens_q, query.size(0), "cu_seqlens_q");
   const auto ck = seq_bounds(cu_seqlens_k, key.size(0), "cu_seqlens_k");
-  const int64_t total_q = query.size(0), Hq = query.size(1), Dv = value.size(2);
+  check_lengths(cq, ck, max_seqlen_q, max_seqlen_k);
+  const int64_t total_q = query.size(0), Hq = query.size(1), Hkv = key.size(1), Dv = value.size(2);
   // rows with no key keep output 0 and lse +inf (zero gradients in the backward)
   at::Tensor out = at::zeros({total_q, Hq, Dv}, query.options());
   at::Tensor lse = at::full({Hq, total_q}, std::numeric_limits<double>::infinity(), query.options());
-  for (size_t b = 0; b + 1 < cq.size(); ++b) {
-    const int64_t q0 = cq[b], lq = cq[b + 1] - cq[b], k0 = ck[b], lk = ck[b + 1] - ck[b];
-    if (lq == 0 || lk == 0 || Hq == 0 || Dv == 0) continue;
-    TORCH_CHECK(lq <= max_seqlen_q && lk <= max_seqlen_k,
-                "pyattn::varlen_attention: a sequence is longer than max_seqlen_q/k");
-    const at::Tensor q = rows(query, q0, lq), k = rows(key, k0, lk), v = rows(value, k0, lk);
-    at::Tensor o = at::empty({1, Hq, lq, Dv}, query.options());
-    at::Tensor l = at::empty({1, Hq, lq}, query.options());
+  if (Hq == 0 || Dv == 0) return {out, lse};
+  const int64_t group = Hq / Hkv;
+  run_units(cq, ck, Hkv, [&](const Unit& u) {
+    const int64_t q0 = cq[u.b], lq = cq[u.b + 1] - q0, k0 = ck[u.b], lk = ck[u.b + 1] - k0;
+    const int64_t h0 = u.kv0 * group, nh = u.nkv * group;
+    const at::Tensor q = rows(query, q0, lq, h0, nh), k = rows(key, k0, lk, u.kv0, u.nkv),
+                     v = rows(value, k0, lk, u.kv0, u.nkv);
+    at::Tensor o = at::empty({1, nh, lq, Dv}, query.options());
+    at::Tensor l = at::empty({1, nh, lq}, query.options());
     PYATTN_VARLEN_DISPATCH(q.scalar_type(), "varlen_attention_fwd_cpu", [&] {
-      const auto p = seq_params<scalar_t>(q, k, v, b, max_seqlen_q, max_seqlen_k, dropout_p, causal, scale,
-                                          seed, offset);
+      const auto p = seq_params<scalar_t>(q, k, v, u.b, h0, Hq, max_seqlen_q, max_seqlen_k, dropout_p, causal,
+                                          scale, seed, offset);
       const cpu::FlashFwdOut<scalar_t> fo{o.data_ptr<scalar_t>(), l.data_ptr<scalar_t>()};
       PYATTN_CPU_DISPATCH(sdpa_fwd_kernel, p, fo);
     });
-    out.narrow(0, q0, lq).copy_(o[0].transpose(0, 1));
-    lse.narrow(1, q0, lq).copy_(l[0]);
-  }
+    put_rows(out, o, q0, lq, h0, nh);
+    lse.narrow(0, h0, nh).narrow(1, q0, lq).copy_(l[0]);
+  });
   return {out, lse};
 }
 
@@ -123,35 +192,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
               query.device());
   const auto cq = seq_bounds(cu_seqlens_q, query.size(0), "cu_seqlens_q");
   const auto ck = seq_bounds(cu_seqlens_k, key.size(0), "cu_seqlens_k");
-  const int64_t Hq = query.size(1), Dv = value.size(2);
+  check_lengths(cq, ck, max_seqlen_q, max_seqlen_k);
+  const int64_t Hq = query.size(1), Hkv = key.size(1), Dv = value.size(2);
   const auto dt = query.scalar_type();
   at::Tensor dq = at::zeros(query.sizes(), query.options());
   at::Tensor dk = at::zeros(key.sizes(), key.options());
   at::Tensor dv = at::zeros(value.sizes(), value.options());
+  if (Hq == 0 || Dv == 0 || query.size(2) == 0) return {dq, dk, dv};
+  const at::Tensor g = grad_out.to(dt);
   // Delta_i = dO_i . O_i for every packed row: (total_q, Hq)
-  const at::Tensor delta_all = (grad_out.to(dt) * out.to(dt)).sum(-1);
-  for (size_t b = 0; b + 1 < cq.size(); ++b) {
-    const int64_t q0 = cq[b], lq = cq[b + 1] - cq[b], k0 = ck[b], lk = ck[b + 1] - ck[b];
-    if (lq == 0 || lk == 0 || Hq == 0 || Dv == 0 || query.size(2) == 0) continue;
-    TORCH_CHECK(lq <= max_seqlen_q && lk <= max_seqlen_k,
-                "pyattn::varlen_attention: a sequence is longer than max_seqlen_q/k");
-    const at::Tensor q = rows(query, q0, lq), k = rows(key, k0, lk), v = rows(value, k0, lk);
-    const at::Tensor dO = rows(grad_out.to(dt), q0, lq);
-    const at::Tensor l = lse.narrow(1, q0, lq).to(dt).unsqueeze(0).contiguous();       // (1, Hq, lq)
-    const at::Tensor delta = delta_all.narrow(0, q0, lq).t().unsqueeze(0).contiguous();  // (1, Hq, lq)
+  const at::Tensor delta_all = (g * out.to(dt)).sum(-1);
+  const at::Tensor lse_t = lse.to(dt);
+  const int64_t group = Hq / Hkv;
+  run_units(cq, ck, Hkv, [&](const Unit& u) {
+    const int64_t q0 = cq[u.b], lq = cq[u.b + 1] - q0, k0 = ck[u.b], lk = ck[u.b + 1] - k0;
+    const int64_t h0 = u.kv0 * group, nh = u.nkv * group;
+    const at::Tensor q = rows(query, q0, lq, h0, nh), k = rows(key, k0, lk, u.kv0, u.nkv),
+                     v = rows(value, k0, lk, u.kv0, u.nkv), dO = rows(g, q0, lq, h0, nh);
+    const at::Tensor l = lse_t.narrow(0, h0, nh).narrow(1, q0, lq).unsqueeze(0).contiguous();  // (1, nh, lq)
+    const at::Tensor delta =
+        delta_all.narrow(0, q0, lq).narrow(1, h0, nh).t().unsqueeze(0).contiguous();  // (1, nh, lq)
     at::Tensor gq = at::zeros_like(q), gk = at::zeros_like(k), gv = at::zeros_like(v);
     PYATTN_VARLEN_DISPATCH(dt, "varlen_attention_bwd_cpu", [&] {
-      const auto p = seq_params<scalar_t>(q, k, v, b, max_seqlen_q, max_seqlen_k, dropout_p, causal, scale,
-                                          seed, offset);
+      const auto p = seq_params<scalar_t>(q, k, v, u.b, h0, Hq, max_seqlen_q, max_seqlen_k, dropout_p, causal,
+                                          scale, seed, offset);
       const cpu::FlashBwdArgs<scalar_t> a{dO.data_ptr<scalar_t>(), l.data_ptr<scalar_t>(),
                                           delta.data_ptr<scalar_t>(), gq.data_ptr<scalar_t>(),
                                           gk.data_ptr<scalar_t>(), gv.data_ptr<scalar_t>()};
       PYATTN_CPU_DISPATCH(sdpa_bwd_kernel, p, a);
     });
-    dq.narrow(0, q0, lq).copy_(gq[0].transpose(0, 1));
-    dk.narrow(0, k0, lk).copy_(gk[0].transpose(0, 1));
-    dv.narrow(0, k0, lk).copy_(gv[0].transpose(0, 1));
-  }
+    put_rows(dq, gq, q0, lq, h0, nh);
+    put_rows(dk, gk, k0, lk, u.kv0, u.nkv);
+    put_rows(dv, gv, k0, lk, u.kv0, u.nkv);
+  });
   return {dq, dk, dv};
 }
 

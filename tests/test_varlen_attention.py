@@ -422,3 +422,29 @@ def test_op_refuses_max_seqlen_below_a_length():
     g = _good()
     with pytest.raises(RuntimeError, match="longer than max_seqlen"):
         FWD(*g.values(), 4, 8, 0.0, 0, 1.0, 0, 0)
+
+
+def test_cpu_work_split_inference_mode_and_thread_counts():
+    # many (sequence, head) units go to the threads as tasks, few run one sequence at a time over
+    # every thread: both give the reference's result, under inference_mode too
+    lens = random_lengths(8, 1, 90)
+    q, k, v = (torch.randn(sum(lens), 4, 16, dtype=torch.float64) for _ in range(3))
+    cq = cu_of(lens)
+    ref = reference.varlen_attention(q, k, v, cq, cq, is_causal=True)
+    threads = torch.get_num_threads()
+    try:
+        for n in {1, 2, threads}:
+            torch.set_num_threads(n)
+            with torch.inference_mode():
+                out = pyattn.varlen_attention(q, k, v, cq, cq, is_causal=True)
+            torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+            ins = [t.clone().requires_grad_() for t in (q, k, v)]
+            grads = torch.autograd.grad(pyattn.varlen_attention(*ins, cq, cq, is_causal=True).sum(), ins)
+            ins_r = [t.clone().requires_grad_() for t in (q, k, v)]
+            grads_r = torch.autograd.grad(
+                reference.varlen_attention(*ins_r, cq, cq, is_causal=True).sum(), ins_r
+            )
+            for a, b in zip(grads, grads_r, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    finally:
+        torch.set_num_threads(threads)
