@@ -10,6 +10,8 @@ FLOP counts (what TFLOP/s means in every table):
 - additive attention: ``B*Tq*Tk*H`` tanh evaluations (one FLOP each; the add and the dot with
   ``v`` are not counted) + ``2*B*Tq*Tk*Dv`` for the weighted sum of values; backward = 2.5x
   forward by the same convention. Rows also carry the tanh rate (tanh/s) by itself.
+- varlen attention: the sdpa count of the real (unpadded) sequences, ``sum_b 4*H*L_b^2*D``, for
+  every provider (padded ones included): TFLOP/s is useful work.
 - nn.MultiheadAttention: the four projections ``8*B*L*E^2`` + the attention core above.
 - models: not counted (the tables give time, speed-up and memory).
 """
@@ -31,6 +33,7 @@ GROUPS = {
     "additive": "additive_attention",
     "sdpa": "sdpa",
     "mha": "multihead_attention",
+    "varlen": "varlen_attention",
     "bert": "bert",
     "transformer": "transformer",
     "seq2seq": "seq2seq",
@@ -356,6 +359,100 @@ def _sdpa_cases(device: str, suite: str, dtypes: list[str]) -> list[Case]:
                 flops=fwd * (1.0 if mode == "fwd" else 3.5),
                 mem_estimate=naive if prov in ("reference", "torch-math") else 0.0,
                 builder=_build_sdpa,
+            )
+        )
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------
+# Variable-length attention: the packed op against sdpa on the padded batch + key padding mask
+
+
+def varlen_lengths(B: int, L: int) -> list[int]:
+    """The case's B sequence lengths, uniform in [L/4, L], the same in every run and process."""
+    g = torch.Generator().manual_seed(1000 * B + L)
+    return torch.randint(L // 4, L + 1, (B,), generator=g).tolist()
+
+
+def _build_varlen(case: Case):
+    import torch.nn.functional as F
+
+    import pyattn
+
+    d = case.dims
+    B, H, L, D, causal = d["B"], d["H"], d["L"], d["D"], bool(d["causal"])
+    dtype, dev = DTYPES[case.dtype], case.device
+    lens = varlen_lengths(B, L)
+    total = sum(lens)
+    cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=dev)
+    p = case.provider
+    padded = p in ("torch", "pyattn-sdpa")
+    if padded:
+        valid = torch.arange(L, device=dev)[None, :] < torch.tensor(lens, device=dev)[:, None]  # (B, L)
+        mask = valid[:, None, None, :]  # (B, 1, 1, L): key padding, True = attend
+        if causal:
+            mask = mask & torch.ones(L, L, dtype=torch.bool, device=dev).tril()
+
+        def make_one():
+            return tuple(torch.randn(B, H, L, D, device=dev, dtype=dtype) for _ in range(3))
+
+        nbytes = 3 * B * H * L * D * dtype.itemsize
+        if p == "torch":
+
+            def fn(q, k, v):
+                return F.scaled_dot_product_attention(q, k, v, mask)
+
+        else:
+
+            def fn(q, k, v):
+                return pyattn.scaled_dot_product_attention(q, k, v, mask)
+
+    else:
+
+        def make_one():
+            return tuple(torch.randn(total, H, D, device=dev, dtype=dtype) for _ in range(3))
+
+        nbytes = 3 * total * H * D * dtype.itemsize
+        backend = p.removeprefix("pyattn-")
+
+        def fn(q, k, v):
+            return pyattn.varlen_attention(q, k, v, cu, cu, L, L, is_causal=causal, backend=backend)
+
+    return _op_step(fn, _input_sets(make_one, nbytes, dev), case.mode, range(3))
+
+
+def _varlen_cases(device: str, suite: str, dtypes: list[str]) -> list[Case]:
+    import pyattn
+
+    avail = pyattn.backends()
+    if device == "cpu":
+        providers = ["torch", "pyattn-sdpa"] + (["pyattn-cpu"] if "cpu" in avail else [])
+        dtypes = dtypes or ["fp32"]
+        grid = [(2, 2, 32, 16, False)] if suite == "quick" else [(8, 12, L, 64, False) for L in (128, 512)]
+    else:
+        providers = ["torch", "pyattn-sdpa"] + [f"pyattn-{b}" for b in ("triton", "cuda") if b in avail]
+        dtypes = dtypes or ["bf16"]
+        if suite == "quick":
+            grid = [(2, 2, 128, 64, False)]
+        else:
+            lengths = (2048,) if suite == "default" else (512, 2048, 8192)
+            grid = [(16384 // L, 16, L, 128, c) for L in lengths for c in (False, True)]
+    cases = []
+    combos = itertools.product(dtypes, grid, ("fwd", "fwd+bwd"), providers)
+    for dt, (B, H, L, D, causal), mode, prov in combos:
+        useful = sum(4.0 * H * n * n * D * (0.5 if causal else 1.0) for n in varlen_lengths(B, L))
+        cases.append(
+            Case(
+                group="varlen",
+                provider=prov,
+                baseline="torch",
+                mode=mode,
+                shape=(("B", B), ("H", H), ("L", L), ("D", D), ("causal", causal)),
+                dtype=dt,
+                device=device,
+                seq_len=L,
+                flops=useful * (1.0 if mode == "fwd" else 3.5),
+                builder=_build_varlen,
             )
         )
     return cases
@@ -711,6 +808,8 @@ def build_cases(
         cases += _sdpa_cases(device, suite, dtypes)
     if "mha" in ops:
         cases += _mha_cases(device, suite, dtypes)
+    if "varlen" in ops:
+        cases += _varlen_cases(device, suite, dtypes)
     cases += _model_cases(device, suite, dtypes, ops)
     if "bert" in ops and _importable("pyattn.models.bert"):
         cases += _padded_bert_cases(device, suite, dtypes)
@@ -751,6 +850,9 @@ def _headline_cases(device: str, ops: Iterable[str] | None, dtypes: Iterable[str
         for c in _model_cases(device, "full", want or ["bf16"], [o for o in ops if o == "bert"])
         if c.mode == "fwd" and c.dims["L"] == 512
     ]
+    if "varlen" in ops:
+        # packed vs padded at L = 2048 (B = 8), plain and causal: before sdpa's long autotuning
+        cases += _varlen_cases(device, "default", want or ["bf16"])
     if "sdpa" in ops:
         for c in _sdpa_cases(device, "full", want or ["bf16"]):
             d = c.dims

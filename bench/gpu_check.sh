@@ -121,7 +121,7 @@ else
     # the GPU-marked and device-parametrised cases of both ops; test_edge_cases covers the
     # masks/causal/GQA/odd-size matrix across backends
     SELECT=(tests/test_additive_attention.py tests/test_sdpa.py tests/test_sdpa_triton.py tests/test_edge_cases.py
-        -k "cuda or triton or gpu")
+        tests/test_varlen_attention.py -k "cuda or triton or gpu")
     XDIST=(-n 8 --dist loadfile)
 fi
 # a per-test timeout and xdist where their plugins are installed (they are on the device machine)

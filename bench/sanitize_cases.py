@@ -61,13 +61,40 @@ def _cases(device: str):
             )
 
 
+def _varlen_cases(device: str, backend: str, dtypes):
+    import pyattn
+
+    # packed sequences of lengths 0, 1 and ragged ones, Lq != Lk, one sequence without keys
+    lens_q, lens_k = [5, 0, 33, 1], [9, 3, 40, 0]
+
+    def cu(lens):
+        return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+
+    for dt in dtypes:
+
+        def r(*shape, dt=dt):
+            return torch.randn(*shape, device=device, dtype=dt, requires_grad=True)
+
+        q, k, v = r(sum(lens_q), 4, 59), r(sum(lens_k), 2, 59), r(sum(lens_k), 2, 59)
+        cq, ck = cu(lens_q), cu(lens_k)
+        for kw in (dict(), dict(is_causal=True, dropout_p=0.2)):
+            name = f"varlen {dt} " + ",".join(f"{k}" for k in kw)
+            yield (
+                name,
+                partial(pyattn.varlen_attention, q, k, v, cq, ck, enable_gqa=True, backend=backend, **kw),
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     failed = 0
-    for name, call in _cases(args.device):
+    backend = "cuda" if args.device == "cuda" else "cpu"
+    dtypes = (torch.float16, torch.bfloat16, torch.float32) if args.device == "cuda" else (torch.float32,)
+    cases = list(_cases(args.device)) + list(_varlen_cases(args.device, backend, dtypes))
+    for name, call in cases:
         try:
             out = call()
             outs = out if isinstance(out, tuple) else (out,)

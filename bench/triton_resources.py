@@ -4,7 +4,8 @@
     python -m pyattn.bench.triton_resources --cases all --arch 90 --arch 80
     make triton-resources                                     # the same as the first
 
-Each case calls a real launcher (kernels/sdpa.py, kernels/additive_attention.py) on fake CUDA
+Each case calls a real launcher (kernels/sdpa.py, kernels/varlen_attention.py,
+kernels/additive_attention.py) on fake CUDA
 tensors; the launches are caught before they run, and every config the autotuner would try for
 those arguments (after its pruning; ``--all``: before it) is compiled for the target with
 ``triton.compile`` and ``GPUTarget("cuda", arch, 32)``. Registers and the stack frame come from
@@ -54,7 +55,7 @@ DTYPE_NAMES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.floa
 class Case:
     """One launcher call: op, direction, dtype and the sizes that matter."""
 
-    op: str  # "sdpa" | "additive"
+    op: str  # "sdpa" | "varlen" | "additive"
     direction: str  # "fwd" | "bwd"
     dtype: str
     dims: tuple[tuple[str, int], ...]
@@ -68,13 +69,14 @@ class Case:
 
 
 def headline_cases(dtypes=("fp16", "bf16")) -> list[Case]:
-    """The headline: both ops, forward and backward, fp16/bf16; sdpa at head dims 64 and 128,
-    additive at the benchmark's T = 512, H = Dv = 512."""
+    """The headline: every op, forward and backward, fp16/bf16; sdpa at head dims 64 and 128,
+    varlen (sdpa's kernels with VARLEN) at 128, additive at the benchmark's T = 512, H = Dv = 512."""
     cases = []
     for dt in dtypes:
         for direction in ("fwd", "bwd"):
             for d in (64, 128):
                 cases.append(Case("sdpa", direction, dt, (("L", 1024), ("D", d))))
+            cases.append(Case("varlen", direction, dt, (("L", 2048), ("D", 128))))
             cases.append(Case("additive", direction, dt, (("T", 512), ("H", 512), ("Dv", 512))))
     return cases
 
@@ -87,6 +89,8 @@ def all_cases() -> list[Case]:
             for direction in ("fwd", "bwd"):
                 for flags in ((), (("causal", True),), (("mask", True), ("dropout", True))):
                     cases.append(Case("sdpa", direction, dt, (("L", 1024), ("D", d)), flags))
+                for flags in ((), (("causal", True), ("dropout", True))):
+                    cases.append(Case("varlen", direction, dt, (("L", 2048), ("D", d)), flags))
         for dv in (64, 128, 512):
             for direction in ("fwd", "bwd"):
                 for flags in ((), (("mask", True),)):
@@ -104,7 +108,7 @@ class Launch:
 @contextlib.contextmanager
 def _caught_launches() -> Iterator[list[Launch]]:
     """Calls of Tuned kernels are recorded instead of launched; plain kernels are dropped."""
-    from pyattn.kernels import _glue, additive_attention, sdpa
+    from pyattn.kernels import _glue, additive_attention, sdpa, varlen_attention
 
     launches: list[Launch] = []
 
@@ -114,17 +118,21 @@ def _caught_launches() -> Iterator[list[Launch]]:
     def launch_kernel(kernel, grid, *args, **kwargs):
         return None
 
-    saved = (_glue.Tuned.__getitem__, sdpa.launch_kernel, additive_attention.launch_kernel)
+    mods = (sdpa, additive_attention, varlen_attention)
+    saved = (_glue.Tuned.__getitem__, *(m.launch_kernel for m in mods))
     _glue.Tuned.__getitem__ = getitem
-    sdpa.launch_kernel = additive_attention.launch_kernel = launch_kernel
+    for m in mods:
+        m.launch_kernel = launch_kernel
     try:
         yield launches
     finally:
-        _glue.Tuned.__getitem__, sdpa.launch_kernel, additive_attention.launch_kernel = saved
+        _glue.Tuned.__getitem__ = saved[0]
+        for m, f in zip(mods, saved[1:], strict=True):
+            m.launch_kernel = f
 
 
 def _launches(case: Case) -> list[Launch]:
-    from pyattn.kernels import additive_attention, sdpa
+    from pyattn.kernels import additive_attention, sdpa, varlen_attention
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     dims, flags, dtype = dict(case.dims), dict(case.flags), DTYPE_NAMES[case.dtype]
@@ -144,6 +152,20 @@ def _launches(case: Case) -> list[Launch]:
             else:
                 out, lse = t(2, 4, L, D), t(2, 4, L, dt=torch.float32)
                 sdpa.sdpa_backward(t(2, 4, L, D), q, k, v, mask, out, lse, p, causal, None, 1, 0)
+        elif case.op == "varlen":
+            # 4 sequences packed, the longest L (the grid and autotune key), 16-divisible totals
+            L, D = dims["L"], dims["D"]
+            total = 4 * L // 2
+            q, k, v = t(total, 4, D), t(total, 4, D), t(total, 4, D)
+            cu = t(5, dt=torch.int32)
+            p = 0.1 if flags.get("dropout") else 0.0
+            causal = int(bool(flags.get("causal")))
+            if case.direction == "fwd":
+                varlen_attention.varlen_forward(q, k, v, cu, cu, L, L, p, causal, None, 1, 0)
+            else:
+                out, lse = t(total, 4, D), t(4, total, dt=torch.float32)
+                do = t(total, 4, D)
+                varlen_attention.varlen_backward(do, q, k, v, cu, cu, out, lse, L, L, p, causal, None, 1, 0)
         else:
             T, H, Dv = dims["T"], dims["H"], dims["Dv"]
             q, k, val, vv = t(2, T, H), t(2, T, H), t(2, T, Dv), t(H)

@@ -41,6 +41,21 @@ TORCH_LIBRARY(pyattn, m) {
       "sdpa_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, "
       "Tensor? attn_mask, Tensor out, Tensor lse, float dropout_p, int causal, float scale, "
       "SymInt seed, SymInt offset) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
+  // Packed variable-length sequences (pyattn/ops/varlen_attention.py): query (total_q, Hq, D),
+  // key (total_k, Hkv, D), value (total_k, Hkv, Dv), cu_seqlens_* int32 (B + 1,) cumulative
+  // from 0; sequence b is rows cu[b] .. cu[b + 1] and attends only within itself. causal as
+  // sdpa's, per sequence (lower-right: off = Lk_b - Lq_b). lse is (Hq, total_q). Dropout keeps
+  // element (b, h, i, j) as sdpa does on the padded (B, Hq, max_seqlen_q, max_seqlen_k) batch:
+  // counter offset + ((b*Hq + h)*max_seqlen_q + i)*max_seqlen_k + j.
+  m.def(
+      "varlen_attention_fwd(Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, "
+      "Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float dropout_p, int causal, "
+      "float scale, SymInt seed, SymInt offset) -> (Tensor out, Tensor lse)");
+  m.def(
+      "varlen_attention_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, "
+      "Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor out, Tensor lse, SymInt max_seqlen_q, "
+      "SymInt max_seqlen_k, float dropout_p, int causal, float scale, SymInt seed, SymInt offset) "
+      "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
   // The dropout keep-mask (B, H, Lq, Lk) that the kernels draw for (seed, offset): for tests
   // and for the reference path, so every backend's dropout can be checked exactly.
   m.def("dropout_keep_mask(int seed, int offset, int[] shape, float p) -> Tensor");

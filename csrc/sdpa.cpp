@@ -53,6 +53,9 @@ cpu::FlashParams<T> make_params(const at::Tensor& q, const at::Tensor& k, const 
   p.dropout_p = dropout_p;
   p.seed = static_cast<uint64_t>(seed);
   p.offset = static_cast<uint64_t>(offset);
+  p.drop_bh0 = 0;
+  p.drop_lq = p.Lq;
+  p.drop_lk = p.Lk;
   return p;
 }
 

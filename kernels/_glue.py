@@ -44,6 +44,17 @@ SCHEMAS = {
         "Tensor lse, float dropout_p, int causal, float scale, SymInt seed, SymInt offset) "
         "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)"
     ),
+    "varlen_attention_fwd": (
+        "(Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+        "SymInt max_seqlen_q, SymInt max_seqlen_k, float dropout_p, int causal, float scale, "
+        "SymInt seed, SymInt offset) -> (Tensor out, Tensor lse)"
+    ),
+    "varlen_attention_bwd": (
+        "(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, "
+        "Tensor cu_seqlens_k, Tensor out, Tensor lse, SymInt max_seqlen_q, SymInt max_seqlen_k, "
+        "float dropout_p, int causal, float scale, SymInt seed, SymInt offset) "
+        "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)"
+    ),
     "additive_attention_fwd": (
         "(Tensor query, Tensor key, Tensor value, Tensor v, Tensor? key_padding_mask, bool return_weights)"
         " -> (Tensor out, Tensor lse, Tensor weights)"

@@ -87,6 +87,38 @@ def _masked_scores(
 
 
 @triton.jit
+def _seq_bounds(CuSeqQ, CuSeqK, b, h, bh, L_own, L_other, causal_off, total, VARLEN: tl.constexpr,
+                KEYS: tl.constexpr = False):  # fmt: skip
+    """(q_start, k_start, Lq, Lk, causal_off, row) of batch entry b: without VARLEN, the
+    batch's own lengths and row = bh * L_own (the first row of (b, h) in the lse / gradient
+    layouts); with VARLEN, sequence b's rows cu[b] .. cu[b + 1] of the packed tensors, its
+    lengths, its lower-right offset (causal_off is then 1 for lower-right, 0 otherwise) and
+    row = h * total + start ((H, total) layouts). KEYS: L_own / total / row are the keys'."""
+    if VARLEN:
+        q_start = tl.load(CuSeqQ + b).to(tl.int64)
+        k_start = tl.load(CuSeqK + b).to(tl.int64)
+        Lq = tl.load(CuSeqQ + b + 1) - tl.load(CuSeqQ + b)
+        Lk = tl.load(CuSeqK + b + 1) - tl.load(CuSeqK + b)
+        off = causal_off * (Lk - Lq)
+        if KEYS:
+            row = h * total + k_start
+        else:
+            row = h * total + q_start
+    else:
+        q_start = 0
+        k_start = 0
+        if KEYS:
+            Lq = L_other
+            Lk = L_own
+        else:
+            Lq = L_own
+            Lk = L_other
+        off = causal_off
+        row = bh * L_own
+    return q_start, k_start, Lq, Lk, off, row
+
+
+@triton.jit
 def _fwd_inner(
     acc,
     l_i,
@@ -109,6 +141,7 @@ def _fwd_inner(
     qk_scale,
     seed,
     drop_base,
+    drop_lk,
     dropout_p,
     causal_off,
     MASKED: tl.constexpr,
@@ -149,7 +182,7 @@ def _fwd_inner(
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
             # l sums the weights before dropout (softmax first, dropout after)
-            e = drop_base + offs_m[:, None].to(tl.int64) * Lk + offs_n[None, :]
+            e = drop_base + offs_m[:, None].to(tl.int64) * drop_lk + offs_n[None, :]
             p = tl.where(tl.rand(seed, e) >= dropout_p, p, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
@@ -194,6 +227,12 @@ def _fwd_kernel(
     seed,
     offset,
     causal_off,
+    CuSeqQ,
+    CuSeqK,
+    total_q,
+    total_k,
+    drop_lq,
+    drop_lk,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -203,6 +242,7 @@ def _fwd_kernel(
     MASK_ROW: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -210,14 +250,20 @@ def _fwd_kernel(
     b = tl.program_id(1).to(tl.int64)
     h = tl.program_id(2).to(tl.int64)
     hk = h // GROUP  # GQA: query head h reads kv head h // (Hq / Hkv)
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
-    mask_base = Mask + b * stride_mb + h * stride_mh
     bh = b * Hq + h
-    drop_base = offset + bh * Lq * Lk  # 64-bit: the score tensor may exceed 2^31 elements
-
     start_m = pid_m * BLOCK_M
+    q_start, k_start, Lq, Lk, causal_off, row_q = _seq_bounds(
+        CuSeqQ, CuSeqK, b, h, bh, Lq, Lk, causal_off, total_q, VARLEN
+    )
+    if VARLEN:
+        if start_m >= Lq:  # past this sequence's end: nothing to compute
+            return
+    q_base = Q + b * stride_qb + q_start * stride_qm + h * stride_qh
+    k_base = K + b * stride_kb + k_start * stride_kn + hk * stride_kh
+    v_base = V + b * stride_vb + k_start * stride_vn + hk * stride_vh
+    mask_base = Mask + b * stride_mb + h * stride_mh
+    drop_base = offset + bh * drop_lq * drop_lk  # 64-bit: the score tensor may exceed 2^31 elements
+
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -242,14 +288,14 @@ def _fwd_kernel(
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, 0, full_end, Lq, Lk,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
-        seed, drop_base, dropout_p, causal_off,
+        seed, drop_base, drop_lk, dropout_p, causal_off,
         False, IS_CAUSAL, MASK_KIND, MASK_ROW, HAS_DROPOUT, DOT_PREC,
         HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, full_end, hi, Lq, Lk,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
-        seed, drop_base, dropout_p, causal_off,
+        seed, drop_base, drop_lk, dropout_p, causal_off,
         True, IS_CAUSAL, MASK_KIND, MASK_ROW, HAS_DROPOUT, DOT_PREC,
         HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
     )  # fmt: skip
@@ -259,11 +305,12 @@ def _fwd_kernel(
     # empty rows: output 0 (acc is 0 there) and lse +inf, so the backward's exp(s - lse) is 0
     out = acc * (tl.where(has_key, drop_scale / l_safe, 0.0))[:, None]
     lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("inf"))
-    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
+    o_rows = (q_start + offs_m[:, None]) * stride_om
+    o_ptrs = Out + b * stride_ob + h * stride_oh + o_rows + offs_dv[None, :] * stride_od
     tl.store(
         o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < HEAD_DIM_V)
     )
-    tl.store(Lse + bh * Lq + offs_m, lse, mask=offs_m < Lq)
+    tl.store(Lse + row_q + offs_m, lse, mask=offs_m < Lq)
 
 
 @triton.jit
@@ -329,6 +376,7 @@ def _bwd_dq_inner(
     qk_scale,
     seed,
     drop_base,
+    drop_lk,
     dropout_p,
     drop_scale,
     causal_off,
@@ -364,7 +412,7 @@ def _bwd_dq_inner(
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, vt, input_precision=DOT_PREC)
         if HAS_DROPOUT:
-            e = drop_base + offs_m[:, None].to(tl.int64) * Lk + offs_n[None, :]
+            e = drop_base + offs_m[:, None].to(tl.int64) * drop_lk + offs_n[None, :]
             dp = tl.where(tl.rand(seed, e) >= dropout_p, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PREC)
@@ -412,6 +460,12 @@ def _bwd_dq_kernel(
     seed,
     offset,
     causal_off,
+    CuSeqQ,
+    CuSeqK,
+    total_q,
+    total_k,
+    drop_lq,
+    drop_lk,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -421,6 +475,7 @@ def _bwd_dq_kernel(
     MASK_ROW: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -428,30 +483,38 @@ def _bwd_dq_kernel(
     b = tl.program_id(1).to(tl.int64)
     h = tl.program_id(2).to(tl.int64)
     hk = h // GROUP
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
-    mask_base = Mask + b * stride_mb + h * stride_mh
     bh = b * Hq + h
-    drop_base = offset + bh * Lq * Lk
-
     start_m = pid_m * BLOCK_M
+    q_start, k_start, Lq, Lk, causal_off, row_q = _seq_bounds(
+        CuSeqQ, CuSeqK, b, h, bh, Lq, Lk, causal_off, total_q, VARLEN
+    )
+    if VARLEN:
+        if start_m >= Lq:
+            return
+    k_base = K + b * stride_kb + k_start * stride_kn + hk * stride_kh
+    v_base = V + b * stride_vb + k_start * stride_vn + hk * stride_vh
+    mask_base = Mask + b * stride_mb + h * stride_mh
+    drop_base = offset + bh * drop_lq * drop_lk
+
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < Lq
     q = tl.load(
-        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        Q + b * stride_qb + h * stride_qh + (q_start + offs_m[:, None]) * stride_qm
+        + offs_d[None, :] * stride_qd,
         mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
         other=0.0,
     )
     do = tl.load(
-        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+        DO + b * stride_dob + h * stride_doh + (q_start + offs_m[:, None]) * stride_dom
+        + offs_dv[None, :] * stride_dod,
         mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V),
         other=0.0,
     )
     # lse +inf (empty or padding rows) makes every recomputed P 0, hence zero gradients
-    lse2 = tl.load(Lse + bh * Lq + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(Delta + bh * Lq + offs_m, mask=row_ok, other=0.0)
+    lse2 = tl.load(Lse + row_q + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(Delta + row_q + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     if IS_CAUSAL:
@@ -463,20 +526,20 @@ def _bwd_dq_kernel(
     dq = _bwd_dq_inner(
         dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, 0, full_end, Lq, Lk,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
-        seed, drop_base, dropout_p, drop_scale, causal_off,
+        seed, drop_base, drop_lk, dropout_p, drop_scale, causal_off,
         False, IS_CAUSAL, MASK_KIND, MASK_ROW, HAS_DROPOUT, DOT_PREC,
         HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
     )  # fmt: skip
     dq = _bwd_dq_inner(
         dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, full_end, hi, Lq, Lk,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
-        seed, drop_base, dropout_p, drop_scale, causal_off,
+        seed, drop_base, drop_lk, dropout_p, drop_scale, causal_off,
         True, IS_CAUSAL, MASK_KIND, MASK_ROW, HAS_DROPOUT, DOT_PREC,
         HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
     )  # fmt: skip
     dq = dq * scale
-    # DQ is contiguous (B, Hq, Lq, D)
-    dq_ptrs = DQ + (bh * Lq + offs_m[:, None]) * HEAD_DIM + offs_d[None, :]
+    # DQ is contiguous (B, Hq, Lq, D), or (Hq, total_q, D) with VARLEN: row row_q + i
+    dq_ptrs = DQ + (row_q + offs_m[:, None]) * HEAD_DIM + offs_d[None, :]
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
@@ -505,6 +568,7 @@ def _bwd_dkdv_inner(
     qk_scale,
     seed,
     drop_base,
+    drop_lk,
     dropout_p,
     drop_scale,
     causal_off,
@@ -544,7 +608,7 @@ def _bwd_dkdv_inner(
         pt = tl.math.exp2(st - (lse * 1.4426950408889634)[None, :])
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (N, M): dP^T
         if HAS_DROPOUT:
-            e = drop_base + offs_m[None, :].to(tl.int64) * Lk + offs_n[:, None]
+            e = drop_base + offs_m[None, :].to(tl.int64) * drop_lk + offs_n[:, None]
             keep = tl.rand(seed, e) >= dropout_p
             dv += tl.dot(tl.where(keep, pt * drop_scale, 0.0).to(do.dtype), do, input_precision=DOT_PREC)
             dpt = tl.where(keep, dpt * drop_scale, 0.0)
@@ -598,6 +662,12 @@ def _bwd_dkdv_kernel(
     seed,
     offset,
     causal_off,
+    CuSeqQ,
+    CuSeqK,
+    total_q,
+    total_k,
+    drop_lq,
+    drop_lk,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -607,6 +677,7 @@ def _bwd_dkdv_kernel(
     MASK_ROW: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -614,17 +685,25 @@ def _bwd_dkdv_kernel(
     b = tl.program_id(1).to(tl.int64)
     hk = tl.program_id(2).to(tl.int64)
     start_n = pid_n * BLOCK_N
+    q_start, k_start, Lq, Lk, causal_off, row_k = _seq_bounds(
+        CuSeqQ, CuSeqK, b, hk, b * Hkv + hk, Lk, Lq, causal_off, total_k, VARLEN, True
+    )
+    if VARLEN:
+        if start_n >= Lk:
+            return
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     col_ok = offs_n < Lk
     k = tl.load(
-        K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+        K + b * stride_kb + hk * stride_kh + (k_start + offs_n[:, None]) * stride_kn
+        + offs_d[None, :] * stride_kd,
         mask=col_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
         other=0.0,
     )
     v = tl.load(
-        V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+        V + b * stride_vb + hk * stride_vh + (k_start + offs_n[:, None]) * stride_vn
+        + offs_dv[None, :] * stride_vd,
         mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V),
         other=0.0,
     )
@@ -647,23 +726,27 @@ def _bwd_dkdv_kernel(
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * Hq + h
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
+        q_base = Q + b * stride_qb + q_start * stride_qm + h * stride_qh
+        do_base = DO + b * stride_dob + q_start * stride_dom + h * stride_doh
         mask_base = Mask + b * stride_mb + h * stride_mh
-        drop_base = offset + bh * Lq * Lk
-        lse_base = Lse + bh * Lq
-        delta_base = Delta + bh * Lq
+        drop_base = offset + bh * drop_lq * drop_lk
+        if VARLEN:
+            row_q = h * total_q + q_start
+        else:
+            row_q = bh * Lq
+        lse_base = Lse + row_q
+        delta_base = Delta + row_q
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, offs_n, lo, diag_end,
             Lq, Lk, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, qk_scale,
-            seed, drop_base, dropout_p, drop_scale, causal_off,
+            seed, drop_base, drop_lk, dropout_p, drop_scale, causal_off,
             True, IS_CAUSAL, MASK_KIND, MASK_ROW, HAS_DROPOUT, DOT_PREC,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M,
         )  # fmt: skip
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, offs_n, diag_end, full_end,
             Lq, Lk, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, qk_scale,
-            seed, drop_base, dropout_p, drop_scale, causal_off,
+            seed, drop_base, drop_lk, dropout_p, drop_scale, causal_off,
             False, IS_CAUSAL, MASK_KIND, MASK_ROW, HAS_DROPOUT, DOT_PREC,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M,
         )  # fmt: skip
@@ -671,20 +754,20 @@ def _bwd_dkdv_kernel(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, offs_n,
             tl.maximum(full_end, lo), Lq,
             Lq, Lk, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, qk_scale,
-            seed, drop_base, dropout_p, drop_scale, causal_off,
+            seed, drop_base, drop_lk, dropout_p, drop_scale, causal_off,
             True, IS_CAUSAL, MASK_KIND, MASK_ROW, HAS_DROPOUT, DOT_PREC,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M,
         )  # fmt: skip
     dk = dk * scale
-    # DK (B, Hkv, Lk, D) and DV (B, Hkv, Lk, Dv) are contiguous
-    bhk = b * Hkv + hk
+    # DK (B, Hkv, Lk, D) and DV (B, Hkv, Lk, Dv) are contiguous; with VARLEN (Hkv, total_k, D)
+    # and (Hkv, total_k, Dv), key j of the sequence at row row_k + j
     tl.store(
-        DK + (bhk * Lk + offs_n[:, None]) * HEAD_DIM + offs_d[None, :],
+        DK + (row_k + offs_n[:, None]) * HEAD_DIM + offs_d[None, :],
         dk.to(DK.dtype.element_ty),
         mask=col_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
     )
     tl.store(
-        DV + (bhk * Lk + offs_n[:, None]) * HEAD_DIM_V + offs_dv[None, :],
+        DV + (row_k + offs_n[:, None]) * HEAD_DIM_V + offs_dv[None, :],
         dv.to(DV.dtype.element_ty),
         mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V),
     )
@@ -865,8 +948,9 @@ def _mask_args(attn_mask: Tensor | None, query: Tensor, shape) -> tuple:
     return m, m.stride(), kind, m.stride(2) == 0
 
 
-def _common_constexprs(query, value, D, Dv, causal, mask_kind, mask_row, dropout_p):
+def _common_constexprs(query, value, D, Dv, causal, mask_kind, mask_row, dropout_p, varlen=False):
     return dict(
+        VARLEN=varlen,
         HEAD_DIM=D,
         HEAD_DIM_V=Dv,
         # tl.dot wants every dim >= 16; odd head dims (59) pad to a power of two, masked
@@ -884,6 +968,13 @@ def _common_constexprs(query, value, D, Dv, causal, mask_kind, mask_row, dropout
 
 # the launchers allocate their outputs and stop before launching on a traced (fake) call
 _traced = is_traced
+
+
+def _not_varlen(query: Tensor, Lq: int, Lk: int) -> tuple:
+    """The kernels' packed-sequence arguments (CuSeqQ, CuSeqK, total_q, total_k, drop_lq,
+    drop_lk) for a padded batch: no cu_seqlens (never read without VARLEN), the dropout counters
+    laid out by the batch's own (Lq, Lk)."""
+    return (query, query, 0, 0, Lq, Lk)
 
 
 def _drop_scale(dropout_p: float) -> float:
@@ -936,7 +1027,7 @@ def sdpa_forward(
         query, key, value, mask, out, lse,
         *query.stride(), *key.stride(), *value.stride(), *ms, *out.stride(),
         Hq, Hq // Hkv, Lq, Lk, scale * LOG2E, float(dropout_p), _drop_scale(dropout_p),
-        int(seed), int(offset), causal_off,
+        int(seed), int(offset), causal_off, *_not_varlen(query, Lq, Lk),
         **_common_constexprs(query, value, D, Dv, causal, kind, row, dropout_p),
     )  # fmt: skip
     return out, lse
@@ -992,7 +1083,10 @@ def sdpa_backward(
         _bwd_preprocess_kernel, (triton.cdiv(Lq, _PREPROCESS_BLOCK_M), B, Hq), out, grad_out, delta, *out.stride(), *grad_out.stride(), Hq, Lq,
         HEAD_DIM_V=Dv, BLOCK_DV=consts["BLOCK_DV"], BLOCK_M=_PREPROCESS_BLOCK_M,
     )  # fmt: skip
-    scalars = (float(dropout_p), _drop_scale(dropout_p), int(seed), int(offset), causal_off)
+    scalars = (
+        float(dropout_p), _drop_scale(dropout_p), int(seed), int(offset), causal_off,
+        *_not_varlen(query, Lq, Lk),
+    )  # fmt: skip
 
     def grid_kv(meta):
         return (triton.cdiv(Lk, meta["BLOCK_N"]), B, Hkv)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from . import nn, reference
 from ._backend import backends
 from ._patch import TorchPatch, patch_torch
-from .ops import additive_attention, scaled_dot_product_attention
+from .ops import additive_attention, scaled_dot_product_attention, varlen_attention
 
 __version__ = "0.1.0"
 
@@ -27,4 +27,5 @@ __all__ = [
     "reference",
     "scaled_dot_product_attention",
     "TorchPatch",
+    "varlen_attention",
 ]

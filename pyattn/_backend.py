@@ -33,6 +33,7 @@ DTYPES = {
 _PREFERENCE = {
     "additive_attention": ("triton", "cuda"),
     "sdpa": ("triton", "cuda"),
+    "varlen_attention": ("triton", "cuda"),
 }
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "masked_softmax",
     "scaled_dot_product_attention",
     "sdpa_scores",
+    "varlen_attention",
     "philox_uniform",
     "dropout_keep_mask",
 ]
@@ -185,6 +186,56 @@ def scaled_dot_product_attention(
         value = value.repeat_interleave(query.shape[-3] // value.shape[-3], dim=-3)
     out = weights @ value
     return (out, weights) if return_weights else out
+
+
+def varlen_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    *,
+    dropout_p: float = 0.0,
+    is_causal: bool | int = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    dropout_mask: Tensor | None = None,
+) -> Tensor:
+    """Attention over packed variable-length sequences, naive: ``scaled_dot_product_attention``
+    above run on each sequence by itself.
+
+    Arguments:
+        query: (total_q, Hq, D); key: (total_k, Hkv, D); value: (total_k, Hkv, Dv).
+        cu_seqlens_q, cu_seqlens_k: (B + 1,) cumulative lengths from 0: sequence b is rows
+            cu_seqlens_q[b] .. cu_seqlens_q[b + 1] of query (and likewise of key and value).
+        max_seqlen_q, max_seqlen_k: the padded lengths ``dropout_mask`` is laid out for (only
+            read with it).
+        dropout_p, scale, enable_gqa: as ``scaled_dot_product_attention``.
+        is_causal: per sequence, as ``sdpa_scores`` (1 upper-left, 2 lower-right).
+        dropout_mask: keep-mask of the padded batch, (B, Hq, max_seqlen_q, max_seqlen_k) bool;
+            sequence b uses its top-left (Lq_b, Lk_b) corner.
+    Returns:
+        (total_q, Hq, Dv).
+    """
+    cq = [int(c) for c in cu_seqlens_q.tolist()]
+    ck = [int(c) for c in cu_seqlens_k.tolist()]
+    outs = []
+    for b in range(len(cq) - 1):
+        q = query[cq[b] : cq[b + 1]].transpose(0, 1)  # (Hq, Lq_b, D)
+        k = key[ck[b] : ck[b + 1]].transpose(0, 1)  # (Hkv, Lk_b, D)
+        v = value[ck[b] : ck[b + 1]].transpose(0, 1)  # (Hkv, Lk_b, Dv)
+        keep = None
+        if dropout_mask is not None:
+            keep = dropout_mask[b, :, : q.shape[1], : k.shape[1]]  # (Hq, Lq_b, Lk_b)
+        o = scaled_dot_product_attention(
+            q, k, v, None, dropout_p, is_causal, scale, enable_gqa, dropout_mask=keep
+        )  # (Hq, Lq_b, Dv)
+        outs.append(o.transpose(0, 1))
+    if not outs:
+        return query.new_zeros((0, query.shape[1], value.shape[2]))
+    return torch.cat(outs, dim=0)  # (total_q, Hq, Dv)
 
 
 # -- dropout random numbers -------------------------------------------------------------------

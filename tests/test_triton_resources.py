@@ -1,8 +1,8 @@
 """The headline Triton configs compiled for sm_90 without a GPU (bench/triton_resources.py):
 no stack frame (spills) and shared memory within the 227 KB a block may have.
 
-Headline: both ops, forward and every autotuned backward kernel, fp16/bf16, sdpa head dims 64
-and 128, additive T = 512, H = Dv = 512. Per launch it compiles the fixed config (the first kept
+Headline: every op, forward and every autotuned backward kernel, fp16/bf16, sdpa head dims 64
+and 128, varlen (sdpa's kernels with VARLEN) at 128, additive T = 512, H = Dv = 512. Per launch it compiles the fixed config (the first kept
 one, what PYATTN_TRITON_AUTOTUNE=0 and bench/gpu_check.sh's correctness stage use) and, for
 fp16, the largest kept one (bf16 compiles to nearly the same code); the tool itself
 (``make triton-resources``) compiles every kept config.
@@ -42,6 +42,9 @@ def test_headline_configs_fit_sm90(tmp_path):
         ("sdpa", "_fwd_kernel"),
         ("sdpa", "_bwd_dq_kernel"),
         ("sdpa", "_bwd_dkdv_kernel"),
+        ("varlen", "_fwd_kernel"),
+        ("varlen", "_bwd_dq_kernel"),
+        ("varlen", "_bwd_dkdv_kernel"),
         ("additive", "_fwd_kernel"),
         ("additive", "_bwd_dvalue_kernel"),
         ("additive", "_bwd_dk_kernel"),

@@ -130,7 +130,7 @@ inline void scale_row(T* y, T alpha, int64_t n) {
 template <typename T>
 inline void dropout_row(const FlashParams<T>& p, T keep_scale, int64_t bh, int64_t i, int64_t j0,
                         int64_t n, T* z) {
-  philox_dropout_row(p.seed, p.offset + flash::dropout_index(bh, i, j0, p.Lq, p.Lk),
+  philox_dropout_row(p.seed, p.offset + flash::dropout_index(p.drop_bh0 + bh, i, j0, p.drop_lq, p.drop_lk),
                      static_cast<float>(p.dropout_p), keep_scale, n, z);
 }
 

@@ -38,6 +38,7 @@ struct FlashParams {
   int64_t causal_off;  // query i sees keys j <= i + causal_off (flash::causal_offset)
   double dropout_p;  // 0: no dropout (the keep test compares in float, as philox.h)
   uint64_t seed, offset;
+  int64_t drop_bh0, drop_lq, drop_lk;
 };
 
 template <typename scalar_t>

@@ -42,6 +42,7 @@
 #include "sdpa.h"
 #include "sdpa_math.h"
 #include "philox.h"
+#include "varlen_attention.h"
 
 namespace pyattn {
 namespace flash_cuda {
@@ -148,6 +149,18 @@ struct Params {
   void* dv;           // (B, Hkv, Lk, Dv)
 
   int64_t n_blocks;  // query blocks (forward, dQ) or key blocks (dK/dV) per head
+
+  // Dropout counters follow a (B, Hq, drop_lq, drop_lk) score tensor: (Lq, Lk) for sdpa, the
+  // padded (max_seqlen_q, max_seqlen_k) for varlen_attention.
+  int64_t drop_lq, drop_lk;
+  // Packed variable-length sequences (varlen_attention; nullptr for sdpa): batch entry b is
+  // sequence b, rows cu_q[b] .. cu_q[b + 1] of q, out, dout, o, dq laid out (Hq, total_q, .),
+  // rows cu_k[b] .. of k, v, dk, dv laid out (Hkv, total_k, .), lse and delta (Hq, total_q);
+  // Lq and Lk are then the longest lengths (the grid) until seq_bounds() narrows them.
+  const int32_t* cu_q;
+  const int32_t* cu_k;
+  int64_t total_q, total_k;
+  bool lower_right;  // varlen causal: the diagonal ends at each sequence's last key
 };
 
 // ------------------------------------------------------------------------------------------
@@ -395,7 +408,31 @@ __device__ __forceinline__ float masked_score(const Params& p, float dot, int64_
 }
 
 __device__ __forceinline__ float dropout_mult(const Params& p, int64_t bh, int64_t i, int64_t j) {
-  return flash::dropout_scale(p.seed, p.offset + flash::dropout_index(bh, i, j, p.Lq, p.Lk), p.dropout_p);
+  return flash::dropout_scale(p.seed, p.offset + flash::dropout_index(bh, i, j, p.drop_lq, p.drop_lk),
+                              p.dropout_p);
+}
+
+// Narrows p to batch entry b: for packed sequences its own Lq, Lk and causal offset, and the
+// first query / key row of the sequence (q_start / k_start; 0 for a padded batch).
+__device__ __forceinline__ void seq_bounds(Params& p, int64_t b, int64_t& q_start, int64_t& k_start) {
+  if (p.cu_q == nullptr) {
+    q_start = k_start = 0;
+    return;
+  }
+  q_start = p.cu_q[b];
+  k_start = p.cu_k[b];
+  p.Lq = p.cu_q[b + 1] - q_start;
+  p.Lk = p.cu_k[b + 1] - k_start;
+  p.causal_off = p.lower_right ? p.Lk - p.Lq : 0;
+}
+
+// The row of (b, query head h)'s first query in the (rows, D) views of q/out/dq (and of
+// lse/delta), and of (b, kv head)'s first key in k/v/dk/dv.
+__device__ __forceinline__ int64_t q_row(const Params& p, int64_t b, int64_t h, int64_t q_start) {
+  return p.cu_q != nullptr ? h * p.total_q + q_start : (b * p.Hq + h) * p.Lq;
+}
+__device__ __forceinline__ int64_t k_row(const Params& p, int64_t b, int64_t kvh, int64_t k_start) {
+  return p.cu_q != nullptr ? kvh * p.total_k + k_start : (b * p.Hkv + kvh) * p.Lk;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -403,7 +440,7 @@ __device__ __forceinline__ float dropout_mult(const Params& p, int64_t bh, int64
 // ------------------------------------------------------------------------------------------
 
 template <typename T, int Dp>
-__global__ void __launch_bounds__(kThreads) sdpa_fwd_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads) sdpa_fwd_kernel(const Params p_in) {
   using Tl = Tiles<Kernel::kFwd, T, Dp>;
   constexpr int BM = Tl::BM, BN = Tl::BN;
   using L = Layout<T, Dp, BM, BN>;
@@ -418,6 +455,7 @@ __global__ void __launch_bounds__(kThreads) sdpa_fwd_kernel(const Params p) {
   float* row_m = cur.take<float>(BM * 4);
   float* row_l = cur.take<float>(BM * 4);
 
+  Params p = p_in;
   const int64_t qb = blockIdx.x % p.n_blocks;
   const int64_t bh = blockIdx.x / p.n_blocks;
   const int64_t b = bh / p.Hq, h = bh % p.Hq;
@@ -425,10 +463,14 @@ __global__ void __launch_bounds__(kThreads) sdpa_fwd_kernel(const Params p) {
   const int64_t q0 = qb * BM;
   const int Dk = round16(p.D), Dvk = round16(p.Dv);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  int64_t q_start, k_start;
+  seq_bounds(p, b, q_start, k_start);
+  if (q0 >= p.Lq) return;  // past a packed sequence's end (block-uniform, before any sync)
+  const int64_t qr = q_row(p, b, h, q_start), kr = k_row(p, b, kvh, k_start);
 
-  const T* q = static_cast<const T*>(p.q) + bh * p.Lq * p.D;
-  const T* k = static_cast<const T*>(p.k) + (b * p.Hkv + kvh) * p.Lk * p.D;
-  const T* v = static_cast<const T*>(p.v) + (b * p.Hkv + kvh) * p.Lk * p.Dv;
+  const T* q = static_cast<const T*>(p.q) + qr * p.D;
+  const T* k = static_cast<const T*>(p.k) + kr * p.D;
+  const T* v = static_cast<const T*>(p.v) + kr * p.Dv;
 
   load_tile(sQ, L::ldD, q, q0, p.Lq, p.D, BM, Dk, p.vec_ok);
   zero_f<T>(sO, L::ldF, BM, Dvk);
@@ -487,8 +529,8 @@ __global__ void __launch_bounds__(kThreads) sdpa_fwd_kernel(const Params p) {
   }
   __syncthreads();
 
-  T* out = static_cast<T*>(p.out) + bh * p.Lq * p.Dv;
-  float* lse = p.lse + bh * p.Lq;
+  T* out = static_cast<T*>(p.out) + qr * p.Dv;
+  float* lse = p.lse + qr;
   for (int r = warp; r < BM; r += kWarps) {
     const int64_t i = q0 + r;
     if (i >= p.Lq) continue;  // warp-uniform
@@ -541,17 +583,18 @@ __device__ void backward_scores(const Params& p, const float* sS, const float* s
 }
 
 template <typename T>
-__device__ void load_row_stats(const Params& p, float* s_lse, float* s_delta, int64_t bh, int64_t q0, int rows) {
+__device__ void load_row_stats(const Params& p, float* s_lse, float* s_delta, int64_t row0, int64_t q0, int rows) {
+  // row0: the (b, h) slice's first row of lse / delta (q_row)
   for (int r = threadIdx.x; r < rows; r += blockDim.x) {
     const int64_t i = q0 + r;
     const bool in = i < p.Lq;
-    s_lse[r] = in ? p.lse_in[bh * p.Lq + i] : std::numeric_limits<float>::infinity();
-    s_delta[r] = in ? p.delta[bh * p.Lq + i] : 0.0f;
+    s_lse[r] = in ? p.lse_in[row0 + i] : std::numeric_limits<float>::infinity();
+    s_delta[r] = in ? p.delta[row0 + i] : 0.0f;
   }
 }
 
 template <typename T, int Dp>
-__global__ void __launch_bounds__(kThreads) sdpa_bwd_kv_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads) sdpa_bwd_kv_kernel(const Params p_in) {
   using Tl = Tiles<Kernel::kBwdKV, T, Dp>;
   constexpr int BM = Tl::BM, BN = Tl::BN;
   using L = Layout<T, Dp, BM, BN>;
@@ -570,15 +613,20 @@ __global__ void __launch_bounds__(kThreads) sdpa_bwd_kv_kernel(const Params p) {
   float* s_lse = cur.take<float>(BM * 4);
   float* s_delta = cur.take<float>(BM * 4);
 
+  Params p = p_in;
   const int64_t kb = blockIdx.x % p.n_blocks;
   const int64_t bkv = blockIdx.x / p.n_blocks;
   const int64_t b = bkv / p.Hkv, kvh = bkv % p.Hkv;
   const int64_t group = p.Hq / p.Hkv;
   const int64_t k0 = kb * BN;
   const int Dk = round16(p.D), Dvk = round16(p.Dv);
+  int64_t q_start, k_start;
+  seq_bounds(p, b, q_start, k_start);
+  if (k0 >= p.Lk) return;  // past a packed sequence's end
+  const int64_t kr = k_row(p, b, kvh, k_start);
 
-  const T* k = static_cast<const T*>(p.k) + bkv * p.Lk * p.D;
-  const T* v = static_cast<const T*>(p.v) + bkv * p.Lk * p.Dv;
+  const T* k = static_cast<const T*>(p.k) + kr * p.D;
+  const T* v = static_cast<const T*>(p.v) + kr * p.Dv;
   load_tile(sK, L::ldD, k, k0, p.Lk, p.D, BN, Dk, p.vec_ok);
   load_tile(sV, L::ldD, v, k0, p.Lk, p.Dv, BN, Dvk, p.vec_ok);
   zero_f<T>(sdK, L::ldF, BN, Dk);
@@ -589,13 +637,14 @@ __global__ void __launch_bounds__(kThreads) sdpa_bwd_kv_kernel(const Params p) {
   const int64_t q_begin = p.causal ? (flash::causal_query_begin(k0, p.Lq, p.causal_off) / BM) * BM : 0;
   for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
     const int64_t bh = b * p.Hq + h;
-    const T* q = static_cast<const T*>(p.q) + bh * p.Lq * p.D;
-    const T* dout = static_cast<const T*>(p.dout) + bh * p.Lq * p.Dv;
+    const int64_t qr = q_row(p, b, h, q_start);
+    const T* q = static_cast<const T*>(p.q) + qr * p.D;
+    const T* dout = static_cast<const T*>(p.dout) + qr * p.Dv;
     for (int64_t q0 = q_begin; q0 < p.Lq; q0 += BM) {
       __syncthreads();  // the previous tile's dV/dK GEMMs are done with sQ, sdO, sPZ, sdS
       load_tile(sQ, L::ldD, q, q0, p.Lq, p.D, BM, Dk, p.vec_ok);
       load_tile(sdO, L::ldD, dout, q0, p.Lq, p.Dv, BM, Dvk, p.vec_ok);
-      load_row_stats<T>(p, s_lse, s_delta, bh, q0, BM);
+      load_row_stats<T>(p, s_lse, s_delta, qr, q0, BM);
       __syncthreads();
       // S = Q K^T (B(d, j) = K[j, d]); dP = dO V^T (B(c, j) = V[j, c])
       block_gemm<T>(sQ, L::ldD, 1, sK, 1, L::ldD, sS, L::ldS, BM, BN, Dk, false);
@@ -609,12 +658,12 @@ __global__ void __launch_bounds__(kThreads) sdpa_bwd_kv_kernel(const Params p) {
     }
   }
   __syncthreads();
-  store_tile(static_cast<T*>(p.dk) + bkv * p.Lk * p.D, k0, p.Lk, p.D, sdK, L::ldF, BN, p.scale);
-  store_tile(static_cast<T*>(p.dv) + bkv * p.Lk * p.Dv, k0, p.Lk, p.Dv, sdV, L::ldF, BN, 1.0f);
+  store_tile(static_cast<T*>(p.dk) + kr * p.D, k0, p.Lk, p.D, sdK, L::ldF, BN, p.scale);
+  store_tile(static_cast<T*>(p.dv) + kr * p.Dv, k0, p.Lk, p.Dv, sdV, L::ldF, BN, 1.0f);
 }
 
 template <typename T, int Dp>
-__global__ void __launch_bounds__(kThreads) sdpa_bwd_q_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads) sdpa_bwd_q_kernel(const Params p_in) {
   using Tl = Tiles<Kernel::kBwdQ, T, Dp>;
   constexpr int BM = Tl::BM, BN = Tl::BN;
   using L = Layout<T, Dp, BM, BN>;
@@ -631,20 +680,25 @@ __global__ void __launch_bounds__(kThreads) sdpa_bwd_q_kernel(const Params p) {
   float* s_lse = cur.take<float>(BM * 4);
   float* s_delta = cur.take<float>(BM * 4);
 
+  Params p = p_in;
   const int64_t qb = blockIdx.x % p.n_blocks;
   const int64_t bh = blockIdx.x / p.n_blocks;
   const int64_t b = bh / p.Hq, h = bh % p.Hq;
   const int64_t kvh = flash::kv_head(h, p.Hq, p.Hkv);
   const int64_t q0 = qb * BM;
   const int Dk = round16(p.D), Dvk = round16(p.Dv);
+  int64_t q_start, k_start;
+  seq_bounds(p, b, q_start, k_start);
+  if (q0 >= p.Lq) return;  // past a packed sequence's end
+  const int64_t qr = q_row(p, b, h, q_start), kr = k_row(p, b, kvh, k_start);
 
-  const T* q = static_cast<const T*>(p.q) + bh * p.Lq * p.D;
-  const T* dout = static_cast<const T*>(p.dout) + bh * p.Lq * p.Dv;
-  const T* k = static_cast<const T*>(p.k) + (b * p.Hkv + kvh) * p.Lk * p.D;
-  const T* v = static_cast<const T*>(p.v) + (b * p.Hkv + kvh) * p.Lk * p.Dv;
+  const T* q = static_cast<const T*>(p.q) + qr * p.D;
+  const T* dout = static_cast<const T*>(p.dout) + qr * p.Dv;
+  const T* k = static_cast<const T*>(p.k) + kr * p.D;
+  const T* v = static_cast<const T*>(p.v) + kr * p.Dv;
   load_tile(sQ, L::ldD, q, q0, p.Lq, p.D, BM, Dk, p.vec_ok);
   load_tile(sdO, L::ldD, dout, q0, p.Lq, p.Dv, BM, Dvk, p.vec_ok);
-  load_row_stats<T>(p, s_lse, s_delta, bh, q0, BM);
+  load_row_stats<T>(p, s_lse, s_delta, qr, q0, BM);
   zero_f<T>(sdQ, L::ldF, BM, Dk);
 
   const int64_t q_end = q0 + BM < p.Lq ? q0 + BM : p.Lq;
@@ -663,7 +717,7 @@ __global__ void __launch_bounds__(kThreads) sdpa_bwd_q_kernel(const Params p) {
     block_gemm<T>(sdS, L::ldP, 1, sK, L::ldD, 1, sdQ, L::ldF, BM, Dk, BN, true);
   }
   __syncthreads();
-  store_tile(static_cast<T*>(p.dq) + bh * p.Lq * p.D, q0, p.Lq, p.D, sdQ, L::ldF, BM, p.scale);
+  store_tile(static_cast<T*>(p.dq) + qr * p.D, q0, p.Lq, p.D, sdQ, L::ldF, BM, p.scale);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -721,6 +775,9 @@ Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   p.causal_off = flash::causal_offset(static_cast<int>(causal), p.Lq, p.Lk);
   p.seed = static_cast<uint64_t>(seed);
   p.offset = static_cast<uint64_t>(offset);
+  p.drop_lq = p.Lq;
+  p.drop_lk = p.Lk;
+  p.cu_q = p.cu_k = nullptr;
   p.mask_kind = flash::kNoMask;
   if (attn_mask.has_value() && attn_mask->defined()) {
     // expand() gives the broadcast dims stride 0: the kernels read the mask through strides.
@@ -865,10 +922,143 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_bwd_cuda(
   return {dq, dk, dv};
 }
 
+// ---- packed variable-length sequences (pyattn::varlen_attention_*) ---------------------------
+// The same kernels with Params::cu_q set: the grid is that of the padded (B, H, max_seqlen)
+// batch, each block narrows itself to its sequence (seq_bounds) and a block past the sequence's
+// end returns at once, so a sequence costs its own tiles. The packed (total, H, D) tensors are
+// laid out (H, total, D) for the kernels (one O(total H D) copy), so a sequence's rows of one
+// head are contiguous.
+
+namespace {
+
+at::Tensor heads_first(const at::Tensor& t) {
+  return t.transpose(0, 1).contiguous();  // (total, H, D) -> (H, total, D)
+}
+
+Params make_varlen_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
+                          const at::Tensor& cu_k, int64_t max_q, int64_t max_k, double dropout_p, int64_t causal,
+                          double scale, int64_t seed, int64_t offset) {
+  // q, k, v: (H, total, D) contiguous
+  Params p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.B = cu_q.numel() - 1;
+  p.Hq = q.size(0);
+  p.Hkv = k.size(0);
+  p.Lq = max_q;
+  p.Lk = max_k;
+  p.D = static_cast<int>(q.size(2));
+  p.Dv = static_cast<int>(v.size(2));
+  p.scale = static_cast<float>(scale);
+  p.dropout_p = static_cast<float>(dropout_p);
+  p.causal = causal != flash::kNoCausal;
+  p.lower_right = causal == flash::kLowerRight;
+  p.causal_off = 0;
+  p.seed = static_cast<uint64_t>(seed);
+  p.offset = static_cast<uint64_t>(offset);
+  p.drop_lq = max_q;
+  p.drop_lk = max_k;
+  p.cu_q = cu_q.data_ptr<int32_t>();
+  p.cu_k = cu_k.data_ptr<int32_t>();
+  p.total_q = q.size(1);
+  p.total_k = k.size(1);
+  p.mask_kind = flash::kNoMask;
+  return p;
+}
+
+void check_varlen_cuda(const at::Tensor& query, const at::Tensor& value, const at::Tensor& cu_q,
+                       const at::Tensor& cu_k) {
+  TORCH_CHECK(query.is_cuda(), "pyattn::varlen_attention (cuda): expected CUDA tensors, got ", query.device());
+  TORCH_CHECK(std::max(query.size(2), value.size(2)) <= kMaxHeadDim, "pyattn::varlen_attention (cuda): head dims up to ",
+              kMaxHeadDim);
+  TORCH_CHECK(cu_q.is_contiguous() && cu_k.is_contiguous(), "pyattn::varlen_attention (cuda): cu_seqlens must be contiguous");
+}
+
+}  // namespace
+
+// cu_seqlens' values are validated in Python (pyattn/ops/varlen_attention.py): reading them
+// here would synchronise the stream.
+std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cuda(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p, int64_t causal,
+    double scale, int64_t seed, int64_t offset) {
+  check_varlen_inputs(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal);
+  check_varlen_cuda(query, value, cu_seqlens_q, cu_seqlens_k);
+  const at::cuda::OptionalCUDAGuard guard(query.device());
+  const auto q = heads_first(query), k = heads_first(key), v = heads_first(value);
+  Params p = make_varlen_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, causal,
+                                scale, seed, offset);
+  at::Tensor out = at::zeros({p.Hq, p.total_q, p.Dv}, q.options());
+  at::Tensor lse = at::full({p.Hq, p.total_q}, std::numeric_limits<float>::infinity(), q.options().dtype(at::kFloat));
+  if (p.B * p.Hq * p.Lq * p.total_q == 0 || p.Lk == 0) return {out.transpose(0, 1).contiguous(), lse};
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.vec_ok = vec_ok(p, q.element_size(), {p.q, p.k, p.v});
+  dispatch(q.scalar_type(), std::max(p.D, p.Dv), [&](auto tag, auto dp) {
+    using T = typename decltype(tag)::type;
+    constexpr int Dp = decltype(dp)::value;
+    using Tl = Tiles<Kernel::kFwd, T, Dp>;
+    p.n_blocks = ceil_div(p.Lq, Tl::BM);
+    launch(sdpa_fwd_kernel<T, Dp>, smem_bytes<Kernel::kFwd, T, Dp>(), p.n_blocks * p.B * p.Hq, p,
+           "sdpa_fwd_kernel (varlen)");
+  });
+  return {out.transpose(0, 1).contiguous(), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, const at::Tensor& out, const at::Tensor& lse,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p, int64_t causal, double scale, int64_t seed,
+    int64_t offset) {
+  check_varlen_inputs(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal);
+  check_varlen_backward_inputs(query, value, grad_out, out, lse);
+  check_varlen_cuda(query, value, cu_seqlens_q, cu_seqlens_k);
+  const at::cuda::OptionalCUDAGuard guard(query.device());
+  const auto q = heads_first(query), k = heads_first(key), v = heads_first(value);
+  const auto dout = heads_first(grad_out.to(query.scalar_type())), o = heads_first(out.to(query.scalar_type()));
+  const auto l = lse.to(at::kFloat).contiguous();
+  Params p = make_varlen_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, causal,
+                                scale, seed, offset);
+  // zeros: rows of sequences without queries or keys get no block
+  at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
+  auto packed = [](const at::Tensor& g) { return g.transpose(0, 1).contiguous(); };
+  if (p.B * p.Hq * p.Lq * p.total_q == 0 || p.Lk == 0 || p.total_k == 0) return {packed(dq), packed(dk), packed(dv)};
+  at::Tensor delta = at::empty({p.Hq, p.total_q}, q.options().dtype(at::kFloat));
+  p.o = o.data_ptr();
+  p.dout = dout.data_ptr();
+  p.lse_in = l.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.vec_ok = vec_ok(p, q.element_size(), {p.q, p.k, p.v, p.dout});
+  dispatch(q.scalar_type(), std::max(p.D, p.Dv), [&](auto tag, auto dp) {
+    using T = typename decltype(tag)::type;
+    constexpr int Dp = decltype(dp)::value;
+    // Delta over every packed row: the (Hq, total_q) rows as one batch entry
+    Params pd = p;
+    pd.B = 1;
+    pd.Lq = p.total_q;
+    launch(sdpa_bwd_delta_kernel<T>, 0, ceil_div(p.Hq * p.total_q, kWarps), pd, "sdpa_bwd_delta_kernel (varlen)");
+    using TKV = Tiles<Kernel::kBwdKV, T, Dp>;
+    p.n_blocks = ceil_div(p.Lk, TKV::BN);
+    launch(sdpa_bwd_kv_kernel<T, Dp>, smem_bytes<Kernel::kBwdKV, T, Dp>(), p.n_blocks * p.B * p.Hkv, p,
+           "sdpa_bwd_kv_kernel (varlen)");
+    using TQ = Tiles<Kernel::kBwdQ, T, Dp>;
+    p.n_blocks = ceil_div(p.Lq, TQ::BM);
+    launch(sdpa_bwd_q_kernel<T, Dp>, smem_bytes<Kernel::kBwdQ, T, Dp>(), p.n_blocks * p.B * p.Hq, p,
+           "sdpa_bwd_q_kernel (varlen)");
+  });
+  return {packed(dq), packed(dk), packed(dv)};
+}
+
 }  // namespace flash_cuda
 }  // namespace pyattn
 
 TORCH_LIBRARY_IMPL(pyattn, CUDA, m) {
   m.impl("sdpa_fwd", &pyattn::flash_cuda::sdpa_fwd_cuda);
   m.impl("sdpa_bwd", &pyattn::flash_cuda::sdpa_bwd_cuda);
+  m.impl("varlen_attention_fwd", &pyattn::flash_cuda::varlen_attention_fwd_cuda);
+  m.impl("varlen_attention_bwd", &pyattn::flash_cuda::varlen_attention_bwd_cuda);
 }

@@ -2,5 +2,6 @@
 
 from .additive_attention import additive_attention
 from .sdpa import scaled_dot_product_attention
+from .varlen_attention import varlen_attention
 
-__all__ = ["additive_attention", "scaled_dot_product_attention"]
+__all__ = ["additive_attention", "scaled_dot_product_attention", "varlen_attention"]

@@ -1,0 +1,318 @@
+"""pyattn.varlen_attention: scaled-dot-product attention over packed variable-length sequences
+(flash-attention's ``flash_attn_varlen_func`` layout), as a PyTorch custom op with autograd.
+
+B sequences are packed along the first dim, with no padding: query (total_q, Hq, D), key
+(total_k, Hkv, D), value (total_k, Hkv, Dv), and int32 cumulative lengths ``cu_seqlens_q`` /
+``cu_seqlens_k`` (B + 1,) from 0: sequence b is query rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1]
+and key rows cu_seqlens_k[b] .. cu_seqlens_k[b + 1], and attends only within itself. Ops (schemas
+and conventions in csrc/registration.cpp):
+
+    pyattn::varlen_attention_fwd(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k, dropout_p, causal, scale, seed, offset) -> (out, lse)
+    pyattn::varlen_attention_bwd(grad_out, query, key, value, cu_seqlens_q, cu_seqlens_k, out, lse,
+        max_seqlen_q, max_seqlen_k, dropout_p, causal, scale, seed, offset)
+        -> (grad_query, grad_key, grad_value)
+
+with lse (Hq, total_q), ``causal`` as sdpa's (0 none, 1 upper-left, 2 lower-right, per sequence)
+and their Triton twins ``*_triton`` (kernels/varlen_attention.py). Dropout draws the philox
+counters of the padded (B, Hq, max_seqlen_q, max_seqlen_k) batch, so this op with dropout equals
+``pyattn.scaled_dot_product_attention`` on the padded batch with a key padding mask and the same
+(seed, offset) (docs/design.md, "Variable-length attention").
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .. import _backend, reference
+from ._glue import FusedOp, shape_str
+from .errors import InputError, InputTypeError
+from .sdpa import CAUSAL_NONE, CAUSAL_UPPER_LEFT, MAX_GPU_HEAD_DIM, _dropout_seed_offset, _lse_dtype
+
+OP = "varlen_attention"
+
+
+def _fail(msg: str, cls: type[InputError] = InputError):
+    raise cls(f"varlen_attention: {msg}")
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _seqlens_values(name: str, cu: Tensor, total: int) -> list[int]:
+    """The values of ``cu`` (eager only: data-dependent), checked: 0 first, non-decreasing, the
+    packed length last."""
+    vals = cu.tolist()
+    if vals[0] != 0:
+        _fail(f"'{name}' must start at 0, got {name}[0] = {vals[0]}")
+    for b in range(1, len(vals)):
+        if vals[b] < vals[b - 1]:
+            _fail(
+                f"'{name}' must be non-decreasing (cumulative lengths), got {name}[{b - 1}] = "
+                f"{vals[b - 1]} > {name}[{b}] = {vals[b]}"
+            )
+    if vals[-1] != total:
+        _fail(f"'{name}' must end at the packed length {total}, got {name}[-1] = {vals[-1]}")
+    return vals
+
+
+def _max_seqlen(name: str, given, lengths: list[int] | None) -> int:
+    if given is not None:
+        if isinstance(given, bool) or not isinstance(given, (int, torch.SymInt)):
+            _fail(f"'{name}' must be an int or None, got {type(given).__name__}", InputTypeError)
+        if lengths is not None and not _compiling():
+            need = max(lengths, default=0)
+            if given < need:
+                _fail(f"'{name}' must be at least the longest sequence, {need}, got {given}")
+        elif given < 0:
+            _fail(f"'{name}' must be >= 0, got {given}")
+        return given
+    if lengths is None:
+        _fail(
+            f"'{name}' must be given as an int under torch.compile (computing it from cu_seqlens "
+            "reads tensor data)"
+        )
+    return max(lengths, default=0)
+
+
+def check_inputs(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+) -> tuple[int, int]:
+    """Raise an InputError (InputTypeError for a wrong type or dtype) naming the argument, what
+    was expected and what came; else return (max_seqlen_q, max_seqlen_k) as ints.
+
+    The checks of cu_seqlens' values (first 0, non-decreasing, last the packed length, the
+    max_seqlen bounds) read tensor data and run in eager mode only; under torch.compile the C++
+    ops still refuse out-of-range sequences."""
+    named = {"query": query, "key": key, "value": value}
+    for name, t in {**named, "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k}.items():
+        if not isinstance(t, Tensor):
+            _fail(f"'{name}' must be a torch.Tensor, got {type(t).__name__}", InputTypeError)
+    if not isinstance(is_causal, bool):
+        _fail(f"'is_causal' must be a bool, got {type(is_causal).__name__}", InputTypeError)
+    if not isinstance(enable_gqa, bool):
+        _fail(f"'enable_gqa' must be a bool, got {type(enable_gqa).__name__}", InputTypeError)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        _fail(f"'dropout_p' must be a float, got {type(dropout_p).__name__}", InputTypeError)
+    if not 0.0 <= dropout_p <= 1.0:
+        _fail(f"'dropout_p' must be in [0, 1], got {dropout_p!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        _fail(f"'scale' must be a float or None, got {type(scale).__name__}", InputTypeError)
+    for name, t in named.items():
+        if t.dim() != 3:
+            _fail(f"'{name}' must be 3-D (total, H, D) packed tokens, got {t.dim()}-D {shape_str(t)}")
+    if not query.is_floating_point():
+        _fail(f"query, key and value must be floating-point tensors, got {query.dtype}", InputTypeError)
+    for t in named.values():
+        if t.dtype != query.dtype:
+            _fail(
+                f"query, key and value must share one dtype, got query {query.dtype}, key {key.dtype}, "
+                f"value {value.dtype}",
+                InputTypeError,
+            )
+        if t.device != query.device:
+            _fail(
+                f"query, key and value must be on one device, got query on {query.device}, key on "
+                f"{key.device}, value on {value.device}"
+            )
+    if key.shape[2] != query.shape[2]:
+        _fail(f"'key' head dim must match query's D={query.shape[2]}, got key {shape_str(key)}")
+    if value.shape[:2] != key.shape[:2]:
+        _fail(
+            f"'value' must have key's (total_k, Hkv) = {tuple(key.shape[:2])}, got value {shape_str(value)}"
+        )
+    Hq, Hkv = query.shape[1], key.shape[1]
+    if Hq != Hkv:
+        if not enable_gqa:
+            _fail(
+                f"query has {Hq} heads and key/value {Hkv}: pass enable_gqa=True for grouped-query "
+                f"attention, got query {shape_str(query)}, key {shape_str(key)}"
+            )
+        if Hkv == 0 or Hq % Hkv != 0:
+            _fail(f"with enable_gqa, key/value heads must divide query's: got Hq={Hq}, Hkv={Hkv}")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if cu.dtype != torch.int32:
+            _fail(f"'{name}' must be int32, got {cu.dtype}", InputTypeError)
+        if cu.dim() != 1 or cu.shape[0] < 1:
+            _fail(f"'{name}' must be 1-D (B + 1,), got {shape_str(cu)}")
+        if cu.device != query.device:
+            _fail(f"'{name}' is on {cu.device} but query is on {query.device}")
+    if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
+        _fail(
+            f"cu_seqlens_q and cu_seqlens_k must hold one entry per sequence plus one (B + 1,) alike, got "
+            f"{shape_str(cu_seqlens_q)} and {shape_str(cu_seqlens_k)}"
+        )
+    lq = lk = None
+    if not _compiling():
+        cq = _seqlens_values("cu_seqlens_q", cu_seqlens_q, query.shape[0])
+        ck = _seqlens_values("cu_seqlens_k", cu_seqlens_k, key.shape[0])
+        lq = [b - a for a, b in zip(cq[:-1], cq[1:], strict=True)]
+        lk = [b - a for a, b in zip(ck[:-1], ck[1:], strict=True)]
+    return _max_seqlen("max_seqlen_q", max_seqlen_q, lq), _max_seqlen("max_seqlen_k", max_seqlen_k, lk)
+
+
+# -- fake (meta) implementations and autograd, shared by the C++ ops and their Triton twins ------
+
+
+def _fake_fwd(query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, seed, offset):
+    total_q, Hq, _ = query.shape
+    out = query.new_empty((total_q, Hq, value.shape[-1]))
+    lse = query.new_empty((Hq, total_q), dtype=_lse_dtype(query.dtype))
+    return out, lse
+
+
+def _fake_bwd(grad_out, query, key, value, cu_q, cu_k, out, lse, max_q, max_k, dropout_p, causal, scale,
+              seed, offset):  # fmt: skip
+    return (
+        torch.empty_like(query, memory_format=torch.contiguous_format),
+        torch.empty_like(key, memory_format=torch.contiguous_format),
+        torch.empty_like(value, memory_format=torch.contiguous_format),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, seed, offset = inputs
+    out, lse = output
+    ctx.args = (max_q, max_k, dropout_p, causal, scale, seed, offset)
+    ctx.save_for_backward(query, key, value, cu_q, cu_k, out, lse)
+
+
+def _make_backward(bwd_op):
+    def backward(ctx, grad_out, grad_lse):
+        query, key, value, cu_q, cu_k, out, lse = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        if not any(needs[:3]):
+            return (None,) * 12
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv = bwd_op(grad_out.contiguous(), query, key, value, cu_q, cu_k, out, lse, *ctx.args)
+        return (
+            dq if needs[0] else None,
+            dk if needs[1] else None,
+            dv if needs[2] else None,
+        ) + (None,) * 9
+
+    return backward
+
+
+_OPS = FusedOp(
+    OP,
+    fake_fwd=_fake_fwd,
+    fake_bwd=_fake_bwd,
+    setup_context=_setup_context,
+    make_backward=_make_backward,
+)
+_OPS.load()
+
+
+# -- public API ------------------------------------------------------------------------------------
+
+
+def varlen_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    *,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    backend: str | None = None,
+) -> Tensor:
+    """Scaled-dot-product attention over packed sequences of different lengths, fused.
+
+    Each sequence b attends only within itself: its queries (rows cu_seqlens_q[b] ..
+    cu_seqlens_q[b + 1]) to its keys (rows cu_seqlens_k[b] .. cu_seqlens_k[b + 1]); the work of a
+    sequence is proportional to its own Lq_b * Lk_b, nothing is padded. A zero-length sequence
+    gives nothing; a query row with no key to attend to (Lk_b = 0, or empty under causality)
+    gives zeros and zero gradients. Equals ``pyattn.scaled_dot_product_attention`` on the padded
+    (B, Hq, max_seqlen_q, D) batch with a key padding mask, dropout included: both draw the same
+    philox counters for the same ``torch.manual_seed``.
+
+    Arguments:
+        query: (total_q, Hq, D) packed query tokens.
+        key: (total_k, Hkv, D) packed key tokens.
+        value: (total_k, Hkv, Dv).
+        cu_seqlens_q, cu_seqlens_k: int32 (B + 1,) cumulative lengths from 0 (ending at total_q /
+            total_k), on the query's device.
+        max_seqlen_q, max_seqlen_k: at least the longest query / key sequence; None computes them
+            from cu_seqlens (a read of tensor data: under torch.compile give them as ints). They
+            set the dropout counters' padded layout.
+        dropout_p: dropout probability on the attention weights, in [0, 1].
+        is_causal: per sequence, top-left aligned as sdpa's (query i sees keys j <= i).
+        scale: score scale, default ``1 / sqrt(D)``.
+        enable_gqa: Hq may be a multiple of Hkv (grouped-query attention).
+        backend: None (best for the device; env PYATTN_BACKEND overrides), "cpu", "cuda",
+            "triton" or "reference".
+    Returns:
+        (total_q, Hq, Dv).
+    """
+    max_q, max_k = check_inputs(
+        query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal,
+        scale, enable_gqa,
+    )  # fmt: skip
+    causal = CAUSAL_UPPER_LEFT if is_causal else CAUSAL_NONE
+    return _varlen(
+        query, key, value, cu_seqlens_q, cu_seqlens_k, max_q, max_k, float(dropout_p), causal, scale, backend
+    )
+
+
+def _varlen(query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, backend):
+    """The validated call, with sdpa's ``causal`` code (0 none, 1 upper-left, 2 lower-right per
+    sequence)."""
+    D, Dv = query.shape[2], value.shape[2]
+    scale_f = (1.0 / math.sqrt(D) if D > 0 else 1.0) if scale is None else float(scale)
+    dtype = query.dtype
+    # CPU dtypes the C++ kernels lack (float16/bfloat16 until they have them) run in float32
+    half_cpu = query.device.type == "cpu" and dtype not in _backend.DTYPES["cpu"] and dtype != torch.float64
+    chosen = _backend.resolve(OP, backend, query.device, torch.float32 if half_cpu else dtype)
+    if chosen in ("triton", "cuda") and max(D, Dv) > MAX_GPU_HEAD_DIM:
+        raise InputError(
+            f"pyattn.varlen_attention: backend {chosen!r} cannot run here: head dims must be in "
+            f"[1, {MAX_GPU_HEAD_DIM}], got D={D}, Dv={Dv}"
+        )
+    if half_cpu and chosen in ("cpu", "reference"):
+        out = _run(chosen, query.float(), key.float(), value.float(), cu_q, cu_k, max_q, max_k, dropout_p,
+                   causal, scale_f)  # fmt: skip
+        return out.to(dtype)
+    return _run(chosen, query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale_f)
+
+
+def _run(chosen, query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale):
+    empty = query.shape[0] * query.shape[1] * key.shape[0] * query.shape[2] * value.shape[2] == 0
+    if chosen == "reference" or dropout_p >= 1.0 or (empty and not _compiling()):
+        keep = None
+        if 0.0 < dropout_p < 1.0:
+            seed, offset = _dropout_seed_offset()
+            shape = (cu_q.shape[0] - 1, query.shape[1], max_q, max_k)
+            if _backend._C() is not None:
+                keep = torch.ops.pyattn.dropout_keep_mask(seed, offset, list(shape), float(dropout_p))
+            else:
+                keep = reference.dropout_keep_mask(seed, offset, shape, dropout_p)
+            keep = keep.to(query.device)
+        return reference.varlen_attention(
+            query, key, value, cu_q, cu_k, max_q, max_k, dropout_p=dropout_p, is_causal=causal, scale=scale,
+            enable_gqa=True, dropout_mask=keep,
+        )  # fmt: skip
+    seed, offset = _dropout_seed_offset() if dropout_p > 0.0 else (0, 0)
+    fwd = _OPS.forward_op(chosen)
+    out, _lse = fwd(query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, seed, offset)
+    return out
