@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._varlen_standin import varlen_attention
+from ..ops.varlen_attention import varlen_attention
 from ..nn.multihead_attention import MultiheadAttention, _sdpa_backend
 
 

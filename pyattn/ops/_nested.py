@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._varlen_standin import varlen_attention
+from .varlen_attention import varlen_attention
 from .errors import InputError
 
 
