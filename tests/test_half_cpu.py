@@ -378,43 +378,86 @@ def test_additive_torch_compile_fullgraph_bf16():
 # -- the models, under autocast and in bf16 weights ----------------------------------------------
 
 
-def _bert(attn_backend):
+def _model(kind):
+    """A small model of each kind, float32, random weights (the same for every call)."""
     from pyattn.models.bert import BertConfig, BertModel
+    from pyattn.models.seq2seq import Seq2Seq, Seq2SeqConfig
+    from pyattn.models.transformer import Transformer
 
     torch.manual_seed(1234)
-    cfg = BertConfig(
-        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=128, max_position_embeddings=64, attn_backend=attn_backend,
-    )  # fmt: skip
-    return BertModel(cfg).eval()
+    if kind == "bert":
+        cfg = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=128, max_position_embeddings=64)  # fmt: skip
+        return BertModel(cfg).eval()
+    if kind == "transformer":
+        return Transformer(d_model=32, nhead=4, num_encoder_layers=2, num_decoder_layers=2,
+                           dim_feedforward=64, dropout=0.0, batch_first=True).eval()  # fmt: skip
+    return Seq2Seq(Seq2SeqConfig(30, 31, embed_dim=16, hidden_dim=32, attn_dim=24, num_layers=1)).eval()
+
+
+def _model_inputs(kind):
+    """(kwargs, the op that must run, a function of the output to compare)."""
+    B = 2
+    if kind == "bert":
+        am = torch.ones(B, 48, dtype=torch.long)
+        am[1, 30:] = 0
+        return {"input_ids": torch.randint(0, 100, (B, 48)), "attention_mask": am}, "sdpa_fwd", (
+            lambda out: out.last_hidden_state
+        )
+    if kind == "transformer":
+        S, T = 19, 11
+        pad = torch.zeros(B, S, dtype=torch.bool)
+        pad[1, 12:] = True
+        kw = {"src": torch.randn(B, S, 32), "tgt": torch.randn(B, T, 32),
+              "tgt_mask": Transformer_mask(T), "tgt_is_causal": True,
+              "src_key_padding_mask": pad, "memory_key_padding_mask": pad}  # fmt: skip
+        return kw, "sdpa_fwd", lambda out: out
+    src = torch.randint(3, 30, (B, 13))
+    src[1, 9:] = 0
+    tgt = torch.randint(3, 31, (B, 8))
+    tgt[:, 0] = 1
+    return {"src": src, "tgt": tgt}, "additive_attention_fwd", lambda out: out.logits
+
+
+def Transformer_mask(T):
+    from pyattn.models.transformer import Transformer
+
+    return Transformer.generate_square_subsequent_mask(T)
 
 
 @pytest.mark.parametrize("mode", ["autocast", "bf16_weights"])
-def test_bert_runs_the_fused_half_kernel(mode):
-    ids = torch.randint(0, 100, (2, 48))
-    am = torch.ones(2, 48, dtype=torch.long)
-    am[1, 30:] = 0
-    want = _bert("fused")(ids, am).last_hidden_state.double()
+@pytest.mark.parametrize("kind", ["bert", "transformer", "seq2seq"])
+def test_models_run_the_fused_half_kernels(kind, mode):
+    kw, op, pick = _model_inputs(kind)
+    with torch.no_grad():
+        want = pick(_model(kind)(**kw)).double()
 
     def run(attn_backend):
-        model = _bert(attn_backend)
+        model = _model(kind)
+        model.set_attn_backend(attn_backend)
         spy = OpSpy()
-        with torch.no_grad(), spy:
+        with torch.no_grad():
             if mode == "autocast":
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    h = model(ids, am).last_hidden_state
+                with torch.autocast("cpu", dtype=torch.bfloat16), spy:
+                    out = pick(model(**kw))
             else:
-                h = model.to(torch.bfloat16)(ids, am).last_hidden_state
-        return h, spy.calls
+                model = model.to(torch.bfloat16)
+                kw16 = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in kw.items()
+                        if isinstance(v, torch.Tensor)}  # fmt: skip
+                kw16.update({k: v for k, v in kw.items() if not isinstance(v, torch.Tensor)})
+                with spy:
+                    out = pick(model(**kw16))
+        return out, spy.calls
 
-    h, calls = run("fused")
-    assert ("sdpa_fwd", torch.bfloat16) in calls, f"the fused bf16 cpu kernel did not run: {calls}"
-    # autocast runs layer_norm in float32, so only bf16 weights give a bf16 output
-    assert h.dtype == (torch.bfloat16 if mode == "bf16_weights" else torch.float32)
-    # the same bf16 model with its attention on the naive path (float32, rounded once)
-    h_ref, calls_ref = run("reference")
-    assert not any(name == "sdpa_fwd" for name, _ in calls_ref)
-    err, err_ref = _errs(h, want), _errs(h_ref, want)
+    got, calls = run("fused")
+    assert (op, torch.bfloat16) in calls, f"the fused bf16 cpu kernel did not run: {calls}"
+    assert torch.isfinite(got).all()
+    if mode == "bf16_weights":
+        assert got.dtype == torch.bfloat16
+    # the same bf16 model with its attention on the naive path (float32 inside, rounded once)
+    ref, calls_ref = run("reference")
+    assert not any(name == op for name, _ in calls_ref)
+    err, err_ref = _errs(got, want), _errs(ref, want)
     assert err[0] <= 1.5 * err_ref[0] + 0.02, f"max error {err[0]:.3e} vs the naive path's {err_ref[0]:.3e}"
     assert err[1] <= 1.5 * err_ref[1] + 1e-3, f"mean error {err[1]:.3e} vs the naive path's {err_ref[1]:.3e}"
 
