@@ -65,10 +65,15 @@ def sdpa_rows(dtypes, lengths, modes=("fwd", "fwd+bwd")):
             for causal in (False, True):
                 for mode in modes:
                     ins = [torch.randn(B, H, L, D, dtype=dt).requires_grad_(mode != "fwd") for _ in range(3)]
-                    ours = _time(_step(lambda q, k, v: pyattn.scaled_dot_product_attention(
-                        q, k, v, is_causal=causal, backend="cpu"), ins, mode))  # fmt: skip
-                    theirs = _time(_step(lambda q, k, v: F.scaled_dot_product_attention(
-                        q, k, v, is_causal=causal), ins, mode))  # fmt: skip
+
+                    def ours_fn(q, k, v, causal=causal):
+                        return pyattn.scaled_dot_product_attention(q, k, v, is_causal=causal, backend="cpu")
+
+                    def torch_fn(q, k, v, causal=causal):
+                        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+                    ours = _time(_step(ours_fn, ins, mode))
+                    theirs = _time(_step(torch_fn, ins, mode))
                     flops = 4 * B * H * L * L * D / (2 if causal else 1) * (3.5 if mode != "fwd" else 1)
                     rows.append(dict(
                         kernel="sdpa", baseline="torch", mode=mode, dtype=name, causal=causal,
@@ -122,7 +127,7 @@ def bert_rows(B=8, L=512, repeats=2):
         for i in range(repeats + 1):
             for side, model in (("pyattn", ours), ("transformers", hf)):
                 t0 = time.perf_counter()
-                model(ids, attention_mask=mask).last_hidden_state
+                _ = model(ids, attention_mask=mask).last_hidden_state
                 if i:  # the first round is the warm-up
                     times[side].append((time.perf_counter() - t0) * 1e3)
     ours_ms, hf_ms = (sorted(times[s])[len(times[s]) // 2] for s in ("pyattn", "transformers"))

@@ -166,7 +166,9 @@ def test_sdpa_matches_reference_and_torch(dtype, mask_kind, shape):
 
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("causal", [1, 2], ids=["upper_left", "lower_right"])
-@pytest.mark.parametrize("shape", [(2, 4, 2, 97, 130, 64, 64), (1, 2, 2, 97, 97, 59, 59), (1, 2, 1, 1, 37, 32, 32)])
+@pytest.mark.parametrize(
+    "shape", [(2, 4, 2, 97, 130, 64, 64), (1, 2, 2, 97, 97, 59, 59), (1, 2, 1, 1, 37, 32, 32)]
+)
 def test_sdpa_causal(dtype, causal, shape):
     run_sdpa_case(dtype, *shape, causal=causal)
 
@@ -188,7 +190,9 @@ def test_sdpa_fully_masked_rows(dtype, kind):
         assert (out[:, :, empty] == 0).all()
         assert (grads[0][:, :, empty] == 0).all()
         return
-    out, grads = run_sdpa_case(dtype, B, H, H, Lq, Lk, D, D, mask_kind=kind, full_row=True, against_torch=False)
+    out, grads = run_sdpa_case(
+        dtype, B, H, H, Lq, Lk, D, D, mask_kind=kind, full_row=True, against_torch=False
+    )
     assert (out[0, :, 0] == 0).all()
     assert (grads[0][0, :, 0] == 0).all()
 
@@ -401,15 +405,17 @@ def _model_inputs(kind):
     if kind == "bert":
         am = torch.ones(B, 48, dtype=torch.long)
         am[1, 30:] = 0
-        return {"input_ids": torch.randint(0, 100, (B, 48)), "attention_mask": am}, "sdpa_fwd", (
-            lambda out: out.last_hidden_state
+        return (
+            {"input_ids": torch.randint(0, 100, (B, 48)), "attention_mask": am},
+            "sdpa_fwd",
+            (lambda out: out.last_hidden_state),
         )
     if kind == "transformer":
         S, T = 19, 11
         pad = torch.zeros(B, S, dtype=torch.bool)
         pad[1, 12:] = True
         kw = {"src": torch.randn(B, S, 32), "tgt": torch.randn(B, T, 32),
-              "tgt_mask": Transformer_mask(T), "tgt_is_causal": True,
+              "tgt_mask": _transformer_mask(T), "tgt_is_causal": True,
               "src_key_padding_mask": pad, "memory_key_padding_mask": pad}  # fmt: skip
         return kw, "sdpa_fwd", lambda out: out
     src = torch.randint(3, 30, (B, 13))
@@ -419,7 +425,7 @@ def _model_inputs(kind):
     return {"src": src, "tgt": tgt}, "additive_attention_fwd", lambda out: out.logits
 
 
-def Transformer_mask(T):
+def _transformer_mask(T):
     from pyattn.models.transformer import Transformer
 
     return Transformer.generate_square_subsequent_mask(T)
@@ -462,25 +468,28 @@ def test_models_run_the_fused_half_kernels(kind, mode):
     assert err[1] <= 1.5 * err_ref[1] + 1e-3, f"mean error {err[1]:.3e} vs the naive path's {err_ref[1]:.3e}"
 
 
-def test_seq2seq_bahdanau_runs_the_fused_half_kernel():
+def test_bahdanau_layer_under_autocast_runs_the_fused_half_kernel():
+    # W_s / W_h give bf16 under autocast while the values (encoder states) and v stay float32:
+    # the op casts them to the autocast dtype, as torch's attention does
     B, Tq, Tk, H = 2, 5, 11, 32
-    layer = pyattn.nn.BahdanauAttention(H, H, H) if _bahdanau_takes_three() else pyattn.nn.BahdanauAttention(H)
+    layer = pyattn.nn.BahdanauAttention(H, H, H)
     s, h = torch.randn(B, Tq, H), torch.randn(B, Tk, H)
-    want = _call_bahdanau(layer, s, h).double()
-    spy = OpSpy()
-    with torch.no_grad(), spy, torch.autocast("cpu", dtype=torch.bfloat16):
-        got = _call_bahdanau(layer, s, h)
+    with torch.no_grad():
+        want = layer(s, h)[0].double()
+        spy = OpSpy()
+        with torch.autocast("cpu", dtype=torch.bfloat16), spy:
+            got = layer(s, h)[0]
     assert ("additive_attention_fwd", torch.bfloat16) in spy.calls, spy.calls
-    assert (got.double() - want).abs().max().item() < 0.1
+    assert got.dtype == torch.bfloat16
+    assert (got.double() - want).abs().max().item() < 0.05
 
 
-def _bahdanau_takes_three():
-    import inspect
-
-    params = inspect.signature(pyattn.nn.BahdanauAttention.__init__).parameters
-    return len([p for p in params.values() if p.default is inspect.Parameter.empty]) >= 4
-
-
-def _call_bahdanau(layer, s, h):
-    out = layer(s, h)
-    return out[0] if isinstance(out, tuple) else out
+def test_sdpa_autocast_casts_as_torch():
+    q, k, v = torch.randn(2, 2, 9, 16), torch.randn(2, 2, 11, 16), torch.randn(2, 2, 11, 8)
+    mask = torch.randn(9, 11)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = pyattn.scaled_dot_product_attention(q, k, v, mask)
+        theirs = F.scaled_dot_product_attention(q, k, v, mask)
+    assert ours.dtype == theirs.dtype == torch.bfloat16
+    ref = reference.scaled_dot_product_attention(*(t.bfloat16().double() for t in (q, k, v, mask)))
+    assert_no_worse_than_torch("out vs torch", ours, theirs, ref)

@@ -16,6 +16,9 @@
 // reproducible); with fewer (batch, kv head) pairs than threads, dK/dV and dQ run as two passes
 // over finer tasks instead (see backward()). P is recomputed from the saved lse;
 // Delta = rowsum(dO * O) comes precomputed.
+// float16 / bfloat16 inputs run the same code in float32: blocks are converted as they are loaded
+// (load_block), the output row is rounded once (store_scaled), gradients accumulate in float32
+// buffers the caller rounds (docs/design.md, "Half precision on CPU").
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
