@@ -156,6 +156,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="bf16,fp16")
     ap.add_argument("--lengths", default="256,1024,2048")
     ap.add_argument("--modes", default="fwd,fwd+bwd")
+    ap.add_argument("--bert-repeats", type=int, default=2, help="timed BERT forwards per side")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)
     only = set(args.only.split(","))
@@ -168,7 +169,7 @@ def main(argv=None) -> int:
     if "additive" in only:
         rows += additive_rows()
     if "bert" in only:
-        rows += bert_rows()
+        rows += bert_rows(repeats=args.bert_repeats)
     geo = [r["speedup"] for r in rows if r["kernel"] == "sdpa"]
     if geo:
         print(f"sdpa geometric mean speed-up: {math.exp(sum(map(math.log, geo)) / len(geo)):.2f}x")
