@@ -41,7 +41,9 @@ CSRC = os.path.join(ROOT, "csrc")
 # at::vec keys on; without them Vectorized<float> is scalar code.
 CPU_CAPABILITIES = [
     ("DEFAULT", ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]),
-    ("AVX2", ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma"]),
+    # -mf16c (as torch's own AVX2 build): at::vec's Half conversions use F16C, which every AVX2
+    # CPU has
+    ("AVX2", ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"]),
     (
         "AVX512",
         [
@@ -52,6 +54,7 @@ CPU_CAPABILITIES = [
             "-mavx512vl",
             "-mavx512dq",
             "-mfma",
+            "-mf16c",
             # GCC 12 flags the self-initialised placeholder (_mm512_undefined_*) inside its own
             # AVX512 intrinsics wherever they inline, ATen's Vectorized included: false positives
             "-Wno-maybe-uninitialized",

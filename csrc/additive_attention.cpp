@@ -14,6 +14,28 @@ namespace pyattn {
 
 namespace {
 
+// Half inputs (float16 / bfloat16) run the float32 kernel: each input is widened to float32 once
+// on entry (O(B T (H + Dv)) work, nothing beside the kernel's O(B Tq Tk H) tanh), every score,
+// statistic and sum is float32 (lse float64), and each output is rounded to the input dtype once.
+bool is_half(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+
+at::Tensor widen(const at::Tensor& t) {
+  return is_half(t) ? t.to(at::kFloat) : t;
+}
+
+c10::optional<at::Tensor> widen(const c10::optional<at::Tensor>& t) {
+  if (!t.has_value() || !t->defined()) return t;
+  return widen(*t);
+}
+
+void check_dtype(const at::Tensor& query) {
+  const auto t = query.scalar_type();
+  PYATTN_CHECK_ARG(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, "query",
+                   "the cpu backend takes float16, bfloat16, float32 or float64, got ", t);
+}
+
 template <typename scalar_t>
 cpu::AdditiveParams<scalar_t> make_params(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& val, const at::Tensor& v,
@@ -41,9 +63,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> additive_attention_fwd_cpu(
     const c10::optional<at::Tensor>& key_padding_mask, bool return_weights) {
   check_additive_attention_inputs(query, key, value, v, key_padding_mask);
   PYATTN_CHECK_ARG(query.device().is_cpu(), "query", "the cpu backend takes CPU tensors, got ", query.device());
-  PYATTN_CHECK_ARG(
-      query.scalar_type() == at::kFloat || query.scalar_type() == at::kDouble, "query",
-      "the cpu backend takes float32 or float64, got ", query.scalar_type());
+  check_dtype(query);
+  if (is_half(query)) {
+    const auto dtype = query.scalar_type();
+    auto [out, lse, weights] = additive_attention_fwd_cpu(widen(query), widen(key), widen(value), widen(v),
+                                                          key_padding_mask, return_weights);
+    return {out.to(dtype), lse, weights.to(dtype)};
+  }
   const auto q = query.contiguous(), k = key.contiguous(), val = value.contiguous(), vv = v.contiguous();
   c10::optional<at::Tensor> mask;
   if (key_padding_mask.has_value()) mask = key_padding_mask->contiguous();
@@ -72,9 +98,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_bw
     const c10::optional<at::Tensor>& weights) {
   check_additive_attention_inputs(query, key, value, v, key_padding_mask);
   check_additive_attention_backward_inputs(query, value, grad_out, out, lse, grad_weights, weights);
-  PYATTN_CHECK_ARG(
-      query.scalar_type() == at::kFloat || query.scalar_type() == at::kDouble, "query",
-      "the cpu backend takes float32 or float64, got ", query.scalar_type());
+  check_dtype(query);
+  if (is_half(query)) {
+    const auto dtype = query.scalar_type();
+    auto [dq, dk, dval, dv] = additive_attention_bwd_cpu(
+        widen(grad_out), widen(query), widen(key), widen(value), widen(v), key_padding_mask, widen(out),
+        lse, widen(grad_weights), widen(weights));
+    return {dq.to(dtype), dk.to(dtype), dval.to(dtype), dv.to(dtype)};
+  }
   const auto q = query.contiguous(), k = key.contiguous(), val = value.contiguous(), vv = v.contiguous();
   const auto o = out.contiguous(), l = lse.to(at::kDouble).contiguous(), dO = grad_out.contiguous();
   c10::optional<at::Tensor> mask;

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <type_traits>
 
 #include "cpu/capability.h"
 #include "cpu/sdpa_kernel.h"
@@ -13,6 +14,11 @@
 namespace pyattn {
 
 namespace {
+
+// float32 statistics and accumulators for half inputs; float32 / float64 keep their own.
+at::ScalarType acc_type(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 ? at::kFloat : t;
+}
 
 void check_cpu(const at::Tensor& query) {
   TORCH_CHECK(query.device().is_cpu(), "pyattn::sdpa (cpu): expected CPU tensors, got ", query.device());
@@ -29,6 +35,7 @@ cpu::FlashParams<T> make_params(const at::Tensor& q, const at::Tensor& k, const 
   p.mask_kind = flash::kNoMask;
   p.bool_mask = nullptr;
   p.add_mask = nullptr;
+  p.add_mask_float = nullptr;
   for (int d = 0; d < 4; ++d) p.mask_stride[d] = 0;
   if (mask.defined()) {
     if (mask.scalar_type() == at::kBool) {
@@ -36,7 +43,15 @@ cpu::FlashParams<T> make_params(const at::Tensor& q, const at::Tensor& k, const 
       p.bool_mask = mask.data_ptr<bool>();
     } else {
       p.mask_kind = flash::kAddMask;
-      p.add_mask = mask.data_ptr<T>();
+      const bool half = !std::is_same_v<T, cpu::acc_t<T>>;
+      TORCH_CHECK(mask.scalar_type() == q.scalar_type() || (half && mask.scalar_type() == at::kFloat),
+                  "pyattn::sdpa (cpu): an additive attn_mask must be of query's dtype",
+                  half ? " or float32" : "", ", got ", mask.scalar_type());
+      if (mask.scalar_type() == q.scalar_type()) {
+        p.add_mask = mask.data_ptr<T>();
+      } else {
+        p.add_mask_float = mask.data_ptr<float>();
+      }
     }
     for (int d = 0; d < 4; ++d) p.mask_stride[d] = mask.stride(d);
   }
@@ -47,7 +62,7 @@ cpu::FlashParams<T> make_params(const at::Tensor& q, const at::Tensor& k, const 
   p.Hkv = k.size(1);
   p.Lk = k.size(2);
   p.Dv = v.size(3);
-  p.scale = static_cast<T>(scale);
+  p.scale = static_cast<cpu::acc_t<T>>(scale);
   p.causal = causal != flash::kNoCausal;
   p.causal_off = flash::causal_offset(static_cast<int>(causal), p.Lq, p.Lk);
   p.dropout_p = dropout_p;
@@ -83,13 +98,14 @@ std::tuple<at::Tensor, at::Tensor> sdpa_fwd_cpu(
   const at::Tensor mask = mask_view(attn_mask, q, k);
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), Dv = v.size(3);
   at::Tensor out = at::empty({B, Hq, Lq, Dv}, q.options());
-  at::Tensor lse = at::empty({B, Hq, Lq}, q.options());
+  at::Tensor lse = at::empty({B, Hq, Lq}, q.options().dtype(acc_type(q.scalar_type())));
   if (lse.numel() == 0) return {out, lse};
 
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "sdpa_fwd_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "sdpa_fwd_cpu", [&] {
+    using acc = cpu::acc_t<scalar_t>;
     const auto p =
         make_params<scalar_t>(q, k, v, mask, dropout_p, causal, scale, seed, offset);
-    const cpu::FlashFwdOut<scalar_t> o{out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>()};
+    const cpu::FlashFwdOut<scalar_t> o{out.data_ptr<scalar_t>(), lse.data_ptr<acc>()};
     PYATTN_CPU_DISPATCH(sdpa_fwd_kernel, p, o);
   });
   return {out, lse};
@@ -105,25 +121,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_bwd_cpu(
   check_cpu(query);
   const auto q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
   const auto dO = grad_out.contiguous();
-  const auto l = lse.to(q.scalar_type()).contiguous();
+  const at::ScalarType acc_dtype = acc_type(q.scalar_type());
+  const auto l = lse.to(acc_dtype).contiguous();
   const at::Tensor mask = mask_view(attn_mask, q, k);
-  // Delta_i = dO_i . O_i, in the input dtype (float32 rows of length Dv: a short dot product).
-  const at::Tensor delta = (dO * out.to(q.scalar_type())).sum(-1).contiguous();
+  // Delta_i = dO_i . O_i in the accumulation type (float32 rows of length Dv: a short dot
+  // product; half inputs are widened first, so only O's one rounding enters it).
+  const at::Tensor delta = (dO.to(acc_dtype) * out.to(acc_dtype)).sum(-1).contiguous();
 
-  at::Tensor dq = at::zeros_like(q);
-  at::Tensor dk = at::zeros_like(k);
-  at::Tensor dv = at::zeros_like(v);
-  if (q.size(0) * q.size(1) * q.size(2) == 0 || k.size(2) == 0) return {dq, dk, dv};
+  // Gradients accumulate in acc_dtype (float32 for half inputs) and are rounded once.
+  const auto acc_opts = q.options().dtype(acc_dtype);
+  at::Tensor dq = at::zeros(q.sizes(), acc_opts);
+  at::Tensor dk = at::zeros(k.sizes(), acc_opts);
+  at::Tensor dv = at::zeros(v.sizes(), acc_opts);
+  const auto dtype = q.scalar_type();
+  if (q.size(0) * q.size(1) * q.size(2) == 0 || k.size(2) == 0) {
+    return {dq.to(dtype), dk.to(dtype), dv.to(dtype)};
+  }
 
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "sdpa_bwd_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "sdpa_bwd_cpu", [&] {
+    using acc = cpu::acc_t<scalar_t>;
     const auto p =
         make_params<scalar_t>(q, k, v, mask, dropout_p, causal, scale, seed, offset);
-    const cpu::FlashBwdArgs<scalar_t> a{dO.data_ptr<scalar_t>(), l.data_ptr<scalar_t>(),
-                                        delta.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(),
-                                        dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>()};
+    const cpu::FlashBwdArgs<scalar_t> a{dO.data_ptr<scalar_t>(), l.data_ptr<acc>(),
+                                        delta.data_ptr<acc>(), dq.data_ptr<acc>(),
+                                        dk.data_ptr<acc>(), dv.data_ptr<acc>()};
     PYATTN_CPU_DISPATCH(sdpa_bwd_kernel, p, a);
   });
-  return {dq, dk, dv};
+  return {dq.to(dtype), dk.to(dtype), dv.to(dtype)};
 }
 
 }  // namespace pyattn

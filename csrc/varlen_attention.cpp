@@ -111,6 +111,7 @@ cpu::FlashParams<T> seq_params(const at::Tensor& q, const at::Tensor& k, const a
   p.mask_kind = flash::kNoMask;
   p.bool_mask = nullptr;
   p.add_mask = nullptr;
+  p.add_mask_float = nullptr;
   for (int d = 0; d < 4; ++d) p.mask_stride[d] = 0;
   p.B = 1;
   p.Hq = q.size(1);
@@ -119,7 +120,7 @@ cpu::FlashParams<T> seq_params(const at::Tensor& q, const at::Tensor& k, const a
   p.Hkv = k.size(1);
   p.Lk = k.size(2);
   p.Dv = v.size(3);
-  p.scale = static_cast<T>(scale);
+  p.scale = static_cast<cpu::acc_t<T>>(scale);
   p.causal = causal != flash::kNoCausal;
   // per sequence: lower-right ends the diagonal at the sequence's own last key
   p.causal_off = flash::causal_offset(static_cast<int>(causal), p.Lq, p.Lk);
@@ -133,9 +134,14 @@ cpu::FlashParams<T> seq_params(const at::Tensor& q, const at::Tensor& k, const a
   return p;
 }
 
-// The dtypes of the CPU kernels: extend here (and in pyattn/_backend.py DTYPES["cpu"]) when
-// csrc/cpu/sdpa_kernel.h gains more overloads (float16/bfloat16).
-#define PYATTN_VARLEN_DISPATCH(TYPE, NAME, ...) AT_DISPATCH_FLOATING_TYPES(TYPE, NAME, __VA_ARGS__)
+// The dtypes of the CPU sdpa kernels (csrc/cpu/sdpa_kernel.h): float16/bfloat16 inputs with
+// float32 statistics and accumulators (lse, Delta, the gradient blocks), outputs rounded once.
+#define PYATTN_VARLEN_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+at::ScalarType acc_dtype_of(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 ? at::kFloat : t;
+}
 
 void check_lengths(const std::vector<int32_t>& cq, const std::vector<int32_t>& ck, int64_t max_q, int64_t max_k) {
   for (size_t b = 0; b + 1 < cq.size(); ++b) {
@@ -159,7 +165,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cpu(
   const int64_t total_q = query.size(0), Hq = query.size(1), Hkv = key.size(1), Dv = value.size(2);
   // rows with no key keep output 0 and lse +inf (zero gradients in the backward)
   at::Tensor out = at::zeros({total_q, Hq, Dv}, query.options());
-  at::Tensor lse = at::full({Hq, total_q}, std::numeric_limits<double>::infinity(), query.options());
+  const auto acc_opts = query.options().dtype(acc_dtype_of(query.scalar_type()));
+  at::Tensor lse = at::full({Hq, total_q}, std::numeric_limits<double>::infinity(), acc_opts);
   if (Hq == 0 || Dv == 0) return {out, lse};
   const int64_t group = Hq / Hkv;
   run_units(cq, ck, Hkv, [&](const Unit& u) {
@@ -168,11 +175,11 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cpu(
     const at::Tensor q = rows(query, q0, lq, h0, nh), k = rows(key, k0, lk, u.kv0, u.nkv),
                      v = rows(value, k0, lk, u.kv0, u.nkv);
     at::Tensor o = at::empty({1, nh, lq, Dv}, query.options());
-    at::Tensor l = at::empty({1, nh, lq}, query.options());
+    at::Tensor l = at::empty({1, nh, lq}, acc_opts);
     PYATTN_VARLEN_DISPATCH(q.scalar_type(), "varlen_attention_fwd_cpu", [&] {
       const auto p = seq_params<scalar_t>(q, k, v, u.b, h0, Hq, max_seqlen_q, max_seqlen_k, dropout_p, causal,
                                           scale, seed, offset);
-      const cpu::FlashFwdOut<scalar_t> fo{o.data_ptr<scalar_t>(), l.data_ptr<scalar_t>()};
+      const cpu::FlashFwdOut<scalar_t> fo{o.data_ptr<scalar_t>(), l.data_ptr<cpu::acc_t<scalar_t>>()};
       PYATTN_CPU_DISPATCH(sdpa_fwd_kernel, p, fo);
     });
     put_rows(out, o, q0, lq, h0, nh);
@@ -199,10 +206,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
   at::Tensor dk = at::zeros(key.sizes(), key.options());
   at::Tensor dv = at::zeros(value.sizes(), value.options());
   if (Hq == 0 || Dv == 0 || query.size(2) == 0) return {dq, dk, dv};
+  const at::ScalarType acc = acc_dtype_of(dt);
   const at::Tensor g = grad_out.to(dt);
-  // Delta_i = dO_i . O_i for every packed row: (total_q, Hq)
-  const at::Tensor delta_all = (g * out.to(dt)).sum(-1);
-  const at::Tensor lse_t = lse.to(dt);
+  // Delta_i = dO_i . O_i for every packed row, (total_q, Hq), in the accumulation type
+  const at::Tensor delta_all = (g.to(acc) * out.to(acc)).sum(-1);
+  const at::Tensor lse_t = lse.to(acc);
   const int64_t group = Hq / Hkv;
   run_units(cq, ck, Hkv, [&](const Unit& u) {
     const int64_t q0 = cq[u.b], lq = cq[u.b + 1] - q0, k0 = ck[u.b], lk = ck[u.b + 1] - k0;
@@ -212,13 +220,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
     const at::Tensor l = lse_t.narrow(0, h0, nh).narrow(1, q0, lq).unsqueeze(0).contiguous();  // (1, nh, lq)
     const at::Tensor delta =
         delta_all.narrow(0, q0, lq).narrow(1, h0, nh).t().unsqueeze(0).contiguous();  // (1, nh, lq)
-    at::Tensor gq = at::zeros_like(q), gk = at::zeros_like(k), gv = at::zeros_like(v);
+    // the kernel's gradient blocks are of the accumulation type: each row is rounded once, when
+    // its unit (the only one that writes it) puts it back
+    const auto ga = q.options().dtype(acc);
+    at::Tensor gq = at::zeros(q.sizes(), ga), gk = at::zeros(k.sizes(), ga), gv = at::zeros(v.sizes(), ga);
     PYATTN_VARLEN_DISPATCH(dt, "varlen_attention_bwd_cpu", [&] {
       const auto p = seq_params<scalar_t>(q, k, v, u.b, h0, Hq, max_seqlen_q, max_seqlen_k, dropout_p, causal,
                                           scale, seed, offset);
-      const cpu::FlashBwdArgs<scalar_t> a{dO.data_ptr<scalar_t>(), l.data_ptr<scalar_t>(),
-                                          delta.data_ptr<scalar_t>(), gq.data_ptr<scalar_t>(),
-                                          gk.data_ptr<scalar_t>(), gv.data_ptr<scalar_t>()};
+      using acc_t = cpu::acc_t<scalar_t>;
+      const cpu::FlashBwdArgs<scalar_t> a{dO.data_ptr<scalar_t>(), l.data_ptr<acc_t>(),
+                                          delta.data_ptr<acc_t>(), gq.data_ptr<acc_t>(),
+                                          gk.data_ptr<acc_t>(), gv.data_ptr<acc_t>()};
       PYATTN_CPU_DISPATCH(sdpa_bwd_kernel, p, a);
     });
     put_rows(dq, gq, q0, lq, h0, nh);

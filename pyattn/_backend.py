@@ -23,7 +23,7 @@ BACKENDS = ("cpu", "cuda", "triton", "reference")
 
 # The input dtypes each backend's kernels take (the reference takes any floating dtype).
 DTYPES = {
-    "cpu": (torch.float32, torch.float64),
+    "cpu": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
     "cuda": (torch.float16, torch.bfloat16, torch.float32),
     "triton": (torch.float16, torch.bfloat16, torch.float32),
 }

@@ -113,3 +113,28 @@ def assert_grads_close(names, grads, grads_lowp, grads64, factor=3.0, floor_mult
             scale = max(1.0, g64.abs().nan_to_num(0.0).max().item()) if g64.numel() else 1.0
             floor = GRAD_FLOOR[g.dtype] * scale * floor_mult
         assert_close_to_ref(f"grad {name}", g, gl, g64, factor=factor, floor=floor)
+
+
+def f32_accumulation_baseline(fn, inputs, others=(), grad_out=None, dtype=None):
+    """The baseline of the half-precision rule: ``fn`` evaluated in float32 on the half inputs
+    (widened exactly) with its result and gradients rounded once to the half dtype, i.e. what
+    an ideal kernel with float32 accumulation returns. A half kernel passes when its error
+    against the float64 reference is within the rule's factor of this baseline's, plus the floor.
+
+    Arguments:
+        fn: ``fn(*inputs, *others)`` -> a tensor.
+        inputs: the half tensors to differentiate.
+        others: further arguments (masks, ...); floating tensors among them are widened too.
+        grad_out: the output gradient (any dtype), or None for the forward only.
+        dtype: the half dtype (default: the inputs').
+    Returns:
+        (out, grads): rounded to ``dtype``; grads is None without grad_out.
+    """
+    dtype = dtype or inputs[0].dtype
+    up = [t.detach().float().requires_grad_(grad_out is not None) for t in inputs]
+    rest = [t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in others]
+    out = fn(*up, *rest)
+    grads = None
+    if grad_out is not None:
+        grads = [g.to(dtype) for g in torch.autograd.grad(out, up, grad_out.float())]
+    return out.detach().to(dtype), grads

@@ -298,9 +298,10 @@ def test_bad_backend_names():
         pyattn.additive_attention(*_good(), backend="cuda")
 
 
-def test_cpu_half_runs_the_float32_kernel():
-    # no fused half CPU kernel yet: backend="cpu" and the default both run the float32 kernel
-    # and round once (a half reference graph would build its (B, Tq, Tk, H) tanh in half)
+def test_cpu_half_runs_the_cpu_kernel():
+    # backend="cpu" and the default both take half inputs: the kernel widens them to float32 once
+    # and rounds each output once (a half reference graph would build its (B, Tq, Tk, H) tanh in
+    # half); tests/test_half_cpu.py checks the numerics
     args = [t.half() for t in _good()]
     out = pyattn.additive_attention(*args, backend="cpu")
     assert out.dtype == torch.float16

@@ -398,7 +398,7 @@ def test_sdpa_bad_inputs(index, bad, kwargs, exc, pattern):
 
 def test_unsupported_dtype_names_backend_and_dtypes():
     # triton takes float16/bfloat16/float32: float64 is refused clearly (cpu takes every float
-    # dtype: half runs its float32 kernel and rounds once)
+    # dtype: half inputs run in float32 inside the kernel and are rounded once)
     add = [t.double() for t in _add_good()]
     with pytest.raises(RuntimeError, match=r"backend 'triton' cannot run here: it takes .* got float64"):
         pyattn.additive_attention(*add, backend="triton")
@@ -408,7 +408,7 @@ def test_unsupported_dtype_names_backend_and_dtypes():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cpu_half_runs_float32_kernels_and_rounds_once(dtype):
+def test_cpu_half_kernels_round_once(dtype):
     add = [t.to(dtype) for t in _add_good()]
     ctx, w = pyattn.additive_attention(*add, return_weights=True, backend="cpu")
     assert ctx.dtype == w.dtype == dtype

@@ -563,7 +563,8 @@ def test_cpu_deterministic_many_heads():
 def test_backend_choice_and_fallbacks():
     q = torch.randn(1, 2, 4, 8)
     assert pyattn._backend.resolve("sdpa", None, q.device, q.dtype) == "cpu"
-    # no half cpu kernel: float32 on the cpu kernel, rounded once
+    # half runs the cpu kernel's half path (float32 inside, rounded once; tests/test_half_cpu.py)
+    assert pyattn._backend.resolve("sdpa", None, q.device, torch.float16) == "cpu"
     out = pyattn.scaled_dot_product_attention(q.half(), q.half(), q.half())
     assert out.dtype == torch.float16
     want = pyattn.reference.scaled_dot_product_attention(*(q.half().float(),) * 3).half()

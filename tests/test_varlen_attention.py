@@ -24,7 +24,9 @@ FWD, BWD = torch.ops.pyattn.varlen_attention_fwd, torch.ops.pyattn.varlen_attent
 
 
 def dtypes_for(backend):
-    if backend == "cpu" or not HAS_CUDA:
+    if backend == "cpu":
+        return [torch.float32, torch.float16, torch.bfloat16]  # the fused half CPU kernels
+    if not HAS_CUDA:
         return [torch.float32]
     return [torch.float32, torch.float16, torch.bfloat16]
 
@@ -320,14 +322,29 @@ def test_torch_compile_fullgraph():
             torch.testing.assert_close(a, b)
 
 
-def test_float16_on_cpu_runs_in_float32():
-    lens = random_lengths(3, 1, 20)
-    q, k, v = (torch.randn(sum(lens), 2, 16) for _ in range(3))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_on_cpu_is_sdpa_per_sequence(dtype):
+    # The cpu backend runs half inputs through the fused half kernels (float32 statistics and
+    # accumulators), the same as pyattn's sdpa on each sequence alone; lse is float32.
+    lens = random_lengths(4, 1, 40)
+    ins = [torch.randn(sum(lens), 4, 16, dtype=dtype, requires_grad=True) for _ in range(3)]
     cq = cu_of(lens)
-    out = pyattn.varlen_attention(*(t.half() for t in (q, k, v)), cq, cq, is_causal=True)
-    assert out.dtype == torch.float16
-    ref = reference.varlen_attention(*(t.half().float() for t in (q, k, v)), cq, cq, is_causal=True)
-    torch.testing.assert_close(out.float(), ref, rtol=0, atol=1e-3)
+    out = pyattn.varlen_attention(*ins, cq, cq, is_causal=True, backend="cpu")
+    assert out.dtype == dtype
+    _, lse = FWD(*(t.detach() for t in ins), cq, cq, max(lens), max(lens), 0.0, 1, 0.25, 0, 0)
+    assert lse.dtype == torch.float32
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, ins, g)
+    for b in range(len(lens)):
+        s, e = int(cq[b]), int(cq[b + 1])
+        if e == s:
+            continue
+        seq = [t.detach()[s:e].transpose(0, 1).unsqueeze(0).requires_grad_() for t in ins]  # (1, H, L, D)
+        ref = pyattn.scaled_dot_product_attention(*seq, is_causal=True, backend="cpu")
+        torch.testing.assert_close(out[s:e], ref[0].transpose(0, 1), rtol=0, atol=0)
+        ref_g = torch.autograd.grad(ref, seq, g[s:e].transpose(0, 1).unsqueeze(0))
+        for got, want in zip(grads, ref_g, strict=True):
+            torch.testing.assert_close(got[s:e], want[0].transpose(0, 1), rtol=2e-2, atol=2e-3)
 
 
 def test_max_seqlen_beyond_the_longest_changes_nothing_without_dropout():

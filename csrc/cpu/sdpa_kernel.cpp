@@ -16,11 +16,15 @@
 // reproducible); with fewer (batch, kv head) pairs than threads, dK/dV and dQ run as two passes
 // over finer tasks instead (see backward()). P is recomputed from the saved lse;
 // Delta = rowsum(dO * O) comes precomputed.
+// float16 / bfloat16 inputs run the same code in float32: blocks are converted as they are loaded
+// (load_block), the output row is rounded once (store_scaled), gradients accumulate in float32
+// buffers the caller rounds (docs/design.md, "Half precision on CPU").
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../sdpa_math.h"
@@ -49,10 +53,61 @@ constexpr int64_t kBwdBlockK = 256;
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
+// Half inputs (float16 / bfloat16) run the same blocked algorithm in float32: each block of Q, K,
+// V or dO is converted to float32 as it is loaded (into a per-task buffer; cheap beside the block
+// GEMMs that read it), the output is rounded to the input dtype once, at the end of its row.
+// Float32 / float64 inputs are read in place (load_block returns the pointer itself).
+template <typename in_t>
+constexpr bool kHalf = !std::is_same_v<in_t, acc_t<in_t>>;
+
+template <typename in_t>
+inline void to_acc(const in_t* src, acc_t<in_t>* dst, int64_t n) {
+  int64_t i = 0;
+  if constexpr (kHalf<in_t>) {
+    constexpr int64_t W = Vec<in_t>::size();  // = 2 float vectors
+    for (; i + W <= n; i += W) {
+      auto [lo, hi] = at::vec::convert_to_float<in_t>(Vec<in_t>::loadu(src + i));
+      lo.store(dst + i);
+      hi.store(dst + i + Vec<float>::size());
+    }
+  }
+  for (; i < n; ++i) dst[i] = static_cast<acc_t<in_t>>(src[i]);
+}
+
+// dst[0 .. n) = src * alpha, rounded once to in_t.
+template <typename in_t>
+inline void store_scaled(const acc_t<in_t>* src, acc_t<in_t> alpha, in_t* dst, int64_t n) {
+  using T = acc_t<in_t>;
+  int64_t i = 0;
+  if constexpr (kHalf<in_t>) {
+    constexpr int64_t W = Vec<in_t>::size();
+    const Vec<float> va(alpha);
+    for (; i + W <= n; i += W) {
+      const Vec<float> lo = Vec<float>::loadu(src + i) * va;
+      const Vec<float> hi = Vec<float>::loadu(src + i + Vec<float>::size()) * va;
+      at::vec::convert_from_float<in_t>(lo, hi).store(dst + i);
+    }
+  }
+  for (; i < n; ++i) dst[i] = static_cast<in_t>(static_cast<T>(src[i] * alpha));
+}
+
+// n elements at src, as acc_t: src itself for float32 / float64, else converted into buf.
+template <typename in_t>
+inline const acc_t<in_t>* load_block(const in_t* src, int64_t n, acc_t<in_t>* buf) {
+  if constexpr (kHalf<in_t>) {
+    to_acc(src, buf, n);
+    return buf;
+  } else {
+    (void)buf;
+    (void)n;
+    return src;
+  }
+}
+
 // Applies causal masking (keys past query i) and the user mask to one row of n scores for
 // keys j0 .. j0 + n - 1 of query i.
-template <typename T>
-inline void mask_row(const FlashParams<T>& p, int64_t b, int64_t h, int64_t i, int64_t j0,
+template <typename in_t, typename T>
+inline void mask_row(const FlashParams<in_t>& p, int64_t b, int64_t h, int64_t i, int64_t j0,
                      int64_t n, bool causal_block, T* s) {
   if (causal_block) {
     // keys j > i + off are masked: columns c > i + off - j0
@@ -65,6 +120,20 @@ inline void mask_row(const FlashParams<T>& p, int64_t b, int64_t h, int64_t i, i
   if (p.mask_kind == flash::kBoolMask) {
     const bool* mrow = p.bool_mask + base + j0 * sj;
     for (int64_t c = 0; c < n; ++c) s[c] = flash::apply_bool_mask(s[c], mrow[c * sj]);
+    return;
+  }
+  if constexpr (kHalf<in_t>) {
+    if (p.add_mask_float != nullptr) {
+      const float* mrow = p.add_mask_float + base + j0 * sj;
+      if (sj == 1) {
+        at::vec::map2<float>([](Vec<float> x, Vec<float> y) { return x + y; }, s, s, mrow, n);
+      } else {
+        for (int64_t c = 0; c < n; ++c) s[c] += mrow[c * sj];
+      }
+      return;
+    }
+    const in_t* mrow = p.add_mask + base + j0 * sj;
+    for (int64_t c = 0; c < n; ++c) s[c] += static_cast<float>(mrow[c * sj]);
   } else {
     const T* mrow = p.add_mask + base + j0 * sj;
     if (sj == 1) {
@@ -126,24 +195,47 @@ inline void scale_row(T* y, T alpha, int64_t n) {
 }
 
 // Dropout multipliers of scores (bh, i, j0 .. j0 + n - 1): 0 or 1 / (1 - p), with the keep test
-// of flash::dropout_scale but the multiplier in T (exact in float64).
-template <typename T>
-inline void dropout_row(const FlashParams<T>& p, T keep_scale, int64_t bh, int64_t i, int64_t j0,
+// of flash::dropout_scale but the multiplier in T (exact in float64). Half inputs draw the same
+// counters as float32 ones, so their keep-masks are identical.
+template <typename in_t, typename T>
+inline void dropout_row(const FlashParams<in_t>& p, T keep_scale, int64_t bh, int64_t i, int64_t j0,
                         int64_t n, T* z) {
-  philox_dropout_row(p.seed, p.offset + flash::dropout_index(p.drop_bh0 + bh, i, j0, p.drop_lq, p.drop_lk),
+  philox_dropout_row(p.seed,
+                     p.offset + flash::dropout_index(p.drop_bh0 + bh, i, j0, p.drop_lq, p.drop_lk),
                      static_cast<float>(p.dropout_p), keep_scale, n, z);
 }
 
+// Per-task buffers: scores (and dP) of one block, dropout multipliers, and the float32 copies
+// of half blocks (empty for float32 / float64 inputs).
 template <typename T>
-void forward_block(const FlashParams<T>& p, const FlashFwdOut<T>& o, int64_t bh, int64_t i0,
-                   int64_t m, T* S, T* Z, std::vector<flash::RowSoftmax<T>>& sm) {
+struct Work {
+  std::vector<T> S, dP, Z, Q, dO, K, V, acc;
+  Work(int64_t s, int64_t dp, int64_t z, bool half, int64_t q, int64_t dout, int64_t k, int64_t v,
+       int64_t a)
+      : S(s), dP(dp), Z(z), Q(half ? q : 0), dO(half ? dout : 0), K(half ? k : 0), V(half ? v : 0),
+        acc(half ? a : 0) {}
+};
+
+template <typename in_t>
+void forward_block(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, int64_t bh, int64_t i0,
+                   int64_t m, Work<acc_t<in_t>>& w, std::vector<flash::RowSoftmax<acc_t<in_t>>>& sm) {
+  using T = acc_t<in_t>;
   const int64_t b = bh / p.Hq, h = bh % p.Hq;
   const int64_t kvh = flash::kv_head(h, p.Hq, p.Hkv);
   const int64_t D = p.D, Dv = p.Dv, Lk = p.Lk;
-  const T* Q = p.q + (bh * p.Lq + i0) * D;
-  const T* K = p.k + (b * p.Hkv + kvh) * Lk * D;
-  const T* V = p.v + (b * p.Hkv + kvh) * Lk * Dv;
-  T* acc = o.out + (bh * p.Lq + i0) * Dv;
+  const T* Q = load_block(p.q + (bh * p.Lq + i0) * D, m * D, w.Q.data());
+  const in_t* K = p.k + (b * p.Hkv + kvh) * Lk * D;
+  const in_t* V = p.v + (b * p.Hkv + kvh) * Lk * Dv;
+  in_t* out = o.out + (bh * p.Lq + i0) * Dv;
+  // float32 / float64: the running output lives in the output tensor itself
+  T* acc;
+  if constexpr (kHalf<in_t>) {
+    acc = w.acc.data();
+  } else {
+    acc = out;
+  }
+  T* S = w.S.data();
+  T* Z = w.Z.data();
   std::fill(acc, acc + m * Dv, T(0));
   for (int64_t r = 0; r < m; ++r) sm[r].init();
   const bool dropout = p.dropout_p > 0.0;
@@ -152,7 +244,8 @@ void forward_block(const FlashParams<T>& p, const FlashFwdOut<T>& o, int64_t bh,
   const int64_t key_end = p.causal ? flash::causal_key_end(i0 + m, Lk, p.causal_off) : Lk;
   for (int64_t j0 = 0; j0 < key_end; j0 += kFwdBlockK) {
     const int64_t n = std::min(kFwdBlockK, key_end - j0);
-    flash_gemm(false, true, m, n, D, p.scale, Q, D, K + j0 * D, D, T(0), S, n);
+    const T* Kb = load_block(K + j0 * D, n * D, w.K.data());
+    flash_gemm(false, true, m, n, D, p.scale, Q, D, Kb, D, T(0), S, n);
     const bool causal_block = p.causal && flash::causal_block_needs_mask(i0, j0 + n, p.causal_off);
     bool any = false;
     for (int64_t r = 0; r < m; ++r) {
@@ -174,44 +267,52 @@ void forward_block(const FlashParams<T>& p, const FlashFwdOut<T>& o, int64_t bh,
       }
       if (alpha != T(1)) scale_row(acc + r * Dv, alpha, Dv);
     }
-    if (any) flash_gemm(false, false, m, Dv, n, T(1), S, n, V + j0 * Dv, Dv, T(1), acc, Dv);
+    if (any) {
+      const T* Vb = load_block(V + j0 * Dv, n * Dv, w.V.data());
+      flash_gemm(false, false, m, Dv, n, T(1), S, n, Vb, Dv, T(1), acc, Dv);
+    }
   }
   for (int64_t r = 0; r < m; ++r) {
-    scale_row(acc + r * Dv, sm[r].inv_sum(), Dv);
+    if constexpr (kHalf<in_t>) {
+      store_scaled(acc + r * Dv, sm[r].inv_sum(), out + r * Dv, Dv);
+    } else {
+      scale_row(acc + r * Dv, sm[r].inv_sum(), Dv);
+    }
     o.lse[bh * p.Lq + i0 + r] = sm[r].lse();
   }
 }
 
-template <typename T>
-void forward(const FlashParams<T>& p, const FlashFwdOut<T>& o) {
+template <typename in_t>
+void forward(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o) {
+  using T = acc_t<in_t>;
   const int64_t block_q = !p.causal && p.Lq >= kFwdLongRows ? kFwdBlockQLong : kFwdBlockQ;
   const int64_t q_blocks = (p.Lq + block_q - 1) / block_q;
   at::parallel_for(0, p.B * p.Hq * q_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> S(block_q * kFwdBlockK), Z(kFwdBlockK);
+    Work<T> w(block_q * kFwdBlockK, 0, kFwdBlockK, kHalf<in_t>, block_q * p.D, 0, kFwdBlockK * p.D,
+              kFwdBlockK * p.Dv, block_q * p.Dv);
     std::vector<flash::RowSoftmax<T>> sm(block_q);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / q_blocks, i0 = (t % q_blocks) * block_q;
-      forward_block(p, o, bh, i0, std::min(block_q, p.Lq - i0), S.data(), Z.data(), sm);
+      forward_block(p, o, bh, i0, std::min(block_q, p.Lq - i0), w, sm);
     }
   });
 }
 
 // One (query block, key block) tile of query head h: P from the saved lse, then dS (into dP)
-// and Z P (into S), the middle every backward GEMM reads. Q, dO and the statistics are the
-// block's rows i0 .. i0 + m - 1; K and V point at the kv head's first key.
-template <typename T>
-void backward_tile(const FlashParams<T>& p, const FlashBwdArgs<T>& a, int64_t b, int64_t h, int64_t i0,
-                   int64_t m, int64_t j0, int64_t n, const T* K, const T* V, T* S, T* dP, T* Z) {
+// and Z P (into S), the middle every backward GEMM reads. Q and dO are the block's rows
+// i0 .. i0 + m - 1 and Kb, Vb the key block's rows j0 .. j0 + n - 1, all as acc_t.
+template <typename in_t, typename T>
+void backward_tile(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a, int64_t b, int64_t h,
+                   int64_t i0, int64_t m, int64_t j0, int64_t n, const T* Q, const T* dO, const T* Kb,
+                   const T* Vb, T* S, T* dP, T* Z) {
   const int64_t D = p.D, Dv = p.Dv, Lq = p.Lq;
   const int64_t bh = b * p.Hq + h;
-  const T* Q = p.q + (bh * Lq + i0) * D;
-  const T* dO = a.grad_out + (bh * Lq + i0) * Dv;
   const T* lse = a.lse + bh * Lq + i0;
   const T* delta = a.delta + bh * Lq + i0;
   const bool dropout = p.dropout_p > 0.0;
   const T keep_scale = T(1) / (T(1) - T(p.dropout_p));
-  flash_gemm(false, true, m, n, D, p.scale, Q, D, K + j0 * D, D, T(0), S, n);
-  flash_gemm(false, true, m, n, Dv, T(1), dO, Dv, V + j0 * Dv, Dv, T(0), dP, n);
+  flash_gemm(false, true, m, n, D, p.scale, Q, D, Kb, D, T(0), S, n);
+  flash_gemm(false, true, m, n, Dv, T(1), dO, Dv, Vb, Dv, T(0), dP, n);
   const bool causal_block = p.causal && flash::causal_block_needs_mask(i0, j0 + n, p.causal_off);
   for (int64_t r = 0; r < m; ++r) {
     T* s = S + r * n;
@@ -234,51 +335,58 @@ void backward_tile(const FlashParams<T>& p, const FlashBwdArgs<T>& a, int64_t b,
 
 // Key block j0 of kv head (b, kvh), against every query of every query head of its group:
 // dK and dV of the block's keys, and (with_dq) the block's share of dQ.
-template <typename T>
-void backward_key_block(const FlashParams<T>& p, const FlashBwdArgs<T>& a, int64_t b, int64_t kvh,
-                        int64_t j0, bool with_dq, T* S, T* dP, T* Z) {
+template <typename in_t>
+void backward_key_block(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a, int64_t b, int64_t kvh,
+                        int64_t j0, bool with_dq, Work<acc_t<in_t>>& w) {
+  using T = acc_t<in_t>;
   const int64_t D = p.D, Dv = p.Dv, Lq = p.Lq, Lk = p.Lk;
   const int64_t group = p.Hq / p.Hkv;
-  const T* K = p.k + (b * p.Hkv + kvh) * Lk * D;
-  const T* V = p.v + (b * p.Hkv + kvh) * Lk * Dv;
-  T* dK = a.dk + (b * p.Hkv + kvh) * Lk * D;
-  T* dV = a.dv + (b * p.Hkv + kvh) * Lk * Dv;
   const int64_t n = std::min(kBwdBlockK, Lk - j0);
+  const T* Kb = load_block(p.k + ((b * p.Hkv + kvh) * Lk + j0) * D, n * D, w.K.data());
+  const T* Vb = load_block(p.v + ((b * p.Hkv + kvh) * Lk + j0) * Dv, n * Dv, w.V.data());
+  T* dK = a.dk + ((b * p.Hkv + kvh) * Lk + j0) * D;
+  T* dV = a.dv + ((b * p.Hkv + kvh) * Lk + j0) * Dv;
   for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
     const int64_t bh = b * p.Hq + h;
     // Causal: queries before j0 - off see no key of this block; start the query loop there.
     const int64_t i_begin = p.causal ? flash::causal_query_begin(j0, Lq, p.causal_off) : 0;
     for (int64_t i0 = i_begin; i0 < Lq; i0 += kBwdBlockQ) {
       const int64_t m = std::min(kBwdBlockQ, Lq - i0);
-      const T* Q = p.q + (bh * Lq + i0) * D;
-      const T* dO = a.grad_out + (bh * Lq + i0) * Dv;
-      backward_tile(p, a, b, h, i0, m, j0, n, K, V, S, dP, Z);
+      const T* Q = load_block(p.q + (bh * Lq + i0) * D, m * D, w.Q.data());
+      const T* dO = load_block(a.grad_out + (bh * Lq + i0) * Dv, m * Dv, w.dO.data());
+      backward_tile(p, a, b, h, i0, m, j0, n, Q, dO, Kb, Vb, w.S.data(), w.dP.data(), w.Z.data());
       // dV += (Z P)^T dO;  dQ += scale dS K;  dK += scale dS^T Q
-      flash_gemm(true, false, n, Dv, m, T(1), S, n, dO, Dv, T(1), dV + j0 * Dv, Dv);
+      flash_gemm(true, false, n, Dv, m, T(1), w.S.data(), n, dO, Dv, T(1), dV, Dv);
       if (with_dq) {
         T* dQ = a.dq + (bh * Lq + i0) * D;
-        flash_gemm(false, false, m, D, n, p.scale, dP, n, K + j0 * D, D, T(1), dQ, D);
+        flash_gemm(false, false, m, D, n, p.scale, w.dP.data(), n, Kb, D, T(1), dQ, D);
       }
-      flash_gemm(true, false, n, D, m, p.scale, dP, n, Q, D, T(1), dK + j0 * D, D);
+      flash_gemm(true, false, n, D, m, p.scale, w.dP.data(), n, Q, D, T(1), dK, D);
     }
   }
 }
 
 // dQ of query block i0 of head (b, h), over every key block it sees.
-template <typename T>
-void backward_query_block(const FlashParams<T>& p, const FlashBwdArgs<T>& a, int64_t b, int64_t h,
-                          int64_t i0, T* S, T* dP, T* Z) {
+template <typename in_t>
+void backward_query_block(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a, int64_t b, int64_t h,
+                          int64_t i0, Work<acc_t<in_t>>& w) {
+  using T = acc_t<in_t>;
   const int64_t D = p.D, Dv = p.Dv, Lq = p.Lq, Lk = p.Lk;
   const int64_t kvh = flash::kv_head(h, p.Hq, p.Hkv);
-  const T* K = p.k + (b * p.Hkv + kvh) * Lk * D;
-  const T* V = p.v + (b * p.Hkv + kvh) * Lk * Dv;
+  const in_t* K = p.k + (b * p.Hkv + kvh) * Lk * D;
+  const in_t* V = p.v + (b * p.Hkv + kvh) * Lk * Dv;
   const int64_t m = std::min(kBwdBlockQ, Lq - i0);
-  T* dQ = a.dq + ((b * p.Hq + h) * Lq + i0) * D;
+  const int64_t bh = b * p.Hq + h;
+  const T* Q = load_block(p.q + (bh * Lq + i0) * D, m * D, w.Q.data());
+  const T* dO = load_block(a.grad_out + (bh * Lq + i0) * Dv, m * Dv, w.dO.data());
+  T* dQ = a.dq + (bh * Lq + i0) * D;
   const int64_t key_end = p.causal ? flash::causal_key_end(i0 + m, Lk, p.causal_off) : Lk;
   for (int64_t j0 = 0; j0 < key_end; j0 += kBwdBlockK) {
     const int64_t n = std::min(kBwdBlockK, Lk - j0);
-    backward_tile(p, a, b, h, i0, m, j0, n, K, V, S, dP, Z);
-    flash_gemm(false, false, m, D, n, p.scale, dP, n, K + j0 * D, D, T(1), dQ, D);
+    const T* Kb = load_block(K + j0 * D, n * D, w.K.data());
+    const T* Vb = load_block(V + j0 * Dv, n * Dv, w.V.data());
+    backward_tile(p, a, b, h, i0, m, j0, n, Q, dO, Kb, Vb, w.S.data(), w.dP.data(), w.Z.data());
+    flash_gemm(false, false, m, D, n, p.scale, w.dP.data(), n, Kb, D, T(1), dQ, D);
   }
 }
 
@@ -288,8 +396,9 @@ void backward_query_block(const FlashParams<T>& p, const FlashBwdArgs<T>& a, int
 // - with fewer such tasks than threads (B = 1 with few heads, MQA), one task per (batch, kv head,
 //   key block) for dK and dV, then one per (batch, head, query block) for dQ, which recomputes
 //   S and dP (seven GEMMs per tile) but keeps every thread busy.
-template <typename T>
-void backward(const FlashParams<T>& p, const FlashBwdArgs<T>& a) {
+template <typename in_t>
+void backward(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a) {
+  using T = acc_t<in_t>;
   const int64_t pairs = p.B * p.Hkv;
   const int64_t key_blocks = (p.Lk + kBwdBlockK - 1) / kBwdBlockK;
   const int64_t threads = at::get_num_threads();
@@ -298,25 +407,26 @@ void backward(const FlashParams<T>& p, const FlashBwdArgs<T>& a) {
   const bool split = key_blocks > 1 && 3 * pairs < 2 * rounds * threads;
   auto run = [&](int64_t tasks, auto&& body) {
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> S(kBwdBlockQ * kBwdBlockK), dP(kBwdBlockQ * kBwdBlockK), Z(kBwdBlockK);
-      for (int64_t t = begin; t < end; ++t) body(t, S.data(), dP.data(), Z.data());
+      Work<T> w(kBwdBlockQ * kBwdBlockK, kBwdBlockQ * kBwdBlockK, kBwdBlockK, kHalf<in_t>,
+                kBwdBlockQ * p.D, kBwdBlockQ * p.Dv, kBwdBlockK * p.D, kBwdBlockK * p.Dv, 0);
+      for (int64_t t = begin; t < end; ++t) body(t, w);
     });
   };
   if (!split) {
-    run(pairs, [&](int64_t t, T* S, T* dP, T* Z) {
+    run(pairs, [&](int64_t t, Work<T>& w) {
       for (int64_t j0 = 0; j0 < p.Lk; j0 += kBwdBlockK)
-        backward_key_block(p, a, t / p.Hkv, t % p.Hkv, j0, true, S, dP, Z);
+        backward_key_block(p, a, t / p.Hkv, t % p.Hkv, j0, true, w);
     });
     return;
   }
-  run(pairs * key_blocks, [&](int64_t t, T* S, T* dP, T* Z) {
+  run(pairs * key_blocks, [&](int64_t t, Work<T>& w) {
     const int64_t pair = t / key_blocks;
-    backward_key_block(p, a, pair / p.Hkv, pair % p.Hkv, (t % key_blocks) * kBwdBlockK, false, S, dP, Z);
+    backward_key_block(p, a, pair / p.Hkv, pair % p.Hkv, (t % key_blocks) * kBwdBlockK, false, w);
   });
   const int64_t q_blocks = (p.Lq + kBwdBlockQ - 1) / kBwdBlockQ;
-  run(p.B * p.Hq * q_blocks, [&](int64_t t, T* S, T* dP, T* Z) {
+  run(p.B * p.Hq * q_blocks, [&](int64_t t, Work<T>& w) {
     const int64_t bh = t / q_blocks;
-    backward_query_block(p, a, bh / p.Hq, bh % p.Hq, (t % q_blocks) * kBwdBlockQ, S, dP, Z);
+    backward_query_block(p, a, bh / p.Hq, bh % p.Hq, (t % q_blocks) * kBwdBlockQ, w);
   });
 }
 
@@ -332,6 +442,18 @@ void sdpa_bwd_kernel(const FlashParams<float>& p, const FlashBwdArgs<float>& a) 
   backward(p, a);
 }
 void sdpa_bwd_kernel(const FlashParams<double>& p, const FlashBwdArgs<double>& a) {
+  backward(p, a);
+}
+void sdpa_fwd_kernel(const FlashParams<c10::Half>& p, const FlashFwdOut<c10::Half>& o) {
+  forward(p, o);
+}
+void sdpa_fwd_kernel(const FlashParams<c10::BFloat16>& p, const FlashFwdOut<c10::BFloat16>& o) {
+  forward(p, o);
+}
+void sdpa_bwd_kernel(const FlashParams<c10::Half>& p, const FlashBwdArgs<c10::Half>& a) {
+  backward(p, a);
+}
+void sdpa_bwd_kernel(const FlashParams<c10::BFloat16>& p, const FlashBwdArgs<c10::BFloat16>& a) {
   backward(p, a);
 }
 

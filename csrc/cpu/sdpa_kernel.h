@@ -1,9 +1,14 @@
 // Raw-pointer interface between csrc/sdpa.cpp (ATen side, compiled once) and the
 // per-instruction-set kernels in csrc/cpu/sdpa_kernel.cpp (compiled for DEFAULT, AVX2
 // and AVX512). q, k, v, out, grad_out and the gradients are contiguous (B, H, L, D); the mask is
-// read through its (B, Hq, Lq, Lk) strides (broadcast dims have stride 0). lse is of the input
-// dtype (float32 or float64), as is every accumulator.
+// read through its (B, Hq, Lq, Lk) strides (broadcast dims have stride 0). Scores, statistics,
+// lse, Delta and every accumulator are of the accumulation type acc_t<scalar_t>: the input dtype
+// for float32 / float64, float32 for float16 / bfloat16 (whose blocks are converted to float32
+// as they are loaded; docs/design.md, "Half precision on CPU").
 #pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <cstdint>
 
@@ -23,38 +28,58 @@ void flash_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, dou
                 int64_t ldc);
 
 template <typename scalar_t>
+struct AccType {
+  using type = scalar_t;
+};
+template <>
+struct AccType<c10::Half> {
+  using type = float;
+};
+template <>
+struct AccType<c10::BFloat16> {
+  using type = float;
+};
+template <typename scalar_t>
+using acc_t = typename AccType<scalar_t>::type;
+
+template <typename scalar_t>
 struct FlashParams {
   const scalar_t* q;  // (B, Hq, Lq, D)
   const scalar_t* k;  // (B, Hkv, Lk, D)
   const scalar_t* v;  // (B, Hkv, Lk, Dv)
-  // mask_kind: flash::MaskKind (0 none, 1 bool: true = attend, 2 additive of scalar_t).
+  // mask_kind: flash::MaskKind (0 none, 1 bool: true = attend, 2 additive). An additive mask is
+  // of scalar_t (add_mask) or, beside half inputs, float32 (add_mask_float; add_mask is then null).
   int mask_kind;
   const bool* bool_mask;
   const scalar_t* add_mask;
+  const float* add_mask_float;
   int64_t mask_stride[4];  // in elements, for (b, h, i, j); 0 on broadcast dims
   int64_t B, Hq, Hkv, Lq, Lk, D, Dv;
-  scalar_t scale;
+  acc_t<scalar_t> scale;
   bool causal;
   int64_t causal_off;  // query i sees keys j <= i + causal_off (flash::causal_offset)
   double dropout_p;  // 0: no dropout (the keep test compares in float, as philox.h)
   uint64_t seed, offset;
+  // Dropout counter layout: score (bh, i, j) draws counter offset +
+  // flash::dropout_index(drop_bh0 + bh, i, j, drop_lq, drop_lk); (0, Lq, Lk) for a plain call.
   int64_t drop_bh0, drop_lq, drop_lk;
 };
 
 template <typename scalar_t>
 struct FlashFwdOut {
-  scalar_t* out;  // (B, Hq, Lq, Dv)
-  scalar_t* lse;  // (B, Hq, Lq)
+  scalar_t* out;        // (B, Hq, Lq, Dv), each element rounded once
+  acc_t<scalar_t>* lse;  // (B, Hq, Lq)
 };
 
 template <typename scalar_t>
 struct FlashBwdArgs {
-  const scalar_t* grad_out;  // (B, Hq, Lq, Dv)
-  const scalar_t* lse;       // (B, Hq, Lq)
-  const scalar_t* delta;     // (B, Hq, Lq): rowsum(grad_out * out)
-  scalar_t* dq;              // (B, Hq, Lq, D), zeroed by the caller
-  scalar_t* dk;              // (B, Hkv, Lk, D), zeroed by the caller
-  scalar_t* dv;              // (B, Hkv, Lk, Dv), zeroed by the caller
+  const scalar_t* grad_out;     // (B, Hq, Lq, Dv)
+  const acc_t<scalar_t>* lse;    // (B, Hq, Lq)
+  const acc_t<scalar_t>* delta;  // (B, Hq, Lq): rowsum(grad_out * out)
+  // Gradients accumulate in acc_t (the caller rounds half ones to the input dtype once).
+  acc_t<scalar_t>* dq;  // (B, Hq, Lq, D), zeroed by the caller
+  acc_t<scalar_t>* dk;  // (B, Hkv, Lk, D), zeroed by the caller
+  acc_t<scalar_t>* dv;  // (B, Hkv, Lk, Dv), zeroed by the caller
 };
 
 #define PYATTN_DECLARE_FLASH_KERNELS(CAP)                                                       \
@@ -63,6 +88,10 @@ struct FlashBwdArgs {
   void sdpa_fwd_kernel(const FlashParams<double>&, const FlashFwdOut<double>&);      \
   void sdpa_bwd_kernel(const FlashParams<float>&, const FlashBwdArgs<float>&);       \
   void sdpa_bwd_kernel(const FlashParams<double>&, const FlashBwdArgs<double>&);     \
+  void sdpa_fwd_kernel(const FlashParams<c10::Half>&, const FlashFwdOut<c10::Half>&); \
+  void sdpa_fwd_kernel(const FlashParams<c10::BFloat16>&, const FlashFwdOut<c10::BFloat16>&); \
+  void sdpa_bwd_kernel(const FlashParams<c10::Half>&, const FlashBwdArgs<c10::Half>&); \
+  void sdpa_bwd_kernel(const FlashParams<c10::BFloat16>&, const FlashBwdArgs<c10::BFloat16>&); \
   }
 
 PYATTN_DECLARE_FLASH_KERNELS(DEFAULT)

@@ -197,19 +197,30 @@ def additive_attention(
     Returns:
         context (B, Tq, Dv); with ``return_weights`` also weights (B, Tq, Tk).
     """
+    query, key, value, v = _autocast(query, key, value, v)
     check_inputs(query, key, value, v, key_padding_mask)
     dtype = query.dtype
-    if query.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
-        # No fused half CPU kernels yet: the float32 kernel (or reference), rounded once; a half
-        # (B, Tq, Tk, H) tanh tensor would lose accuracy and overflow its sums.
-        chosen = _backend.resolve(OP, backend, query.device, torch.float32)
+    chosen = _backend.resolve(OP, backend, query.device, dtype)
+    if chosen == "reference" and query.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        # the naive graph in float32, rounded once: a half (B, Tq, Tk, H) tanh tensor would lose
+        # accuracy and overflow its sums (the cpu kernel takes half inputs itself)
         up = [t.float() for t in (query, key, value, v)]
         result = _run(chosen, *up, key_padding_mask, return_weights)
         if return_weights:
             return result[0].to(dtype), result[1].to(dtype)
         return result.to(dtype)
-    return _run(_backend.resolve(OP, backend, query.device, dtype), query, key, value, v,
-                key_padding_mask, return_weights)  # fmt: skip
+    return _run(chosen, query, key, value, v, key_padding_mask, return_weights)
+
+
+def _autocast(*tensors):
+    """Under ``torch.autocast`` for the inputs' device, floating inputs in its dtype (as torch
+    treats its own attention, a lower-precision op), so a model's float32 parameters meet its
+    half activations in one dtype; otherwise the inputs unchanged."""
+    first = tensors[0]
+    if not isinstance(first, Tensor) or not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    dt = torch.get_autocast_dtype(first.device.type)
+    return tuple(t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors)
 
 
 def _run(chosen, query, key, value, v, key_padding_mask, return_weights):

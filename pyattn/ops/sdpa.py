@@ -349,8 +349,9 @@ def scaled_dot_product_attention(
     generator, so ``torch.manual_seed`` reproduces it but the mask differs from torch's. A float
     ``attn_mask`` that requires grad is computed through pyattn.reference (naive, materialised
     scores) so that its gradient is right; so are empty inputs, ``dropout_p=1`` and every call
-    with ``backend="reference"``. float16/bfloat16 CPU tensors are computed in float32 and
-    rounded once.
+    with ``backend="reference"``. float16/bfloat16 CPU tensors run the cpu kernel's half path:
+    float32 scores, statistics and sums, each output rounded once (docs/design.md, "Half
+    precision on CPU").
 
     Arguments:
         query: (..., Hq, Lq, E).
@@ -376,6 +377,7 @@ def scaled_dot_product_attention(
         from ._nested import nested_sdpa  # here: it imports the varlen op, which imports this module
 
         return nested_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend)
+    query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
     lead, Hq, Hkv, _gqa, out_batch, causal, mask = check_inputs(
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
     )
@@ -390,7 +392,7 @@ def scaled_dot_product_attention(
     scale_f = (1.0 / math.sqrt(E) if E > 0 else 1.0) if scale is None else float(scale)
     dtype = query.dtype
     half_cpu = query.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
-    chosen = _backend.resolve(OP, backend, query.device, torch.float32 if half_cpu else dtype)
+    chosen = _backend.resolve(OP, backend, query.device, dtype)
     if chosen in ("triton", "cuda") and max(E, Dv) > MAX_GPU_HEAD_DIM:
         if backend is None and not os.environ.get("PYATTN_BACKEND"):
             chosen = "reference"  # the best this device has for such heads
@@ -400,9 +402,10 @@ def scaled_dot_product_attention(
                 f"pyattn.sdpa: backend {chosen!r} cannot run here: {name} must be in "
                 f"[1, {MAX_GPU_HEAD_DIM}], got {d}"
             )
-    if half_cpu and chosen in ("cpu", "reference"):
-        # No fused half CPU kernels yet: compute in float32 and round once (a half score matrix
-        # overflows to NaN and doubles the error).
+    float_mask_grad = mask is not None and mask.dtype != torch.bool and mask.requires_grad
+    if half_cpu and (chosen == "reference" or float_mask_grad):
+        # The naive graph (which these calls take) in float32, rounded once: a half score matrix
+        # overflows to NaN and doubles the error. The cpu kernel takes half inputs itself.
         up = [t.float() for t in (query, key, value)]
         fmask = None if mask is None or mask.dtype == torch.bool else mask.float()
         out = _run(chosen, *up, fmask if fmask is not None else mask, dropout_p, causal, scale_f,
@@ -410,6 +413,20 @@ def scaled_dot_product_attention(
         return out.to(dtype)
     return _run(
         chosen, query, key, value, mask, dropout_p, causal, scale_f, enable_gqa, lead, Hq, Hkv, out_batch
+    )
+
+
+def _autocast(*tensors):
+    """Under ``torch.autocast`` for the inputs' device, floating inputs (a float attn_mask
+    included) in its dtype, as torch's scaled_dot_product_attention (a lower-precision op there);
+    otherwise the inputs unchanged."""
+    first = tensors[0]
+    if not isinstance(first, Tensor) or not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    dt = torch.get_autocast_dtype(first.device.type)
+    return tuple(
+        t.to(dt) if isinstance(t, Tensor) and not isinstance(t, CausalBias) and t.is_floating_point() else t
+        for t in tensors
     )
 
 
@@ -433,9 +450,10 @@ def _run(chosen, query, key, value, mask, dropout_p, causal, scale, enable_gqa, 
     v = value.expand(*lead, Hkv, Lk, Dv).reshape(B, Hkv, Lk, Dv)  # (B, Hkv, Lk, Dv)
     m4 = None
     if mask is not None:
-        if mask.dtype != torch.bool and mask.dtype != query.dtype and chosen != "triton":
+        half_cpu = chosen == "cpu" and query.dtype in (torch.float16, torch.bfloat16)
+        if mask.dtype != torch.bool and mask.dtype != query.dtype and chosen != "triton" and not half_cpu:
             # a float32 mask beside a float64 (exact) or half (CUDA) query; the Triton kernels
-            # read any float mask as float32 themselves
+            # and the cpu kernel's half path read a float32 mask as it is
             mask = _cast_mask(mask, query.dtype)
         # stays a stride-0 view where it broadcasts: the kernels read it through its strides
         m4 = mask.expand(*lead, Hq, Lq, Lk).reshape(B, Hq, Lq, Lk)  # (B, Hq, Lq, Lk)

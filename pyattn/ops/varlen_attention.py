@@ -281,15 +281,16 @@ def _varlen(query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, causal, scal
     D, Dv = query.shape[2], value.shape[2]
     scale_f = (1.0 / math.sqrt(D) if D > 0 else 1.0) if scale is None else float(scale)
     dtype = query.dtype
-    # CPU dtypes the C++ kernels lack (float16/bfloat16 until they have them) run in float32
-    half_cpu = query.device.type == "cpu" and dtype not in _backend.DTYPES["cpu"] and dtype != torch.float64
-    chosen = _backend.resolve(OP, backend, query.device, torch.float32 if half_cpu else dtype)
+    chosen = _backend.resolve(OP, backend, query.device, dtype)
+    # The reference on half CPU tensors runs in float32 and rounds once (a half score matrix
+    # overflows); the cpu kernels take float16/bfloat16 themselves.
+    half_cpu = query.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16) and chosen == "reference"
     if chosen in ("triton", "cuda") and max(D, Dv) > MAX_GPU_HEAD_DIM:
         raise InputError(
             f"pyattn.varlen_attention: backend {chosen!r} cannot run here: head dims must be in "
             f"[1, {MAX_GPU_HEAD_DIM}], got D={D}, Dv={Dv}"
         )
-    if half_cpu and chosen in ("cpu", "reference"):
+    if half_cpu:
         out = _run(chosen, query.float(), key.float(), value.float(), cu_q, cu_k, max_q, max_k, dropout_p,
                    causal, scale_f)  # fmt: skip
         return out.to(dtype)
