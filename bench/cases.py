@@ -659,8 +659,17 @@ def _padded_bert_cases(device: str, suite: str, dtypes: list[str]) -> list[Case]
         shape = (("B", B), ("L", L), ("lengths", "U[L/4,L]"), *model_shape)
         for prov in providers:
             cases.append(
-                Case(group="bert", provider=prov, baseline=providers[0], mode=mode, shape=shape, dtype=dt,
-                     device=device, seq_len=L, builder=_build_bert_padded_batch)  # fmt: skip
+                Case(
+                    group="bert",
+                    provider=prov,
+                    baseline=providers[0],
+                    mode=mode,
+                    shape=shape,
+                    dtype=dt,
+                    device=device,
+                    seq_len=L,
+                    builder=_build_bert_padded_batch,
+                )  # fmt: skip
             )
     return cases
 

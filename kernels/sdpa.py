@@ -501,13 +501,19 @@ def _bwd_dq_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < Lq
     q = tl.load(
-        Q + b * stride_qb + h * stride_qh + (q_start + offs_m[:, None]) * stride_qm
+        Q
+        + b * stride_qb
+        + h * stride_qh
+        + (q_start + offs_m[:, None]) * stride_qm
         + offs_d[None, :] * stride_qd,
         mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
         other=0.0,
     )
     do = tl.load(
-        DO + b * stride_dob + h * stride_doh + (q_start + offs_m[:, None]) * stride_dom
+        DO
+        + b * stride_dob
+        + h * stride_doh
+        + (q_start + offs_m[:, None]) * stride_dom
         + offs_dv[None, :] * stride_dod,
         mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V),
         other=0.0,
@@ -696,13 +702,19 @@ def _bwd_dkdv_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     col_ok = offs_n < Lk
     k = tl.load(
-        K + b * stride_kb + hk * stride_kh + (k_start + offs_n[:, None]) * stride_kn
+        K
+        + b * stride_kb
+        + hk * stride_kh
+        + (k_start + offs_n[:, None]) * stride_kn
         + offs_d[None, :] * stride_kd,
         mask=col_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
         other=0.0,
     )
     v = tl.load(
-        V + b * stride_vb + hk * stride_vh + (k_start + offs_n[:, None]) * stride_vn
+        V
+        + b * stride_vb
+        + hk * stride_vh
+        + (k_start + offs_n[:, None]) * stride_vn
         + offs_dv[None, :] * stride_vd,
         mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V),
         other=0.0,

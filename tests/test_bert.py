@@ -56,7 +56,9 @@ def test_bert_matches_transformers(hidden_act, padding_free):
     out = ours(ids, attention_mask=mask, token_type_ids=types)
     if padding_free:
         # only real tokens are computed; HF's padding rows are values nothing reads
-        torch.testing.assert_close(_real(out.last_hidden_state, mask), _real(ref.last_hidden_state, mask), **TIGHT)
+        torch.testing.assert_close(
+            _real(out.last_hidden_state, mask), _real(ref.last_hidden_state, mask), **TIGHT
+        )
         assert not out.last_hidden_state[~mask.bool()].any()
     else:
         torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state, **TIGHT)
@@ -93,7 +95,9 @@ def test_bert_state_dict_variants_load():
     ids, mask, types = _inputs()
     ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types)
     out = ours(ids, mask, types)
-    torch.testing.assert_close(_real(out.prediction_logits, mask), _real(ref.prediction_logits, mask), **TIGHT)
+    torch.testing.assert_close(
+        _real(out.prediction_logits, mask), _real(ref.prediction_logits, mask), **TIGHT
+    )
     torch.testing.assert_close(out.seq_relationship_logits, ref.seq_relationship_logits, **TIGHT)
 
 

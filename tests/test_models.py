@@ -200,8 +200,12 @@ def _packable_inputs(kind, B=4, L=9, hole=True):
         kw = {"input_ids": torch.randint(1, 40, (B, L)), "attention_mask": keep.long(),
               "token_type_ids": torch.randint(0, 2, (B, L))}  # fmt: skip
         w = torch.randn(B, L, 32) * keep[..., None]
-        return kw, keep, lambda out: (out.last_hidden_state * w.to(out.last_hidden_state.dtype)).sum() + (
-            out.pooler_output.sum()
+        return (
+            kw,
+            keep,
+            lambda out: (
+                (out.last_hidden_state * w.to(out.last_hidden_state.dtype)).sum() + (out.pooler_output.sum())
+            ),
         )
     S, T = L, L - 2
     src_pad = torch.arange(S)[None] >= _lengths(B, S)[:, None]  # (B, S)

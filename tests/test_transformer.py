@@ -53,7 +53,10 @@ def test_transformer_matches_torch(norm_first, batch_first, masks, padding_free,
     calls = _count_varlen(monkeypatch)
     B, S, T, E = 3, 7, 5, SMALL["d_model"]
     ref, ours = _pair(
-        padding_free, norm_first=norm_first, batch_first=batch_first, activation="gelu" if norm_first else "relu"
+        padding_free,
+        norm_first=norm_first,
+        batch_first=batch_first,
+        activation="gelu" if norm_first else "relu",
     )
     shape = (lambda L: (B, L, E)) if batch_first else (lambda L: (L, B, E))
     src = torch.randn(shape(S), dtype=torch.float64)

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops.varlen_attention import varlen_attention
 from ..nn.multihead_attention import MultiheadAttention, _sdpa_backend
+from ..ops.varlen_attention import varlen_attention
 
 
 class PackedSeqs(NamedTuple):

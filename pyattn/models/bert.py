@@ -429,13 +429,17 @@ class BertModel(nn.Module):
             token, zeros for an empty sequence; None without a pooler).
         """
         if input_ids.dim() != 1:
-            raise ValueError(f"BertModel.forward_packed: 'input_ids' must be (T,), got {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"BertModel.forward_packed: 'input_ids' must be (T,), got {tuple(input_ids.shape)}"
+            )
         if max_seqlen > self.config.max_position_embeddings:
             raise ValueError(
                 f"BertModel.forward_packed: max_seqlen {max_seqlen} exceeds "
                 f"max_position_embeddings={self.config.max_position_embeddings}"
             )
-        h = self._encode_packed(input_ids, PackedSeqs(cu_seqlens, int(max_seqlen)), token_type_ids, position_ids)
+        h = self._encode_packed(
+            input_ids, PackedSeqs(cu_seqlens, int(max_seqlen)), token_type_ids, position_ids
+        )
         pooled = None
         if self.pooler is not None:
             first = cu_seqlens[:-1].long().clamp(max=max(h.shape[0] - 1, 0))  # (B,)

@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .varlen_attention import varlen_attention
 from .errors import InputError
+from .varlen_attention import varlen_attention
 
 
 def _fail(msg: str):

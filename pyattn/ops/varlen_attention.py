@@ -284,7 +284,9 @@ def _varlen(query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, causal, scal
     chosen = _backend.resolve(OP, backend, query.device, dtype)
     # The reference on half CPU tensors runs in float32 and rounds once (a half score matrix
     # overflows); the cpu kernels take float16/bfloat16 themselves.
-    half_cpu = query.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16) and chosen == "reference"
+    half_cpu = (
+        query.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16) and chosen == "reference"
+    )
     if chosen in ("triton", "cuda") and max(D, Dv) > MAX_GPU_HEAD_DIM:
         raise InputError(
             f"pyattn.varlen_attention: backend {chosen!r} cannot run here: head dims must be in "
