@@ -10,6 +10,7 @@ Environment:
   PYATTN_CUDA=0|1          force the CUDA sources off / on (default: on when nvcc is found)
   PYATTN_CUDA_ARCHS="80;90a"  GPU architectures to build (default: 80 and 90a)
   PYATTN_PTXAS_VERBOSE=1   pass -Xptxas -v (register and spill report)
+  PYATTN_SANITIZE=1        build the C++ code with ASan + UBSan (make test-sanitize)
   MAX_JOBS                 parallel compile jobs (honoured by torch's ninja build)
 """
 
@@ -128,6 +129,16 @@ link_flags = []
 if sys.platform.startswith("linux") and "parallel backend: OpenMP" in torch.__config__.parallel_info():
     cxx_flags.append("-fopenmp")
     link_flags.append("-fopenmp")
+# PYATTN_SANITIZE=1 (make test-sanitize): AddressSanitizer and UndefinedBehaviorSanitizer in the
+# C++ build, every report fatal; the test process preloads their runtimes (the Makefile does).
+if _env_flag("PYATTN_SANITIZE"):
+    cxx_flags += [
+        "-fsanitize=address,undefined",
+        "-fno-sanitize-recover=all",
+        "-fno-omit-frame-pointer",
+        "-g",
+    ]
+    link_flags += ["-fsanitize=address,undefined"]
 define_macros = [("PYATTN_WITH_CUDA", "1" if WITH_CUDA else "0")]
 include_dirs = [CSRC]
 nvcc_flags = [

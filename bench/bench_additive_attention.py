@@ -1,8 +1,7 @@
 """pytest-benchmark cases for additive (defined once in bench/cases.py)."""
 
 import pytest
-
-from ._pytest_bench import params, run_case
+from pyattn.bench._pytest_bench import params, run_case
 
 
 @pytest.mark.parametrize("case", params(["additive"]))

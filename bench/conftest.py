@@ -1,7 +1,8 @@
 """pytest-benchmark front end over the shared case registry (bench/cases.py).
 
-    python -m pytest bench/ --benchmark-only              # the default suite
-    PYATTN_BENCH_SUITE=full python -m pytest bench/ --benchmark-only --benchmark-json out.json
+    pytest bench/ --benchmark-only              # the default suite (the console script:
+                                                # the checkout root stays off sys.path)
+    PYATTN_BENCH_SUITE=full pytest bench/ --benchmark-only --benchmark-json out.json
 
 The files are named bench_<op>.py (one stem per op), which pytest does not collect by itself;
 this hook collects them when bench/ is named on the command line, so the normal test run

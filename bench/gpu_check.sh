@@ -47,7 +47,8 @@ TINY=${GPU_CHECK_TINY:-0}
 BUDGET=${GPU_CHECK_BUDGET_S:-540}
 STAGES=",${GPU_CHECK_STAGES:-env,build,correctness,sanitizer,bench},"
 PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 PYATTN_CUDA=${PYATTN_CUDA:-1} PYATTN_CUDA_ARCHS=${PYATTN_CUDA_ARCHS:-90a}
+# PYTHONSAFEPATH: `python -m` never puts the checkout on sys.path (docs/design.md, "Layout")
+export PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1 PYATTN_CUDA=${PYATTN_CUDA:-1} PYATTN_CUDA_ARCHS=${PYATTN_CUDA_ARCHS:-90a}
 export MAX_JOBS=${MAX_JOBS:-16}
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 if [ "$TINY" = 1 ]; then

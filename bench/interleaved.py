@@ -1,6 +1,6 @@
 """Time one comparison of the registry with its providers interleaved, round-robin.
 
-    python -m bench.interleaved --ops bert --suite full --shape "B=8 L=512 lengths" --mode fwd
+    python -m pyattn.bench.interleaved --ops bert --suite full --shape "B=8 L=512 lengths" --mode fwd
 
 On a shared, loaded CPU the providers of a comparison measured one after another see different
 loads; here every repeat runs each provider once in turn, so load drifts hit them alike. Prints
@@ -18,7 +18,9 @@ from .cases import build_cases
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.interleaved", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m pyattn.bench.interleaved", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("--ops", default="bert", help="comma list of registry ops (bench/cases.py GROUPS)")
     ap.add_argument("--suite", default="full")
     ap.add_argument("--shape", required=True, help="substring of the shape string, e.g. 'B=8 L=512 lengths'")

@@ -11,10 +11,16 @@ Usage (docs/design.md describes how a call reaches its kernel)::
 
 from __future__ import annotations
 
-from . import nn, reference
-from ._backend import backends
-from ._patch import TorchPatch, patch_torch
-from .ops import additive_attention, scaled_dot_product_attention, varlen_attention
+import sys as _sys
+
+from . import _source_tree
+
+_source_tree.attach(_sys.modules[__name__])
+
+from . import nn, reference  # noqa: E402
+from ._backend import backends  # noqa: E402
+from ._patch import TorchPatch, patch_torch  # noqa: E402
+from .ops import additive_attention, scaled_dot_product_attention, varlen_attention  # noqa: E402
 
 __version__ = "0.1.0"
 

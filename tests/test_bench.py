@@ -270,7 +270,9 @@ def test_registry_full_shapes():
 def test_pytest_benchmark_files_collect_from_the_registry():
     """bench/bench_<op>.py are collected with `pytest bench/` (and not by the normal run)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "bench/", "--collect-only", "-q", "-p", "no:cacheprovider"],
+        # the pytest console script beside this interpreter: the checkout's root stays off sys.path
+        [os.path.join(os.path.dirname(sys.executable), "pytest"), "bench/", "--collect-only", "-q"]
+        + ["-p", "no:cacheprovider"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -1,1 +1,0 @@
-"""pyattn's benchmark suite, installed as ``pyattn.bench`` (``pyattn bench`` runs it)."""

@@ -1,2 +1,0 @@
-"""Triton kernels and their launchers, installed as ``pyattn.kernels``. Importing a module here
-needs Triton; ``import pyattn`` does not."""
