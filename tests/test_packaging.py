@@ -175,9 +175,13 @@ def test_no_top_level_folder_shadows_an_installed_package():
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
     assert set(found) == set(clashes), proc.stdout
-    shadowed = {
-        n: p for n, p in found.items() if os.path.realpath(p).startswith(os.path.realpath(ROOT) + os.sep)
-    }
+
+    def ours(name: str, path: str) -> bool:  # the checkout's own folder or module (not .venv/)
+        own = os.path.realpath(os.path.join(ROOT, name))
+        path = os.path.realpath(path)
+        return path.startswith(own + os.sep) or path == own + ".py"
+
+    shadowed = {n: p for n, p in found.items() if ours(n, p)}
     assert not shadowed, (
         f"the checkout's root answers these imports instead of the installed packages: {shadowed}"
     )
