@@ -867,6 +867,11 @@ def _pruner(kind: str):
         lq, lk = args["Lq"], args["Lk"]
         # deep pipelines for small head dims; wide tiles leave shared memory for 1-2 stages only
         stages = (3, 4) if block_d <= 64 else (2, 3) if block_d <= 128 else (1, 2)
+        # varlen's dK/dV at head dim 128: the packed sequence bounds take the registers that the
+        # estimate leaves: 64 x 32 w4 (2-3 stages) left an 8-byte stack under triton 3.6 and
+        # 32 x 32 w4 16 bytes under 3.6 or 3.8 (by stage count), while 32 x 64 w4 compiled clean
+        # in 1-4 stages on both (250 registers, over the estimate's budget): it alone is kept
+        varlen_dkdv = kind == "dkdv" and bool(args.get("VARLEN")) and 64 < block_d <= 128
         kept, seen = [], set()
         for c in configs:
             bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
@@ -877,9 +882,13 @@ def _pruner(kind: str):
             else:
                 if c.num_stages not in stages or (c.num_warps == 8 and max(bm, bn) < 128):
                     continue
-                regs, smem = _footprint(kind, bm, bn, bd, bdv, c.num_stages, elt, mask_elt)
-                if regs / (32 * c.num_warps) > _REG_BUDGET or smem > _SMEM_BUDGET:
-                    continue
+                if varlen_dkdv:
+                    if (bm, bn) != (32, 64) or c.num_warps != 4:
+                        continue
+                else:
+                    regs, smem = _footprint(kind, bm, bn, bd, bdv, c.num_stages, elt, mask_elt)
+                    if regs / (32 * c.num_warps) > _REG_BUDGET or smem > _SMEM_BUDGET:
+                        continue
             # no block much longer than the sequence
             if bm > max(32, triton.next_power_of_2(lq)) or bn > max(32, triton.next_power_of_2(lk)):
                 continue
