@@ -334,8 +334,9 @@ def _line_panel(title: str, baseline: str, fams: dict) -> Panel:
 def figure_panels(rows: list[dict]) -> list[Panel]:
     """The panels both PNGs draw, from a run's rows (those with status "ok").
 
-    Per op and baseline: one line panel when some rows run over the sequence length at fixed
-    other sizes, one bar panel for the rest (a comparison at a single shape, each mode a group).
+    Per op and baseline: a line panel per set of fixed sizes where rows run over the sequence
+    length (each mode a line per provider), one bar panel for the rest (comparisons at a single
+    shape, each mode a group).
     The models share one bar panel per baseline (a group per model and mode)."""
     ok = [r for r in rows if r.get("status") == "ok"]
     panels: list[Panel] = []
@@ -350,8 +351,12 @@ def figure_panels(rows: list[dict]) -> list[Panel]:
     for (kernel, baseline, dtype, _device), rs in ops.items():
         lines, bars = _line_families(rs)
         title = f"{kernel} vs {baseline} ({dtype})"
-        if lines:
-            panels.append(_line_panel(title, baseline, lines))
+        # one line panel per set of fixed sizes (sdpa: causal and not apart), its modes together
+        by_fixed: dict[tuple, dict] = {}
+        for key, fam in lines.items():
+            by_fixed.setdefault(key[2], {})[key] = fam
+        for fams in by_fixed.values():
+            panels.append(_line_panel(title, baseline, fams))
         if bars:
             panels.append(_bar_panel(title, baseline, bars, label_kernel=False))
     for (baseline, dtype, _device), rs in models.items():

@@ -389,8 +389,9 @@ def test_plot_series_are_consistent(device, suite):
 
 def test_default_cpu_plots_one_panel_per_comparison():
     """The default suite's picture: ops that run over the sequence length at fixed other sizes
-    draw lines (additive, sdpa, varlen), single-shape comparisons draw bars, the models share one
-    panel against the reference path and padded BERT has its own against transformers."""
+    draw lines (additive, sdpa causal and not, varlen), single-shape comparisons draw bars, the
+    models share one panel against the reference path and padded BERT has its own against
+    transformers."""
     panels = _check_panels(_rows_of(cases_mod.build_cases("cpu", "default")))
     kinds = {}
     for p in panels:
@@ -398,12 +399,17 @@ def test_default_cpu_plots_one_panel_per_comparison():
         kinds.setdefault(p.kind, []).append((tuple(sorted(kernels)), p.baseline))
     assert sorted(kinds["lines"]) == [
         (("additive_attention",), "reference"),
-        (("sdpa",), "torch"),
+        (("sdpa",), "torch"),  # non-causal
+        (("sdpa",), "torch"),  # causal
         (("varlen_attention",), "torch"),
     ]
+    for p in panels:
+        if p.kind == "lines":  # one line per provider and mode, all modes of the op on the panel
+            assert len({(s.provider, s.mode) for s in p.series}) == len(p.series)
+            assert {s.mode for s in p.series} == {"fwd", "fwd+bwd"}
     assert (("bert", "seq2seq", "transformer"), "reference") in kinds["bars"]
     assert (("bert",), "transformers-sdpa") in kinds["bars"]
-    assert len(panels) <= 8
+    assert len(panels) == 8
     # the padded additive batch is not on the unpadded line
     additive = next(p for p in panels if p.kind == "lines" and p.baseline == "reference")
     assert not any("pad=1" in r["shape"] for r in additive.rows())
