@@ -185,10 +185,11 @@ def _additive_cases(device: str, suite: str, dtypes: list[str]) -> list[Case]:
         if suite == "quick":
             shapes = [(2, 32, 16, 16), (2, 64, 16, 16)]
         elif suite == "default":
-            # Smaller batches past T=64: the speed and memory ratios hardly depend on B (rows
-            # are B*Tq, plenty for the threads), while the naive B=16 path needs 4 GB (T=256,
-            # fwd+bwd) to 9 GB (T=512, fwd) of RAM and minutes per case. --full runs B=16.
-            shapes = [(16, 64, 256, 256), (4, 256, 256, 256), (2, 512, 256, 256), (4, 256, 256, 256, 1)]
+            # One batch size along T, so the lines over T compare like with like; B=2: the speed
+            # and memory ratios hardly depend on B (rows are B*Tq, plenty for the threads), while
+            # the naive path's (B, T, T, H) tensors grow with it (B=16 at T=512: 9 GB, seconds a
+            # run). --full runs B=16. The padded batch (B=4: four lengths) is its own comparison.
+            shapes = [(2, t, 256, 256) for t in (64, 256, 512)] + [(4, 256, 256, 256, 1)]
         else:
             shapes = [(16, t, 256, 256) for t in (64, 256, 512)] + [(16, 256, 256, 256, 1)]
     else:
@@ -313,11 +314,9 @@ def _sdpa_cases(device: str, suite: str, dtypes: list[str]) -> list[Case]:
         if suite == "quick":
             grid = [(1, 2, 32, 16, False), (1, 2, 64, 16, True)]
         elif suite == "default":
-            # B=1 at L=2048 keeps the naive path's (B, H, L, L) scores under 1 GB (--full: B=4)
-            grid = [(4, 8, 256, 64, c) for c in (False, True)] + [
-                (4, 8, 1024, 64, False),
-                (1, 8, 2048, 64, False),
-            ]
+            # one B along L (the lines compare like with like), B=2 (--full: B=4): B*H = 16
+            # (batch, head) pairs keep both threads busy; the naive reference stops at L=1024
+            grid = [(2, 8, L, 64, c) for L in (256, 1024, 2048) for c in (False, True)]
         else:
             grid = [(4, 8, L, 64, c) for L in (256, 1024, 2048) for c in (False, True)]
     else:
@@ -339,8 +338,8 @@ def _sdpa_cases(device: str, suite: str, dtypes: list[str]) -> list[Case]:
     for dt, (B, H, L, D, causal), mode, prov in itertools.product(
         dtypes, grid, ("fwd", "fwd+bwd"), providers
     ):
-        if suite == "default" and device == "cpu" and L >= 1024 and mode == "fwd":
-            continue  # the headline figures at L=1024 and 2048 are forward+backward
+        if suite == "default" and device == "cpu" and prov == "reference" and L > 1024:
+            continue  # the naive path at L=2048 (5 s a fwd+bwd run) says what L=1024 says
         if prov == "torch-math" and L > 4096:
             continue  # the math backend is another naive reference; one is enough past 4k
         fwd = 4.0 * B * H * L * L * D * (0.5 if causal else 1.0)
@@ -553,6 +552,13 @@ def _train_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]):
     return step
 
 
+# The default suite's BERT: BERT-base's layer (hidden 768, 12 heads, B=8, L=128), 4 of its 12.
+# The layers are identical, so 12 measure what 4 do, three times over (the embeddings, the
+# same in both paths, weigh a little more); on a 2-core CPU the 12-layer cases took half the
+# suite's time. --full runs BERT-base whole.
+_DEFAULT_BERT = (("layers", 4), ("hidden", 768), ("heads", 12))
+
+
 def _build_bert(case: Case):
     from pyattn.models.bert import BertConfig, BertModel
 
@@ -647,7 +653,7 @@ def _padded_bert_cases(device: str, suite: str, dtypes: list[str]) -> list[Case]
     if suite == "quick":
         grid = [(2, 32, (("layers", 2), ("hidden", 64), ("heads", 2)))]
     elif suite == "default":
-        grid = [(8, 128, base)]
+        grid = [(8, 128, _DEFAULT_BERT)]
     else:  # BERT-base B=32 L=512 takes many seconds a step on a 2-core CPU
         grid = [(B, L, base) for B in (8, 32) for L in (128, 512)]
     have_hf = _importable("transformers")
@@ -681,7 +687,16 @@ def _build_transformer(case: Case):
     B, L, E, heads = d["B"], d["L"], d["d_model"], d["nhead"]
     dtype = DTYPES[case.dtype]
     torch.manual_seed(0)
-    kw = {"d_model": E, "nhead": heads, "dim_feedforward": 4 * E, "dropout": 0.0, "batch_first": True}
+    layers = d.get("layers", 6)
+    kw = {
+        "d_model": E,
+        "nhead": heads,
+        "num_encoder_layers": layers,
+        "num_decoder_layers": layers,
+        "dim_feedforward": 4 * E,
+        "dropout": 0.0,
+        "batch_first": True,
+    }
     if case.provider == "torch.nn.Transformer":
         model = torch.nn.Transformer(**kw)
     else:
@@ -745,16 +760,22 @@ def _model_cases(device: str, suite: str, dtypes: list[str], ops: list[str]) -> 
                     for m in ("fwd", "train")
                 ]
             elif suite == "default":
-                rows = [(m, (("B", 8), ("L", 128)) + base, 128) for m in ("fwd", "train")]
+                rows = [(m, (("B", 8), ("L", 128)) + _DEFAULT_BERT, 128) for m in ("fwd", "train")]
             else:
                 rows = [(m, (("B", 8), ("L", L)) + base, L) for L in (128, 512) for m in ("fwd", "train")]
         elif op == "transformer":
             providers.append("torch.nn.Transformer")
+            # layers: encoder and decoder layers each (6 in Transformer-base; the default suite
+            # runs 2 of each: identical layers, as for BERT)
             if suite == "quick":
-                rows = [("fwd", (("B", 2), ("L", 16), ("d_model", 32), ("nhead", 2)), 16)]
+                rows = [("fwd", (("B", 2), ("L", 16), ("d_model", 32), ("nhead", 2), ("layers", 1)), 16)]
+            elif suite == "default":
+                rows = [("fwd", (("B", 8), ("L", 128), ("d_model", 512), ("nhead", 8), ("layers", 2)), 128)]
             else:
-                lengths = (128,) if suite == "default" else (128, 512)
-                rows = [("fwd", (("B", 8), ("L", L), ("d_model", 512), ("nhead", 8)), L) for L in lengths]
+                rows = [
+                    ("fwd", (("B", 8), ("L", L), ("d_model", 512), ("nhead", 8), ("layers", 6)), L)
+                    for L in (128, 512)
+                ]
         else:
             # a subword-sized vocabulary: the output layer, not attention, dominates a decode step
             if suite == "quick":

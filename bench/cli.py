@@ -119,14 +119,18 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     rows = runner.run_cases(cases, meta, timing.BUDGETS[suite], time_budget_s=args.time_budget, on_row=save)
     meta["wall_s"] = round(time.perf_counter() - t0, 1)
+    meta["loadavg_end"] = runner.load_average()
     save(rows)
     print()
     print(report.table(rows))
-    print(f"\nwall time {meta['wall_s']:.1f} s; peak memory: {meta['memory_method']}")
+    print(f"\n{report.time_summary(rows, meta)}")
+    print(f"peak memory: {meta['memory_method']}")
     print(f"wrote {json_path}\nwrote {csv_path}")
     if args.plots:
         try:
-            for p in report.plot(rows, os.path.dirname(os.path.abspath(json_path)), prefix=f"bench-{device}"):
+            for p in report.plot(
+                rows, os.path.dirname(os.path.abspath(json_path)), prefix=f"bench-{device}", meta=meta
+            ):
                 print(f"wrote {p}")
         except ImportError as exc:
             print(f"no plots: {exc} (pip install matplotlib)")

@@ -44,6 +44,8 @@ COLUMNS = [
     "peak_mem_mb",
     "mem_ratio",
     "note",
+    "case_s",
+    "cpu_s",
     "torch_version",
     "pyattn_version",
     "git_commit",
@@ -75,9 +77,40 @@ def git_commit() -> str:
         return ""
 
 
+def cpu_isa() -> str:
+    """The ISA pyattn's CPU kernels (and ATen's) run here, and the CPU's bf16 support: the two
+    kinds of machine this runs on give different CPU figures (docs/design.md, "Kernels")."""
+    try:
+        from pyattn import _backend
+
+        c = _backend._C()
+        cap = c.cpu_capability() if c is not None else torch.backends.cpu.get_cpu_capability()
+    except (ImportError, AttributeError, RuntimeError):
+        cap = torch.backends.cpu.get_cpu_capability()
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    extra = [name.upper().replace("_", "-") for name in ("avx512_bf16", "amx_bf16") if name in flags]
+    return " + ".join([cap, *extra])
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def device_name(device: str) -> str:
     if device == "cuda":
-        return torch.cuda.get_device_name()
+        major, minor = torch.cuda.get_device_capability()
+        return f"{torch.cuda.get_device_name()} (sm_{major}{minor})"
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -87,7 +120,7 @@ def device_name(device: str) -> str:
                     break
     except OSError:
         pass
-    return f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    return f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {cpu_isa()})"
 
 
 def metadata(device: str, suite: str, argv: list[str] | None = None) -> dict:
@@ -104,8 +137,12 @@ def metadata(device: str, suite: str, argv: list[str] | None = None) -> dict:
         "python": platform.python_version(),
         "host": platform.node(),
         "command": " ".join(["pyattn", "bench"] + (argv or [])),
+        "isa": cpu_isa() if device == "cpu" else device_name(device).rsplit("(", 1)[-1].rstrip(")"),
         "memory_method": timing.GPU_MEMORY_METHOD if device == "cuda" else timing.CPU_MEMORY_METHOD,
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        # 1/5/15-minute load averages at the start (and "loadavg_end"): a run on a shared machine
+        # says how shared it was
+        "loadavg_start": load_average(),
     }
 
 
@@ -235,7 +272,11 @@ def run_cases(
         if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
             row.update(status="skipped", note=f"time budget of {time_budget_s:.0f} s spent")
         else:
+            t0, c0 = time.perf_counter(), time.process_time()
             row.update(measure(case, budget))
+            # what the case cost the run, building included: wall and this process's CPU seconds
+            # (on a shared machine the CPU seconds are the steadier guide to an idle run's time)
+            row.update(case_s=round(time.perf_counter() - t0, 3), cpu_s=round(time.process_time() - c0, 3))
         rows.append(row)
         add_ratios(rows)
         progress(_progress_line(i, len(cases), row, time.perf_counter() - start))

@@ -57,7 +57,9 @@ BUDGETS = {
     "quick": Budget(
         warmup=1, warmup_s=0.0, min_repeats=2, max_repeats=5, target_s=0.05, gpu_warmup_ms=5, gpu_rep_ms=10
     ),
-    "default": Budget(),
+    # half a second of timed runs (at least 3) per case: the medians of the fast cases hardly
+    # move past it, and the default suite's ~40 fast cases spent half a minute more at 1 s
+    "default": Budget(target_s=0.5),
     "full": Budget(min_repeats=5, target_s=2.0, gpu_warmup_ms=10, gpu_rep_ms=50),
     # one bounded GPU call (bench/gpu_check.sh): short do_bench windows, still medians of many runs
     "headline": Budget(min_repeats=3, target_s=0.5, gpu_warmup_ms=10, gpu_rep_ms=40),

@@ -295,3 +295,183 @@ def test_every_quick_case_of_a_group_builds_and_steps(group):
         out = case.make()()
         first = out[0] if isinstance(out, tuple) else out
         assert torch.isfinite(first.float()).all(), case.key
+
+
+# ---------------------------------------------------------------------------------------------
+# The plots' panels (report.figure_panels): the data structure both PNGs are drawn from
+
+
+def _rows_of(cases):
+    """Result rows as a run would write them for these cases (every case ok)."""
+    rows = []
+    for i, c in enumerate(cases):
+        rows.append(
+            {
+                "kernel": c.kernel,
+                "provider": c.provider,
+                "baseline": c.baseline,
+                "mode": c.mode,
+                "shape": c.shape_str,
+                "seq_len": c.seq_len,
+                "dtype": c.dtype,
+                "device": c.device,
+                "device_name": "test machine",
+                "status": "ok",
+                "median_ms": 1.0 + i,
+                "peak_mem_mb": 2.0 + i,
+            }
+        )
+    runner.add_ratios(rows)
+    return rows
+
+
+def _comparison(r):
+    return (r["kernel"], r["mode"], r["shape"], r["dtype"], r["device"])
+
+
+def _check_panels(rows):
+    """Every series has one fixed set of non-x dims and unique x values; every row is drawn
+    once; a comparison (kernel, mode, shape, dtype, device) lives in exactly one panel, against
+    one baseline. Returns the panels."""
+    panels = report.figure_panels(rows)
+    ok = [r for r in rows if r["status"] == "ok"]
+    drawn = [id(r) for p in panels for r in p.rows()]
+    assert sorted(drawn) == sorted(id(r) for r in ok), "every ok row is drawn exactly once"
+    home: dict[tuple, set[int]] = {}
+    for i, p in enumerate(panels):
+        assert p.kind in ("lines", "bars") and p.title
+        assert {r["baseline"] for r in p.rows()} == {p.baseline}, p.title
+        for r in p.rows():
+            home.setdefault(_comparison(r), set()).add(i)
+        labels = [s.label for s in p.series]
+        assert len(labels) == len(set(labels)), f"two series with one label in {p.title!r}"
+        for s in p.series:
+            xs = [x for x, _ in s.points]
+            assert len(xs) == len(set(xs)), f"{s.label}: x repeats in {p.title!r}"
+            assert {r["provider"] for _, r in s.points} == {s.provider}
+            if p.kind == "lines":
+                assert len(xs) >= 2, f"{s.label}: a line of one point in {p.title!r}"
+                assert {r["mode"] for _, r in s.points} == {s.mode}
+                assert {r["dtype"] for _, r in s.points} == {s.points[0][1]["dtype"]}
+                for x, r in s.points:
+                    # the row's shape is the series' fixed dims at this x, nothing else
+                    dims = dict(s.fixed)
+                    for k in [k for k in dims if "*" in k]:  # a token-constant grid
+                        b, xdim = k.split("*")
+                        dims[b] = str(int(dims.pop(k)) // x)
+                    dims[p.x] = str(x)
+                    assert dims == dict(report._dims(r["shape"])), (s.label, r["shape"])
+                    assert r["seq_len"] == x
+            else:
+                assert set(xs) <= set(p.groups)
+        if p.kind == "bars":
+            for g in p.groups:
+                members = [r for s in p.series for x, r in s.points if x == g]
+                assert members and len({_comparison(r) for r in members}) == 1, (p.title, g)
+    assert all(len(v) == 1 for v in home.values()), "a comparison split across panels"
+    return panels
+
+
+@pytest.mark.parametrize(
+    "device,suite",
+    [
+        ("cpu", "quick"),
+        ("cpu", "default"),
+        ("cpu", "full"),
+        ("cuda", "default"),
+        ("cuda", "full"),
+        ("cuda", "headline"),
+    ],
+)
+def test_plot_series_are_consistent(device, suite):
+    _check_panels(_rows_of(cases_mod.build_cases(device, suite)))
+
+
+def test_default_cpu_plots_one_panel_per_comparison():
+    """The default suite's picture: ops that run over the sequence length at fixed other sizes
+    draw lines (additive, sdpa causal and not, varlen), single-shape comparisons draw bars, the
+    models share one panel against the reference path and padded BERT has its own against
+    transformers."""
+    panels = _check_panels(_rows_of(cases_mod.build_cases("cpu", "default")))
+    kinds = {}
+    for p in panels:
+        kernels = {r["kernel"] for r in p.rows()}
+        kinds.setdefault(p.kind, []).append((tuple(sorted(kernels)), p.baseline))
+    assert sorted(kinds["lines"]) == [
+        (("additive_attention",), "reference"),
+        (("sdpa",), "torch"),  # non-causal
+        (("sdpa",), "torch"),  # causal
+        (("varlen_attention",), "torch"),
+    ]
+    for p in panels:
+        if p.kind == "lines":  # one line per provider and mode, all modes of the op on the panel
+            assert len({(s.provider, s.mode) for s in p.series}) == len(p.series)
+            assert {s.mode for s in p.series} == {"fwd", "fwd+bwd"}
+    assert (("bert", "seq2seq", "transformer"), "reference") in kinds["bars"]
+    assert (("bert",), "transformers-sdpa") in kinds["bars"]
+    assert len(panels) == 8
+    # the padded additive batch is not on the unpadded line
+    additive = next(p for p in panels if p.kind == "lines" and p.baseline == "reference")
+    assert not any("pad=1" in r["shape"] for r in additive.rows())
+
+
+def test_plot_never_joins_two_shapes():
+    """The old default suite's sdpa shapes (B=4 at L=256 and 1024, B=1 at 2048) and its padded
+    additive batch: no line joins two batch sizes, or the padded case into the unpadded line."""
+    sdpa = [
+        _case(
+            group="sdpa",
+            provider=p,
+            baseline="torch",
+            mode="fwd+bwd",
+            shape=(("B", B), ("H", 8), ("L", L), ("D", 64), ("causal", False)),
+            seq_len=L,
+        )
+        for B, L in ((4, 256), (4, 1024), (1, 2048))
+        for p in ("torch", "pyattn-cpu")
+    ]
+    additive = [
+        _case(provider=p, shape=(("B", 4), ("T", T), ("H", 8), ("Dv", 8)) + pad, seq_len=T)
+        for T, pad in ((64, ()), (256, ()), (256, (("pad", 1),)))
+        for p in ("reference", "pyattn-cpu")
+    ]
+    panels = _check_panels(_rows_of(sdpa + additive))
+    by = {(p.kind, p.baseline): p for p in panels}
+    assert len(by) == len(panels) == 4
+    line = by[("lines", "torch")]
+    assert {x for s in line.series for x, _ in s.points} == {256, 1024}  # B=4 only
+    single = by[("bars", "torch")]
+    assert single.groups == ["fwd+bwd"] and "B=1 H=8 L=2048" in single.title
+    line = by[("lines", "reference")]
+    assert all("pad" not in r["shape"] for r in line.rows())
+    assert len(by[("bars", "reference")].groups) == 1  # the padded batch, at T=256
+
+
+def test_plot_token_constant_grid_is_one_line():
+    """The GPU grids keep B*L fixed (the flash-attention paper's 16k tokens): one line over L,
+    titled B=16384/L, whose every point is the shape its row ran."""
+    cases = [
+        _case(
+            group="sdpa",
+            provider=p,
+            baseline="torch",
+            shape=(("B", 16384 // L), ("H", 16), ("L", L), ("D", 128), ("causal", False)),
+            seq_len=L,
+        )
+        for L in (1024, 4096, 16384)
+        for p in ("torch", "pyattn-cuda")
+    ]
+    (panel,) = _check_panels(_rows_of(cases))
+    assert panel.kind == "lines" and "B=16384/L" in panel.title
+    assert all(len(s.points) == 3 for s in panel.series)
+
+
+def test_plot_titles_name_the_machine_and_isa(quick_run):
+    meta = json.loads(quick_run["json"].read_text())["meta"]
+    assert meta["isa"] and meta["isa"] in meta["device_name"]
+    assert meta["loadavg_start"] is None or len(meta["loadavg_start"]) == 3
+    rows = json.loads(quick_run["json"].read_text())["rows"]
+    title = report.figure_title("speed-up", rows, meta)
+    assert meta["device_name"] in title and meta["torch_version"] in title
+    assert all(r["case_s"] >= 0 and r["cpu_s"] >= 0 for r in rows)
+    _check_panels(rows)
