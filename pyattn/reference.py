@@ -184,7 +184,12 @@ def scaled_dot_product_attention(
         weights = weights * dropout_mask / (1.0 - dropout_p)
     if enable_gqa and value.dim() >= 3 and value.shape[-3] != query.shape[-3]:
         value = value.repeat_interleave(query.shape[-3] // value.shape[-3], dim=-3)
-    out = weights @ value
+    if weights.dtype != value.dtype:
+        # a float32 mask beside a half query promoted the scores; the output keeps the inputs'
+        # dtype, as torch's does (products in float32, rounded once)
+        out = (weights @ value.to(weights.dtype)).to(value.dtype)
+    else:
+        out = weights @ value
     return (out, weights) if return_weights else out
 
 

@@ -271,6 +271,21 @@ def test_sdpa_conformance_generated(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("E", [0, 3])
+def test_float32_mask_beside_half_query_on_the_reference_path(backend, dtype, E):
+    # empty sizes run pyattn.reference, where the float32 mask promoted the weights and the last
+    # product raised ("expected scalar type Float but found Half"); torch returns the query's dtype
+    q, k = torch.randn(1, 1, E, dtype=dtype), torch.randn(1, 1, E, dtype=dtype)
+    v, mask = torch.randn(1, 1, 1, dtype=dtype), torch.randn(1, 1, 1)
+    out = check_against_torch(Call(q, k, v, {"attn_mask": mask, "enable_gqa": True}, ""), backend)
+    assert out.dtype == dtype
+    q, k, v = (torch.randn(2, 3, L, 4, dtype=dtype) for L in (5, 7, 7))
+    ref = pyattn.scaled_dot_product_attention(q, k, v, attn_mask=torch.randn(5, 7), backend="reference")
+    assert ref.dtype == dtype
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("Lq,Lk", [(4, 9), (9, 4), (70, 300)])
 def test_defect1_causal_bias_runs_fused_and_matches_torch(backend, dtype, Lq, Lk):
