@@ -132,8 +132,11 @@ def test_every_package_make_installs_is_pinned():
     assert not unpinned, f"constraints.txt does not pin {unpinned}"
     if os.environ.get("PYATTN_TEST_PINNED") == "1":
         import importlib.metadata as md
+        import sysconfig
 
-        installed = {_canonical(d.metadata["Name"]): d.version for d in md.distributions()}
+        # the environment's own site-packages (setuptools puts its vendored copies on sys.path)
+        site = sorted({sysconfig.get_path("purelib"), sysconfig.get_path("platlib")})
+        installed = {_canonical(d.metadata["Name"]): d.version for d in md.distributions(path=site)}
         installed.pop("pyattn", None)
         off = {n: (v, pins.get(n)) for n, v in installed.items() if pins.get(n) != v}
         assert not off, f"installed (version, pin) differ from constraints.txt: {off}"
