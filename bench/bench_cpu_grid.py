@@ -13,7 +13,8 @@ Providers: ``torch`` (the baseline), ``pyattn`` (the cpu backend as it chooses),
 
 Run (outside the checkout's root, which must not be on sys.path):
 ``python -m pyattn.bench.bench_cpu_grid [--dtypes fp32,bf16] [--lengths 512,1024] [--dims 64]
-[--modes fwd,fwd+bwd] [--causal 0,1] [--paths widen,mkl,amx] [--repeats 5] [--out rows.json]``.
+[--modes fwd,fwd+bwd] [--causal 0,1] [--paths widen,mkl,amx] [--repeats 5] [--threads 1
+--clock cpu] [--out rows.json]``.
 """
 
 from __future__ import annotations
@@ -42,14 +43,14 @@ def cpu_isa() -> str:
     return "+".join(n for n in names if n in flags) or platform.machine()
 
 
-def gemm_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> float:
+def gemm_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 3, clock=time.perf_counter) -> float:
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     torch.mm(a, b)
     ts = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         torch.mm(a, b)
-        ts.append(time.perf_counter() - t0)
+        ts.append(clock() - t0)
     return 2 * n**3 / statistics.median(ts) / 1e9
 
 
@@ -88,7 +89,7 @@ def _step(attn, ins, causal, mode):
     return fwdbwd
 
 
-def grid_rows(dtypes, lengths, dims, modes, causals, paths, repeats, warmup=1, H=8):
+def grid_rows(dtypes, lengths, dims, modes, causals, paths, repeats, warmup=1, H=8, clock=time.perf_counter):
     import pyattn
     from pyattn import info
 
@@ -99,7 +100,7 @@ def grid_rows(dtypes, lengths, dims, modes, causals, paths, repeats, warmup=1, H
     rows = []
     for name in dtypes:
         dt = DTYPES[name]
-        gemm = gemm_gflops(dt)
+        gemm = gemm_gflops(dt, clock=clock)
         print(f"{name}: torch.mm 2048^3 {gemm:.0f} GFLOP/s", flush=True)
         half = dt in (torch.float16, torch.bfloat16)
         forced = [p for p in paths if half and info.half_gemm_available(p, dt)]
@@ -122,9 +123,9 @@ def grid_rows(dtypes, lengths, dims, modes, causals, paths, repeats, warmup=1, H
                                 f()
                         for _ in range(repeats):
                             for p, f in provs.items():
-                                t0 = time.perf_counter()
+                                t0 = clock()
                                 f()
-                                times[p].append(time.perf_counter() - t0)
+                                times[p].append(clock() - t0)
                         flops = 4 * B * H * L * L * D / (2 if causal else 1) * (3.5 if mode != "fwd" else 1)
                         base = statistics.median(times["torch"])
                         for p, ts in times.items():
@@ -164,17 +165,29 @@ def main(argv=None) -> int:
     ap.add_argument("--causal", default="0,1")
     ap.add_argument("--paths", default="", help="half paths to force as extra providers: widen,mkl,amx")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: the process's CPU time, with --threads 1 the figure least disturbed by other "
+        "jobs on a shared machine (a descheduled process is not charged)",
+    )
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: as is)")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     print(
         f"torch {torch.__version__}, {cpu_isa()}, {torch.get_num_threads()} threads, "
-        f"ATen capability {torch.backends.cpu.get_cpu_capability()}",
+        f"ATen capability {torch.backends.cpu.get_cpu_capability()}, {args.clock} clock",
         flush=True,
     )
     rows = grid_rows(
         split(args.dtypes), [int(x) for x in split(args.lengths)], [int(x) for x in split(args.dims)],
         split(args.modes), [bool(int(x)) for x in split(args.causal)], split(args.paths), args.repeats,
+        clock=clock,
     )  # fmt: skip
     ratios = [r["vs_torch"] for r in rows if r["provider"] == "pyattn"]
     if ratios:

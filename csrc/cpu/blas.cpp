@@ -12,7 +12,9 @@
 #include <ATen/CPUFunctions.h>
 #include <ATen/native/CPUBlas.h>
 
+#if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
+#endif
 #include <dlfcn.h>
 
 #include <algorithm>
@@ -106,9 +108,13 @@ MklHalfGemm mkl_bf16_gemm() {
 // CPUID leaf 7 subleaf 1, EAX bit 5: AVX512-BF16 (vdpbf16ps). MKL's bf16 GEMM runs on any AVX512
 // CPU, but without these dot products it converts to float32 and is no faster than sgemm.
 bool cpu_has_avx512_bf16() {
+#if defined(__x86_64__) || defined(__i386__)
   unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
   if (!__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx)) return false;
   return (eax >> 5) & 1u;
+#else
+  return false;
+#endif
 }
 
 // oneDNN's own verdict (it checks CPUID, the OS's AMX permission and ONEDNN_MAX_CPU_ISA): AMX
@@ -132,10 +138,10 @@ bool path_available(HalfGemm path, bool bf16) {
   return false;
 }
 
-// The default: MKL's bfloat16 GEMM where the CPU has AVX512-BF16. The AMX path is correct but,
-// packing each block's B operand on every call (torch's brgemm wants VNNI-packed strips), it
-// measured no faster than the widened float32 path on a Sapphire Rapids VM (docs/design.md), so it
-// is taken only when asked for (PYATTN_CPU_HALF_GEMM=amx), also for float16 on AMX-FP16 CPUs.
+// The default: MKL's bfloat16 GEMM where the CPU has AVX512-BF16 (on AMX CPUs MKL runs it on the
+// AMX tiles itself). The AMX path through torch's brgemm is correct and packs each B operand once
+// per call, but measured slower than MKL on a Sapphire Rapids VM (docs/design.md), so it is
+// taken only when asked for (PYATTN_CPU_HALF_GEMM=amx), also for float16 on AMX-FP16 CPUs.
 HalfGemm best_path(bool bf16) {
   static const HalfGemm best = path_available(HalfGemm::kMkl, true) ? HalfGemm::kMkl : HalfGemm::kWiden;
   return bf16 ? best : HalfGemm::kWiden;

@@ -189,6 +189,65 @@ inline void exp_sub(T* s, T ref, int64_t n) {
   at::vec::map<T>([ref](Vec<T> x) { return (x - Vec<T>(ref)).exp(); }, s, s, n);
 }
 
+// The native half path's row pass (no mask on the row): s = scale * s in place; returns the max.
+inline float scale_max(float* s, float scale, int64_t n) {
+  using V = Vec<float>;
+  constexpr int64_t W = V::size();
+  const V vs(scale);
+  float mx = neg_inf<float>();
+  int64_t c = 0;
+  if (n >= W) {
+    V acc = V::loadu(s) * vs;
+    acc.store(s);
+    for (c = W; c + W <= n; c += W) {
+      const V x = V::loadu(s + c) * vs;
+      x.store(s + c);
+      acc = at::vec::maximum(acc, x);
+    }
+    mx = at::vec::vec_reduce_all<float>([](V& a, V& b) { return at::vec::maximum(a, b); }, acc);
+  }
+  for (; c < n; ++c) {
+    s[c] *= scale;
+    mx = flash::nan_max(mx, s[c]);
+  }
+  return mx;
+}
+
+// The native half path's softmax pass: P = exp(s - ref) rounded to the half dtype into p (the
+// float32 row is not kept); returns the float32 sum, taken before rounding as torch does. Its
+// exp is ATen's exp_u20 (a few ulp of float32, far below the half rounding that follows), as in
+// torch's CPU flash kernel.
+template <typename in_t>
+inline float exp_sum_round(const float* s, float ref, int64_t n, in_t* p) {
+  using V = Vec<float>;
+  constexpr int64_t W = Vec<in_t>::size();  // two float vectors
+  const V vref(ref);
+  V acc(0.0f);
+  int64_t c = 0;
+  for (; c + W <= n; c += W) {
+    const V lo = (V::loadu(s + c) - vref).exp_u20();
+    const V hi = (V::loadu(s + c + V::size()) - vref).exp_u20();
+    acc = acc + lo + hi;
+    at::vec::convert_from_float<in_t>(lo, hi).store(p + c);
+  }
+  float sum = at::vec::vec_reduce_all<float>([](V& a, V& b) { return a + b; }, acc);
+  for (; c < n; ++c) {
+    const float e = flash::exp_(s[c] - ref);
+    sum += e;
+    p[c] = static_cast<in_t>(e);
+  }
+  return sum;
+}
+
+// exp(s - ref) in place with exp_u20 (the native half path's backward; ref may be +inf).
+inline void exp_sub_u20(float* s, float ref, int64_t n) {
+  if (ref == pos_inf<float>()) {
+    std::fill(s, s + n, 0.0f);
+    return;
+  }
+  at::vec::map<float>([ref](Vec<float> x) { return (x - Vec<float>(ref)).exp_u20(); }, s, s, n);
+}
+
 template <typename T>
 inline void scale_row(T* y, T alpha, int64_t n) {
   at::vec::map<T>([alpha](Vec<T> x) { return x * Vec<T>(alpha); }, y, y, n);
@@ -294,32 +353,58 @@ void forward_block(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, HalfG
   for (int64_t j0 = 0; j0 < key_end; j0 += kFwdBlockK) {
     const int64_t n = std::min(kFwdBlockK, key_end - j0);
     const auto* Kb = operand<in_t, N>(K + j0 * D, n * D, w.K.data());
-    block_gemm(path, false, true, m, n, D, p.scale, Q, D, Kb, D, T(0), S, n);
+    // The native path scales in its row pass (fused with the max where no mask comes between).
+    block_gemm(path, false, true, m, n, D, N ? T(1) : p.scale, Q, D, Kb, D, T(0), S, n);
     const bool causal_block = p.causal && flash::causal_block_needs_mask(i0, j0 + n, p.causal_off);
     bool any = false;
     for (int64_t r = 0; r < m; ++r) {
       T* s = S + r * n;
       const int64_t i = i0 + r;
-      mask_row(p, b, h, i, j0, n, causal_block, s);
-      const T alpha = sm[r].rescale(row_max(s, n));
+      T mx;
+      if constexpr (N) {
+        if (p.mask_kind == flash::kNoMask && !causal_block) {
+          mx = scale_max(s, p.scale, n);
+        } else {
+          scale_row(s, p.scale, n);
+          mask_row(p, b, h, i, j0, n, causal_block, s);
+          mx = row_max(s, n);
+        }
+      } else {
+        mask_row(p, b, h, i, j0, n, causal_block, s);
+        mx = row_max(s, n);
+      }
+      const T alpha = sm[r].rescale(mx);
       if (sm[r].m == neg_inf<T>()) {
         // nothing allowed so far in this row: its weights are 0 (and exp(-inf - -inf) is NaN)
         std::fill(s, s + n, T(0));
+        if constexpr (N) std::fill(w.Ph.data() + r * n, w.Ph.data() + (r + 1) * n, in_t(0));
         continue;
       }
       any = true;
-      sm[r].l += exp_sub_sum(s, sm[r].m, n);
-      if (dropout) {
-        // the softmax sum above is taken before dropout: dropout scales normalised weights
-        dropout_row(p, keep_scale, bh, i, j0, n, Z);
-        at::vec::map2<T>([](Vec<T> x, Vec<T> z) { return x * z; }, s, s, Z, n);
+      if constexpr (N) {
+        in_t* prow = w.Ph.data() + r * n;
+        if (!dropout) {
+          sm[r].l += exp_sum_round(s, sm[r].m, n, prow);
+        } else {
+          // the softmax sum is taken before dropout: dropout scales normalised weights
+          sm[r].l += exp_sub_sum(s, sm[r].m, n);
+          dropout_row(p, keep_scale, bh, i, j0, n, Z);
+          at::vec::map2<T>([](Vec<T> x, Vec<T> z) { return x * z; }, s, s, Z, n);
+          round_block(s, prow, n);
+        }
+      } else {
+        sm[r].l += exp_sub_sum(s, sm[r].m, n);
+        if (dropout) {
+          // the softmax sum above is taken before dropout: dropout scales normalised weights
+          dropout_row(p, keep_scale, bh, i, j0, n, Z);
+          at::vec::map2<T>([](Vec<T> x, Vec<T> z) { return x * z; }, s, s, Z, n);
+        }
       }
       if (alpha != T(1)) scale_row(acc + r * Dv, alpha, Dv);
     }
     if (any) {
       const auto* Vb = operand<in_t, N>(V + j0 * Dv, n * Dv, w.V.data());
       if constexpr (N) {
-        round_block(S, w.Ph.data(), m * n);
         block_gemm(path, false, false, m, Dv, n, T(1), w.Ph.data(), n, Vb, Dv, T(1), acc, Dv);
       } else {
         block_gemm(path, false, false, m, Dv, n, T(1), S, n, Vb, Dv, T(1), acc, Dv);
@@ -385,7 +470,11 @@ void backward_tile(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a, Half
     T* dp = dP + r * n;
     const int64_t i = i0 + r;
     mask_row(p, b, h, i, j0, n, causal_block, s);
-    exp_sub(s, lse[r], n);  // P
+    if constexpr (N) {
+      exp_sub_u20(s, lse[r], n);  // P
+    } else {
+      exp_sub(s, lse[r], n);  // P
+    }
     const T dl = delta[r];
     if (dropout) {
       dropout_row(p, keep_scale, bh, i, j0, n, Z);
@@ -398,8 +487,10 @@ void backward_tile(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a, Half
     }
   }
   if constexpr (N) {
+    // dS is rounded with the softmax scale applied (the products that read it then take
+    // alpha = 1, ds_alpha), one rounding either way.
     round_block(S, w.Ph.data(), m * n);
-    round_block(dP, w.dSh.data(), m * n);
+    if constexpr (kHalf<in_t>) store_scaled(dP, p.scale, w.dSh.data(), m * n);
   }
 }
 
@@ -412,6 +503,11 @@ inline const op_t<in_t, N>* tile_p(Work<in_t>& w) {
   } else {
     return w.S.data();
   }
+}
+// The scale of the dQ and dK products: 1 where the rounded dS carries it already.
+template <typename in_t, bool N>
+inline acc_t<in_t> ds_alpha(const FlashParams<in_t>& p) {
+  return N ? acc_t<in_t>(1) : p.scale;
 }
 template <typename in_t, bool N>
 inline const op_t<in_t, N>* tile_ds(Work<in_t>& w) {
@@ -450,9 +546,9 @@ void backward_key_block(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a,
       block_gemm(path, true, false, n, Dv, m, T(1), P, n, dO, Dv, T(1), dV, Dv);
       if (with_dq) {
         T* dQ = a.dq + (bh * Lq + i0) * D;
-        block_gemm(path, false, false, m, D, n, p.scale, dS, n, Kb, D, T(1), dQ, D);
+        block_gemm(path, false, false, m, D, n, ds_alpha<in_t, N>(p), dS, n, Kb, D, T(1), dQ, D);
       }
-      block_gemm(path, true, false, n, D, m, p.scale, dS, n, Q, D, T(1), dK, D);
+      block_gemm(path, true, false, n, D, m, ds_alpha<in_t, N>(p), dS, n, Q, D, T(1), dK, D);
     }
   }
 }
@@ -477,7 +573,8 @@ void backward_query_block(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& 
     const auto* Kb = operand<in_t, N>(K + j0 * D, n * D, w.K.data());
     const auto* Vb = operand<in_t, N>(V + j0 * Dv, n * Dv, w.V.data());
     backward_tile<in_t, N>(p, a, path, b, h, i0, m, j0, n, Q, dO, Kb, Vb, w);
-    block_gemm(path, false, false, m, D, n, p.scale, tile_ds<in_t, N>(w), n, Kb, D, T(1), dQ, D);
+    block_gemm(path, false, false, m, D, n, ds_alpha<in_t, N>(p), tile_ds<in_t, N>(w), n, Kb, D,
+               T(1), dQ, D);
   }
 }
 
