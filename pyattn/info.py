@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
 import platform
 
 import torch
@@ -18,19 +20,58 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+HALF_GEMM_PATHS = ("widen", "mkl", "amx")
+
+
+def half_gemm_path(dtype: torch.dtype) -> str:
+    """The micro-kernel path the cpu backend's float16 / bfloat16 sdpa and varlen kernels take
+    now (csrc/cpu/blas.cpp; docs/design.md, "Half precision on CPU"): ``"widen"`` (blocks
+    converted to float32, float32 GEMMs), ``"mkl"`` (MKL's bfloat16 GEMM on AVX512-BF16) or
+    ``"amx"`` (oneDNN's AMX micro-kernel through torch); ``PYATTN_CPU_HALF_GEMM`` forces one.
+    Returns ``"error: ..."`` when that variable names a path this machine cannot run, and
+    ``"n/a"`` without the compiled extension."""
+    from pyattn import _backend
+
+    c = _backend._C()
+    if c is None:
+        return "n/a"
+    fn = ctypes.CDLL(c.__file__).pyattn_cpu_half_gemm_path
+    fn.restype = ctypes.c_char_p
+    fn.argtypes = [ctypes.c_int]
+    return fn(1 if dtype == torch.bfloat16 else 0).decode()
+
+
+def half_gemm_available(path: str, dtype: torch.dtype) -> bool:
+    """Whether ``PYATTN_CPU_HALF_GEMM=path`` can run ``dtype`` here."""
+    old = os.environ.get("PYATTN_CPU_HALF_GEMM")
+    os.environ["PYATTN_CPU_HALF_GEMM"] = path
+    try:
+        return half_gemm_path(dtype) == path
+    finally:
+        if old is None:
+            del os.environ["PYATTN_CPU_HALF_GEMM"]
+        else:
+            os.environ["PYATTN_CPU_HALF_GEMM"] = old
+
+
 def half_cpu_paths(capability: str) -> str:
     """How the cpu backend runs float16 / bfloat16 here (docs/design.md, "Half precision on
-    CPU"): blocks converted to float32 on load, by the kernel build for this CPU, and which of
-    the CPU's half-precision features that build uses."""
+    CPU"): per dtype, the block-product path and the paths this machine could run, and the CPU's
+    half-precision features."""
     flags = _cpu_flags()
     conv = {
         "DEFAULT": "scalar conversions",
         "AVX2": "F16C / AVX2 vector conversions",
     }.get(capability.split("_")[0] if capability else "", "AVX512 vector conversions")
-    feats = [name for name in ("f16c", "avx512_bf16", "avx512_fp16", "amx_bf16") if name in flags]
+    feats = [name for name in ("f16c", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16") if name in flags]
+    parts = []
+    for dtype, name in ((torch.bfloat16, "bfloat16"), (torch.float16, "float16")):
+        avail = [p for p in HALF_GEMM_PATHS if half_gemm_available(p, dtype)]
+        parts.append(f"{name}: {half_gemm_path(dtype)} (available: {', '.join(avail)})")
     return (
-        f"float16, bfloat16 (fused: blocks converted to float32 on load with {conv}, float32 GEMMs "
-        f"and statistics; CPU half features: {', '.join(feats) or 'none'})"
+        f"{'; '.join(parts)} [widen = blocks converted to float32 with {conv}, float32 GEMMs; "
+        f"mkl / amx = half blocks multiplied natively, float32 products, statistics in float32; "
+        f"CPU half features: {', '.join(feats) or 'none'}]"
     )
 
 

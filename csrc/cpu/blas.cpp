@@ -3,10 +3,26 @@
 // thread. It needs ATen's tensor API, which the per-ISA files cannot include, and
 // at::native::cpublas is not exported to extensions, so this file is compiled once, without -m
 // flags, beside the op glue (setup.py: csrc/cpu/*_kernel.cpp are the per-ISA builds).
+//
+// bfloat16 / float16 blocks times each other with float32 results (flash_gemm's half overloads)
+// run on one of three paths, chosen at run time (half_gemm_path; docs/design.md, "Half
+// precision on CPU"): oneDNN's AMX micro-kernel through torch's cpublas::brgemm, MKL's
+// cblas_gemm_bf16bf16f32 (AVX512-BF16 dot products), or none (the kernels widen blocks to float32).
 #include <ATen/ATen.h>
 #include <ATen/CPUFunctions.h>
+#include <ATen/native/CPUBlas.h>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 #include <dlfcn.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
 
 #include "cpu/sdpa_kernel.h"
 
@@ -67,6 +83,280 @@ void gemm_impl(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T al
 
 }  // namespace
 
+// ---- half blocks, float32 results ----
+
+namespace {
+
+// MKL's CBLAS enums and its LP64 integer (torch links MKL's lp64 interface).
+constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112;
+using MklHalfGemm = void (*)(int, int, int, int, int, int, float, const void*, int, const void*, int,
+                             float, float*, int);
+
+MklHalfGemm mkl_symbol(const char* name) {
+  void* sym = dlsym(RTLD_DEFAULT, name);
+  if (sym == nullptr) {
+    if (void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD)) sym = dlsym(lib, name);
+  }
+  return reinterpret_cast<MklHalfGemm>(sym);
+}
+
+MklHalfGemm mkl_bf16_gemm() {
+  static const MklHalfGemm fn = mkl_symbol("cblas_gemm_bf16bf16f32");
+  return fn;
+}
+
+// CPUID leaf 7 subleaf 1, EAX bit 5: AVX512-BF16 (vdpbf16ps). MKL's bf16 GEMM runs on any AVX512
+// CPU, but without these dot products it converts to float32 and is no faster than sgemm.
+bool cpu_has_avx512_bf16() {
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx)) return false;
+  return (eax >> 5) & 1u;
+#else
+  return false;
+#endif
+}
+
+// oneDNN's own verdict (it checks CPUID, the OS's AMX permission and ONEDNN_MAX_CPU_ISA): AMX
+// tiles for this dtype, used through torch's exported brgemm / pack (VNNI-packed B operands).
+bool amx_usable(bool bf16) {
+#ifdef CPUBLAS_BRGEMM_BF16BF16F32
+  return at::native::cpublas::could_pack(bf16 ? at::kBFloat16 : at::kHalf);
+#else
+  (void)bf16;
+  return false;
+#endif
+}
+
+bool path_available(HalfGemm path, bool bf16) {
+  switch (path) {
+    case HalfGemm::kWiden: return true;
+    // MKL's float16 GEMM measured no faster than sgemm on an AVX512-FP16 CPU: not offered.
+    case HalfGemm::kMkl: return bf16 && mkl_bf16_gemm() != nullptr && cpu_has_avx512_bf16();
+    case HalfGemm::kAmx: return amx_usable(bf16);
+  }
+  return false;
+}
+
+// The default: MKL's bfloat16 GEMM where the CPU has AVX512-BF16 (on AMX CPUs MKL runs it on the
+// AMX tiles itself). The AMX path through torch's brgemm is correct and packs each B operand once
+// per call, but measured slower than MKL on a Sapphire Rapids VM (docs/design.md), so it is
+// taken only when asked for (PYATTN_CPU_HALF_GEMM=amx), also for float16 on AMX-FP16 CPUs.
+HalfGemm best_path(bool bf16) {
+  static const HalfGemm best = path_available(HalfGemm::kMkl, true) ? HalfGemm::kMkl : HalfGemm::kWiden;
+  return bf16 ? best : HalfGemm::kWiden;
+}
+
+// Bumped at the start of every half kernel call (half_gemm_path): the packed B operands cached
+// below belong to one call, whose inputs do not change while it runs.
+std::atomic<uint64_t> g_call{0};
+
+// Per-thread scratch of the AMX path: oneDNN's micro-kernel takes A as (m x k) rows, B as
+// (k x n) packed in VNNI strips of at most 64 columns, k even. Packing B costs about as much as
+// the product at these block sizes, and the kernels multiply the same input block (a key or
+// value block, a query or dO block) by many others in one call, so packed B operands are kept
+// per thread for the rest of the call, keyed by where they came from.
+struct PackedB {
+  const void* src;
+  bool trans;
+  int64_t k, n, ld;
+  std::vector<uint16_t> data;
+};
+
+struct AmxScratch {
+  std::vector<uint16_t> a, b;
+  std::vector<float> c;
+  uint64_t call = ~uint64_t(0);
+  std::vector<PackedB> cache;
+  size_t next = 0;  // the entry to replace when the cache is full
+};
+
+constexpr size_t kPackedCacheEntries = 96;
+
+template <typename T>
+const T* packed_b(AmxScratch& w, bool trans_b, int64_t k, int64_t n, const T* b, int64_t ldb) {
+  const uint64_t call = g_call.load(std::memory_order_relaxed);
+  if (w.call != call) {
+    w.cache.clear();
+    w.next = 0;
+    w.call = call;
+  }
+  for (const PackedB& e : w.cache) {
+    if (e.src == b && e.trans == trans_b && e.k == k && e.n == n && e.ld == ldb)
+      return reinterpret_cast<const T*>(e.data.data());
+  }
+  const at::ScalarType dt = std::is_same_v<T, c10::BFloat16> ? at::kBFloat16 : at::kHalf;
+  const int64_t kp = (k + 1) & ~int64_t(1);  // VNNI pairs: an odd k gets one zero row
+  // B as (kp x n) rows, then packed strip by strip.
+  const T* B = b;
+  int64_t ld_b = ldb;
+  if (trans_b || kp != k) {
+    w.b.assign(kp * n, 0);
+    T* buf = reinterpret_cast<T*>(w.b.data());
+    if (trans_b) {
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t l = 0; l < k; ++l) buf[l * n + j] = b[j * ldb + l];
+    } else {
+      for (int64_t l = 0; l < k; ++l) std::memcpy(buf + l * n, b + l * ldb, n * sizeof(T));
+    }
+    B = buf;
+    ld_b = n;
+  }
+  PackedB* e;
+  if (w.cache.size() < kPackedCacheEntries) {
+    w.cache.emplace_back();
+    e = &w.cache.back();
+  } else {
+    e = &w.cache[w.next];
+    w.next = (w.next + 1) % kPackedCacheEntries;
+  }
+  e->src = b;
+  e->trans = trans_b;
+  e->k = k;
+  e->n = n;
+  e->ld = ldb;
+  e->data.resize(kp * ((n + 63) / 64) * 64);
+  T* packed = reinterpret_cast<T*>(e->data.data());
+  for (int64_t j = 0; j < n; j += 64) {
+    const int64_t nb = std::min<int64_t>(64, n - j);
+    const int64_t ld_out = (nb + 15) / 16 * 16;  // oneDNN packs into 16, 32, 48 or 64 columns
+    at::native::cpublas::pack(kp, nb, ld_b, ld_out, dt, dt, B + j, packed + j * kp);
+  }
+  return packed;
+}
+
+template <typename T>
+void amx_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const T* a,
+              int64_t lda, const T* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+#ifdef CPUBLAS_BRGEMM_BF16BF16F32
+  thread_local AmxScratch w;
+  static_assert(sizeof(T) == sizeof(uint16_t));
+  const int64_t kp = (k + 1) & ~int64_t(1);
+  // A as (m x kp) rows: in place when it already is.
+  const T* A = a;
+  int64_t ld_a = lda;
+  if (trans_a || kp != k) {
+    w.a.assign(m * kp, 0);
+    T* buf = reinterpret_cast<T*>(w.a.data());
+    if (trans_a) {
+      for (int64_t l = 0; l < k; ++l)
+        for (int64_t i = 0; i < m; ++i) buf[i * kp + l] = a[l * lda + i];
+    } else {
+      for (int64_t i = 0; i < m; ++i) std::memcpy(buf + i * kp, a + i * lda, k * sizeof(T));
+    }
+    A = buf;
+    ld_a = kp;
+  }
+  const T* packed = packed_b(w, trans_b, k, n, b, ldb);
+  // beta 0 or 1 writes C directly (alpha applied after, in place, when beta is 0); alpha != 1
+  // with beta != 0 goes through a float32 block.
+  const bool direct = beta == 0.0f || (beta == 1.0f && alpha == 1.0f);
+  float* C = c;
+  int64_t ld_c = ldc;
+  if (!direct) {
+    w.c.resize(m * n);
+    C = w.c.data();
+    ld_c = n;
+  }
+  for (int64_t j = 0; j < n; j += 64) {
+    const int64_t nb = std::min<int64_t>(64, n - j);
+    const int64_t ld_out = (nb + 15) / 16 * 16;
+    at::native::cpublas::brgemm(m, nb, kp, ld_a, ld_out, ld_c, direct && beta == 1.0f, A,
+                                packed + j * kp, C + j, /*is_vnni=*/true);
+  }
+  // The tile configuration stays per thread otherwise; other code on this thread may use AMX.
+  at::native::cpublas::brgemm_release(true);
+  if (direct) {
+    if (beta == 0.0f && alpha != 1.0f) {
+      for (int64_t i = 0; i < m; ++i) {
+        float* crow = c + i * ldc;
+        for (int64_t j = 0; j < n; ++j) crow[j] *= alpha;
+      }
+    }
+  } else {
+    for (int64_t i = 0; i < m; ++i) {
+      float* crow = c + i * ldc;
+      const float* t = C + i * n;
+      for (int64_t j = 0; j < n; ++j) crow[j] = alpha * t[j] + beta * crow[j];
+    }
+  }
+#else
+  (void)trans_a, (void)trans_b, (void)m, (void)n, (void)k, (void)alpha, (void)a, (void)lda;
+  (void)b, (void)ldb, (void)beta, (void)c, (void)ldc;
+  TORCH_CHECK(false, "pyattn: this torch has no cpublas::brgemm");
+#endif
+}
+
+void mkl_bf16_gemm_call(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                        const c10::BFloat16* a, int64_t lda, const c10::BFloat16* b, int64_t ldb,
+                        float beta, float* c, int64_t ldc) {
+  const MklHalfGemm fn = mkl_bf16_gemm();
+  TORCH_CHECK(fn != nullptr, "pyattn: MKL's cblas_gemm_bf16bf16f32 is not in this torch");
+  const SingleThreadedBlas single;
+  fn(kCblasRowMajor, trans_a ? kCblasTrans : kCblasNoTrans, trans_b ? kCblasTrans : kCblasNoTrans,
+     static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), alpha, a, static_cast<int>(lda),
+     b, static_cast<int>(ldb), beta, c, static_cast<int>(ldc));
+}
+
+// The degenerate shapes, so that the libraries only see m, n, k >= 1; true when handled.
+bool trivial_gemm(int64_t m, int64_t n, int64_t k, float beta, float* c, int64_t ldc) {
+  if (m > 0 && n > 0 && k > 0) return false;
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0.0f ? 0.0f : beta * c[i * ldc + j];
+  return true;
+}
+
+}  // namespace
+
+HalfGemm half_gemm_path(bool bf16) {
+  // PYATTN_CPU_HALF_GEMM=auto|widen|mkl|amx (read on every call, so tests can switch paths in
+  // one process); a path this CPU or this torch cannot run is an error, not a silent fallback.
+  g_call.fetch_add(1, std::memory_order_relaxed);
+  const char* env = std::getenv("PYATTN_CPU_HALF_GEMM");
+  if (env == nullptr || *env == 0 || std::strcmp(env, "auto") == 0) return best_path(bf16);
+  HalfGemm want;
+  if (std::strcmp(env, "widen") == 0) {
+    want = HalfGemm::kWiden;
+  } else if (std::strcmp(env, "mkl") == 0) {
+    want = HalfGemm::kMkl;
+  } else if (std::strcmp(env, "amx") == 0) {
+    want = HalfGemm::kAmx;
+  } else {
+    TORCH_CHECK(false, "PYATTN_CPU_HALF_GEMM: expected auto, widen, mkl or amx, got '", env, "'");
+  }
+  TORCH_CHECK(path_available(want, bf16), "PYATTN_CPU_HALF_GEMM=", env, ": not available for ",
+              bf16 ? "bfloat16" : "float16", " on this CPU / torch");
+  return want;
+}
+
+const char* half_gemm_name(HalfGemm path) {
+  switch (path) {
+    case HalfGemm::kWiden: return "widen";
+    case HalfGemm::kMkl: return "mkl";
+    case HalfGemm::kAmx: return "amx";
+  }
+  return "?";
+}
+
+void flash_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                const c10::BFloat16* a, int64_t lda, const c10::BFloat16* b, int64_t ldb,
+                float beta, float* c, int64_t ldc, HalfGemm path) {
+  if (trivial_gemm(m, n, k, beta, c, ldc)) return;
+  if (path == HalfGemm::kAmx) {
+    amx_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  } else {
+    mkl_bf16_gemm_call(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+}
+
+void flash_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                const c10::Half* a, int64_t lda, const c10::Half* b, int64_t ldb, float beta,
+                float* c, int64_t ldc, HalfGemm path) {
+  if (trivial_gemm(m, n, k, beta, c, ldc)) return;
+  (void)path;  // float16 has the AMX path only
+  amx_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
 void flash_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
                 const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
                 int64_t ldc) {
@@ -82,3 +372,16 @@ void flash_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, dou
 }  // namespace cpu
 
 }  // namespace pyattn
+
+// For `pyattn info`, the benchmarks and the tests (pyattn/info.py reads it through ctypes): the
+// half GEMM path a call in this dtype (1 = bfloat16, 0 = float16) takes now, or "error: " and why
+// (PYATTN_CPU_HALF_GEMM names a path that is not available here).
+extern "C" __attribute__((visibility("default"))) const char* pyattn_cpu_half_gemm_path(int bf16) {
+  thread_local std::string answer;
+  try {
+    answer = pyattn::cpu::half_gemm_name(pyattn::cpu::half_gemm_path(bf16 != 0));
+  } catch (const c10::Error& e) {
+    answer = std::string("error: ") + e.what_without_backtrace();
+  }
+  return answer.c_str();
+}

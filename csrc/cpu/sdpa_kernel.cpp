@@ -189,6 +189,65 @@ inline void exp_sub(T* s, T ref, int64_t n) {
   at::vec::map<T>([ref](Vec<T> x) { return (x - Vec<T>(ref)).exp(); }, s, s, n);
 }
 
+// The native half path's row pass (no mask on the row): s = scale * s in place; returns the max.
+inline float scale_max(float* s, float scale, int64_t n) {
+  using V = Vec<float>;
+  constexpr int64_t W = V::size();
+  const V vs(scale);
+  float mx = neg_inf<float>();
+  int64_t c = 0;
+  if (n >= W) {
+    V acc = V::loadu(s) * vs;
+    acc.store(s);
+    for (c = W; c + W <= n; c += W) {
+      const V x = V::loadu(s + c) * vs;
+      x.store(s + c);
+      acc = at::vec::maximum(acc, x);
+    }
+    mx = at::vec::vec_reduce_all<float>([](V& a, V& b) { return at::vec::maximum(a, b); }, acc);
+  }
+  for (; c < n; ++c) {
+    s[c] *= scale;
+    mx = flash::nan_max(mx, s[c]);
+  }
+  return mx;
+}
+
+// The native half path's softmax pass: P = exp(s - ref) rounded to the half dtype into p (the
+// float32 row is not kept); returns the float32 sum, taken before rounding as torch does. Its
+// exp is ATen's exp_u20 (a few ulp of float32, far below the half rounding that follows), as in
+// torch's CPU flash kernel.
+template <typename in_t>
+inline float exp_sum_round(const float* s, float ref, int64_t n, in_t* p) {
+  using V = Vec<float>;
+  constexpr int64_t W = Vec<in_t>::size();  // two float vectors
+  const V vref(ref);
+  V acc(0.0f);
+  int64_t c = 0;
+  for (; c + W <= n; c += W) {
+    const V lo = (V::loadu(s + c) - vref).exp_u20();
+    const V hi = (V::loadu(s + c + V::size()) - vref).exp_u20();
+    acc = acc + lo + hi;
+    at::vec::convert_from_float<in_t>(lo, hi).store(p + c);
+  }
+  float sum = at::vec::vec_reduce_all<float>([](V& a, V& b) { return a + b; }, acc);
+  for (; c < n; ++c) {
+    const float e = flash::exp_(s[c] - ref);
+    sum += e;
+    p[c] = static_cast<in_t>(e);
+  }
+  return sum;
+}
+
+// exp(s - ref) in place with exp_u20 (the native half path's backward; ref may be +inf).
+inline void exp_sub_u20(float* s, float ref, int64_t n) {
+  if (ref == pos_inf<float>()) {
+    std::fill(s, s + n, 0.0f);
+    return;
+  }
+  at::vec::map<float>([ref](Vec<float> x) { return (x - Vec<float>(ref)).exp_u20(); }, s, s, n);
+}
+
 template <typename T>
 inline void scale_row(T* y, T alpha, int64_t n) {
   at::vec::map<T>([alpha](Vec<T> x) { return x * Vec<T>(alpha); }, y, y, n);
@@ -205,25 +264,74 @@ inline void dropout_row(const FlashParams<in_t>& p, T keep_scale, int64_t bh, in
                      static_cast<float>(p.dropout_p), keep_scale, n, z);
 }
 
-// Per-task buffers: scores (and dP) of one block, dropout multipliers, and the float32 copies
-// of half blocks (empty for float32 / float64 inputs).
+// Native half path (N = true; HalfGemm kMkl / kAmx): half blocks are multiplied as they are
+// stored, with float32 products; the probabilities (and dS) are rounded to the input dtype before
+// the products that read them, as torch's CPU flash kernel does. Otherwise (N = false) operands
+// are acc_t: float32 / float64 in place, half blocks widened on load.
+template <typename in_t, bool N>
+using op_t = std::conditional_t<N, in_t, acc_t<in_t>>;
+
+template <typename in_t, bool N>
+inline const op_t<in_t, N>* operand(const in_t* src, int64_t n, acc_t<in_t>* buf) {
+  if constexpr (N) {
+    (void)n;
+    (void)buf;
+    return src;
+  } else {
+    return load_block(src, n, buf);
+  }
+}
+
+// The block product on the path chosen for the call (csrc/cpu/blas.cpp).
 template <typename T>
+inline void block_gemm(HalfGemm, bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha,
+                       const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  flash_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+template <typename H, typename = std::enable_if_t<!std::is_floating_point_v<H>>>
+inline void block_gemm(HalfGemm path, bool ta, bool tb, int64_t m, int64_t n, int64_t k,
+                       float alpha, const H* a, int64_t lda, const H* b, int64_t ldb, float beta,
+                       float* c, int64_t ldc) {
+  flash_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, path);
+}
+
+// The path for a half call. Rounding P to the half dtype is what torch's CPU flash kernel does,
+// and it takes that kernel only when D == Dv; otherwise torch computes in float32 (its math
+// path) and so does this kernel (widened blocks), so that neither is less accurate than torch's.
+template <typename in_t>
+inline HalfGemm native_path(const FlashParams<in_t>& p) {
+  const HalfGemm path = half_gemm_path(std::is_same_v<in_t, c10::BFloat16>);
+  return p.D == p.Dv ? path : HalfGemm::kWiden;
+}
+
+// Per-task buffers: scores (and dP) of one block, dropout multipliers, the float32 copies of
+// half blocks (widened path only), and the rounded P and dS of the native half path.
+template <typename in_t>
 struct Work {
+  using T = acc_t<in_t>;
   std::vector<T> S, dP, Z, Q, dO, K, V, acc;
-  Work(int64_t s, int64_t dp, int64_t z, bool half, int64_t q, int64_t dout, int64_t k, int64_t v,
-       int64_t a)
-      : S(s), dP(dp), Z(z), Q(half ? q : 0), dO(half ? dout : 0), K(half ? k : 0), V(half ? v : 0),
-        acc(half ? a : 0) {}
+  std::vector<in_t> Ph, dSh;
+  Work(int64_t s, int64_t dp, int64_t z, bool widen, bool native, int64_t q, int64_t dout,
+       int64_t k, int64_t v, int64_t a)
+      : S(s), dP(dp), Z(z), Q(widen ? q : 0), dO(widen ? dout : 0), K(widen ? k : 0),
+        V(widen ? v : 0), acc(kHalf<in_t> ? a : 0), Ph(native ? s : 0), dSh(native ? dp : 0) {}
 };
 
+// Rounds n float32 values to the half dtype (the native path's P and dS).
 template <typename in_t>
-void forward_block(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, int64_t bh, int64_t i0,
-                   int64_t m, Work<acc_t<in_t>>& w, std::vector<flash::RowSoftmax<acc_t<in_t>>>& sm) {
+inline void round_block(const float* src, in_t* dst, int64_t n) {
+  if constexpr (kHalf<in_t>) store_scaled(src, 1.0f, dst, n);
+}
+
+template <typename in_t, bool N>
+void forward_block(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, HalfGemm path,
+                   int64_t bh, int64_t i0, int64_t m, Work<in_t>& w,
+                   std::vector<flash::RowSoftmax<acc_t<in_t>>>& sm) {
   using T = acc_t<in_t>;
   const int64_t b = bh / p.Hq, h = bh % p.Hq;
   const int64_t kvh = flash::kv_head(h, p.Hq, p.Hkv);
   const int64_t D = p.D, Dv = p.Dv, Lk = p.Lk;
-  const T* Q = load_block(p.q + (bh * p.Lq + i0) * D, m * D, w.Q.data());
+  const auto* Q = operand<in_t, N>(p.q + (bh * p.Lq + i0) * D, m * D, w.Q.data());
   const in_t* K = p.k + (b * p.Hkv + kvh) * Lk * D;
   const in_t* V = p.v + (b * p.Hkv + kvh) * Lk * Dv;
   in_t* out = o.out + (bh * p.Lq + i0) * Dv;
@@ -244,32 +352,63 @@ void forward_block(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, int64
   const int64_t key_end = p.causal ? flash::causal_key_end(i0 + m, Lk, p.causal_off) : Lk;
   for (int64_t j0 = 0; j0 < key_end; j0 += kFwdBlockK) {
     const int64_t n = std::min(kFwdBlockK, key_end - j0);
-    const T* Kb = load_block(K + j0 * D, n * D, w.K.data());
-    flash_gemm(false, true, m, n, D, p.scale, Q, D, Kb, D, T(0), S, n);
+    const auto* Kb = operand<in_t, N>(K + j0 * D, n * D, w.K.data());
+    // The native path scales in its row pass (fused with the max where no mask comes between).
+    block_gemm(path, false, true, m, n, D, N ? T(1) : p.scale, Q, D, Kb, D, T(0), S, n);
     const bool causal_block = p.causal && flash::causal_block_needs_mask(i0, j0 + n, p.causal_off);
     bool any = false;
     for (int64_t r = 0; r < m; ++r) {
       T* s = S + r * n;
       const int64_t i = i0 + r;
-      mask_row(p, b, h, i, j0, n, causal_block, s);
-      const T alpha = sm[r].rescale(row_max(s, n));
+      T mx;
+      if constexpr (N) {
+        if (p.mask_kind == flash::kNoMask && !causal_block) {
+          mx = scale_max(s, p.scale, n);
+        } else {
+          scale_row(s, p.scale, n);
+          mask_row(p, b, h, i, j0, n, causal_block, s);
+          mx = row_max(s, n);
+        }
+      } else {
+        mask_row(p, b, h, i, j0, n, causal_block, s);
+        mx = row_max(s, n);
+      }
+      const T alpha = sm[r].rescale(mx);
       if (sm[r].m == neg_inf<T>()) {
         // nothing allowed so far in this row: its weights are 0 (and exp(-inf - -inf) is NaN)
         std::fill(s, s + n, T(0));
+        if constexpr (N) std::fill(w.Ph.data() + r * n, w.Ph.data() + (r + 1) * n, in_t(0));
         continue;
       }
       any = true;
-      sm[r].l += exp_sub_sum(s, sm[r].m, n);
-      if (dropout) {
-        // the softmax sum above is taken before dropout: dropout scales normalised weights
-        dropout_row(p, keep_scale, bh, i, j0, n, Z);
-        at::vec::map2<T>([](Vec<T> x, Vec<T> z) { return x * z; }, s, s, Z, n);
+      if constexpr (N) {
+        in_t* prow = w.Ph.data() + r * n;
+        if (!dropout) {
+          sm[r].l += exp_sum_round(s, sm[r].m, n, prow);
+        } else {
+          // the softmax sum is taken before dropout: dropout scales normalised weights
+          sm[r].l += exp_sub_sum(s, sm[r].m, n);
+          dropout_row(p, keep_scale, bh, i, j0, n, Z);
+          at::vec::map2<T>([](Vec<T> x, Vec<T> z) { return x * z; }, s, s, Z, n);
+          round_block(s, prow, n);
+        }
+      } else {
+        sm[r].l += exp_sub_sum(s, sm[r].m, n);
+        if (dropout) {
+          // the softmax sum above is taken before dropout: dropout scales normalised weights
+          dropout_row(p, keep_scale, bh, i, j0, n, Z);
+          at::vec::map2<T>([](Vec<T> x, Vec<T> z) { return x * z; }, s, s, Z, n);
+        }
       }
       if (alpha != T(1)) scale_row(acc + r * Dv, alpha, Dv);
     }
     if (any) {
-      const T* Vb = load_block(V + j0 * Dv, n * Dv, w.V.data());
-      flash_gemm(false, false, m, Dv, n, T(1), S, n, Vb, Dv, T(1), acc, Dv);
+      const auto* Vb = operand<in_t, N>(V + j0 * Dv, n * Dv, w.V.data());
+      if constexpr (N) {
+        block_gemm(path, false, false, m, Dv, n, T(1), w.Ph.data(), n, Vb, Dv, T(1), acc, Dv);
+      } else {
+        block_gemm(path, false, false, m, Dv, n, T(1), S, n, Vb, Dv, T(1), acc, Dv);
+      }
     }
   }
   for (int64_t r = 0; r < m; ++r) {
@@ -282,44 +421,60 @@ void forward_block(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, int64
   }
 }
 
-template <typename in_t>
-void forward(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o) {
+template <typename in_t, bool N>
+void forward_impl(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, HalfGemm path) {
   using T = acc_t<in_t>;
   const int64_t block_q = !p.causal && p.Lq >= kFwdLongRows ? kFwdBlockQLong : kFwdBlockQ;
   const int64_t q_blocks = (p.Lq + block_q - 1) / block_q;
   at::parallel_for(0, p.B * p.Hq * q_blocks, 1, [&](int64_t begin, int64_t end) {
-    Work<T> w(block_q * kFwdBlockK, 0, kFwdBlockK, kHalf<in_t>, block_q * p.D, 0, kFwdBlockK * p.D,
-              kFwdBlockK * p.Dv, block_q * p.Dv);
+    Work<in_t> w(block_q * kFwdBlockK, 0, kFwdBlockK, kHalf<in_t> && !N, N, block_q * p.D, 0,
+                 kFwdBlockK * p.D, kFwdBlockK * p.Dv, block_q * p.Dv);
     std::vector<flash::RowSoftmax<T>> sm(block_q);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / q_blocks, i0 = (t % q_blocks) * block_q;
-      forward_block(p, o, bh, i0, std::min(block_q, p.Lq - i0), w, sm);
+      forward_block<in_t, N>(p, o, path, bh, i0, std::min(block_q, p.Lq - i0), w, sm);
     }
   });
+}
+
+template <typename in_t>
+void forward(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o) {
+  if constexpr (kHalf<in_t>) {
+    const HalfGemm path = native_path(p);
+    if (path != HalfGemm::kWiden) return forward_impl<in_t, true>(p, o, path);
+  }
+  forward_impl<in_t, false>(p, o, HalfGemm::kWiden);
 }
 
 // One (query block, key block) tile of query head h: P from the saved lse, then dS (into dP)
 // and Z P (into S), the middle every backward GEMM reads. Q and dO are the block's rows
 // i0 .. i0 + m - 1 and Kb, Vb the key block's rows j0 .. j0 + n - 1, all as acc_t.
-template <typename in_t, typename T>
-void backward_tile(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a, int64_t b, int64_t h,
-                   int64_t i0, int64_t m, int64_t j0, int64_t n, const T* Q, const T* dO, const T* Kb,
-                   const T* Vb, T* S, T* dP, T* Z) {
+template <typename in_t, bool N, typename T = acc_t<in_t>, typename O = op_t<in_t, N>>
+void backward_tile(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a, HalfGemm path,
+                   int64_t b, int64_t h, int64_t i0, int64_t m, int64_t j0, int64_t n, const O* Q,
+                   const O* dO, const O* Kb, const O* Vb, Work<in_t>& w) {
+  T* S = w.S.data();
+  T* dP = w.dP.data();
+  T* Z = w.Z.data();
   const int64_t D = p.D, Dv = p.Dv, Lq = p.Lq;
   const int64_t bh = b * p.Hq + h;
   const T* lse = a.lse + bh * Lq + i0;
   const T* delta = a.delta + bh * Lq + i0;
   const bool dropout = p.dropout_p > 0.0;
   const T keep_scale = T(1) / (T(1) - T(p.dropout_p));
-  flash_gemm(false, true, m, n, D, p.scale, Q, D, Kb, D, T(0), S, n);
-  flash_gemm(false, true, m, n, Dv, T(1), dO, Dv, Vb, Dv, T(0), dP, n);
+  block_gemm(path, false, true, m, n, D, p.scale, Q, D, Kb, D, T(0), S, n);
+  block_gemm(path, false, true, m, n, Dv, T(1), dO, Dv, Vb, Dv, T(0), dP, n);
   const bool causal_block = p.causal && flash::causal_block_needs_mask(i0, j0 + n, p.causal_off);
   for (int64_t r = 0; r < m; ++r) {
     T* s = S + r * n;
     T* dp = dP + r * n;
     const int64_t i = i0 + r;
     mask_row(p, b, h, i, j0, n, causal_block, s);
-    exp_sub(s, lse[r], n);  // P
+    if constexpr (N) {
+      exp_sub_u20(s, lse[r], n);  // P
+    } else {
+      exp_sub(s, lse[r], n);  // P
+    }
     const T dl = delta[r];
     if (dropout) {
       dropout_row(p, keep_scale, bh, i, j0, n, Z);
@@ -331,19 +486,49 @@ void backward_tile(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a, int6
       at::vec::map2<T>([dl](Vec<T> pp, Vec<T> d) { return pp * (d - Vec<T>(dl)); }, dp, s, dp, n);
     }
   }
+  if constexpr (N) {
+    // dS is rounded with the softmax scale applied (the products that read it then take
+    // alpha = 1, ds_alpha), one rounding either way.
+    round_block(S, w.Ph.data(), m * n);
+    if constexpr (kHalf<in_t>) store_scaled(dP, p.scale, w.dSh.data(), m * n);
+  }
+}
+
+// The tile's Z P and dS as the operands of the products that follow it: the float32 blocks, or
+// their rounded copies on the native half path.
+template <typename in_t, bool N>
+inline const op_t<in_t, N>* tile_p(Work<in_t>& w) {
+  if constexpr (N) {
+    return w.Ph.data();
+  } else {
+    return w.S.data();
+  }
+}
+// The scale of the dQ and dK products: 1 where the rounded dS carries it already.
+template <typename in_t, bool N>
+inline acc_t<in_t> ds_alpha(const FlashParams<in_t>& p) {
+  return N ? acc_t<in_t>(1) : p.scale;
+}
+template <typename in_t, bool N>
+inline const op_t<in_t, N>* tile_ds(Work<in_t>& w) {
+  if constexpr (N) {
+    return w.dSh.data();
+  } else {
+    return w.dP.data();
+  }
 }
 
 // Key block j0 of kv head (b, kvh), against every query of every query head of its group:
 // dK and dV of the block's keys, and (with_dq) the block's share of dQ.
-template <typename in_t>
-void backward_key_block(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a, int64_t b, int64_t kvh,
-                        int64_t j0, bool with_dq, Work<acc_t<in_t>>& w) {
+template <typename in_t, bool N>
+void backward_key_block(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a, HalfGemm path,
+                        int64_t b, int64_t kvh, int64_t j0, bool with_dq, Work<in_t>& w) {
   using T = acc_t<in_t>;
   const int64_t D = p.D, Dv = p.Dv, Lq = p.Lq, Lk = p.Lk;
   const int64_t group = p.Hq / p.Hkv;
   const int64_t n = std::min(kBwdBlockK, Lk - j0);
-  const T* Kb = load_block(p.k + ((b * p.Hkv + kvh) * Lk + j0) * D, n * D, w.K.data());
-  const T* Vb = load_block(p.v + ((b * p.Hkv + kvh) * Lk + j0) * Dv, n * Dv, w.V.data());
+  const auto* Kb = operand<in_t, N>(p.k + ((b * p.Hkv + kvh) * Lk + j0) * D, n * D, w.K.data());
+  const auto* Vb = operand<in_t, N>(p.v + ((b * p.Hkv + kvh) * Lk + j0) * Dv, n * Dv, w.V.data());
   T* dK = a.dk + ((b * p.Hkv + kvh) * Lk + j0) * D;
   T* dV = a.dv + ((b * p.Hkv + kvh) * Lk + j0) * Dv;
   for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
@@ -352,24 +537,26 @@ void backward_key_block(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a,
     const int64_t i_begin = p.causal ? flash::causal_query_begin(j0, Lq, p.causal_off) : 0;
     for (int64_t i0 = i_begin; i0 < Lq; i0 += kBwdBlockQ) {
       const int64_t m = std::min(kBwdBlockQ, Lq - i0);
-      const T* Q = load_block(p.q + (bh * Lq + i0) * D, m * D, w.Q.data());
-      const T* dO = load_block(a.grad_out + (bh * Lq + i0) * Dv, m * Dv, w.dO.data());
-      backward_tile(p, a, b, h, i0, m, j0, n, Q, dO, Kb, Vb, w.S.data(), w.dP.data(), w.Z.data());
+      const auto* Q = operand<in_t, N>(p.q + (bh * Lq + i0) * D, m * D, w.Q.data());
+      const auto* dO = operand<in_t, N>(a.grad_out + (bh * Lq + i0) * Dv, m * Dv, w.dO.data());
+      backward_tile<in_t, N>(p, a, path, b, h, i0, m, j0, n, Q, dO, Kb, Vb, w);
+      const auto* P = tile_p<in_t, N>(w);
+      const auto* dS = tile_ds<in_t, N>(w);
       // dV += (Z P)^T dO;  dQ += scale dS K;  dK += scale dS^T Q
-      flash_gemm(true, false, n, Dv, m, T(1), w.S.data(), n, dO, Dv, T(1), dV, Dv);
+      block_gemm(path, true, false, n, Dv, m, T(1), P, n, dO, Dv, T(1), dV, Dv);
       if (with_dq) {
         T* dQ = a.dq + (bh * Lq + i0) * D;
-        flash_gemm(false, false, m, D, n, p.scale, w.dP.data(), n, Kb, D, T(1), dQ, D);
+        block_gemm(path, false, false, m, D, n, ds_alpha<in_t, N>(p), dS, n, Kb, D, T(1), dQ, D);
       }
-      flash_gemm(true, false, n, D, m, p.scale, w.dP.data(), n, Q, D, T(1), dK, D);
+      block_gemm(path, true, false, n, D, m, ds_alpha<in_t, N>(p), dS, n, Q, D, T(1), dK, D);
     }
   }
 }
 
 // dQ of query block i0 of head (b, h), over every key block it sees.
-template <typename in_t>
-void backward_query_block(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a, int64_t b, int64_t h,
-                          int64_t i0, Work<acc_t<in_t>>& w) {
+template <typename in_t, bool N>
+void backward_query_block(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a, HalfGemm path,
+                          int64_t b, int64_t h, int64_t i0, Work<in_t>& w) {
   using T = acc_t<in_t>;
   const int64_t D = p.D, Dv = p.Dv, Lq = p.Lq, Lk = p.Lk;
   const int64_t kvh = flash::kv_head(h, p.Hq, p.Hkv);
@@ -377,16 +564,17 @@ void backward_query_block(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& 
   const in_t* V = p.v + (b * p.Hkv + kvh) * Lk * Dv;
   const int64_t m = std::min(kBwdBlockQ, Lq - i0);
   const int64_t bh = b * p.Hq + h;
-  const T* Q = load_block(p.q + (bh * Lq + i0) * D, m * D, w.Q.data());
-  const T* dO = load_block(a.grad_out + (bh * Lq + i0) * Dv, m * Dv, w.dO.data());
+  const auto* Q = operand<in_t, N>(p.q + (bh * Lq + i0) * D, m * D, w.Q.data());
+  const auto* dO = operand<in_t, N>(a.grad_out + (bh * Lq + i0) * Dv, m * Dv, w.dO.data());
   T* dQ = a.dq + (bh * Lq + i0) * D;
   const int64_t key_end = p.causal ? flash::causal_key_end(i0 + m, Lk, p.causal_off) : Lk;
   for (int64_t j0 = 0; j0 < key_end; j0 += kBwdBlockK) {
     const int64_t n = std::min(kBwdBlockK, Lk - j0);
-    const T* Kb = load_block(K + j0 * D, n * D, w.K.data());
-    const T* Vb = load_block(V + j0 * Dv, n * Dv, w.V.data());
-    backward_tile(p, a, b, h, i0, m, j0, n, Q, dO, Kb, Vb, w.S.data(), w.dP.data(), w.Z.data());
-    flash_gemm(false, false, m, D, n, p.scale, w.dP.data(), n, Kb, D, T(1), dQ, D);
+    const auto* Kb = operand<in_t, N>(K + j0 * D, n * D, w.K.data());
+    const auto* Vb = operand<in_t, N>(V + j0 * Dv, n * Dv, w.V.data());
+    backward_tile<in_t, N>(p, a, path, b, h, i0, m, j0, n, Q, dO, Kb, Vb, w);
+    block_gemm(path, false, false, m, D, n, ds_alpha<in_t, N>(p), tile_ds<in_t, N>(w), n, Kb, D,
+               T(1), dQ, D);
   }
 }
 
@@ -396,9 +584,8 @@ void backward_query_block(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& 
 // - with fewer such tasks than threads (B = 1 with few heads, MQA), one task per (batch, kv head,
 //   key block) for dK and dV, then one per (batch, head, query block) for dQ, which recomputes
 //   S and dP (seven GEMMs per tile) but keeps every thread busy.
-template <typename in_t>
-void backward(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a) {
-  using T = acc_t<in_t>;
+template <typename in_t, bool N>
+void backward_impl(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a, HalfGemm path) {
   const int64_t pairs = p.B * p.Hkv;
   const int64_t key_blocks = (p.Lk + kBwdBlockK - 1) / kBwdBlockK;
   const int64_t threads = at::get_num_threads();
@@ -407,27 +594,38 @@ void backward(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a) {
   const bool split = key_blocks > 1 && 3 * pairs < 2 * rounds * threads;
   auto run = [&](int64_t tasks, auto&& body) {
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-      Work<T> w(kBwdBlockQ * kBwdBlockK, kBwdBlockQ * kBwdBlockK, kBwdBlockK, kHalf<in_t>,
-                kBwdBlockQ * p.D, kBwdBlockQ * p.Dv, kBwdBlockK * p.D, kBwdBlockK * p.Dv, 0);
+      Work<in_t> w(kBwdBlockQ * kBwdBlockK, kBwdBlockQ * kBwdBlockK, kBwdBlockK, kHalf<in_t> && !N,
+                   N, kBwdBlockQ * p.D, kBwdBlockQ * p.Dv, kBwdBlockK * p.D, kBwdBlockK * p.Dv, 0);
       for (int64_t t = begin; t < end; ++t) body(t, w);
     });
   };
   if (!split) {
-    run(pairs, [&](int64_t t, Work<T>& w) {
+    run(pairs, [&](int64_t t, Work<in_t>& w) {
       for (int64_t j0 = 0; j0 < p.Lk; j0 += kBwdBlockK)
-        backward_key_block(p, a, t / p.Hkv, t % p.Hkv, j0, true, w);
+        backward_key_block<in_t, N>(p, a, path, t / p.Hkv, t % p.Hkv, j0, true, w);
     });
     return;
   }
-  run(pairs * key_blocks, [&](int64_t t, Work<T>& w) {
+  run(pairs * key_blocks, [&](int64_t t, Work<in_t>& w) {
     const int64_t pair = t / key_blocks;
-    backward_key_block(p, a, pair / p.Hkv, pair % p.Hkv, (t % key_blocks) * kBwdBlockK, false, w);
+    backward_key_block<in_t, N>(p, a, path, pair / p.Hkv, pair % p.Hkv,
+                                (t % key_blocks) * kBwdBlockK, false, w);
   });
   const int64_t q_blocks = (p.Lq + kBwdBlockQ - 1) / kBwdBlockQ;
-  run(p.B * p.Hq * q_blocks, [&](int64_t t, Work<T>& w) {
+  run(p.B * p.Hq * q_blocks, [&](int64_t t, Work<in_t>& w) {
     const int64_t bh = t / q_blocks;
-    backward_query_block(p, a, bh / p.Hq, bh % p.Hq, (t % q_blocks) * kBwdBlockQ, w);
+    backward_query_block<in_t, N>(p, a, path, bh / p.Hq, bh % p.Hq, (t % q_blocks) * kBwdBlockQ,
+                                  w);
   });
+}
+
+template <typename in_t>
+void backward(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a) {
+  if constexpr (kHalf<in_t>) {
+    const HalfGemm path = native_path(p);
+    if (path != HalfGemm::kWiden) return backward_impl<in_t, true>(p, a, path);
+  }
+  backward_impl<in_t, false>(p, a, HalfGemm::kWiden);
 }
 
 }  // namespace

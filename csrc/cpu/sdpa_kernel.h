@@ -27,6 +27,26 @@ void flash_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, dou
                 const double* a, int64_t lda, const double* b, int64_t ldb, double beta, double* c,
                 int64_t ldc);
 
+// How bfloat16 / float16 blocks are multiplied (csrc/cpu/blas.cpp; docs/design.md, "Half
+// precision on CPU"): kWiden converts them to float32 and runs the float32 GEMM (every CPU);
+// kMkl runs MKL's cblas_gemm_bf16bf16f32 (bfloat16, CPUs with AVX512-BF16); kAmx runs oneDNN's
+// AMX micro-kernel through torch's cpublas::brgemm (CPUs with AMX-BF16 / AMX-FP16). The native
+// paths take half operands and give float32 products; P and dS are rounded to the input dtype
+// before the products that read them, as torch's CPU flash kernel does.
+enum class HalfGemm { kWiden = 0, kMkl = 1, kAmx = 2 };
+// The path for this dtype here: the best available, or PYATTN_CPU_HALF_GEMM's choice. Called
+// once at the start of each half kernel call: it also starts a new call for the AMX path's cache
+// of packed B operands, so a B operand of the half flash_gemm must be one of the call's inputs,
+// unchanged until the next half_gemm_path (the kernels' B operands are Q, K, V and dO blocks).
+HalfGemm half_gemm_path(bool bf16);
+const char* half_gemm_name(HalfGemm path);
+void flash_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                const c10::BFloat16* a, int64_t lda, const c10::BFloat16* b, int64_t ldb,
+                float beta, float* c, int64_t ldc, HalfGemm path);
+void flash_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                const c10::Half* a, int64_t lda, const c10::Half* b, int64_t ldb, float beta,
+                float* c, int64_t ldc, HalfGemm path);
+
 template <typename scalar_t>
 struct AccType {
   using type = scalar_t;

@@ -1,0 +1,135 @@
+"""The cpu backend's half-precision block-product paths (csrc/cpu/blas.cpp; docs/design.md,
+"Half precision on CPU"), each forced with PYATTN_CPU_HALF_GEMM so that every path this machine
+can run is tested here, whichever one `auto` picks:
+
+- ``widen``: blocks converted to float32, float32 GEMMs (every CPU);
+- ``mkl``: MKL's bfloat16 GEMM with float32 products (CPUs with AVX512-BF16);
+- ``amx``: oneDNN's AMX micro-kernel through torch's cpublas::brgemm (AMX-BF16 / AMX-FP16).
+
+Each case runs test_half_cpu's rule (float64 reference, 2x / 3x the float32-accumulation
+baseline, no worse than torch's CPU sdpa) on shapes that reach the paths' edge cases: odd head
+dims and key counts (the AMX path pads k to even), tails of key and query blocks, GQA, masks,
+causal, dropout; and varlen, which runs the same kernels.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_half_cpu import run_sdpa_case
+
+import pyattn
+from pyattn import info
+
+PATHS = ["widen", "mkl", "amx"]
+DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
+
+
+@pytest.fixture(params=PATHS)
+def half_path(request, monkeypatch):
+    """Forces one path for the test; skips where this CPU (or this torch) lacks it."""
+    path = request.param
+    dtype = request.node.callspec.params.get("dtype", torch.bfloat16)
+    if not info.half_gemm_available(path, dtype):
+        pytest.skip(f"{path} cannot run {dtype} here ({_cpu_note()})")
+    monkeypatch.setenv("PYATTN_CPU_HALF_GEMM", path)
+    assert info.half_gemm_path(dtype) == path
+    return path
+
+
+def _cpu_note() -> str:
+    flags = info._cpu_flags()
+    return "CPU flags: " + (
+        ", ".join(f for f in ("avx512_bf16", "amx_bf16", "amx_fp16") if f in flags)
+        or "none of avx512_bf16, amx_bf16, amx_fp16"
+    )
+
+
+SHAPES = [
+    # B, Hq, Hkv, Lq, Lk, D, Dv
+    (2, 4, 2, 97, 130, 64, 64),  # GQA, key and query block tails
+    (1, 2, 2, 300, 601, 59, 59),  # odd head dim and key count, a 256-query block
+    (1, 3, 1, 1, 37, 128, 128),  # one query, MQA, D = 128 (two AMX strips)
+    (1, 2, 2, 1025, 1025, 128, 128),  # several forward / backward key blocks, D = 128
+    (2, 2, 1, 50, 97, 59, 24),  # Dv != D: every path runs widened there (torch: float32)
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_sdpa_each_path(half_path, dtype, shape):
+    run_sdpa_case(dtype, *shape)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask_kind", ["bool", "add_f32"])
+@pytest.mark.parametrize("causal", [0, 2], ids=["full", "lower_right"])
+def test_sdpa_each_path_masks_and_causal(half_path, dtype, mask_kind, causal):
+    run_sdpa_case(dtype, 2, 2, 2, 70, 133, 64, 64, mask_kind=mask_kind if causal == 0 else None,
+                  causal=causal)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sdpa_each_path_fully_masked_rows(half_path, dtype):
+    out, grads = run_sdpa_case(dtype, 2, 2, 2, 40, 30, 32, 32, mask_kind="bool", full_row=True,
+                               against_torch=False)  # fmt: skip
+    assert (out[0, :, 0] == 0).all()
+    assert (grads[0][0, :, 0] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_draws_the_same_on_every_path(half_path, dtype, monkeypatch):
+    # Every path draws the same philox counters: the dropped weights agree with the widened path
+    # (zeros of the output's contribution are where they are), so the outputs differ by the
+    # block products' rounding only.
+    q, k, v = (torch.randn(1, 2, 50, 64).to(dtype) for _ in range(3))
+    torch.manual_seed(0)
+    out = pyattn.scaled_dot_product_attention(q, k, v, dropout_p=0.3, backend="cpu")
+    monkeypatch.setenv("PYATTN_CPU_HALF_GEMM", "widen")
+    torch.manual_seed(0)
+    want = pyattn.scaled_dot_product_attention(q, k, v, dropout_p=0.3, backend="cpu")
+    torch.testing.assert_close(out, want, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_varlen_each_path_is_sdpa_per_sequence(half_path, dtype):
+    lens = [37, 0, 130, 1, 64]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    ins = [torch.randn(sum(lens), 4, 64).to(dtype).requires_grad_() for _ in range(3)]
+    out = pyattn.varlen_attention(*ins, cu, cu, is_causal=True, backend="cpu")
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, ins, g)
+    for b in range(len(lens)):
+        s, e = int(cu[b]), int(cu[b + 1])
+        if e == s:
+            continue
+        seq = [t.detach()[s:e].transpose(0, 1).unsqueeze(0).requires_grad_() for t in ins]
+        ref = pyattn.scaled_dot_product_attention(*seq, is_causal=True, backend="cpu")
+        torch.testing.assert_close(out[s:e], ref[0].transpose(0, 1), rtol=0, atol=0)
+        ref_g = torch.autograd.grad(ref, seq, g[s:e].transpose(0, 1).unsqueeze(0))
+        for got, want in zip(grads, ref_g, strict=True):
+            torch.testing.assert_close(got[s:e], want[0].transpose(0, 1), rtol=2e-2, atol=2e-3)
+
+
+def test_unknown_or_unavailable_path_is_an_error(monkeypatch):
+    q = torch.randn(1, 1, 4, 8, dtype=torch.bfloat16)
+    monkeypatch.setenv("PYATTN_CPU_HALF_GEMM", "fastest")
+    assert info.half_gemm_path(torch.bfloat16).startswith("error: ")
+    with pytest.raises(RuntimeError, match="PYATTN_CPU_HALF_GEMM"):
+        pyattn.scaled_dot_product_attention(q, q, q, backend="cpu")
+    # float16 never has the MKL path (MKL's float16 GEMM is no faster than sgemm)
+    monkeypatch.setenv("PYATTN_CPU_HALF_GEMM", "mkl")
+    assert not info.half_gemm_available("mkl", torch.float16)
+    with pytest.raises(RuntimeError, match="not available"):
+        pyattn.scaled_dot_product_attention(q.half(), q.half(), q.half(), backend="cpu")
+
+
+def test_auto_picks_an_available_path(monkeypatch):
+    monkeypatch.delenv("PYATTN_CPU_HALF_GEMM", raising=False)
+    for dtype in (torch.bfloat16, torch.float16):
+        path = info.half_gemm_path(dtype)
+        assert path in PATHS and info.half_gemm_available(path, dtype)
+    # the native bfloat16 path wherever MKL's needs (AVX512-BF16) are met
+    if "avx512_bf16" in info._cpu_flags():
+        assert info.half_gemm_path(torch.bfloat16) != "widen"
+    assert "bfloat16: " in info.half_cpu_paths("AVX512")
