@@ -5,6 +5,7 @@ Usage (docs/design.md describes how a call reaches its kernel)::
     import pyattn
     context = pyattn.additive_attention(query, key, value, v, key_padding_mask)
     out = pyattn.scaled_dot_product_attention(q, k, v, is_causal=True)
+    out = pyattn.kvcache_attention(q, k_cache, v_cache, cache_seqlens, k_new, v_new)  # decoding
     with pyattn.patch_torch():  # torch's F.scaled_dot_product_attention runs pyattn's kernels
         ...
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 from . import nn, reference
 from ._backend import backends
 from ._patch import TorchPatch, patch_torch
-from .ops import additive_attention, scaled_dot_product_attention, varlen_attention
+from .ops import additive_attention, kvcache_attention, scaled_dot_product_attention, varlen_attention
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,7 @@ __all__ = [
     "__version__",
     "additive_attention",
     "backends",
+    "kvcache_attention",
     "nn",
     "patch_torch",
     "reference",
