@@ -131,7 +131,8 @@ struct Work {
         alpha(R), kp(kBlockK), vp(kBlockK) {}
 };
 
-// S[r][jj] = q_r . K_jj for rows [0, R), keys [0, nb): four rows at a time share each K load.
+// S[r][jj] = q_r . K_jj for rows [0, R), keys [0, nb): four rows times two keys at a time, so
+// each q load serves two keys and each K load four rows, with eight independent FMA chains.
 template <typename T>
 void block_scores(const T* q, int64_t R, int64_t D, const T* const* kp, int64_t nb, T* s) {
   constexpr int64_t W = Vec<T>::size();
@@ -139,23 +140,47 @@ void block_scores(const T* q, int64_t R, int64_t D, const T* const* kp, int64_t 
   int64_t r = 0;
   for (; r + 4 <= R; r += 4) {
     const T *q0 = q + r * D, *q1 = q0 + D, *q2 = q1 + D, *q3 = q2 + D;
-    for (int64_t jj = 0; jj < nb; ++jj) {
+    int64_t jj = 0;
+    for (; jj + 2 <= nb; jj += 2) {
+      const T *k = kp[jj], *k2 = kp[jj + 1];
+      Vec<T> a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0)), b0(T(0)), b1(T(0)), b2(T(0)), b3(T(0));
+      auto step = [&](int64_t c, int64_t n) {
+        const Vec<T> kv = Vec<T>::loadu(k + c, n), kw = Vec<T>::loadu(k2 + c, n);
+        const Vec<T> x0 = Vec<T>::loadu(q0 + c, n), x1 = Vec<T>::loadu(q1 + c, n);
+        const Vec<T> x2 = Vec<T>::loadu(q2 + c, n), x3 = Vec<T>::loadu(q3 + c, n);
+        a0 = at::vec::fmadd(x0, kv, a0);
+        b0 = at::vec::fmadd(x0, kw, b0);
+        a1 = at::vec::fmadd(x1, kv, a1);
+        b1 = at::vec::fmadd(x1, kw, b1);
+        a2 = at::vec::fmadd(x2, kv, a2);
+        b2 = at::vec::fmadd(x2, kw, b2);
+        a3 = at::vec::fmadd(x3, kv, a3);
+        b3 = at::vec::fmadd(x3, kw, b3);
+      };
+      for (int64_t c = 0; c < Dw; c += W) step(c, W);
+      if (tail) step(Dw, tail);
+      T* o = s + r * kBlockK + jj;
+      o[0] = hsum(a0);
+      o[1] = hsum(b0);
+      o[kBlockK] = hsum(a1);
+      o[kBlockK + 1] = hsum(b1);
+      o[2 * kBlockK] = hsum(a2);
+      o[2 * kBlockK + 1] = hsum(b2);
+      o[3 * kBlockK] = hsum(a3);
+      o[3 * kBlockK + 1] = hsum(b3);
+    }
+    for (; jj < nb; ++jj) {
       const T* k = kp[jj];
       Vec<T> a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
-      for (int64_t c = 0; c < Dw; c += W) {
-        const Vec<T> kv = Vec<T>::loadu(k + c);
-        a0 = at::vec::fmadd(Vec<T>::loadu(q0 + c), kv, a0);
-        a1 = at::vec::fmadd(Vec<T>::loadu(q1 + c), kv, a1);
-        a2 = at::vec::fmadd(Vec<T>::loadu(q2 + c), kv, a2);
-        a3 = at::vec::fmadd(Vec<T>::loadu(q3 + c), kv, a3);
-      }
-      if (tail) {
-        const Vec<T> kv = Vec<T>::loadu(k + Dw, tail);
-        a0 = at::vec::fmadd(Vec<T>::loadu(q0 + Dw, tail), kv, a0);
-        a1 = at::vec::fmadd(Vec<T>::loadu(q1 + Dw, tail), kv, a1);
-        a2 = at::vec::fmadd(Vec<T>::loadu(q2 + Dw, tail), kv, a2);
-        a3 = at::vec::fmadd(Vec<T>::loadu(q3 + Dw, tail), kv, a3);
-      }
+      auto step = [&](int64_t c, int64_t n) {
+        const Vec<T> kv = Vec<T>::loadu(k + c, n);
+        a0 = at::vec::fmadd(Vec<T>::loadu(q0 + c, n), kv, a0);
+        a1 = at::vec::fmadd(Vec<T>::loadu(q1 + c, n), kv, a1);
+        a2 = at::vec::fmadd(Vec<T>::loadu(q2 + c, n), kv, a2);
+        a3 = at::vec::fmadd(Vec<T>::loadu(q3 + c, n), kv, a3);
+      };
+      for (int64_t c = 0; c < Dw; c += W) step(c, W);
+      if (tail) step(Dw, tail);
       s[r * kBlockK + jj] = hsum(a0);
       s[(r + 1) * kBlockK + jj] = hsum(a1);
       s[(r + 2) * kBlockK + jj] = hsum(a2);
