@@ -16,8 +16,8 @@ import pyattn
 from pyattn import reference
 from pyattn.ops.errors import InputError, InputTypeError
 
-# the Triton and CUDA kernels join here as they land
-BACKENDS = backend_params(cpu=True, triton=False, cuda=False)
+# the CUDA kernel joins here when it lands
+BACKENDS = backend_params(cpu=True, triton=True, cuda=False)
 kv = importlib.import_module("pyattn.ops.kvcache_attention")
 FWD = torch.ops.pyattn.kvcache_attention_fwd
 HALF = (torch.float16, torch.bfloat16)
@@ -177,7 +177,7 @@ def test_append_then_attend_is_attention_over_the_concatenation(backend, device)
 @pytest.mark.parametrize("page_size", [1, 16, 256])
 def test_paged_equals_dense(backend, device, page_size):
     # shuffled pages, partial last pages (L_max and the lengths are not multiples of the page)
-    L_max = (37 if small(backend) else 533) if page_size < 256 else (300 if small(backend) else 700)
+    L_max = (37 if small(backend) else 533) if page_size < 256 else (270 if small(backend) else 700)
     B, Lq = 3, 2
     case = Case(B, 8, 2, Lq, 32, L_max, random_seqlens(B, L_max, Lq), page_size=page_size)
     dtypes = [torch.float32] if small(backend) else dtypes_for(backend)
@@ -194,7 +194,7 @@ def test_every_split_count_equals_no_split(backend, device):
     L_max = 64 if small(backend) else 1100
     B, Lq = 2, 1
     case = Case(B, 4, 1, Lq, 32, L_max, random_seqlens(B, L_max, Lq, specials=(1,)))
-    counts = [2, 3, 7, 64] if small(backend) else [2, 3, 5, 8, 17, 40, 200]
+    counts = [3, 64] if small(backend) else [2, 3, 5, 8, 17, 40, 200]
     one = check(case, backend, device, torch.float32, num_splits=1)
     for n in counts:
         out = check(case, backend, device, torch.float32, num_splits=n)
@@ -236,7 +236,7 @@ def test_variants(backend, device, variant):
     elif variant == "not_causal":
         kw["is_causal"] = False
     for dtype in [torch.float32] if small(backend) else dtypes_for(backend)[:2]:
-        for n in (1, 3):
+        for n in (3,) if small(backend) else (1, 3):
             check(case, backend, device, dtype, num_splits=n, **kw)
 
 
@@ -422,6 +422,72 @@ def _opcheck_args(paged, device="cpu"):
 @pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
 def test_opcheck(paged):
     torch.library.opcheck(FWD, _opcheck_args(paged))
+
+
+@pytest.mark.skipif(not pyattn._backend.have_triton(), reason="needs triton")
+def test_opcheck_triton():
+    device = "cuda" if HAS_CUDA else "cpu"
+    import pyattn.kernels.kvcache_attention  # noqa: F401  (registers the Triton twin)
+
+    # under the interpreter the AOT/compile checks cannot run (as for sdpa's Triton ops)
+    utils = None if HAS_CUDA else ("test_schema", "test_autograd_registration", "test_faketensor")
+    kw = {} if utils is None else {"test_utils": utils}
+    for paged in (False, True):
+        torch.library.opcheck(
+            torch.ops.pyattn.kvcache_attention_fwd_triton, _opcheck_args(paged, device), **kw
+        )
+
+
+# Compiles the split and combine kernels' headline configs for sm_90 (no GPU needed): the decode
+# step of the bench (Hq=32, Hkv=8, D=128, Lq=1: 4 packed rows), fp16 and bf16, dense and paged;
+# the fixed and the widest kept split configs and the combine kernel, with no stack frame (spills) and shared memory
+# within a block's 227 KB. In a subprocess: the interpreter (TRITON_INTERPRET=1) is off there.
+_SM90_PROBE = """
+import json, torch, triton
+from pyattn.bench.triton_resources import compile_config
+from pyattn.kernels import kvcache_attention as kv
+rows = []
+for dt in (torch.float16, torch.bfloat16):
+    for paged in (False, True):
+        t = lambda d=dt: torch.empty(16, dtype=d)
+        i32, f32 = (lambda: torch.empty(16, dtype=torch.int32)), (lambda: torch.empty(16, dtype=torch.float32))
+        named = dict(Q=t(), KC=t(), VC=t(), SEQLENS=i32(), TABLE=i32(), ALIBI=f32(), PART_ACC=f32(), PART_M=f32(),
+            PART_L=f32(), stride_kp=8 * 4096 * 128, stride_kh=4096 * 128, stride_kr=128, stride_vp=8 * 4096 * 128,
+            stride_vh=4096 * 128, stride_vr=128, stride_bt=64, stride_alibi_b=0, Hq=32, Hkv=8, Lq=1, R=4,
+            n_split=4, page_size=256, scale=0.1, softcap=0.0, window_left=-1, window_right=-1, HEAD_DIM=128,
+            HEAD_DIM_V=128, NEW_TOKENS=True, PAGED=paged, IS_CAUSAL=True, HAS_SOFTCAP=False, HAS_ALIBI=False,
+            UPCAST=False, DOT_PREC=None, BLOCK_R=16, BLOCK_D=128, BLOCK_DV=128)
+        kept = kv._split.kept(named)
+        # the fixed config (PYATTN_TRITON_AUTOTUNE=0) and, for fp16, the widest kept tile
+        picks = kept[:1] + ([max(kept, key=lambda c: c.kwargs["BLOCK_N"] * 8 // c.num_warps)] if dt == torch.float16 else [])
+        for cfg in picks:
+            res, _ = compile_config(kv._split_kernel, named, cfg, 90)
+            rows.append(dict(kernel="split", dtype=str(dt), paged=paged, config=str(cfg), **res))
+    named = dict(PART_ACC=torch.empty(16), PART_M=torch.empty(16), PART_L=torch.empty(16), SINKS=torch.empty(16),
+        OUT=torch.empty(16, dtype=dt), LSE=torch.empty(16), Hq=32, Hkv=8, Lq=1, R=4, n_split=4, HEAD_DIM_V=128,
+        HAS_SINKS=True, BLOCK_S=4, BLOCK_DV=128)
+    res, _ = compile_config(kv._combine_kernel, named, triton.Config({}, num_warps=4, num_stages=1), 90)
+    rows.append(dict(kernel="combine", dtype=str(dt), paged=False, config="w4", **res))
+print(json.dumps(rows))
+"""
+
+
+@pytest.mark.skipif(not pyattn._backend.have_triton(), reason="needs triton")
+def test_triton_headline_configs_compile_clean_for_sm90():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _SM90_PROBE], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {r["kernel"] for r in rows} == {"split", "combine"} and len(rows) >= 6
+    bad = [r for r in rows if r["stack"] > 0 or r["shared"] > 227 * 1024]
+    assert not bad, bad
 
 
 def test_torch_compile_fullgraph():
