@@ -16,8 +16,7 @@ import pyattn
 from pyattn import reference
 from pyattn.ops.errors import InputError, InputTypeError
 
-# the CUDA kernel joins here when it lands
-BACKENDS = backend_params(cpu=True, triton=True, cuda=False)
+BACKENDS = backend_params(cpu=True, triton=True, cuda=True)
 kv = importlib.import_module("pyattn.ops.kvcache_attention")
 FWD = torch.ops.pyattn.kvcache_attention_fwd
 HALF = (torch.float16, torch.bfloat16)
@@ -417,6 +416,19 @@ def _opcheck_args(paged, device="cpu"):
         kc, vc, bt = torch.randn(B, Hkv, 9, D, device=device), torch.randn(B, Hkv, 9, D, device=device), None
     sinks = torch.randn(Hq, device=device)
     return (q, kc, vc, sl, k, v, bt, sinks, None, True, 0.35, 4, -1, 2.0, 2)
+
+
+def test_registered_for_cpu_and_for_cuda_when_built_with_it():
+    name = "pyattn::kvcache_attention_fwd"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
+    # csrc/cuda/kvcache_attention.cu compiles, links and registers in every CUDA build
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA") == pyattn._backend.cuda_compiled()
+    # the schema declares the in-place append
+    schema = FWD.default._schema
+    assert [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write] == [
+        "k_cache",
+        "v_cache",
+    ]
 
 
 @pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
