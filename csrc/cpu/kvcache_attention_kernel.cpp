@@ -55,6 +55,43 @@ inline T hsum(const Vec<T>& v) {
   }
 }
 
+// out[k] = sum of the lanes of v[k], k = 0 .. 7, for the 4 rows x 2 keys of block_scores: on
+// AVX512 / AVX2 one transpose-and-add tree for all eight (about half the shuffles of eight
+// separate reductions, which were a third of the scores' instructions).
+template <typename T>
+inline void hsum8(const Vec<T>* v, T* out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    auto fold = [](__m512 a, __m512 b) {  // 128-bit lanes [a02, a13, b02, b13]
+      return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+    };
+    auto pick = [](__m512 x, __m512 y) {  // lane k: 4 partial sums of source k of (x: 0, 1; y: 2, 3)
+      return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xDD));
+    };
+    const __m512 lo = pick(fold(v[0], v[1]), fold(v[2], v[3]));
+    const __m512 hi = pick(fold(v[4], v[5]), fold(v[6], v[7]));
+    const __m512 z = _mm512_add_ps(_mm512_unpacklo_ps(lo, hi), _mm512_unpackhi_ps(lo, hi));
+    const __m512 f = _mm512_add_ps(z, _mm512_permute_ps(z, 0x4E));  // lane k: [s_k, s_k+4, ..]
+    alignas(64) float tmp[16];
+    _mm512_store_ps(tmp, f);
+    for (int k = 0; k < 4; ++k) {
+      out[k] = tmp[4 * k];
+      out[k + 4] = tmp[4 * k + 1];
+    }
+    return;
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
+    const __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
+    return;
+  }
+#endif
+  for (int k = 0; k < 8; ++k) out[k] = hsum(v[k]);
+}
+
 // dst[0 .. n) = src widened to acc_t.
 template <typename in_t>
 inline void to_acc(const in_t* src, acc_t<in_t>* dst, int64_t n) {
@@ -159,15 +196,14 @@ void block_scores(const T* q, int64_t R, int64_t D, const T* const* kp, int64_t 
       };
       for (int64_t c = 0; c < Dw; c += W) step(c, W);
       if (tail) step(Dw, tail);
+      const Vec<T> all[8] = {a0, a1, a2, a3, b0, b1, b2, b3};
+      T sums[8];
+      hsum8(all, sums);
       T* o = s + r * kBlockK + jj;
-      o[0] = hsum(a0);
-      o[1] = hsum(b0);
-      o[kBlockK] = hsum(a1);
-      o[kBlockK + 1] = hsum(b1);
-      o[2 * kBlockK] = hsum(a2);
-      o[2 * kBlockK + 1] = hsum(b2);
-      o[3 * kBlockK] = hsum(a3);
-      o[3 * kBlockK + 1] = hsum(b3);
+      for (int k = 0; k < 4; ++k) {
+        o[k * kBlockK] = sums[k];
+        o[k * kBlockK + 1] = sums[k + 4];
+      }
     }
     for (; jj < nb; ++jj) {
       const T* k = kp[jj];
@@ -198,6 +234,70 @@ void block_scores(const T* q, int64_t R, int64_t D, const T* const* kp, int64_t 
     }
   }
 }
+
+#if defined(CPU_CAPABILITY_AVX512)
+// bfloat16 scores on CPUs with AVX512-BF16: VDPBF16PS multiplies bf16 pairs exactly into float32
+// and accumulates in float32, so q . k needs no widened copy of K and half the multiply
+// instructions; the result is the float32 path's up to summation order (and denormal flushing).
+// q holds the raw (unscaled, bf16) query rows; scale is applied to the sums. D % 32 == 0.
+inline bool have_avx512_bf16() {
+  static const bool yes = __builtin_cpu_supports("avx512bf16");
+  return yes;
+}
+
+__attribute__((target("avx512bf16"), always_inline)) inline __m512 dot(__m512 acc, const c10::BFloat16* a,
+                                                                       const c10::BFloat16* b) {
+  return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(a), (__m512bh)_mm512_loadu_si512(b));
+}
+
+__attribute__((target("avx512bf16"))) void block_scores_bf16(const c10::BFloat16* q, int64_t R, int64_t D,
+                                                              const c10::BFloat16* const* kp, int64_t nb,
+                                                              float scale, float* s) {
+  int64_t r = 0;
+  for (; r + 4 <= R; r += 4) {
+    const c10::BFloat16 *q0 = q + r * D, *q1 = q0 + D, *q2 = q1 + D, *q3 = q2 + D;
+    int64_t jj = 0;
+    for (; jj + 2 <= nb; jj += 2) {
+      const c10::BFloat16 *k = kp[jj], *k2 = kp[jj + 1];
+      Vec<float> v[8];
+      for (auto& x : v) x = Vec<float>(0.f);
+      __m512 a0 = v[0], a1 = v[0], a2 = v[0], a3 = v[0], b0 = v[0], b1 = v[0], b2 = v[0], b3 = v[0];
+      for (int64_t c = 0; c < D; c += 32) {
+        a0 = dot(a0, q0 + c, k + c);
+        b0 = dot(b0, q0 + c, k2 + c);
+        a1 = dot(a1, q1 + c, k + c);
+        b1 = dot(b1, q1 + c, k2 + c);
+        a2 = dot(a2, q2 + c, k + c);
+        b2 = dot(b2, q2 + c, k2 + c);
+        a3 = dot(a3, q3 + c, k + c);
+        b3 = dot(b3, q3 + c, k2 + c);
+      }
+      v[0] = a0, v[1] = a1, v[2] = a2, v[3] = a3, v[4] = b0, v[5] = b1, v[6] = b2, v[7] = b3;
+      float sums[8];
+      hsum8<float>(v, sums);
+      float* o = s + r * kBlockK + jj;
+      for (int k4 = 0; k4 < 4; ++k4) {
+        o[k4 * kBlockK] = sums[k4] * scale;
+        o[k4 * kBlockK + 1] = sums[k4 + 4] * scale;
+      }
+    }
+    for (; jj < nb; ++jj) {
+      for (int64_t rr = r; rr < r + 4; ++rr) {
+        __m512 a = _mm512_setzero_ps();
+        for (int64_t c = 0; c < D; c += 32) a = dot(a, q + rr * D + c, kp[jj] + c);
+        s[rr * kBlockK + jj] = _mm512_reduce_add_ps(a) * scale;
+      }
+    }
+  }
+  for (; r < R; ++r) {
+    for (int64_t jj = 0; jj < nb; ++jj) {
+      __m512 a = _mm512_setzero_ps();
+      for (int64_t c = 0; c < D; c += 32) a = dot(a, q + r * D + c, kp[jj] + c);
+      s[r * kBlockK + jj] = _mm512_reduce_add_ps(a) * scale;
+    }
+  }
+}
+#endif
 
 // acc_r = alpha_r acc_r + sum_jj P[r][jj] V_jj, four rows at a time share each V load.
 template <typename T>
@@ -303,15 +403,25 @@ void attend_split(const KVCacheParams<in_t>& p, int64_t b, int64_t h, int64_t sp
   }
   if (lo >= hi) return;
   // the rows of query heads h*G .. h*G + G - 1, positions 0 .. Lq - 1: contiguous in q
-  to_acc(p.q + (b * p.Hq + h * G) * p.Lq * D, w.q.data(), R * D);
+  const in_t* q_rows = p.q + (b * p.Hq + h * G) * p.Lq * D;
+  to_acc(q_rows, w.q.data(), R * D);
   for (int64_t i = 0; i < R * D; ++i) w.q[i] *= p.scale;
+  bool dp_bf16 = false;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<in_t, c10::BFloat16>) dp_bf16 = D % 32 == 0 && have_avx512_bf16();
+#endif
+  std::vector<const in_t*> kraw(dp_bf16 ? kBlockK : 0);
   for (int64_t j0 = lo; j0 < hi; j0 += kBlockK) {
     const int64_t nb = std::min(kBlockK, hi - j0);
     for (int64_t jj = 0; jj < nb; ++jj) {
       const int64_t j = j0 + jj, page = page_of(p, b, j), row = j % p.page_size;
       const in_t* kr = cache_row(static_cast<const in_t*>(p.k_cache), p.k_stride, page, h, row);
       const in_t* vr = cache_row(static_cast<const in_t*>(p.v_cache), p.v_stride, page, h, row);
-      if constexpr (kHalf<in_t>) {
+      if (dp_bf16) {
+        kraw[jj] = kr;
+        to_acc(vr, w.vbuf.data() + jj * Dv, Dv);
+        w.vp[jj] = w.vbuf.data() + jj * Dv;
+      } else if constexpr (kHalf<in_t>) {
         to_acc(kr, w.kbuf.data() + jj * D, D);
         to_acc(vr, w.vbuf.data() + jj * Dv, Dv);
         w.kp[jj] = w.kbuf.data() + jj * D;
@@ -321,7 +431,19 @@ void attend_split(const KVCacheParams<in_t>& p, int64_t b, int64_t h, int64_t sp
         w.vp[jj] = vr;
       }
     }
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<in_t, c10::BFloat16>) {
+      if (dp_bf16) {
+        block_scores_bf16(q_rows, R, D, kraw.data(), nb, p.scale, w.s.data());
+      } else {
+        block_scores<T>(w.q.data(), R, D, w.kp.data(), nb, w.s.data());
+      }
+    } else {
+      block_scores<T>(w.q.data(), R, D, w.kp.data(), nb, w.s.data());
+    }
+#else
     block_scores<T>(w.q.data(), R, D, w.kp.data(), nb, w.s.data());
+#endif
     for (int64_t r = 0; r < R; ++r) {
       const int64_t g = r / p.Lq, i = r % p.Lq, d = d0 + i;
       const T slope = p.alibi ? p.alibi[b * p.alibi_b_stride + h * G + g] : T(0);
