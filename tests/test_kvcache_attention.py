@@ -10,6 +10,7 @@ import random
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 from helpers import HAS_CUDA, assert_close_to_ref, backend_params
 
 import pyattn
@@ -176,10 +177,10 @@ def test_append_then_attend_is_attention_over_the_concatenation(backend, device)
 @pytest.mark.parametrize("page_size", [1, 16, 256])
 def test_paged_equals_dense(backend, device, page_size):
     # shuffled pages, partial last pages (L_max and the lengths are not multiples of the page)
-    L_max = (37 if small(backend) else 533) if page_size < 256 else (270 if small(backend) else 700)
-    B, Lq = 3, 2
+    L_max = (37 if small(backend) else 301) if page_size < 256 else (270 if small(backend) else 600)
+    B, Lq = (2 if small(backend) else 3), 2
     case = Case(B, 8, 2, Lq, 32, L_max, random_seqlens(B, L_max, Lq), page_size=page_size)
-    dtypes = [torch.float32] if small(backend) else dtypes_for(backend)
+    dtypes = [torch.float32] if small(backend) else dtypes_for(backend)[:2]
     for dtype in dtypes:
         dense = check(case, backend, device, dtype, paged=False, num_splits=3)
         paged = check(case, backend, device, dtype, paged=True, num_splits=3)
@@ -193,7 +194,7 @@ def test_every_split_count_equals_no_split(backend, device):
     L_max = 64 if small(backend) else 1100
     B, Lq = 2, 1
     case = Case(B, 4, 1, Lq, 32, L_max, random_seqlens(B, L_max, Lq, specials=(1,)))
-    counts = [3, 64] if small(backend) else [2, 3, 5, 8, 17, 40, 200]
+    counts = [3] if small(backend) else [2, 5, 17, 200]
     one = check(case, backend, device, torch.float32, num_splits=1)
     for n in counts:
         out = check(case, backend, device, torch.float32, num_splits=n)
@@ -286,6 +287,49 @@ def test_lse_includes_every_split_and_the_sink():
         want = torch.logsumexp(torch.cat([s, sinks.double()[:, None, None]], -1), -1)
         torch.testing.assert_close(lse[0].double(), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(outs[0][0], outs[1][0])
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops a call dispatches."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_sdpa_decode_step_runs_the_split_k_kernel(dtype):
+    # pyattn.scaled_dot_product_attention with a short query over a long key (a decode step,
+    # transformers' sdpa path) takes the KV-cache kernel on CPU, with sdpa's semantics
+    B, Hq, Hkv, Lk, D = 2, 8, 2, 700, 32
+    q64, k64, v64 = (
+        torch.randn(B, Hq, 1, D).double(),
+        torch.randn(B, Hkv, Lk, D).double(),
+        torch.randn(B, Hkv, Lk, D).double(),
+    )
+    ref64 = reference.scaled_dot_product_attention(q64, k64, v64, enable_gqa=True)
+    low = torch.float32 if dtype in HALF else dtype
+    ref_low = reference.scaled_dot_product_attention(
+        *(t.to(dtype).to(low) for t in (q64, k64, v64)), enable_gqa=True
+    )
+    q, k, v = (t.to(dtype) for t in (q64, k64, v64))
+    with torch.no_grad(), _OpLog() as log:
+        out = pyattn.scaled_dot_product_attention(q, k, v, enable_gqa=True, backend="cpu")
+    assert "pyattn.kvcache_attention_fwd.default" in log.names, log.names
+    assert_close_to_ref("sdpa decode step", out, ref_low.to(dtype), ref64)
+    # torch's is_causal (upper-left: query 0 sees key 0 only) and calls that need a gradient stay
+    # on the sdpa kernels
+    with torch.no_grad(), _OpLog() as log:
+        causal = pyattn.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, backend="cpu")
+    assert "pyattn.kvcache_attention_fwd.default" not in log.names
+    assert torch.equal(causal[:, :, 0].float(), v[:, :, :1].repeat_interleave(4, 1)[:, :, 0].float())
+    with _OpLog() as log:
+        pyattn.scaled_dot_product_attention(q.requires_grad_(), k, v, enable_gqa=True, backend="cpu")
+    assert "pyattn.kvcache_attention_fwd.default" not in log.names
 
 
 # -- bad input ---------------------------------------------------------------------------------
