@@ -137,22 +137,22 @@ inline in_t* cache_row(in_t* base, const int64_t* stride, int64_t page, int64_t 
   return base + page * stride[0] + h * stride[1] + row * stride[2];
 }
 
-// The in-place append: new token t of sequence b goes to position cache_seqlens[b] + t.
+// The in-place append: new token t of sequence b goes to position cache_seqlens[b] + t. Serial:
+// a few rows of D elements, less than one parallel region's wake-up (on a loaded machine a
+// region waits for every thread to be scheduled: milliseconds).
 template <typename in_t>
 void append(const KVCacheParams<in_t>& p) {
   if (p.k_new == nullptr) return;
-  at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / p.Hkv, h = bh % p.Hkv;
-      for (int64_t t = 0; t < p.Lq; ++t) {
-        const int64_t j = p.cache_seqlens[b] + t, page = page_of(p, b, j), row = j % p.page_size;
-        std::memcpy(cache_row(p.k_cache, p.k_stride, page, h, row), p.k_new + (bh * p.Lq + t) * p.D,
-                    sizeof(in_t) * p.D);
-        std::memcpy(cache_row(p.v_cache, p.v_stride, page, h, row),
-                    p.v_new + (bh * p.Lq + t) * p.Dv, sizeof(in_t) * p.Dv);
-      }
+  for (int64_t bh = 0; bh < p.B * p.Hkv; ++bh) {
+    const int64_t b = bh / p.Hkv, h = bh % p.Hkv;
+    for (int64_t t = 0; t < p.Lq; ++t) {
+      const int64_t j = p.cache_seqlens[b] + t, page = page_of(p, b, j), row = j % p.page_size;
+      std::memcpy(cache_row(p.k_cache, p.k_stride, page, h, row), p.k_new + (bh * p.Lq + t) * p.D,
+                  sizeof(in_t) * p.D);
+      std::memcpy(cache_row(p.v_cache, p.v_stride, page, h, row),
+                  p.v_new + (bh * p.Lq + t) * p.Dv, sizeof(in_t) * p.Dv);
     }
-  });
+  }
 }
 
 // Per-thread buffers of one task.
@@ -470,8 +470,11 @@ void run(const KVCacheParams<in_t>& p, const KVCacheOut<in_t>& o) {
                    l.data() + t * R);
     }
   });
-  // merge the splits of each row (sink included), normalise and round once
-  at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
+  // merge the splits of each row (sink included), normalise and round once: O(splits x rows x
+  // Dv), in parallel only when that is worth a second parallel region
+  const int64_t merge_work = tasks * R * p.Dv;
+  at::parallel_for(0, p.B * p.Hkv, merge_work >= (int64_t{1} << 18) ? 1 : p.B * p.Hkv + 1,
+                   [&](int64_t begin, int64_t end) {
     std::vector<T> row(p.Dv);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.Hkv, h = bh % p.Hkv;
