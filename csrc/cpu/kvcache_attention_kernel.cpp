@@ -299,12 +299,36 @@ __attribute__((target("avx512bf16"))) void block_scores_bf16(const c10::BFloat16
 }
 #endif
 
-// acc_r = alpha_r acc_r + sum_jj P[r][jj] V_jj, four rows at a time share each V load.
+// acc_r = alpha_r acc_r + sum_jj P[r][jj] V_jj, four rows at a time share each V load. Full
+// groups of kGroup vectors of Dv keep 4 x kGroup accumulators in registers across the block's
+// keys, so each probability is broadcast once per group instead of once per vector (AVX512:
+// 16 accumulators + 4 broadcasts + 4 V vectors of 32 registers; AVX2: half, of 16).
 template <typename T>
 void block_pv(const T* pr, const T* alpha, int64_t R, int64_t Dv, const T* const* vp, int64_t nb, T* acc) {
   constexpr int64_t W = Vec<T>::size();
+  constexpr int kGroup = Vec<float>::size() >= 16 ? 4 : 2;
+  const int64_t Dg = Dv / (W * kGroup) * (W * kGroup);
   const int64_t Dw = Dv / W * W, tail = Dv - Dw;
   int64_t r = 0;
+  auto rows4_group = [&](int64_t c) {
+    Vec<T> a[4][kGroup];
+    const T* p[4];
+    for (int i = 0; i < 4; ++i) {
+      const Vec<T> al(alpha[r + i]);
+      for (int g = 0; g < kGroup; ++g) a[i][g] = Vec<T>::loadu(acc + (r + i) * Dv + c + g * W) * al;
+      p[i] = pr + (r + i) * kBlockK;
+    }
+    for (int64_t jj = 0; jj < nb; ++jj) {
+      Vec<T> vv[kGroup];
+      for (int g = 0; g < kGroup; ++g) vv[g] = Vec<T>::loadu(vp[jj] + c + g * W);
+      for (int i = 0; i < 4; ++i) {
+        const Vec<T> pi(p[i][jj]);
+        for (int g = 0; g < kGroup; ++g) a[i][g] = at::vec::fmadd(pi, vv[g], a[i][g]);
+      }
+    }
+    for (int i = 0; i < 4; ++i)
+      for (int g = 0; g < kGroup; ++g) a[i][g].store(acc + (r + i) * Dv + c + g * W);
+  };
   auto rows4 = [&](int64_t c, int64_t n) {
     T *c0 = acc + r * Dv + c, *c1 = c0 + Dv, *c2 = c1 + Dv, *c3 = c2 + Dv;
     Vec<T> a0 = Vec<T>::loadu(c0, n) * Vec<T>(alpha[r]), a1 = Vec<T>::loadu(c1, n) * Vec<T>(alpha[r + 1]),
@@ -330,7 +354,8 @@ void block_pv(const T* pr, const T* alpha, int64_t R, int64_t Dv, const T* const
     a0.store(c0, n);
   };
   for (; r + 4 <= R; r += 4) {
-    for (int64_t c = 0; c < Dw; c += W) rows4(c, W);
+    for (int64_t c = 0; c < Dg; c += W * kGroup) rows4_group(c);
+    for (int64_t c = Dg; c < Dw; c += W) rows4(c, W);
     if (tail) rows4(Dw, tail);
   }
   for (; r < R; ++r) {
