@@ -10,7 +10,7 @@ Cases:
 - bert: BERT-base forward in bf16, B=8 L=512, pyattn's BertModel vs transformers' BertModel
   (attn_implementation="sdpa") on the same weights.
 
-Run: ``python -m bench.bench_half_cpu [--only sdpa,additive,bert] [--dtypes bf16,fp16]
+Run: ``python -m pyattn.bench.bench_half_cpu [--only sdpa,additive,bert] [--dtypes bf16,fp16]
 [--lengths 256,1024,2048] [--out results.json]``. Prints one line per case (times in ms and
 the speed-up, torch or naive time / pyattn time) and writes the rows as JSON.
 """

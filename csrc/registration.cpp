@@ -56,6 +56,20 @@ TORCH_LIBRARY(pyattn, m) {
       "Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor out, Tensor lse, SymInt max_seqlen_q, "
       "SymInt max_seqlen_k, float dropout_p, int causal, float scale, SymInt seed, SymInt offset) "
       "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
+  // KV-cache attention (pyattn/ops/kvcache_attention.py; docs/design.md, "KV-cache attention"):
+  // query (B, Hq, Lq, D); a dense cache (B, Hkv, L_max, D) or, with block_table int32
+  // (B, max_pages), a paged one (num_pages, Hkv, page_size, D); cache_seqlens int32 (B,). key /
+  // value (B, Hkv, Lq, D), when given, are written into the caches in place at cache_seqlens[b] +
+  // t (hence Tensor(a!) / Tensor(b!)), then query row i of sequence b attends keys up to its
+  // lower-right diagonal d = i + Lk_b - Lq (Lk_b = cache_seqlens[b] + Lq with key/value, else
+  // cache_seqlens[b]) when causal, within window (left, right) around d (-1 = unbounded), with
+  // softcap (0 = off), sinks (Hq,) and alibi_slopes (Hq,) or (B, Hq) as sdpa's variants.
+  // num_splits = 0 chooses the split-K count. lse (B, Hq, Lq) includes the sink.
+  m.def(
+      "kvcache_attention_fwd(Tensor query, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, "
+      "Tensor? key, Tensor? value, Tensor? block_table, Tensor? sinks, Tensor? alibi_slopes, bool causal, "
+      "float scale, int window_left, int window_right, float softcap, int num_splits) "
+      "-> (Tensor out, Tensor lse)");
   // The dropout keep-mask (B, H, Lq, Lk) that the kernels draw for (seed, offset): for tests
   // and for the reference path, so every backend's dropout can be checked exactly.
   m.def("dropout_keep_mask(int seed, int offset, int[] shape, float p) -> Tensor");

@@ -55,6 +55,11 @@ SCHEMAS = {
         "float dropout_p, int causal, float scale, SymInt seed, SymInt offset) "
         "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)"
     ),
+    "kvcache_attention_fwd": (
+        "(Tensor query, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? key, "
+        "Tensor? value, Tensor? block_table, Tensor? sinks, Tensor? alibi_slopes, bool causal, float scale, "
+        "int window_left, int window_right, float softcap, int num_splits) -> (Tensor out, Tensor lse)"
+    ),
     "additive_attention_fwd": (
         "(Tensor query, Tensor key, Tensor value, Tensor v, Tensor? key_padding_mask, bool return_weights)"
         " -> (Tensor out, Tensor lse, Tensor weights)"
@@ -172,8 +177,9 @@ def launch_kernel(kernel, grid, *args, **kwargs) -> None:
     wrap_triton(kernel)[grid](*args, **kwargs)
 
 
-def define_op(name: str) -> Callable:
-    """Decorator: the function becomes the op ``pyattn::NAME_triton`` with the C++ op NAME's schema.
+def define_op(name: str, mutates_args: tuple[str, ...] = ()) -> Callable:
+    """Decorator: the function becomes the op ``pyattn::NAME_triton`` with the C++ op NAME's schema
+    (``mutates_args``: the arguments the schema marks ``Tensor(a!)``, written in place).
 
     A triton_op on a GPU. Under TRITON_INTERPRET=1 the kernels are invisible to tracing, so a
     triton_op's decomposition would trace to a graph without them (torch.compile and opcheck's AOT
@@ -183,12 +189,12 @@ def define_op(name: str) -> Callable:
     if INTERPRET:
 
         def define(fn):
-            op = torch.library.custom_op(qualname, mutates_args=(), schema=schema)(fn)
+            op = torch.library.custom_op(qualname, mutates_args=mutates_args, schema=schema)(fn)
             op.register_fake(fn)
             return op
 
         return define
     # torch releases whose triton_op takes no schema infer the same one, less the return names
     if "schema" in inspect.signature(triton_op).parameters:
-        return triton_op(qualname, mutates_args=(), schema=schema)
-    return triton_op(qualname, mutates_args=())
+        return triton_op(qualname, mutates_args=mutates_args, schema=schema)
+    return triton_op(qualname, mutates_args=mutates_args)

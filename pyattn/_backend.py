@@ -32,6 +32,7 @@ DTYPES = {
 # usable one wins. On CPU tensors the C++ kernels are always preferred to the interpreter.
 _PREFERENCE = {
     "additive_attention": ("triton", "cuda"),
+    "kvcache_attention": ("triton", "cuda"),
     "sdpa": ("triton", "cuda"),
     "varlen_attention": ("triton", "cuda"),
 }

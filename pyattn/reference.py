@@ -27,6 +27,7 @@ __all__ = [
     "scaled_dot_product_attention",
     "sdpa_scores",
     "varlen_attention",
+    "kvcache_attention",
     "philox_uniform",
     "dropout_keep_mask",
 ]
@@ -241,6 +242,96 @@ def varlen_attention(
     if not outs:
         return query.new_zeros((0, query.shape[1], value.shape[2]))
     return torch.cat(outs, dim=0)  # (total_q, Hq, Dv)
+
+
+def kvcache_attention(
+    query: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor,
+    key: Tensor | None = None,
+    value: Tensor | None = None,
+    *,
+    block_table: Tensor | None = None,
+    is_causal: bool = True,
+    scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
+) -> Tensor:
+    """KV-cache attention, naive: append ``key``/``value`` to the caches in place (as the fused
+    op does), gather each sequence's keys, and attend with the full score matrix.
+
+    Arguments:
+        query: (B, Hq, Lq, D).
+        k_cache, v_cache: dense (B, Hkv, L_max, D) / (B, Hkv, L_max, Dv), or paged
+            (num_pages, Hkv, page_size, D) with ``block_table``.
+        cache_seqlens: (B,) filled length of each sequence before the new tokens.
+        key, value: (B, Hkv, Lq, D) / (B, Hkv, Lq, Dv) new tokens written at cache_seqlens[b] + t,
+            or None (attend to the cache as it is).
+        block_table: (B, max_pages) int: page block_table[b, j // page_size] holds position j.
+        is_causal: query i sees keys j <= d_i = i + Lk_b - Lq (lower-right).
+        scale: score scale, default ``1/sqrt(D)``.
+        window_size: (left, right): keys d_i - left <= j <= d_i + right; -1 unbounded.
+        softcap: scores s -> softcap * tanh(s / softcap) after scaling (0: off).
+        sinks: (Hq,) a logit per head joining the softmax denominator, with no value.
+        alibi_slopes: (Hq,) or (B, Hq): scores -= slope * |d_i - j|.
+    Returns:
+        (B, Hq, Lq, Dv); a row with no key gives zeros.
+    """
+    B, Hq, Lq, D = query.shape
+    Hkv = k_cache.shape[1]
+    ps = k_cache.shape[2]
+    seqlens = [int(n) for n in cache_seqlens.tolist()]
+    bt = block_table.tolist() if block_table is not None else None
+
+    def where(b: int, j: int) -> tuple[int, int]:  # (page, row) of position j of sequence b
+        return (bt[b][j // ps], j % ps) if bt is not None else (b, j)
+
+    if key is not None:
+        for b in range(B):
+            for t in range(Lq):
+                page, row = where(b, seqlens[b] + t)
+                k_cache[page, :, row] = key[b, :, t]
+                v_cache[page, :, row] = value[b, :, t]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    left, right = window_size
+    outs = []
+    for b in range(B):
+        lk = seqlens[b] + (Lq if key is not None else 0)
+        idx = [where(b, j) for j in range(lk)]
+        pages = torch.tensor([i[0] for i in idx], dtype=torch.long, device=query.device)
+        rows = torch.tensor([i[1] for i in idx], dtype=torch.long, device=query.device)
+        k = k_cache[pages, :, rows].transpose(0, 1).to(query.dtype)  # (Hkv, Lk_b, D)
+        v = v_cache[pages, :, rows].transpose(0, 1).to(query.dtype)  # (Hkv, Lk_b, Dv)
+        k = k.repeat_interleave(Hq // Hkv, dim=0)  # (Hq, Lk_b, D)
+        v = v.repeat_interleave(Hq // Hkv, dim=0)
+        s = (query[b] @ k.transpose(-1, -2)) * scale  # (Hq, Lq, Lk_b)
+        if softcap > 0.0:
+            s = softcap * torch.tanh(s / softcap)
+        d = torch.arange(Lq, device=query.device)[:, None] + (lk - Lq)  # (Lq, 1) diagonals
+        j = torch.arange(lk, device=query.device)[None, :]  # (1, Lk_b)
+        if alibi_slopes is not None:
+            slopes = alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[b]
+            s = s - slopes.to(s.dtype)[:, None, None] * (d - j).abs().to(s.dtype)
+        allowed = torch.ones(Lq, lk, dtype=torch.bool, device=query.device)
+        if is_causal:
+            allowed &= j <= d
+        if left >= 0:
+            allowed &= j >= d - left
+        if right >= 0:
+            allowed &= j <= d + right
+        s = s.masked_fill(~allowed, float("-inf"))
+        if sinks is not None:
+            sink = sinks.to(s.dtype)[:, None, None].expand(Hq, Lq, 1)
+            w = torch.softmax(torch.cat([s, sink], dim=-1), dim=-1)[..., :-1]
+        else:
+            w = masked_softmax(s, allowed.expand_as(s))
+        outs.append(torch.nan_to_num(w, nan=0.0) @ v)  # (Hq, Lq, Dv)
+    if not outs:
+        return query.new_zeros((0, Hq, Lq, v_cache.shape[-1]))
+    return torch.stack(outs)  # (B, Hq, Lq, Dv)
 
 
 # -- dropout random numbers -------------------------------------------------------------------

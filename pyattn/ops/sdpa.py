@@ -448,6 +448,14 @@ def _run(chosen, query, key, value, mask, dropout_p, causal, scale, enable_gqa, 
     q = query.expand(*lead, Hq, Lq, E).reshape(B, Hq, Lq, E)  # (B, Hq, Lq, E)
     k = key.expand(*lead, Hkv, Lk, E).reshape(B, Hkv, Lk, E)  # (B, Hkv, Lk, E)
     v = value.expand(*lead, Hkv, Lk, Dv).reshape(B, Hkv, Lk, Dv)  # (B, Hkv, Lk, Dv)
+    if _decode_step(chosen, q, k, v, mask, dropout_p, causal):
+        # a short query over a long key: the split-K decoding kernel (docs/design.md, "KV-cache
+        # attention"), the key/value as a full cache with nothing to append
+        lens = torch.full((B,), Lk, dtype=torch.int32)
+        out, _lse = torch.ops.pyattn.kvcache_attention_fwd(
+            q, k, v, lens, None, None, None, None, None, causal == CAUSAL_LOWER_RIGHT, scale, -1, -1, 0.0, 0
+        )
+        return out.reshape(*out_batch, Lq, Dv)  # (..., Hq, Lq, Dv)
     m4 = None
     if mask is not None:
         half_cpu = chosen == "cpu" and query.dtype in (torch.float16, torch.bfloat16)
@@ -461,6 +469,31 @@ def _run(chosen, query, key, value, mask, dropout_p, causal, scale, enable_gqa, 
     fwd = _OPS.forward_op(chosen)
     out, _lse = fwd(q, k, v, m4, dropout_p, causal, scale, seed, offset)
     return out.reshape(*out_batch, Lq, Dv)  # (..., Hq, Lq, Dv)
+
+
+# Query rows per kv head (Hq / Hkv x Lq) up to which, and keys from which, a CPU call runs the
+# KV-cache kernel: one decode step of a GQA model (4-8 rows) over a cache of 256+ keys, where
+# the prefill kernel's 64-row query tiles are mostly empty and it reads K/V once per query head.
+# Both bounds are first guesses, not yet placed by a benchmark sweep (the shared 2-core VM was
+# too loaded for one when this landed).
+DECODE_MAX_ROWS = 16
+DECODE_MIN_KEYS = 256
+
+
+def _decode_step(chosen, q, k, v, mask, dropout_p, causal) -> bool:
+    """True for a CPU inference call (no mask, no dropout, no causality or lower-right, nothing
+    requiring grad, eager) with a short query over a long key."""
+    if chosen != "cpu" or mask is not None or dropout_p != 0.0 or causal == CAUSAL_UPPER_LEFT:
+        return False
+    B, Hq, Lq, _ = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if Hkv == 0 or (Hq // Hkv) * Lq > DECODE_MAX_ROWS or Lk < DECODE_MIN_KEYS or B * Hq * Lq == 0:
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    # the kernel reads rows in place (a contiguous last dim); under torch.compile its declared
+    # cache mutation would cost a copy of K and V
+    return k.stride(-1) == 1 and v.stride(-1) == 1 and not torch.compiler.is_compiling()
 
 
 def _cast_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
