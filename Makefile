@@ -83,7 +83,8 @@ clean:
 SAN_VENV ?= .venv-sanitize
 SAN_SRC := build/sanitize-src
 SAN_TESTS ?= tests/test_sdpa.py tests/test_additive_attention.py tests/test_varlen_attention.py \
-	tests/test_edge_cases.py tests/test_half_cpu.py tests/test_torch_conformance.py tests/test_concurrency.py
+	tests/test_kvcache_attention.py tests/test_cpu_microkernels.py tests/test_edge_cases.py \
+	tests/test_half_cpu.py tests/test_torch_conformance.py tests/test_concurrency.py
 # (the RSS test measures the allocator, and ASan's quarantine keeps freed memory on purpose)
 SAN_SELECT ?= not triton and not cuda and not gpu and not rss_flat
 .PHONY: test-sanitize
