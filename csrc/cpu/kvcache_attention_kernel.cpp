@@ -24,6 +24,7 @@
 
 #include "../kvcache_attention_math.h"
 #include "kvcache_attention_kernel.h"
+#include "vec_util.h"
 
 namespace pyattn {
 namespace cpu {
@@ -33,12 +34,6 @@ namespace {
 
 // Keys per block: the (rows x kBlockK) scores and a block of widened half rows stay in L1.
 constexpr int64_t kBlockK = 32;
-
-template <typename T>
-using Vec = at::vec::Vectorized<T>;
-
-template <typename in_t>
-constexpr bool kHalf = !std::is_same_v<in_t, acc_t<in_t>>;
 
 // The sum of a vector's lanes (reduce_add is an intrinsic only in the float AVX2/AVX512 builds).
 template <typename T>
@@ -90,41 +85,6 @@ inline void hsum8(const Vec<T>* v, T* out) {
   }
 #endif
   for (int k = 0; k < 8; ++k) out[k] = hsum(v[k]);
-}
-
-// dst[0 .. n) = src widened to acc_t.
-template <typename in_t>
-inline void to_acc(const in_t* src, acc_t<in_t>* dst, int64_t n) {
-  int64_t i = 0;
-  if constexpr (kHalf<in_t>) {
-    constexpr int64_t W = Vec<in_t>::size();  // = 2 float vectors
-    for (; i + W <= n; i += W) {
-      auto [lo, hi] = at::vec::convert_to_float<in_t>(Vec<in_t>::loadu(src + i));
-      lo.store(dst + i);
-      hi.store(dst + i + Vec<float>::size());
-    }
-  }
-  for (; i < n; ++i) dst[i] = static_cast<acc_t<in_t>>(src[i]);
-}
-
-// dst[0 .. n) = src * alpha, rounded once to in_t.
-template <typename in_t>
-inline void store_scaled(const acc_t<in_t>* src, acc_t<in_t> alpha, in_t* dst, int64_t n) {
-  using T = acc_t<in_t>;
-  int64_t i = 0;
-  if constexpr (kHalf<in_t>) {
-    constexpr int64_t W = Vec<in_t>::size();
-    const Vec<float> a(alpha);
-    for (; i + W <= n; i += W) {
-      const Vec<float> lo = Vec<float>::loadu(src + i) * a;
-      const Vec<float> hi = Vec<float>::loadu(src + i + Vec<float>::size()) * a;
-      at::vec::convert_from_float<in_t>(lo, hi).store(dst + i);
-    }
-  } else {
-    const Vec<T> a(alpha);
-    for (; i + Vec<T>::size() <= n; i += Vec<T>::size()) (Vec<T>::loadu(src + i) * a).store(dst + i);
-  }
-  for (; i < n; ++i) dst[i] = static_cast<in_t>(src[i] * alpha);
 }
 
 template <typename in_t>

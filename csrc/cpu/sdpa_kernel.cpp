@@ -30,6 +30,7 @@
 #include "../sdpa_math.h"
 #include "sdpa_kernel.h"
 #include "philox_lanes.h"
+#include "vec_util.h"
 
 namespace pyattn {
 namespace cpu {
@@ -50,46 +51,11 @@ constexpr int64_t kFwdBlockK = 512;
 constexpr int64_t kBwdBlockQ = 128;
 constexpr int64_t kBwdBlockK = 256;
 
-template <typename T>
-using Vec = at::vec::Vectorized<T>;
-
 // Half inputs (float16 / bfloat16) run the same blocked algorithm in float32: each block of Q, K,
 // V or dO is converted to float32 as it is loaded (into a per-task buffer; cheap beside the block
 // GEMMs that read it), the output is rounded to the input dtype once, at the end of its row.
 // Float32 / float64 inputs are read in place (load_block returns the pointer itself).
-template <typename in_t>
-constexpr bool kHalf = !std::is_same_v<in_t, acc_t<in_t>>;
-
-template <typename in_t>
-inline void to_acc(const in_t* src, acc_t<in_t>* dst, int64_t n) {
-  int64_t i = 0;
-  if constexpr (kHalf<in_t>) {
-    constexpr int64_t W = Vec<in_t>::size();  // = 2 float vectors
-    for (; i + W <= n; i += W) {
-      auto [lo, hi] = at::vec::convert_to_float<in_t>(Vec<in_t>::loadu(src + i));
-      lo.store(dst + i);
-      hi.store(dst + i + Vec<float>::size());
-    }
-  }
-  for (; i < n; ++i) dst[i] = static_cast<acc_t<in_t>>(src[i]);
-}
-
-// dst[0 .. n) = src * alpha, rounded once to in_t.
-template <typename in_t>
-inline void store_scaled(const acc_t<in_t>* src, acc_t<in_t> alpha, in_t* dst, int64_t n) {
-  using T = acc_t<in_t>;
-  int64_t i = 0;
-  if constexpr (kHalf<in_t>) {
-    constexpr int64_t W = Vec<in_t>::size();
-    const Vec<float> va(alpha);
-    for (; i + W <= n; i += W) {
-      const Vec<float> lo = Vec<float>::loadu(src + i) * va;
-      const Vec<float> hi = Vec<float>::loadu(src + i + Vec<float>::size()) * va;
-      at::vec::convert_from_float<in_t>(lo, hi).store(dst + i);
-    }
-  }
-  for (; i < n; ++i) dst[i] = static_cast<in_t>(static_cast<T>(src[i] * alpha));
-}
+// (Vec, kHalf, to_acc, store_scaled: cpu/vec_util.h.)
 
 // n elements at src, as acc_t: src itself for float32 / float64, else converted into buf.
 template <typename in_t>
