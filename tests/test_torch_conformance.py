@@ -416,7 +416,7 @@ def test_defect5_exception_classes_are_torchs(make):
     assert "scaled_dot_product_attention" in str(ours.value) and "got" in str(ours.value)
 
 
-def test_defect6_half_cpu_computes_in_float32():
+def test_defect6_half_cpu_computes_in_float32(monkeypatch):
     x = torch.full((1, 32, 23, 80), 256.0, dtype=torch.half)
     out = pyattn.scaled_dot_product_attention(x, x, x)
     assert torch.isfinite(out).all()
@@ -426,8 +426,12 @@ def test_defect6_half_cpu_computes_in_float32():
         mask = torch.rand(50, 70) < 0.8
         mask[3] = False  # a fully masked row
         check_against_torch(Call(q, k, v, {"attn_mask": mask}, ""), "cpu")
-        # rounded once: within one rounding of the float64 result
+        # the widened path (float32 blocks) rounds once: within one rounding of the float64
+        # result. The bf16 product paths round P to bf16 as torch's flash kernel does, so they
+        # are held to the tolerance rule instead (above; tests/test_cpu_microkernels.py)
+        monkeypatch.setenv("PYATTN_CPU_HALF_GEMM", "widen")
         ours = pyattn.scaled_dot_product_attention(q, k, v, mask)
+        monkeypatch.delenv("PYATTN_CPU_HALF_GEMM")
         exact = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), mask)
         assert (ours.double() - exact).abs().max() <= 1.01 * (
             exact.to(dtype).double() - exact
