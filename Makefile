@@ -96,12 +96,13 @@ $(SAN_VENV)/.deps-installed: $(CONSTRAINTS)
 	touch $@
 
 $(SAN_VENV)/.pyattn-installed: $(SAN_VENV)/.deps-installed setup.py pyproject.toml $(shell find csrc pyattn kernels bench -name '*.py' -o -name '*.h' -o -name '*.cpp' 2>/dev/null)
+	touch $@.start  # the stamp takes the copy's time: an edit made during the build still counts
 	rm -rf $(SAN_SRC) && mkdir -p $(SAN_SRC)
 	cp -r setup.py pyproject.toml README.md csrc pyattn kernels bench $(SAN_SRC)/
 	rm -f $(SAN_SRC)/pyattn/_C*.so
 	PYATTN_SANITIZE=1 PYATTN_CUDA=0 MAX_JOBS=$${MAX_JOBS:-2} $(SAN_VENV)/bin/python -m pip install --no-build-isolation \
 		--no-deps ./$(SAN_SRC) -v > $(SAN_VENV)/build.log 2>&1 || (tail -n 60 $(SAN_VENV)/build.log; exit 1)
-	touch $@
+	mv $@.start $@
 
 test-sanitize: $(SAN_VENV)/.pyattn-installed
 	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
