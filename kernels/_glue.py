@@ -30,46 +30,21 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 AUTOTUNE = os.environ.get("PYATTN_TRITON_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# The schemas of the C++ ops (csrc/registration.cpp), which the Triton twins NAME_triton share:
-# same arguments, same named outputs (tests/test_triton_glue.py holds them equal). seed/offset
-# are SymInt: under torch.compile they are drawn in the graph (unbacked), and an `int` argument
-# would refuse them (fullgraph=True failed).
-SCHEMAS = {
-    "sdpa_fwd": (
-        "(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, int causal, "
-        "float scale, SymInt seed, SymInt offset) -> (Tensor out, Tensor lse)"
-    ),
-    "sdpa_bwd": (
-        "(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor out, "
-        "Tensor lse, float dropout_p, int causal, float scale, SymInt seed, SymInt offset) "
-        "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)"
-    ),
-    "varlen_attention_fwd": (
-        "(Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
-        "SymInt max_seqlen_q, SymInt max_seqlen_k, float dropout_p, int causal, float scale, "
-        "SymInt seed, SymInt offset) -> (Tensor out, Tensor lse)"
-    ),
-    "varlen_attention_bwd": (
-        "(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, "
-        "Tensor cu_seqlens_k, Tensor out, Tensor lse, SymInt max_seqlen_q, SymInt max_seqlen_k, "
-        "float dropout_p, int causal, float scale, SymInt seed, SymInt offset) "
-        "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)"
-    ),
-    "kvcache_attention_fwd": (
-        "(Tensor query, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? key, "
-        "Tensor? value, Tensor? block_table, Tensor? sinks, Tensor? alibi_slopes, bool causal, float scale, "
-        "int window_left, int window_right, float softcap, int num_splits) -> (Tensor out, Tensor lse)"
-    ),
-    "additive_attention_fwd": (
-        "(Tensor query, Tensor key, Tensor value, Tensor v, Tensor? key_padding_mask, bool return_weights)"
-        " -> (Tensor out, Tensor lse, Tensor weights)"
-    ),
-    "additive_attention_bwd": (
-        "(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor v, Tensor? key_padding_mask, "
-        "Tensor out, Tensor lse, Tensor? grad_weights, Tensor? weights) "
-        "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_v)"
-    ),
-}
+
+def cpp_schema(name: str) -> str:
+    """The schema of the C++ op ``pyattn::NAME`` (csrc/registration.cpp, the one place schemas
+    are written), less its name: the Triton twin NAME_triton takes the same arguments and returns
+    the same named outputs. seed/offset are SymInt there: under torch.compile they are drawn in
+    the graph (unbacked), and an ``int`` argument would refuse them."""
+    from pyattn import _backend
+
+    if _backend._C() is None:
+        raise ImportError(
+            "pyattn's Triton ops take their schemas from the C++ ops (csrc/registration.cpp), and "
+            "the compiled extension pyattn._C is not importable"
+        )
+    text = str(getattr(torch.ops.pyattn, name).default._schema)
+    return text[text.index("(") :]
 
 
 def _fix_interpreter_index() -> None:
@@ -185,7 +160,7 @@ def define_op(name: str, mutates_args: tuple[str, ...] = ()) -> Callable:
     triton_op's decomposition would trace to a graph without them (torch.compile and opcheck's AOT
     checks would return empty outputs): there it is an opaque custom_op whose fake impl is the
     function itself, which launches nothing on fake tensors."""
-    qualname, schema = f"pyattn::{name}_triton", SCHEMAS[name]
+    qualname, schema = f"pyattn::{name}_triton", cpp_schema(name)
     if INTERPRET:
 
         def define(fn):

@@ -19,21 +19,21 @@ import torch
 import triton
 from torch import Tensor
 
-from ._glue import DTYPES, define_op, is_traced, launch_kernel
-from .sdpa import (
-    _PREPROCESS_BLOCK_M,
+from ._flash import (
     LOG2E,
     MAX_HEAD_DIM,
-    _bwd_dkdv,
-    _bwd_dq,
-    _bwd_preprocess_kernel,
-    _check_slice,
-    _common_constexprs,
-    _drop_scale,
-    _fwd,
-    _interpreter_bf16,
-    _up,
+    PREPROCESS_BLOCK_M,
+    bwd_dkdv,
+    bwd_dq,
+    bwd_preprocess_kernel,
+    check_slice,
+    common_constexprs,
+    drop_scale,
+    fwd,
+    interpreter_bf16,
+    up,
 )
+from ._glue import DTYPES, define_op, is_traced, launch_kernel
 
 # -- launchers ----------------------------------------------------------------------------------
 
@@ -69,7 +69,7 @@ def _check(query, key, value, cu_q, cu_k, max_q, max_k, causal):
         ("key", key, max_k, D),
         ("value", value, max_k, Dv),
     ):
-        _check_slice(name, _heads_view(t), rows, cols)
+        check_slice(name, _heads_view(t), rows, cols)
     return cu_q.shape[0] - 1, Hq, Hkv, D, Dv
 
 
@@ -124,13 +124,13 @@ def varlen_forward(
     def grid(meta):
         return (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), B, Hq)
 
-    _fwd[grid](
+    fwd[grid](
         q, k, v, q, o, lse,
         *_st(q), *_st(k), *_st(v), 0, 0, 0, 0, *_st(o),
-        Hq, Hq // Hkv, max_seqlen_q, max_seqlen_k, scale * LOG2E, float(dropout_p), _drop_scale(dropout_p),
+        Hq, Hq // Hkv, max_seqlen_q, max_seqlen_k, scale * LOG2E, float(dropout_p), drop_scale(dropout_p),
         int(seed), int(offset), 1 if causal == 2 else 0,
         *_varlen_args(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q, max_seqlen_k),
-        **_common_constexprs(query, value, D, Dv, causal, 0, False, dropout_p, varlen=True),
+        **common_constexprs(query, value, D, Dv, causal, 0, False, dropout_p, varlen=True),
     )  # fmt: skip
     return out, lse
 
@@ -180,22 +180,22 @@ def varlen_backward(
         return packed(dq), packed(dk), packed(dv)
     lse = lse.float().contiguous()
     grad_out = grad_out.to(query.dtype)
-    consts = _common_constexprs(query, value, D, Dv, causal, 0, False, dropout_p, varlen=True)
+    consts = common_constexprs(query, value, D, Dv, causal, 0, False, dropout_p, varlen=True)
     if is_traced(query):
         return packed(dq), packed(dk), packed(dv)
     q, k, v, do, o = (_heads_view(t) for t in (query, key, value, grad_out, out))
-    _check_slice("grad_out", do, max_seqlen_q, Dv)
+    check_slice("grad_out", do, max_seqlen_q, Dv)
     # Delta of every packed row, (Hq, total_q) as the lse: the preprocess kernel over the
     # (1, Hq, total_q, Dv) view
     delta = torch.empty((Hq, total_q), dtype=torch.float32, device=query.device)
     if total_q > 0:
         launch_kernel(
-            _bwd_preprocess_kernel, (triton.cdiv(total_q, _PREPROCESS_BLOCK_M), 1, Hq), o, do, delta,
+            bwd_preprocess_kernel, (triton.cdiv(total_q, PREPROCESS_BLOCK_M), 1, Hq), o, do, delta,
             *o.stride(), *do.stride(), Hq, total_q,
-            HEAD_DIM_V=Dv, BLOCK_DV=consts["BLOCK_DV"], BLOCK_M=_PREPROCESS_BLOCK_M,
+            HEAD_DIM_V=Dv, BLOCK_DV=consts["BLOCK_DV"], BLOCK_M=PREPROCESS_BLOCK_M,
         )  # fmt: skip
     scalars = (
-        float(dropout_p), _drop_scale(dropout_p), int(seed), int(offset), 1 if causal == 2 else 0,
+        float(dropout_p), drop_scale(dropout_p), int(seed), int(offset), 1 if causal == 2 else 0,
         *_varlen_args(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q, max_seqlen_k),
     )  # fmt: skip
 
@@ -204,7 +204,7 @@ def varlen_backward(
         def grid_kv(meta):
             return (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), B, Hkv)
 
-        _bwd_dkdv[grid_kv](
+        bwd_dkdv[grid_kv](
             q, k, v, q, do, lse, delta, dk, dv,
             *_st(q), *_st(k), *_st(v), 0, 0, 0, 0, *_st(do),
             Hq, Hkv, Hq // Hkv, max_seqlen_q, max_seqlen_k, scale * LOG2E, scale, *scalars, **consts,
@@ -215,7 +215,7 @@ def varlen_backward(
         def grid_q(meta):
             return (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), B, Hq)
 
-        _bwd_dq[grid_q](
+        bwd_dq[grid_q](
             q, k, v, q, do, lse, delta, dq,
             *_st(q), *_st(k), *_st(v), 0, 0, 0, 0, *_st(do),
             Hq, Hq // Hkv, max_seqlen_q, max_seqlen_k, scale * LOG2E, scale, *scalars, **consts,
@@ -243,8 +243,8 @@ def varlen_attention_fwd_triton(
     offset: int,
 ) -> tuple[Tensor, Tensor]:
     args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, causal, scale, seed, offset)
-    if _interpreter_bf16(query):
-        out, lse = varlen_forward(_up(query), _up(key), _up(value), *args)
+    if interpreter_bf16(query):
+        out, lse = varlen_forward(up(query), up(key), up(value), *args)
         return out.to(torch.bfloat16), lse
     return varlen_forward(query, key, value, *args)
 
@@ -268,9 +268,9 @@ def varlen_attention_bwd_triton(
     offset: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     args = (max_seqlen_q, max_seqlen_k, dropout_p, causal, scale, seed, offset)
-    if _interpreter_bf16(query):
+    if interpreter_bf16(query):
         grads = varlen_backward(
-            _up(grad_out), _up(query), _up(key), _up(value), cu_seqlens_q, cu_seqlens_k, _up(out), lse, *args
+            up(grad_out), up(query), up(key), up(value), cu_seqlens_q, cu_seqlens_k, up(out), lse, *args
         )
         return tuple(g.to(torch.bfloat16) for g in grads)
     return varlen_backward(grad_out, query, key, value, cu_seqlens_q, cu_seqlens_k, out, lse, *args)
