@@ -172,7 +172,10 @@ else:
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=link_flags,
     )
-ext.depends = _rel(glob.glob(os.path.join(CSRC, "**", "*.h"), recursive=True))
+ext.depends = _rel(
+    glob.glob(os.path.join(CSRC, "**", "*.h"), recursive=True)
+    + glob.glob(os.path.join(CSRC, "**", "*.cuh"), recursive=True)
+)
 
 
 class Build(BuildExtension):
