@@ -98,6 +98,19 @@ class Case:
 # Step construction shared by the op cases
 
 
+def pyattn_providers(device: str) -> list[str]:
+    """``pyattn-<backend>`` for every kernel backend usable here that a call may pick on
+    ``device`` (pyattn/_backend.py records): the bench measures each backend a user gets."""
+    from pyattn import _backend
+
+    avail = _backend.backends()
+    return [
+        f"pyattn-{name}"
+        for name, rec in _backend.RECORDS.items()
+        if name in avail and device in rec.auto_devices
+    ]
+
+
 def _input_sets(make_one: Callable[[], tuple], set_bytes: int, device: str) -> list[tuple]:
     # On a GPU, two input sets alternate when they fit beside the L2 flush so that a run never
     # starts with its inputs already cached (do_bench also clears L2 between runs). The CPU
@@ -176,11 +189,8 @@ def _build_additive(case: Case):
 
 
 def _additive_cases(device: str, suite: str, dtypes: list[str]) -> list[Case]:
-    import pyattn
-
-    avail = pyattn.backends()
     if device == "cpu":
-        providers = ["reference"] + (["pyattn-cpu"] if "cpu" in avail else [])
+        providers = ["reference"] + pyattn_providers(device)
         dtypes = dtypes or ["fp32"]
         if suite == "quick":
             shapes = [(2, 32, 16, 16), (2, 64, 16, 16)]
@@ -193,7 +203,7 @@ def _additive_cases(device: str, suite: str, dtypes: list[str]) -> list[Case]:
         else:
             shapes = [(16, t, 256, 256) for t in (64, 256, 512)] + [(16, 256, 256, 256, 1)]
     else:
-        providers = ["reference"] + [f"pyattn-{b}" for b in ("triton", "cuda") if b in avail]
+        providers = ["reference"] + pyattn_providers(device)
         dtypes = dtypes or (["fp16"] if suite != "full" else ["fp16", "fp32"])
         if suite == "quick":
             shapes = [(2, 64, 32, 32)]
@@ -305,11 +315,8 @@ def _build_sdpa(case: Case):
 
 
 def _sdpa_cases(device: str, suite: str, dtypes: list[str]) -> list[Case]:
-    import pyattn
-
-    avail = pyattn.backends()
     if device == "cpu":
-        providers = ["torch", "reference"] + (["pyattn-cpu"] if "cpu" in avail else [])
+        providers = ["torch", "reference"] + pyattn_providers(device)
         dtypes = dtypes or ["fp32"]
         if suite == "quick":
             grid = [(1, 2, 32, 16, False), (1, 2, 64, 16, True)]
@@ -320,7 +327,7 @@ def _sdpa_cases(device: str, suite: str, dtypes: list[str]) -> list[Case]:
         else:
             grid = [(4, 8, L, 64, c) for L in (256, 1024, 2048) for c in (False, True)]
     else:
-        providers = ["torch", "reference"] + [f"pyattn-{b}" for b in ("triton", "cuda") if b in avail]
+        providers = ["torch", "reference"] + pyattn_providers(device)
         providers += list(TORCH_SDPA_BACKENDS)
         providers += [
             m for m, mod in (("flash-attn", "flash_attn"), ("xformers", "xformers")) if _importable(mod)
@@ -421,15 +428,12 @@ def _build_varlen(case: Case):
 
 
 def _varlen_cases(device: str, suite: str, dtypes: list[str]) -> list[Case]:
-    import pyattn
-
-    avail = pyattn.backends()
     if device == "cpu":
-        providers = ["torch", "pyattn-sdpa"] + (["pyattn-cpu"] if "cpu" in avail else [])
+        providers = ["torch", "pyattn-sdpa"] + pyattn_providers(device)
         dtypes = dtypes or ["fp32"]
         grid = [(2, 2, 32, 16, False)] if suite == "quick" else [(8, 12, L, 64, False) for L in (128, 512)]
     else:
-        providers = ["torch", "pyattn-sdpa"] + [f"pyattn-{b}" for b in ("triton", "cuda") if b in avail]
+        providers = ["torch", "pyattn-sdpa"] + pyattn_providers(device)
         dtypes = dtypes or ["bf16"]
         if suite == "quick":
             grid = [(2, 2, 128, 64, False)]

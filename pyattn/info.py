@@ -98,6 +98,9 @@ def run(args) -> int:
         print(f"half on CPU: {half_cpu_paths(c.cpu_capability())}")
     if torch.cuda.is_available():
         print(f"GPU: {torch.cuda.get_device_name()}")
+    print("where each backend has run on real hardware:")
+    for name, rec in _backend.RECORDS.items():
+        print(f"  {name}: {rec.ran_on}")
     for backend, error in _backend.IMPORT_ERRORS.items():
         print(f"{backend} failed to load: {error}")
     return 0

@@ -55,18 +55,28 @@ FLOOR = {
 GPU = pytest.mark.gpu
 
 
-def backend_params(cpu=True, triton=True, cuda=True, reference=False):
-    """pytest params for the backends of one op: cpu (C++), triton (interpreter on CPU here,
-    compiled on a GPU), cuda (GPU only), reference."""
+def backend_params(reference: bool = False, **include: bool):
+    """pytest params (backend, device) for every backend record (pyattn/_backend.py), so a new
+    backend runs every correctness test: cpu (C++), triton (interpreter on CPU here, compiled on
+    a GPU), cuda (GPU only, marked), and the reference when ``reference``. ``name=False``
+    leaves backend ``name`` out (``cuda=False``). A backend runs on a GPU when it takes CUDA
+    tensors and one is here, else on CPU; one that takes no CPU tensors is marked ``gpu``."""
+    from pyattn import _backend
+
+    unknown = set(include) - set(_backend.RECORDS)
+    if unknown:
+        raise ValueError(f"backend_params: unknown backends {sorted(unknown)}")
     out = []
-    if cpu:
-        out.append(pytest.param("cpu", "cpu", id="cpu"))
-    if triton:
-        out.append(pytest.param("triton", "cuda" if HAS_CUDA else "cpu", id="triton"))
-    if cuda:
-        out.append(pytest.param("cuda", "cuda", id="cuda", marks=GPU))
-    if reference:
-        out.append(pytest.param("reference", "cpu", id="reference"))
+    for name, rec in _backend.RECORDS.items():
+        if name == "reference":
+            if reference:
+                out.append(pytest.param("reference", "cpu", id="reference"))
+            continue
+        if not include.get(name, True):
+            continue
+        device = "cuda" if (HAS_CUDA and "cuda" in rec.devices) or "cpu" not in rec.devices else "cpu"
+        marks = [] if "cpu" in rec.devices else [GPU]
+        out.append(pytest.param(name, device, id=name, marks=marks))
     return out
 
 

@@ -262,7 +262,11 @@ def _good():
         (lambda a: a.__setitem__(2, torch.randn(2, 6, 4)), ValueError, r"'value' must be \(B=2, Tk=5, Dv\)"),
         (lambda a: a.__setitem__(3, torch.randn(7)), ValueError, r"'v' must have length H=8"),
         (lambda a: a.__setitem__(3, torch.randn(8, 1)), ValueError, r"'v' must be 1-D"),
-        (lambda a: a.__setitem__(2, torch.randn(2, 5, 4, dtype=torch.float64)), TypeError, r"'value' dtype"),
+        (
+            lambda a: a.__setitem__(2, torch.randn(2, 5, 4, dtype=torch.float64)),
+            TypeError,
+            r"'value' must have query's dtype torch.float32, got torch.float64",
+        ),
         (
             lambda a: a.__setitem__(0, torch.ones(2, 3, 8, dtype=torch.long)),
             TypeError,
@@ -283,7 +287,7 @@ def test_bad_inputs(mutate, exc, pattern):
     [
         (torch.zeros(2, 4, dtype=torch.bool), ValueError, r"'key_padding_mask' must be \(B=2, Tk=5\)"),
         (torch.zeros(2, 5), TypeError, r"'key_padding_mask' must be a bool tensor"),
-        ([[True]], TypeError, r"'key_padding_mask' must be a bool tensor or None"),
+        ([[True]], TypeError, r"'key_padding_mask' must be a torch.Tensor or None, got list"),
     ],
 )
 def test_bad_masks(mask, exc, pattern):

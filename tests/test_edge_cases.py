@@ -385,7 +385,7 @@ def test_additive_mask_on_other_device():
         (None, None, {"dropout_p": float("nan")}, RuntimeError, r"'dropout_p' must be in \[0, 1\], got nan"),
         (None, None, {"dropout_p": float("inf")}, RuntimeError, r"'dropout_p' must be in \[0, 1\], got inf"),
         (None, None, {"dropout_p": "0.1"}, TypeError, r"'dropout_p' must be a float, got str"),
-        (None, None, {"scale": "2"}, TypeError, r"'scale' must be a float, got str"),
+        (None, None, {"scale": "2"}, TypeError, r"'scale' must be a float or None, got str"),
     ],
 )  # fmt: skip
 def test_sdpa_bad_inputs(index, bad, kwargs, exc, pattern):
@@ -434,7 +434,9 @@ def test_triton_sdpa_head_dim_limit_is_a_clear_error():
         pytest.fail("triton is a CPU-runnable backend here (interpreter) and must be listed")
     q, k, v = torch.randn(1, 1, 2, 257), torch.randn(1, 1, 3, 257), torch.randn(1, 1, 3, 4)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    with pytest.raises(ValueError, match=r"head dim D must be in \[1, 256\], got 257"):
+    with pytest.raises(
+        ValueError, match=r"head dims D, Dv must be in \[1, 256\] for its kernels, got D=257, Dv=4"
+    ):
         pyattn.scaled_dot_product_attention(q.to(device), k.to(device), v.to(device), backend="triton")
 
 

@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import pyattn
 from pyattn import reference
-from pyattn.ops import sdpa as fa
+from pyattn.ops import _common
 
 HALF = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
 TORCH_MARGIN = 1.25
@@ -92,7 +92,7 @@ def _ref_sdpa(causal, gqa):
 def _pyattn_args(q, k, mask, causal):
     """(attn_mask, is_causal) for pyattn: lower-right as torch's CausalBias (the fused diagonal).
     Built outside any dispatch mode (a tensor subclass cannot be created under one)."""
-    if causal == fa.CAUSAL_LOWER_RIGHT:
+    if causal == _common.CAUSAL_LOWER_RIGHT:
         return causal_lower_right(q.shape[-2], k.shape[-2]), False
     return mask, causal == 1
 
@@ -104,7 +104,7 @@ def _pyattn_call(q, k, v, mask, causal, gqa, **kw):
 
 def _torch_call(q, k, v, mask, causal, gqa):
     Lq, Lk = q.shape[-2], k.shape[-2]
-    if causal == fa.CAUSAL_LOWER_RIGHT:
+    if causal == _common.CAUSAL_LOWER_RIGHT:
         mask = torch.ones(Lq, Lk, dtype=torch.bool).tril(diagonal=Lk - Lq)
     elif mask is not None and mask.dtype != torch.bool:
         mask = mask.to(q.dtype)
@@ -232,7 +232,7 @@ def test_sdpa_dropout_draws_as_float32(dtype, causal):
     out32 = _pyattn_call(*(t.detach().float() for t in (q, k, v)), None, causal, True, dropout_p=p)
     # the keep-mask those calls drew (the same generator state, the same counters)
     torch.manual_seed(seed)
-    philox_seed, offset = fa._dropout_seed_offset()
+    philox_seed, offset = _common.dropout_seed_offset()
     keep = torch.ops.pyattn.dropout_keep_mask(philox_seed, offset, [B, Hq, Lq, Lk], p)
 
     def ref(q, k, v):
@@ -497,3 +497,21 @@ def test_sdpa_autocast_casts_as_torch():
     assert ours.dtype == theirs.dtype == torch.bfloat16
     ref = reference.scaled_dot_product_attention(*(t.bfloat16().double() for t in (q, k, v, mask)))
     assert_no_worse_than_torch("out vs torch", ours, theirs, ref)
+
+
+def test_every_op_casts_under_autocast_as_sdpa():
+    """The sibling ops agree: under autocast, float32 inputs meet the autocast dtype (varlen and
+    additive as sdpa, as torch's attention), and the result equals the op on cast inputs."""
+    q, k, v = torch.randn(6, 2, 8), torch.randn(7, 2, 8), torch.randn(7, 2, 8)
+    cu_q, cu_k = torch.tensor([0, 2, 6], dtype=torch.int32), torch.tensor([0, 3, 7], dtype=torch.int32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = pyattn.varlen_attention(q, k, v, cu_q, cu_k)
+    want = pyattn.varlen_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), cu_q, cu_k)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    qa, ka, va, w = torch.randn(2, 3, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 4), torch.randn(8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = pyattn.additive_attention(qa, ka, va, w)
+    assert out.dtype == torch.bfloat16
+    want = pyattn.additive_attention(qa.bfloat16(), ka.bfloat16(), va.bfloat16(), w.bfloat16())
+    torch.testing.assert_close(out, want, rtol=0, atol=0)

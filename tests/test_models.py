@@ -16,6 +16,7 @@ from helpers import assert_close_to_ref
 
 import pyattn.models._packing as _packing
 from pyattn.models import BertConfig, BertForPreTraining, BertModel, Seq2Seq, Seq2SeqConfig, Transformer
+from pyattn.ops.errors import InputError
 
 pytestmark = pytest.mark.filterwarnings("ignore:enable_nested_tensor", "ignore:Support for mismatched")
 
@@ -113,6 +114,22 @@ def test_fused_and_reference_paths_agree(kind):
             assert gf is None and gr is None
             continue
         assert_close_to_ref(f"grad {pname}", gf, gr, g, factor=3.0)
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_attn_backend_takes_the_ops_backend_names(kind):
+    """One vocabulary: a model's attn_backend takes the ops' backend names ("cpu" here is what
+    "fused" picks on CPU tensors: the same numbers); anything else is refused by name."""
+    model = BUILDERS[kind]().eval()
+    kw, objective = _inputs(kind)
+    with torch.no_grad():
+        model.set_attn_backend("fused")
+        fused = objective(model(**kw))
+        model.set_attn_backend("cpu")
+        assert model.config.attn_backend == "cpu"
+        torch.testing.assert_close(objective(model(**kw)), fused, rtol=0, atol=0)
+    with pytest.raises(InputError, match=r"attn_backend must be one of 'fused', 'cpu', .*got 'gpu'"):
+        model.set_attn_backend("gpu")
 
 
 def _train_losses(kind, backend, seed, steps=3):

@@ -16,6 +16,7 @@ from helpers import HAS_CUDA, assert_close_to_ref, assert_grads_close, backend_p
 
 import pyattn
 from pyattn import reference
+from pyattn.ops import _common
 from pyattn.ops import sdpa as fa
 
 BACKENDS = backend_params(cpu=True, triton=True, cuda=True)
@@ -284,7 +285,7 @@ def test_dropout_matches_reference_with_same_mask(backend, device, causal):
         *ins, dropout_p=p, is_causal=causal, enable_gqa=True, backend=backend
     )
     torch.set_rng_state(state)
-    seed, offset = fa._dropout_seed_offset()  # what the call above drew
+    seed, offset = _common.dropout_seed_offset()  # what the call above drew
     keep = reference.dropout_keep_mask(seed, offset, (B, Hq, Lq, Lk), p)
     assert 0 < keep.float().mean() < 1
     kw = dict(dropout_p=p, is_causal=causal, enable_gqa=True, dropout_mask=keep)
@@ -463,7 +464,7 @@ def test_cpu_backward_both_schemes(causal):
             )
             grads = torch.autograd.grad(out, ins, g.float())
             torch.set_rng_state(state)
-            seed, offset = fa._dropout_seed_offset()
+            seed, offset = _common.dropout_seed_offset()
             keep = reference.dropout_keep_mask(seed, offset, (B, Hq, Lq, Lk), p)
             kw = dict(dropout_p=p, is_causal=causal, enable_gqa=True, dropout_mask=keep)
             ins_l = [t.float().requires_grad_() for t in (q, k, v)]
@@ -512,7 +513,7 @@ def test_cpu_split_backward_random_float64():
             keep = None
             if p > 0:
                 torch.set_rng_state(state)
-                seed, offset = fa._dropout_seed_offset()
+                seed, offset = _common.dropout_seed_offset()
                 keep = reference.dropout_keep_mask(seed, offset, (1, g, Lq, Lk), p)
             ref_ins = [t.clone().requires_grad_() for t in (q, k, v)]
             ref = reference.scaled_dot_product_attention(*ref_ins, mask, dropout_mask=keep, **kw)
@@ -621,7 +622,7 @@ def _good():
         (lambda a: a.__setitem__(1, torch.randn(2, 4, 7, 8, device="meta")), {}, RuntimeError, r"must be on one device, got query on cpu, key on meta"),
         (lambda a: None, {"dropout_p": -0.1}, RuntimeError, r"'dropout_p' must be in \[0, 1\], got -0.1"),
         (lambda a: None, {"dropout_p": "0.1"}, TypeError, r"'dropout_p' must be a float, got str"),
-        (lambda a: None, {"scale": "1"}, TypeError, r"'scale' must be a float, got str"),
+        (lambda a: None, {"scale": "1"}, TypeError, r"'scale' must be a float or None, got str"),
         (lambda a: None, {"is_causal": 1}, TypeError, r"'is_causal' must be a bool, got int"),
         (lambda a: None, {"attn_mask": torch.ones(5, 7, dtype=torch.bool), "is_causal": True}, RuntimeError, r"'attn_mask' and 'is_causal' cannot both be set"),
         (lambda a: None, {"attn_mask": torch.ones(5, 6, dtype=torch.bool)}, ValueError, r"'attn_mask' must be broadcastable to the scores \(..., Hq, Lq, Lk\) = \(2, 4, 5, 7\), got \(5, 6\)"),

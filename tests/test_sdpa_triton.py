@@ -288,7 +288,7 @@ def test_head_dim_limit(device):
     q = torch.randn(1, 1, 4, 300, device=device)
     with pytest.raises(
         ValueError,
-        match=r"backend 'triton' cannot run here: query/key head dim D must be in \[1, 256\], got 300",
+        match=r"backend 'triton' cannot run here: head dims D, Dv must be in \[1, 256\] for its kernels, got D=300",
     ):
         pyattn.scaled_dot_product_attention(q, q, q, backend="triton")
     with pytest.raises(ValueError, match="not canonical"):

@@ -667,3 +667,102 @@ def test_patch_torch_on_transformers_bert():
             got = model(input_ids=ids, attention_mask=attention).last_hidden_state
     assert patch.calls == 2
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# -- torch.export with data-dependent (unbacked) sizes -----------------------------------------------
+
+
+class _Unbacked(torch.nn.Module):
+    """Attention whose key length (``where="key"``) or query length (``"query"``) is read from
+    the data: torch.export traces it as an unbacked symbol, which checks must not guard on."""
+
+    def __init__(self, sdpa, where: str, mask: bool):
+        super().__init__()
+        self.sdpa, self.where, self.mask = sdpa, where, mask
+
+    def forward(self, q, k, v, keep):
+        n = keep.sum().item()
+        torch._check(n >= 0)
+        if self.where == "key":
+            torch._check(n <= k.shape[2])
+            k, v = k[:, :, :n], v[:, :, :n]
+        else:
+            torch._check(n <= q.shape[2])
+            q = q[:, :, :n]
+        m = torch.ones(1, q.shape[2], k.shape[2], dtype=torch.bool) if self.mask else None
+        return self.sdpa(q, k, v, attn_mask=m)
+
+
+@pytest.mark.parametrize("where,mask", [("key", True), ("key", False), ("query", True), ("query", False)])
+def test_export_with_an_unbacked_length(where, mask):
+    """torch exports a mask of data-dependent width (as torch's SDPA does); the exported program
+    gives eager's values, for other lengths (0 included) too."""
+    q, k, v = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    keep = torch.tensor([1, 0, 1, 1, 0, 1])
+    ours = _Unbacked(pyattn.scaled_dot_product_attention, where, mask)
+    if where == "key" and mask:  # torch's own SDPA exports this one: the differential check
+        theirs = torch.export.export(_Unbacked(F.scaled_dot_product_attention, where, mask), (q, k, v, keep))
+        torch.testing.assert_close(theirs.module()(q, k, v, keep), ours(q, k, v, keep))
+    ep = torch.export.export(ours, (q, k, v, keep))
+    for other in (keep, torch.tensor([1, 1, 0, 0, 0, 0]), torch.tensor([1] * 6)):
+        torch.testing.assert_close(ep.module()(q, k, v, other), ours(q, k, v, other))
+    if where == "key":  # no key at all: zeros, as pyattn's fully masked rows
+        torch.testing.assert_close(
+            ep.module()(q, k, v, torch.zeros(6, dtype=torch.long)), torch.zeros(1, 2, 6, 8)
+        )
+
+
+def _torch_words(exc: BaseException) -> str:
+    # torch prefixes some messages with the C++ function's name; the words after it are what
+    # its tests match on
+    return str(exc).split("\n")[0].split(": ", 1)[-1] if str(exc).startswith("_") else str(exc).split("\n")[0]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(
+            "mask and is_causal",
+            marks=pytest.mark.skipif(
+                _TORCH < (2, 14), reason="torch < 2.14 (seen on 2.11) accepts attn_mask with is_causal"
+            ),
+        ),
+        "causal bias and is_causal",
+        "nested mha in training",
+    ],
+)
+def test_messages_carry_torchs_words_for_the_same_mistake(case):
+    """torch's own tests match some messages by their text: ours keep the argument / expected /
+    got form and include torch's words where torch has words for the same mistake."""
+    q, k, v = (torch.randn(2, 2, L, 8) for L in (5, 7, 7))
+    if case == "nested mha in training":
+        x = torch.nested.nested_tensor([torch.randn(3, 8), torch.randn(5, 8)], layout=torch.jagged)
+        theirs_m = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        ours_m = pyattn.nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def theirs():
+            theirs_m(x, x, x)
+
+        def ours():
+            ours_m(x, x, x)
+    else:
+        mask = (
+            torch.ones(5, 7, dtype=torch.bool) if case == "mask and is_causal" else causal_lower_right(5, 7)
+        )
+
+        def theirs():
+            F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
+
+        def ours():
+            pyattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
+
+    with pytest.raises(Exception) as t:
+        theirs()
+    with pytest.raises(InputError) as o:
+        ours()
+    assert isinstance(o.value, t.type)
+    words = _torch_words(t.value)
+    if case == "nested mha in training":
+        words = words.split(". ")[0]  # then torch says why its fast path was not hit
+    assert words in str(o.value), (words, str(o.value))
+    assert "got" in str(o.value)

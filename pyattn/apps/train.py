@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pyattn.nn.multihead_attention import ATTN_BACKENDS
+
 PAD, BOS, EOS, MASK, CLS, SEP = 0, 1, 2, 3, 4, 5
 FIRST = 6  # first ordinary token id
 
@@ -41,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", default=None, help="output folder (default runs/train-MODEL)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (model init and data)")
-    parser.add_argument("--attn-backend", choices=["fused", "reference"], default="fused")
+    parser.add_argument("--attn-backend", choices=ATTN_BACKENDS, default="fused")
     parser.add_argument("--vocab", type=int, default=24, help="ordinary tokens in the synthetic vocabulary")
     parser.add_argument("--max-len", type=int, default=10, help="longest synthetic sequence")
     parser.add_argument("--log-every", type=int, default=10, help="print/log every N steps")

@@ -85,7 +85,7 @@ def attention(
     scale: float | None,
     attn_backend: str,
 ) -> Tensor:
-    """Varlen attention on (T, H, D) packed heads, "fused" or "reference" (the models' switch)."""
+    """Varlen attention on (T, H, D) packed heads, on the models' ``attn_backend``."""
     return varlen_attention(
         q,
         k,

@@ -22,7 +22,8 @@ class BahdanauAttention(nn.Module):
         query_dim: size of the decoder state ``s``.
         key_dim: size of the encoder states ``h``.
         attn_dim: size of the hidden layer of the score MLP.
-        attn_backend: "fused" (pyattn's best backend for the device) or "reference".
+        attn_backend: "fused" (pyattn's best backend for the device) or an op backend ("cpu",
+            "triton", "cuda", "reference").
     """
 
     def __init__(self, query_dim: int, key_dim: int, attn_dim: int, *, attn_backend: str = "fused") -> None:

@@ -22,23 +22,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import reference
+from .. import _backend, reference
 from ..ops import scaled_dot_product_attention
 from ..ops.errors import InputAssertionError, InputError
 
-ATTN_BACKENDS = ("fused", "reference")
+# A model's or layer's ``attn_backend``: the ops' backend names (pyattn/_backend.py records),
+# or "fused", kept as the alias of backend=None: the best pyattn backend for the tensors' device.
+ATTN_BACKENDS = ("fused", *_backend.BACKENDS)
 
 
 def check_attn_backend(name: str) -> str:
-    """Validate an ``attn_backend`` switch value: "fused" or "reference"."""
+    """Validate an ``attn_backend`` switch value: "fused" (the best backend for the device) or
+    one of the ops' backends ("cpu", "triton", "cuda", "reference")."""
     if name not in ATTN_BACKENDS:
-        raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {name!r}")
+        raise InputError(f"attn_backend must be one of {', '.join(map(repr, ATTN_BACKENDS))}, got {name!r}")
     return name
 
 
 def _sdpa_backend(attn_backend: str) -> str | None:
     # "fused" = the best pyattn backend for the tensors' device (backend=None).
-    return None if attn_backend == "fused" else "reference"
+    return None if attn_backend == "fused" else attn_backend
 
 
 def _shape(t: Tensor) -> str:
@@ -47,6 +50,10 @@ def _shape(t: Tensor) -> str:
 
 class _MaskTypeError(InputAssertionError, TypeError):
     """A mask of the wrong type: torch's module asserts (AssertionError); also a TypeError."""
+
+
+# torch's words for nested inputs its module cannot take (its tests match on them)
+_NO_NESTED = "MultiheadAttention does not support NestedTensor outside of its fast path"
 
 
 def _fail(msg: str, cls: type[InputError] = InputAssertionError):
@@ -93,7 +100,8 @@ class MultiheadAttention(nn.Module):
         kdim, vdim: key/value feature sizes (default E); when they differ from E the input
             projection is split into ``q_proj_weight``/``k_proj_weight``/``v_proj_weight``.
         batch_first: inputs/outputs are (B, L, E) rather than (L, B, E).
-        attn_backend: "fused" (pyattn's best backend for the device) or "reference".
+        attn_backend: "fused" (pyattn's best backend for the device) or an op backend ("cpu",
+            "triton", "cuda", "reference").
     """
 
     __constants__ = ["batch_first"]
@@ -202,11 +210,21 @@ class MultiheadAttention(nn.Module):
         params_grad = any(p.requires_grad for p in self.parameters())
         inputs_grad = any(t.requires_grad for t in (query, key, value))
         if self.training or (torch.is_grad_enabled() and (params_grad or inputs_grad)):
-            _fail("nested tensor inputs are supported in inference only (eval() and no grad), as in torch")
+            _fail(
+                f"{_NO_NESTED}: nested tensor inputs are supported in inference only (eval() and no "
+                f"grad), got training={self.training}, grad enabled with parameters or inputs requiring grad"
+            )
         if not self.batch_first or not all(t.is_nested for t in (query, key, value)):
-            _fail("nested tensor inputs need batch_first=True and query, key, value all nested")
+            _fail(
+                f"{_NO_NESTED}: nested tensor inputs need batch_first=True and query, key, value all "
+                f"nested, got batch_first={self.batch_first}, nested "
+                f"{[t.is_nested for t in (query, key, value)]}"
+            )
         if key_padding_mask is not None or attn_mask is not None:
-            _fail("nested tensor inputs take no key_padding_mask or attn_mask (their lengths are the mask)")
+            _fail(
+                f"{_NO_NESTED}: nested tensor inputs take no key_padding_mask or attn_mask (their "
+                f"lengths are the mask)"
+            )
         q_lens = [t.shape[0] for t in query.unbind()]
         k_lens = [t.shape[0] for t in key.unbind()]
         same_kv = key is value

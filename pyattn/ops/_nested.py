@@ -22,12 +22,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .errors import InputError
+from ._common import fail
+from .errors import InputTypeError
 from .varlen_attention import varlen_attention
 
 
-def _fail(msg: str):
-    raise InputError(f"scaled_dot_product_attention: {msg}")
+def _fail(msg: str, cls=None):
+    fail("scaled_dot_product_attention", msg, *(() if cls is None else (cls,)))
 
 
 def _check(query, key, value, attn_mask) -> None:
@@ -42,7 +43,8 @@ def _check(query, key, value, attn_mask) -> None:
     if query.dtype != key.dtype or query.dtype != value.dtype:
         _fail(
             f"query, key and value must share one dtype, got query {query.dtype}, key {key.dtype}, "
-            f"value {value.dtype}"
+            f"value {value.dtype}",
+            InputTypeError,
         )
     if query.device != key.device or query.device != value.device:
         _fail(
@@ -59,11 +61,11 @@ def _check(query, key, value, attn_mask) -> None:
         _fail(f"query, key and value must be ragged on the same dim, got dims {ragged}")
     if attn_mask is not None:
         _fail(
-            "'attn_mask' cannot be used with nested query/key/value (as in torch): the sequence "
-            "lengths are the mask"
+            "'attn_mask' cannot be used with nested query/key/value (torch: Nested tensors for query / "
+            "key are not supported when an explicit attn_mask is set): the sequence lengths are the mask"
         )
     if not query.is_floating_point():
-        _fail(f"query, key and value must be floating-point tensors, got {query.dtype}")
+        _fail(f"query, key and value must be floating-point tensors, got {query.dtype}", InputTypeError)
 
 
 def _packed(t: Tensor) -> tuple[Tensor, Tensor, Tensor, int | None]:
@@ -77,14 +79,16 @@ def _packed(t: Tensor) -> tuple[Tensor, Tensor, Tensor, int | None]:
     return t, values.contiguous(), t.offsets().to(torch.int32), t._maybe_max_seqlen
 
 
-def nested_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend) -> Tensor:
-    """``scaled_dot_product_attention`` on jagged nested q/k/v (module doc); returns nested."""
+def nested_sdpa(
+    query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend, *, dense
+) -> Tensor:
+    """``scaled_dot_product_attention`` on jagged nested q/k/v (module doc); returns nested.
+    ``dense`` is the dense op (pyattn.scaled_dot_product_attention, passed in so that this
+    module does not import it)."""
     _check(query, key, value, attn_mask)
-    from .sdpa import scaled_dot_product_attention
-
     if query.dim() == 4 and query._ragged_idx == 1:
         # ragged at the head dim, (B, j, L, D): dense attention per token over L
-        out = scaled_dot_product_attention(
+        out = dense(
             query.values(), key.values(), value.values(), None, dropout_p, is_causal, scale,
             enable_gqa, backend=backend,
         )  # fmt: skip

@@ -21,10 +21,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _backend, reference
+from .. import reference
+from ._common import autocast, check_same_dtype_and_device, check_tensors, fail, is_half_cpu
 from ._glue import FusedOp, shape_str
+from .errors import InputError, InputTypeError
 
 OP = "additive_attention"
+
+
+def _fail(msg: str, cls: type[InputError] = InputError):
+    fail(OP, msg, cls)
 
 
 def _lse_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -39,66 +45,37 @@ def _lse_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 def check_inputs(
     query: Tensor, key: Tensor, value: Tensor, v: Tensor, key_padding_mask: Tensor | None
 ) -> None:
-    """Raise a TypeError/ValueError naming the argument, what was expected and what came."""
+    """Raise an InputError (InputTypeError for a wrong type or dtype: the family of
+    pyattn/ops/errors.py, as the other ops) naming the argument, what was expected and what
+    came."""
     named = {"query": query, "key": key, "value": value, "v": v}
-    for name, t in named.items():
-        if not isinstance(t, Tensor):
-            raise TypeError(f"additive_attention: '{name}' must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"additive_attention: '{name}' must be a floating-point tensor, got {t.dtype}")
+    check_tensors(OP, named, {"key_padding_mask": key_padding_mask})
+    dims = {"query": "(B, Tq, H)", "key": "(B, Tk, H)", "value": "(B, Tk, Dv)", "v": "(H,)"}
     for name, rank in (("query", 3), ("key", 3), ("value", 3), ("v", 1)):
         t = named[name]
         if t.dim() != rank:
-            dims = {"query": "(B, Tq, H)", "key": "(B, Tk, H)", "value": "(B, Tk, Dv)", "v": "(H,)"}[name]
-            raise ValueError(
-                f"additive_attention: '{name}' must be {rank}-D {dims}, got {t.dim()}-D {shape_str(t)}"
-            )
+            _fail(f"'{name}' must be {rank}-D {dims[name]}, got {t.dim()}-D {shape_str(t)}")
+    check_same_dtype_and_device(OP, named)
     B, Tq, H = query.shape
     if key.shape[0] != B:
-        raise ValueError(
-            f"additive_attention: 'key' batch size must match query's B={B}, got key {shape_str(key)}"
-        )
+        _fail(f"'key' batch size must match query's B={B}, got key {shape_str(key)}")
     if key.shape[2] != H:
-        raise ValueError(
-            f"additive_attention: 'key' last dim must match query's H={H}, got key {shape_str(key)}"
-        )
+        _fail(f"'key' last dim must match query's H={H}, got key {shape_str(key)}")
     Tk = key.shape[1]
     if value.shape[0] != B or value.shape[1] != Tk:
-        raise ValueError(
-            f"additive_attention: 'value' must be (B={B}, Tk={Tk}, Dv) to match query and key, got {shape_str(value)}"
-        )
+        _fail(f"'value' must be (B={B}, Tk={Tk}, Dv) to match query and key, got {shape_str(value)}")
     if v.shape[0] != H:
-        raise ValueError(
-            f"additive_attention: 'v' must have length H={H} (query's last dim), got {shape_str(v)}"
-        )
-    for name, t in named.items():
-        if t.dtype != query.dtype:
-            raise TypeError(
-                f"additive_attention: '{name}' dtype {t.dtype} differs from query's {query.dtype}; "
-                "all inputs must share one dtype"
-            )
-        if t.device != query.device:
-            raise ValueError(
-                f"additive_attention: '{name}' is on {t.device} but query is on {query.device}; "
-                "all inputs must be on one device"
-            )
+        _fail(f"'v' must have length H={H} (query's last dim), got {shape_str(v)}")
     if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, Tensor):
-            raise TypeError(
-                f"additive_attention: 'key_padding_mask' must be a bool tensor or None, got {type(key_padding_mask).__name__}"
-            )
         if key_padding_mask.dtype != torch.bool:
-            raise TypeError(
-                f"additive_attention: 'key_padding_mask' must be a bool tensor (True = padding), got {key_padding_mask.dtype}"
+            _fail(
+                f"'key_padding_mask' must be a bool tensor (True = padding), got {key_padding_mask.dtype}",
+                InputTypeError,
             )
         if tuple(key_padding_mask.shape) != (B, Tk):
-            raise ValueError(
-                f"additive_attention: 'key_padding_mask' must be (B={B}, Tk={Tk}), got {shape_str(key_padding_mask)}"
-            )
+            _fail(f"'key_padding_mask' must be (B={B}, Tk={Tk}), got {shape_str(key_padding_mask)}")
         if key_padding_mask.device != query.device:
-            raise ValueError(
-                f"additive_attention: 'key_padding_mask' is on {key_padding_mask.device} but query is on {query.device}"
-            )
+            _fail(f"'key_padding_mask' is on {key_padding_mask.device} but query is on {query.device}")
 
 
 # -- fake (meta) implementations and autograd, shared by the C++ op and its Triton twin ----------
@@ -158,6 +135,7 @@ def _make_backward(bwd_op):
 
 _OPS = FusedOp(
     OP,
+    public="additive_attention",
     fake_fwd=_fake_fwd,
     fake_bwd=_fake_bwd,
     setup_context=_setup_context,
@@ -197,11 +175,11 @@ def additive_attention(
     Returns:
         context (B, Tq, Dv); with ``return_weights`` also weights (B, Tq, Tk).
     """
-    query, key, value, v = _autocast(query, key, value, v)
+    query, key, value, v = autocast(query, key, value, v)
     check_inputs(query, key, value, v, key_padding_mask)
     dtype = query.dtype
-    chosen = _backend.resolve(OP, backend, query.device, dtype)
-    if chosen == "reference" and query.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+    chosen = _OPS.resolve(backend, query.device, dtype)
+    if chosen == "reference" and is_half_cpu(query):
         # the naive graph in float32, rounded once: a half (B, Tq, Tk, H) tanh tensor would lose
         # accuracy and overflow its sums (the cpu kernel takes half inputs itself)
         up = [t.float() for t in (query, key, value, v)]
@@ -210,17 +188,6 @@ def additive_attention(
             return result[0].to(dtype), result[1].to(dtype)
         return result.to(dtype)
     return _run(chosen, query, key, value, v, key_padding_mask, return_weights)
-
-
-def _autocast(*tensors):
-    """Under ``torch.autocast`` for the inputs' device, floating inputs in its dtype (as torch
-    treats its own attention, a lower-precision op), so a model's float32 parameters meet its
-    half activations in one dtype; otherwise the inputs unchanged."""
-    first = tensors[0]
-    if not isinstance(first, Tensor) or not torch.is_autocast_enabled(first.device.type):
-        return tensors
-    dt = torch.get_autocast_dtype(first.device.type)
-    return tuple(t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors)
 
 
 def _run(chosen, query, key, value, v, key_padding_mask, return_weights):

@@ -16,27 +16,22 @@ the query heads that share it (GQA packing); docs/design.md, "KV-cache attention
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
 
 import torch
 from torch import Tensor
 
-from .. import _backend, reference
-from ._glue import shape_str
+from .. import reference
+from ._common import check_bool, check_scale, default_scale, fail, is_half_cpu, lse_dtype
+from ._common import compiling as _compiling
+from ._glue import FusedOp, shape_str
 from .errors import InputError, InputTypeError
-from .sdpa import MAX_GPU_HEAD_DIM, _lse_dtype
 
 OP = "kvcache_attention"
 
 
 def _fail(msg: str, cls: type[InputError] = InputError):
-    raise cls(f"kvcache_attention: {msg}")
-
-
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
+    fail(OP, msg, cls)
 
 
 def _is_int(x) -> bool:
@@ -79,10 +74,8 @@ def check_inputs(
     for name, t in optional.items():
         if t is not None and not isinstance(t, Tensor):
             _fail(f"'{name}' must be a torch.Tensor or None, got {type(t).__name__}", InputTypeError)
-    if not isinstance(is_causal, bool):
-        _fail(f"'is_causal' must be a bool, got {type(is_causal).__name__}", InputTypeError)
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        _fail(f"'scale' must be a float or None, got {type(scale).__name__}", InputTypeError)
+    check_bool(OP, "is_causal", is_causal)
+    check_scale(OP, scale)
     if not _is_int(num_splits):
         _fail(f"'num_splits' must be an int, got {type(num_splits).__name__}", InputTypeError)
     if num_splits < 0:
@@ -219,37 +212,13 @@ def _fake_fwd(query, k_cache, v_cache, cache_seqlens, key, value, block_table, s
               scale, window_left, window_right, softcap, num_splits):  # fmt: skip
     B, Hq, Lq, _ = query.shape
     out = query.new_empty((B, Hq, Lq, v_cache.shape[-1]))
-    lse = query.new_empty((B, Hq, Lq), dtype=_lse_dtype(query.dtype))
+    lse = query.new_empty((B, Hq, Lq), dtype=lse_dtype(query.dtype))
     return out, lse
 
 
-FORWARD_OPS: dict[str, object] = {}
-
-
-def _load() -> None:
-    """Registers the fake of the C++ op and, where Triton is usable, imports its twin (an import
-    failure is recorded, not raised, as pyattn/ops/_glue.py does)."""
-    if _backend._C() is not None:
-        torch.library.register_fake(f"pyattn::{OP}_fwd")(_fake_fwd)
-        FORWARD_OPS["cpu"] = FORWARD_OPS["cuda"] = torch.ops.pyattn.kvcache_attention_fwd
-    if _backend.have_triton() and importlib.util.find_spec(f"pyattn.kernels.{OP}") is not None:
-        try:
-            importlib.import_module(f"pyattn.kernels.{OP}")
-        except Exception as exc:  # noqa: BLE001  (a broken Triton must not break import pyattn)
-            _backend.record_import_error("triton", exc)
-            return
-        FORWARD_OPS["triton"] = torch.ops.pyattn.kvcache_attention_fwd_triton
-
-
-_load()
-
-
-def _forward_op(backend: str):
-    op = FORWARD_OPS.get(backend)
-    if op is None:
-        why = _backend.IMPORT_ERRORS.get(backend, "its kernels are not registered")
-        raise RuntimeError(f"pyattn.{OP}: backend {backend!r} cannot run here: {why}")
-    return op
+# forward only (decoding is inference): no backward op, no autograd
+_OPS = FusedOp(OP, public="kvcache_attention", fake_fwd=_fake_fwd)
+_OPS.load()
 
 
 # -- public API ------------------------------------------------------------------------------------
@@ -310,24 +279,18 @@ def kvcache_attention(
         softcap, sinks, alibi_slopes, num_splits,
     )  # fmt: skip
     D = query.shape[-1]
-    scale_f = (1.0 / math.sqrt(D) if D > 0 else 1.0) if scale is None else float(scale)
-    chosen = _backend.resolve(OP, backend, query.device, query.dtype)
-    if chosen in ("triton", "cuda") and max(D, v_cache.shape[-1]) > MAX_GPU_HEAD_DIM:
-        raise InputError(
-            f"pyattn.kvcache_attention: backend {chosen!r} cannot run here: head dims must be in "
-            f"[1, {MAX_GPU_HEAD_DIM}], got D={D}, Dv={v_cache.shape[-1]}"
-        )
+    scale_f = default_scale(scale, D)
+    chosen = _OPS.resolve(backend, query.device, query.dtype, (D, v_cache.shape[-1]))
     if chosen == "reference":
-        half_cpu = query.device.type == "cpu" and query.dtype in (torch.float16, torch.bfloat16)
         # a half score matrix overflows (and CPU half matmuls are slow): float32, rounded once
-        q = query.float() if half_cpu else query
+        q = query.float() if is_half_cpu(query) else query
         out = reference.kvcache_attention(
             q, k_cache, v_cache, cache_seqlens, key, value, block_table=block_table, is_causal=is_causal,
             scale=scale_f, window_size=(left, right), softcap=float(softcap), sinks=sinks,
             alibi_slopes=alibi_slopes,
         )  # fmt: skip
         return out.to(query.dtype)
-    op = _forward_op(chosen)
+    op = _OPS.forward_op(chosen)
     out, _lse = op(
         query, k_cache, v_cache, cache_seqlens, key, value, block_table, sinks, alibi_slopes, is_causal,
         scale_f, left, right, float(softcap), int(num_splits),

@@ -24,35 +24,39 @@ flattens torch's (..., H, L, E) inputs to the canonical form, and picks the back
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from torch.nn.attention.bias import CausalBias, CausalVariant
 
-from .. import _backend, reference
+from .. import reference
+from ._common import (
+    CAUSAL_LOWER_RIGHT,
+    CAUSAL_NONE,
+    CAUSAL_UPPER_LEFT,
+    autocast,
+    check_dropout,
+    check_scale,
+    default_scale,
+    dropout_keep_mask,
+    dropout_seed_offset,
+    fail,
+    is_half_cpu,
+    known_true,
+    lse_dtype,
+)
 from ._glue import FusedOp, shape_str
+from ._nested import nested_sdpa
 from .errors import InputError, InputIndexError, InputTypeError
 
 OP = "sdpa"
-# The Triton and CUDA kernels keep a head's row in registers / shared memory: up to 256 wide.
-MAX_GPU_HEAD_DIM = 256
-
-
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 # -- input validation (one function, every backend) --------------------------------------------
 
-# The ops' `causal` argument (csrc/registration.cpp): the values of
-# torch.nn.attention.bias.CausalVariant, 0 for none.
-CAUSAL_NONE, CAUSAL_UPPER_LEFT, CAUSAL_LOWER_RIGHT = 0, 1, 2
-
 
 def _fail(msg: str, cls: type[InputError] = InputError):
-    raise cls(f"scaled_dot_product_attention: {msg}")
+    fail("scaled_dot_product_attention", msg, cls)
 
 
 def _broadcast_shapes(*shapes) -> tuple[int, ...]:
@@ -82,16 +86,6 @@ def _broadcast(name: str, shapes: list[tuple[str, tuple[int, ...]]]) -> tuple[in
         _fail(f"the {name} of query, key and value must be broadcastable, got {desc}")
 
 
-def _number(name: str, x) -> float:
-    """A float argument as torch's argument parser takes it: a Python number or a 1-element
-    tensor (not a string or None)."""
-    if isinstance(x, Tensor) and x.numel() == 1:
-        return float(x)
-    if isinstance(x, (bool, int, float)):
-        return float(x)
-    _fail(f"'{name}' must be a float, got {type(x).__name__}", InputTypeError)
-
-
 class Plan(NamedTuple):
     """What check_inputs found: how the call broadcasts and which mask it carries.
 
@@ -117,8 +111,9 @@ def _causal_bias(attn_mask, is_causal: bool, Lq: int, Lk: int) -> tuple[int, Ten
     and broadcasts (so must we)."""
     if is_causal:
         _fail(
-            f"a CausalBias attn_mask cannot be used with is_causal=True (as in torch), got "
-            f"{attn_mask.variant.name} ({attn_mask.seq_len_q}, {attn_mask.seq_len_kv}) and is_causal=True"
+            f"a CausalBias attn_mask cannot be used with is_causal=True (torch: CausalBias should not "
+            f"be used with causal=True), got {attn_mask.variant.name} ({attn_mask.seq_len_q}, "
+            f"{attn_mask.seq_len_kv}) and is_causal=True"
         )
     sq, skv = attn_mask.seq_len_q, attn_mask.seq_len_kv
     if sq == skv or attn_mask.variant == CausalVariant.UPPER_LEFT:
@@ -152,14 +147,14 @@ def check_inputs(
         _fail(f"'attn_mask' must be a tensor or None, got {type(attn_mask).__name__}", InputTypeError)
     if not isinstance(is_causal, bool):
         _fail(f"'is_causal' must be a bool, got {type(is_causal).__name__}", InputTypeError)
-    dropout_p = _number("dropout_p", dropout_p)
-    if scale is not None:
-        _number("scale", scale)
+    dropout_p = check_dropout("scaled_dot_product_attention", dropout_p)
+    check_scale("scaled_dot_product_attention", scale)
     bias = isinstance(attn_mask, CausalBias)
     if bias and is_causal:
         _fail(
-            f"a CausalBias attn_mask cannot be used with is_causal=True (as in torch), got "
-            f"{attn_mask.variant.name} ({attn_mask.seq_len_q}, {attn_mask.seq_len_kv}) and is_causal=True"
+            f"a CausalBias attn_mask cannot be used with is_causal=True (torch: CausalBias should not "
+            f"be used with causal=True), got {attn_mask.variant.name} ({attn_mask.seq_len_q}, "
+            f"{attn_mask.seq_len_kv}) and is_causal=True"
         )
     for t in named.values():
         if t.dtype != query.dtype:
@@ -190,8 +185,9 @@ def check_inputs(
             )
     if attn_mask is not None and is_causal:
         _fail(
-            f"'attn_mask' and 'is_causal' cannot both be set (as in torch; fold the causal mask into "
-            f"attn_mask), got attn_mask {shape_str(attn_mask)} and is_causal=True"
+            f"'attn_mask' and 'is_causal' cannot both be set (torch: Explicit attn_mask should not be "
+            f"set when is_causal=True; fold the causal mask into attn_mask), got attn_mask "
+            f"{shape_str(attn_mask)} and is_causal=True"
         )
     if enable_gqa and not all(t.dim() >= 3 for t in named.values()):
         _fail(
@@ -201,8 +197,6 @@ def check_inputs(
         )
     if not query.is_floating_point():
         _fail(f"query, key and value must be floating-point tensors, got {query.dtype}", InputTypeError)
-    if not 0.0 <= dropout_p <= 1.0:
-        _fail(f"'dropout_p' must be in [0, 1], got {dropout_p!r}")
     Lq, E, Lk = query.shape[-2], query.shape[-1], key.shape[-2]
     if key.shape[-1] != E:
         _fail(
@@ -243,8 +237,14 @@ def check_inputs(
             attn_mask = attn_mask.to(query.device)
     out_batch = (*lead, Hq) if gqa or len(batch) else ()
     if attn_mask is not None:
-        # added to the scores in place, as torch's: it broadcasts to them, never beyond
-        target = (*out_batch, Lq, Lk)
+        # added to the scores in place, as torch's: it broadcasts to them, never beyond. The
+        # scores are query @ key^T: their batch dims are query's and key's (value's may add more
+        # to the output, not to the scores)
+        if gqa:
+            score_batch = (*_broadcast_shapes(tuple(query.shape[:-3]), tuple(key.shape[:-3])), Hq)
+        else:
+            score_batch = _broadcast_shapes(tuple(query.shape[:-2]), tuple(key.shape[:-2]))
+        target = (*score_batch, Lq, Lk)
         try:
             ok = _broadcast_shapes(tuple(attn_mask.shape), target) == target
         except RuntimeError:
@@ -263,7 +263,7 @@ def check_inputs(
 def _fake_fwd(query, key, value, attn_mask, dropout_p, causal, scale, seed, offset):
     B, Hq, Lq, _ = query.shape
     out = query.new_empty((B, Hq, Lq, value.shape[-1]))
-    lse = query.new_empty((B, Hq, Lq), dtype=_lse_dtype(query.dtype))
+    lse = query.new_empty((B, Hq, Lq), dtype=lse_dtype(query.dtype))
     return out, lse
 
 
@@ -307,21 +307,13 @@ def _make_backward(bwd_op):
 
 _OPS = FusedOp(
     OP,
+    public="scaled_dot_product_attention",
     fake_fwd=_fake_fwd,
     fake_bwd=_fake_bwd,
     setup_context=_setup_context,
     make_backward=_make_backward,
 )
 _OPS.load()
-
-
-def _dropout_seed_offset() -> tuple[int, int]:
-    """A philox (seed, offset) drawn from torch's default CPU generator, so torch.manual_seed
-    makes fused dropout reproducible. The offset stays below 2**32 so that offset + element index
-    cannot wrap 64 bits."""
-    draw = torch.randint(0, 2**62, (2,), dtype=torch.int64)
-    seed, offset = draw.tolist()
-    return int(seed), int(offset) % 2**32
 
 
 # -- public API ------------------------------------------------------------------------------------
@@ -374,10 +366,11 @@ def scaled_dot_product_attention(
     packed sequences through varlen attention and return nested, as torch (pyattn/ops/_nested.py).
     """
     if any(isinstance(t, Tensor) and t.is_nested for t in (query, key, value)):
-        from ._nested import nested_sdpa  # here: it imports the varlen op, which imports this module
-
-        return nested_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend)
-    query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
+        return nested_sdpa(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend,
+            dense=scaled_dot_product_attention,
+        )  # fmt: skip
+    query, key, value, attn_mask = autocast(query, key, value, attn_mask)
     lead, Hq, Hkv, _gqa, out_batch, causal, mask = check_inputs(
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
     )
@@ -388,20 +381,10 @@ def scaled_dot_product_attention(
         value = value.repeat_interleave(Hq // value.shape[-3], dim=-3)
         Hkv = Hq
     E, Dv = query.shape[-1], value.shape[-1]
-    # E = 0: every score is an empty dot product, 0 whatever the scale (as torch)
-    scale_f = (1.0 / math.sqrt(E) if E > 0 else 1.0) if scale is None else float(scale)
+    scale_f = default_scale(scale, E)
     dtype = query.dtype
-    half_cpu = query.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
-    chosen = _backend.resolve(OP, backend, query.device, dtype)
-    if chosen in ("triton", "cuda") and max(E, Dv) > MAX_GPU_HEAD_DIM:
-        if backend is None and not os.environ.get("PYATTN_BACKEND"):
-            chosen = "reference"  # the best this device has for such heads
-        else:
-            name, d = ("query/key head dim D", E) if E > MAX_GPU_HEAD_DIM else ("value head dim Dv", Dv)
-            raise InputError(
-                f"pyattn.sdpa: backend {chosen!r} cannot run here: {name} must be in "
-                f"[1, {MAX_GPU_HEAD_DIM}], got {d}"
-            )
+    half_cpu = is_half_cpu(query)
+    chosen = _OPS.resolve(backend, query.device, dtype, (E, Dv))
     float_mask_grad = mask is not None and mask.dtype != torch.bool and mask.requires_grad
     if half_cpu and (chosen == "reference" or float_mask_grad):
         # The naive graph (which these calls take) in float32, rounded once: a half score matrix
@@ -416,25 +399,11 @@ def scaled_dot_product_attention(
     )
 
 
-def _autocast(*tensors):
-    """Under ``torch.autocast`` for the inputs' device, floating inputs (a float attn_mask
-    included) in its dtype, as torch's scaled_dot_product_attention (a lower-precision op there);
-    otherwise the inputs unchanged."""
-    first = tensors[0]
-    if not isinstance(first, Tensor) or not torch.is_autocast_enabled(first.device.type):
-        return tensors
-    dt = torch.get_autocast_dtype(first.device.type)
-    return tuple(
-        t.to(dt) if isinstance(t, Tensor) and not isinstance(t, CausalBias) and t.is_floating_point() else t
-        for t in tensors
-    )
-
-
 def _run(chosen, query, key, value, mask, dropout_p, causal, scale, enable_gqa, lead, Hq, Hkv, out_batch):
     """The validated call on backend ``chosen``."""
     Lq, E, Lk, Dv = query.shape[-2], query.shape[-1], key.shape[-2], value.shape[-1]
     B = math.prod(lead)
-    empty = B * Hq * Lq * Lk * E * Dv == 0
+    empty = known_true(B * Hq * Lq * Lk * E * Dv == 0)
     float_mask_grad = mask is not None and mask.dtype != torch.bool and mask.requires_grad
     if chosen == "reference" or float_mask_grad or empty or dropout_p >= 1.0:
         if 0.0 < dropout_p < 1.0:
@@ -465,7 +434,7 @@ def _run(chosen, query, key, value, mask, dropout_p, causal, scale, enable_gqa, 
             mask = _cast_mask(mask, query.dtype)
         # stays a stride-0 view where it broadcasts: the kernels read it through its strides
         m4 = mask.expand(*lead, Hq, Lq, Lk).reshape(B, Hq, Lq, Lk)  # (B, Hq, Lq, Lk)
-    seed, offset = _dropout_seed_offset() if dropout_p > 0.0 else (0, 0)
+    seed, offset = dropout_seed_offset() if dropout_p > 0.0 else (0, 0)
     fwd = _OPS.forward_op(chosen)
     out, _lse = fwd(q, k, v, m4, dropout_p, causal, scale, seed, offset)
     return out.reshape(*out_batch, Lq, Dv)  # (..., Hq, Lq, Dv)
@@ -487,7 +456,11 @@ def _decode_step(chosen, q, k, v, mask, dropout_p, causal) -> bool:
         return False
     B, Hq, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    if Hkv == 0 or (Hq // Hkv) * Lq > DECODE_MAX_ROWS or Lk < DECODE_MIN_KEYS or B * Hq * Lq == 0:
+    if not known_true(Hkv > 0):
+        return False
+    if not known_true((Hq // Hkv) * Lq <= DECODE_MAX_ROWS) or not known_true(Lk >= DECODE_MIN_KEYS):
+        return False
+    if not known_true(B * Hq * Lq > 0):
         return False
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return False
@@ -509,14 +482,10 @@ def _reference_with_fused_dropout(
     query, key, value, attn_mask, dropout_p, causal, scale, enable_gqa, lead, Hq
 ):
     """The reference path with the same philox keep-mask the fused kernels would draw."""
-    seed, offset = _dropout_seed_offset()
+    seed, offset = dropout_seed_offset()
     B = math.prod(lead)
     shape = (B, Hq, query.shape[-2], key.shape[-2])
-    if _backend._C() is not None:
-        keep = torch.ops.pyattn.dropout_keep_mask(seed, offset, list(shape), float(dropout_p))
-    else:
-        keep = reference.dropout_keep_mask(seed, offset, shape, dropout_p)
-    keep = keep.to(query.device)
+    keep = dropout_keep_mask(seed, offset, shape, dropout_p, query.device)
     keep = keep.reshape(*lead, *shape[1:])
     return reference.scaled_dot_product_attention(
         query, key, value, attn_mask, dropout_p, causal, scale, enable_gqa, dropout_mask=keep

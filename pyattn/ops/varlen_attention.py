@@ -22,25 +22,34 @@ counters of the padded (B, Hq, max_seqlen_q, max_seqlen_k) batch, so this op wit
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from .. import _backend, reference
+from .. import reference
+from ._common import (
+    CAUSAL_NONE,
+    CAUSAL_UPPER_LEFT,
+    autocast,
+    check_bool,
+    check_dropout,
+    check_scale,
+    check_tensors,
+    default_scale,
+    dropout_keep_mask,
+    dropout_seed_offset,
+    fail,
+    is_half_cpu,
+    lse_dtype,
+)
+from ._common import compiling as _compiling
 from ._glue import FusedOp, shape_str
 from .errors import InputError, InputTypeError
-from .sdpa import CAUSAL_NONE, CAUSAL_UPPER_LEFT, MAX_GPU_HEAD_DIM, _dropout_seed_offset, _lse_dtype
 
 OP = "varlen_attention"
 
 
 def _fail(msg: str, cls: type[InputError] = InputError):
-    raise cls(f"varlen_attention: {msg}")
-
-
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
+    fail(OP, msg, cls)
 
 
 def _seqlens_values(name: str, cu: Tensor, total: int) -> list[int]:
@@ -99,19 +108,11 @@ def check_inputs(
     max_seqlen bounds) read tensor data and run in eager mode only; under torch.compile the C++
     ops still refuse out-of-range sequences."""
     named = {"query": query, "key": key, "value": value}
-    for name, t in {**named, "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k}.items():
-        if not isinstance(t, Tensor):
-            _fail(f"'{name}' must be a torch.Tensor, got {type(t).__name__}", InputTypeError)
-    if not isinstance(is_causal, bool):
-        _fail(f"'is_causal' must be a bool, got {type(is_causal).__name__}", InputTypeError)
-    if not isinstance(enable_gqa, bool):
-        _fail(f"'enable_gqa' must be a bool, got {type(enable_gqa).__name__}", InputTypeError)
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        _fail(f"'dropout_p' must be a float, got {type(dropout_p).__name__}", InputTypeError)
-    if not 0.0 <= dropout_p <= 1.0:
-        _fail(f"'dropout_p' must be in [0, 1], got {dropout_p!r}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        _fail(f"'scale' must be a float or None, got {type(scale).__name__}", InputTypeError)
+    check_tensors(OP, {**named, "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k})
+    check_bool(OP, "is_causal", is_causal)
+    check_bool(OP, "enable_gqa", enable_gqa)
+    check_dropout(OP, dropout_p)
+    check_scale(OP, scale)
     for name, t in named.items():
         if t.dim() != 3:
             _fail(f"'{name}' must be 3-D (total, H, D) packed tokens, got {t.dim()}-D {shape_str(t)}")
@@ -171,7 +172,7 @@ def check_inputs(
 def _fake_fwd(query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, seed, offset):
     total_q, Hq, _ = query.shape
     out = query.new_empty((total_q, Hq, value.shape[-1]))
-    lse = query.new_empty((Hq, total_q), dtype=_lse_dtype(query.dtype))
+    lse = query.new_empty((Hq, total_q), dtype=lse_dtype(query.dtype))
     return out, lse
 
 
@@ -211,6 +212,7 @@ def _make_backward(bwd_op):
 
 _OPS = FusedOp(
     OP,
+    public="varlen_attention",
     fake_fwd=_fake_fwd,
     fake_bwd=_fake_bwd,
     setup_context=_setup_context,
@@ -265,6 +267,7 @@ def varlen_attention(
     Returns:
         (total_q, Hq, Dv).
     """
+    query, key, value = autocast(query, key, value)
     max_q, max_k = check_inputs(
         query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal,
         scale, enable_gqa,
@@ -279,20 +282,12 @@ def _varlen(query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, causal, scal
     """The validated call, with sdpa's ``causal`` code (0 none, 1 upper-left, 2 lower-right per
     sequence)."""
     D, Dv = query.shape[2], value.shape[2]
-    scale_f = (1.0 / math.sqrt(D) if D > 0 else 1.0) if scale is None else float(scale)
+    scale_f = default_scale(scale, D)
     dtype = query.dtype
-    chosen = _backend.resolve(OP, backend, query.device, dtype)
+    chosen = _OPS.resolve(backend, query.device, dtype, (D, Dv))
     # The reference on half CPU tensors runs in float32 and rounds once (a half score matrix
     # overflows); the cpu kernels take float16/bfloat16 themselves.
-    half_cpu = (
-        query.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16) and chosen == "reference"
-    )
-    if chosen in ("triton", "cuda") and max(D, Dv) > MAX_GPU_HEAD_DIM:
-        raise InputError(
-            f"pyattn.varlen_attention: backend {chosen!r} cannot run here: head dims must be in "
-            f"[1, {MAX_GPU_HEAD_DIM}], got D={D}, Dv={Dv}"
-        )
-    if half_cpu:
+    if is_half_cpu(query) and chosen == "reference":
         out = _run(chosen, query.float(), key.float(), value.float(), cu_q, cu_k, max_q, max_k, dropout_p,
                    causal, scale_f)  # fmt: skip
         return out.to(dtype)
@@ -304,18 +299,14 @@ def _run(chosen, query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, causal,
     if chosen == "reference" or dropout_p >= 1.0 or (empty and not _compiling()):
         keep = None
         if 0.0 < dropout_p < 1.0:
-            seed, offset = _dropout_seed_offset()
+            seed, offset = dropout_seed_offset()
             shape = (cu_q.shape[0] - 1, query.shape[1], max_q, max_k)
-            if _backend._C() is not None:
-                keep = torch.ops.pyattn.dropout_keep_mask(seed, offset, list(shape), float(dropout_p))
-            else:
-                keep = reference.dropout_keep_mask(seed, offset, shape, dropout_p)
-            keep = keep.to(query.device)
+            keep = dropout_keep_mask(seed, offset, shape, dropout_p, query.device)
         return reference.varlen_attention(
             query, key, value, cu_q, cu_k, max_q, max_k, dropout_p=dropout_p, is_causal=causal, scale=scale,
             enable_gqa=True, dropout_mask=keep,
         )  # fmt: skip
-    seed, offset = _dropout_seed_offset() if dropout_p > 0.0 else (0, 0)
+    seed, offset = dropout_seed_offset() if dropout_p > 0.0 else (0, 0)
     fwd = _OPS.forward_op(chosen)
     out, _lse = fwd(query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, seed, offset)
     return out

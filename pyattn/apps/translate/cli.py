@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from pyattn.apps import require
+from pyattn.nn.multihead_attention import ATTN_BACKENDS
 
 from .fonts import hangul_font
 from .heatmap import save_heatmap
@@ -27,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--attn-backend", choices=("fused", "reference"), default="fused")
+    parser.add_argument("--attn-backend", choices=ATTN_BACKENDS, default="fused")
     parser.add_argument("--out", type=Path, default=Path("translate-out"), help="folder for the heatmap PNGs")
     parser.add_argument("--samples", type=int, default=8, help="sample translations to print and plot")
     parser.add_argument(
