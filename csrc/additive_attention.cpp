@@ -32,7 +32,7 @@ c10::optional<at::Tensor> widen(const c10::optional<at::Tensor>& t) {
 
 void check_dtype(const at::Tensor& query) {
   const auto t = query.scalar_type();
-  PYATTN_CHECK_ARG(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, "query",
+  PYATTN_CHECK_ARG(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, "additive_attention (cpu)", "query",
                    "the cpu backend takes float16, bfloat16, float32 or float64, got ", t);
 }
 
@@ -62,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> additive_attention_fwd_cpu(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& v,
     const c10::optional<at::Tensor>& key_padding_mask, bool return_weights) {
   check_additive_attention_inputs(query, key, value, v, key_padding_mask);
-  PYATTN_CHECK_ARG(query.device().is_cpu(), "query", "the cpu backend takes CPU tensors, got ", query.device());
+  PYATTN_CHECK_ARG(query.device().is_cpu(), "additive_attention (cpu)", "query", "the cpu backend takes CPU tensors, got ", query.device());
   check_dtype(query);
   if (is_half(query)) {
     const auto dtype = query.scalar_type();

@@ -33,6 +33,9 @@ PYATTN_HD T pos_inf() {
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-#define PYATTN_CHECK_ARG(cond, arg, ...) \
-  TORCH_CHECK(cond, "pyattn: argument '", arg, "': ", __VA_ARGS__)
+// One message form for every op's guards, as the Python checks (argument, expected, got):
+//   pyattn::<op>: argument '<arg>': expected ..., got ...
+// (op may name the backend too: "sdpa (cuda)").
+#define PYATTN_CHECK_ARG(cond, op, arg, ...) \
+  TORCH_CHECK(cond, "pyattn::", op, ": argument '", arg, "': ", __VA_ARGS__)
 #endif

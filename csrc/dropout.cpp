@@ -10,8 +10,8 @@
 namespace pyattn {
 
 at::Tensor dropout_keep_mask_cpu(int64_t seed, int64_t offset, c10::IntArrayRef shape, double p) {
-  PYATTN_CHECK_ARG(p >= 0.0 && p < 1.0, "dropout_p", "expected a probability in [0, 1), got ", p);
-  for (auto s : shape) PYATTN_CHECK_ARG(s >= 0, "shape", "expected non-negative sizes, got ", shape);
+  PYATTN_CHECK_ARG(p >= 0.0 && p < 1.0, "dropout_keep_mask", "dropout_p", "expected a probability in [0, 1), got ", p);
+  for (auto s : shape) PYATTN_CHECK_ARG(s >= 0, "dropout_keep_mask", "shape", "expected non-negative sizes, got ", shape);
   at::Tensor mask = at::empty(shape, at::TensorOptions().dtype(at::kBool));
   bool* data = mask.data_ptr<bool>();
   const float pf = static_cast<float>(p);

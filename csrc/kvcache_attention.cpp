@@ -36,14 +36,16 @@ int64_t check_lengths(const KVCacheDims& d, const at::Tensor& seqlens, bool appe
   if (d.paged) bt = block_table->contiguous();
   for (int64_t b = 0; b < d.B; ++b) {
     const int64_t lk = static_cast<int64_t>(sl[b]) + (append ? d.Lq : 0);
-    TORCH_CHECK(sl[b] >= 0 && lk <= d.capacity, "pyattn::kvcache_attention: sequence ", b, " needs ", lk,
-                " cache rows, the cache holds ", d.capacity);
+    PYATTN_CHECK_ARG(sl[b] >= 0 && lk <= d.capacity, "kvcache_attention", "cache_seqlens", "expected sequence ", b,
+                     " to fit the cache's ", d.capacity, " rows, got ", sl[b], " cached + ", lk - sl[b],
+                     " new = ", lk, " cache rows");
     longest = std::max(longest, lk);
     if (d.paged) {
       const int32_t* row = bt.data_ptr<int32_t>() + b * bt.size(1);
       for (int64_t pg = 0; pg < (lk + d.page_size - 1) / d.page_size; ++pg) {
-        TORCH_CHECK(row[pg] >= 0 && row[pg] < d.num_pages, "pyattn::kvcache_attention: block_table[", b, ", ", pg,
-                    "] = ", row[pg], " is not a page of the cache (", d.num_pages, " pages)");
+        PYATTN_CHECK_ARG(row[pg] >= 0 && row[pg] < d.num_pages, "kvcache_attention", "block_table",
+                         "expected page indices in [0, ", d.num_pages, "), got block_table[", b, ", ", pg, "] = ",
+                         row[pg], ", not a page of the cache");
       }
     }
   }
@@ -60,8 +62,8 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention_fwd_cpu(
     int64_t window_right, double softcap, int64_t num_splits) {
   const KVCacheDims d =
       check_kvcache_inputs(query, k_cache, v_cache, cache_seqlens, key, value, block_table, sinks, alibi_slopes);
-  TORCH_CHECK(query.device().is_cpu(), "pyattn::kvcache_attention (cpu): expected CPU tensors, got ",
-              query.device());
+  PYATTN_CHECK_ARG(query.device().is_cpu(), "kvcache_attention (cpu)", "query", "expected CPU tensors, got ",
+                   query.device());
   const bool append = key.has_value();
   const int64_t longest = check_lengths(d, cache_seqlens, append, block_table);
   const int64_t splits = resolve_splits(d, num_splits, longest, at::get_num_threads(), kMinSplitKeys);

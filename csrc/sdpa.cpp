@@ -21,7 +21,7 @@ at::ScalarType acc_type(at::ScalarType t) {
 }
 
 void check_cpu(const at::Tensor& query) {
-  TORCH_CHECK(query.device().is_cpu(), "pyattn::sdpa (cpu): expected CPU tensors, got ", query.device());
+  PYATTN_CHECK_ARG(query.device().is_cpu(), "sdpa (cpu)", "query", "expected CPU tensors, got ", query.device());
 }
 
 template <typename T>
@@ -44,9 +44,9 @@ cpu::FlashParams<T> make_params(const at::Tensor& q, const at::Tensor& k, const 
     } else {
       p.mask_kind = flash::kAddMask;
       const bool half = !std::is_same_v<T, cpu::acc_t<T>>;
-      TORCH_CHECK(mask.scalar_type() == q.scalar_type() || (half && mask.scalar_type() == at::kFloat),
-                  "pyattn::sdpa (cpu): an additive attn_mask must be of query's dtype",
-                  half ? " or float32" : "", ", got ", mask.scalar_type());
+      PYATTN_CHECK_ARG(mask.scalar_type() == q.scalar_type() || (half && mask.scalar_type() == at::kFloat),
+                       "sdpa (cpu)", "attn_mask", "expected bool or query's dtype", half ? " or float32" : "",
+                       ", got ", mask.scalar_type());
       if (mask.scalar_type() == q.scalar_type()) {
         p.add_mask = mask.data_ptr<T>();
       } else {

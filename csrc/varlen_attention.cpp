@@ -31,12 +31,13 @@ std::vector<int32_t> seq_bounds(const at::Tensor& cu, int64_t total, const char*
   const at::Tensor c = cu.contiguous();
   const int32_t* d = c.data_ptr<int32_t>();
   std::vector<int32_t> out(d, d + c.numel());
-  TORCH_CHECK(out[0] == 0, "pyattn::varlen_attention: ", name, "[0] must be 0, got ", out[0]);
+  PYATTN_CHECK_ARG(out[0] == 0, "varlen_attention", name, "expected ", name, "[0] = 0, got ", out[0]);
   for (size_t b = 1; b < out.size(); ++b) {
-    TORCH_CHECK(out[b] >= out[b - 1], "pyattn::varlen_attention: ", name, " must be non-decreasing");
+    PYATTN_CHECK_ARG(out[b] >= out[b - 1], "varlen_attention", name, "expected non-decreasing cumulative lengths, got ",
+                     name, "[", b - 1, "] = ", out[b - 1], " > ", name, "[", b, "] = ", out[b]);
   }
-  TORCH_CHECK(out.back() == total, "pyattn::varlen_attention: ", name, "[-1] = ", out.back(),
-              " must be the packed length ", total);
+  PYATTN_CHECK_ARG(out.back() == total, "varlen_attention", name, "expected ", name, "[-1] = the packed length ",
+                   total, ", got ", out.back());
   return out;
 }
 
@@ -145,8 +146,10 @@ at::ScalarType acc_dtype_of(at::ScalarType t) {
 
 void check_lengths(const std::vector<int32_t>& cq, const std::vector<int32_t>& ck, int64_t max_q, int64_t max_k) {
   for (size_t b = 0; b + 1 < cq.size(); ++b) {
-    TORCH_CHECK(cq[b + 1] - cq[b] <= max_q && ck[b + 1] - ck[b] <= max_k,
-                "pyattn::varlen_attention: a sequence is longer than max_seqlen_q/k");
+    PYATTN_CHECK_ARG(cq[b + 1] - cq[b] <= max_q && ck[b + 1] - ck[b] <= max_k, "varlen_attention",
+                     "max_seqlen_q/max_seqlen_k", "expected at least every sequence's length, got ", max_q, " / ",
+                     max_k, " where sequence ", b, " is ", cq[b + 1] - cq[b], " / ", ck[b + 1] - ck[b],
+                     " long (longer than max_seqlen)");
   }
 }
 
@@ -157,8 +160,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cpu(
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p,
     int64_t causal, double scale, int64_t seed, int64_t offset) {
   check_varlen_inputs(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal);
-  TORCH_CHECK(query.device().is_cpu(), "pyattn::varlen_attention (cpu): expected CPU tensors, got ",
-              query.device());
+  PYATTN_CHECK_ARG(query.device().is_cpu(), "varlen_attention (cpu)", "query", "expected CPU tensors, got ",
+                   query.device());
   const auto cq = seq_bounds(cu_seqlens_q, query.size(0), "cu_seqlens_q");
   const auto ck = seq_bounds(cu_seqlens_k, key.size(0), "cu_seqlens_k");
   check_lengths(cq, ck, max_seqlen_q, max_seqlen_k);
@@ -195,8 +198,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
     double scale, int64_t seed, int64_t offset) {
   check_varlen_inputs(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal);
   check_varlen_backward_inputs(query, value, grad_out, out, lse);
-  TORCH_CHECK(query.device().is_cpu(), "pyattn::varlen_attention (cpu): expected CPU tensors, got ",
-              query.device());
+  PYATTN_CHECK_ARG(query.device().is_cpu(), "varlen_attention (cpu)", "query", "expected CPU tensors, got ",
+                   query.device());
   const auto cq = seq_bounds(cu_seqlens_q, query.size(0), "cu_seqlens_q");
   const auto ck = seq_bounds(cu_seqlens_k, key.size(0), "cu_seqlens_k");
   check_lengths(cq, ck, max_seqlen_q, max_seqlen_k);

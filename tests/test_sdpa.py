@@ -648,18 +648,20 @@ def test_bad_backend_names():
 @pytest.mark.parametrize(
     "args,pattern",
     [
-        ((torch.randn(2, 5, 8), torch.randn(2, 4, 7, 8), torch.randn(2, 4, 7, 6)), r"must be 4-D"),
-        ((torch.randn(2, 4, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 6)), r"Hq must be a multiple of Hkv"),
-        ((torch.randn(2, 4, 5, 8), torch.randn(2, 4, 7, 8), torch.randn(2, 4, 6, 6)), r"do not match query"),
+        ((torch.randn(2, 5, 8), torch.randn(2, 4, 7, 8), torch.randn(2, 4, 7, 6)), r"argument 'query/key/value': expected 4-D"),
+        ((torch.randn(2, 4, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 6)), r"argument 'key': expected a number of heads dividing query's 4, got 3"),
+        ((torch.randn(2, 4, 5, 8), torch.randn(2, 4, 7, 8), torch.randn(2, 4, 6, 6)), r"argument 'key/value': expected \(B, Hkv, Lk, D\) / \(B, Hkv, Lk, Dv\)"),
     ],
 )  # fmt: skip
 def test_op_checks_direct_calls(args, pattern):
     with pytest.raises(RuntimeError, match=pattern):
         torch.ops.pyattn.sdpa_fwd(*args, None, 0.0, 0, 1.0, 0, 0)
     q, k, v = _good()
-    with pytest.raises(RuntimeError, match=r"attn_mask must broadcast to \(B, Hq, Lq, Lk\)"):
+    with pytest.raises(
+        RuntimeError, match=r"argument 'attn_mask': expected a mask broadcasting to \(B, Hq, Lq, Lk\)"
+    ):
         torch.ops.pyattn.sdpa_fwd(q, k, v, torch.ones(3, 7, dtype=torch.bool), 0.0, 0, 1.0, 0, 0)
-    with pytest.raises(RuntimeError, match=r"causal must be 0, 1 or 2, got 3"):
+    with pytest.raises(RuntimeError, match=r"pyattn::sdpa: argument 'causal': expected 0, 1 or 2, got 3"):
         torch.ops.pyattn.sdpa_fwd(q, k, v, None, 0.0, 3, 1.0, 0, 0)
 
 

@@ -416,10 +416,14 @@ def test_backend_names_and_error_classes():
 @pytest.mark.parametrize(
     "cq,ck,pattern",
     [
-        ([1, 3, 8], [0, 4, 6], r"cu_seqlens_q\[0\] must be 0"),
-        ([0, 3, 9], [0, 4, 6], r"cu_seqlens_q\[-1\] = 9 must be the packed length 8"),
-        ([0, 4, 3, 8], [0, 4, 4, 6], r"cu_seqlens_q must be non-decreasing"),
-        ([0, 3, 8], [0, 4], r"cu_seqlens_q/k must be int32 \(B \+ 1,\)"),
+        ([1, 3, 8], [0, 4, 6], r"argument 'cu_seqlens_q': expected cu_seqlens_q\[0\] = 0, got 1"),
+        ([0, 3, 9], [0, 4, 6], r"expected cu_seqlens_q\[-1\] = the packed length 8, got 9"),
+        (
+            [0, 4, 3, 8],
+            [0, 4, 4, 6],
+            r"'cu_seqlens_q': expected non-decreasing .* cu_seqlens_q\[1\] = 4 > cu_seqlens_q\[2\] = 3",
+        ),
+        ([0, 3, 8], [0, 4], r"'cu_seqlens_q/cu_seqlens_k': expected int32 \(B \+ 1,\)"),
     ],
 )
 def test_op_checks_direct_calls(cq, ck, pattern):

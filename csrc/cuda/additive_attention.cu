@@ -566,13 +566,13 @@ int64_t ceil_div(int64_t a, int64_t b) {
 }
 
 unsigned int grid_size(int64_t n, const char* what) {
-  PYATTN_CHECK_ARG(n > 0 && n <= std::numeric_limits<int>::max(), "query",
+  PYATTN_CHECK_ARG(n > 0 && n <= std::numeric_limits<int>::max(), "additive_attention (cuda)", "query",
                    "the cuda backend's ", what, " grid would have ", n, " blocks (at most 2^31 - 1)");
   return static_cast<unsigned int>(n);
 }
 
 void check_cuda_tensor(const at::Tensor& t, const at::Tensor& query, const char* name) {
-  PYATTN_CHECK_ARG(t.device() == query.device(), name, "expected device ", query.device(), ", got ", t.device());
+  PYATTN_CHECK_ARG(t.device() == query.device(), "additive_attention (cuda)", name, "expected device ", query.device(), ", got ", t.device());
 }
 
 }  // namespace cuda_kernels
@@ -583,7 +583,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> additive_attention_fwd_cuda(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& v,
     const c10::optional<at::Tensor>& key_padding_mask, bool return_weights) {
   check_additive_attention_inputs(query, key, value, v, key_padding_mask);
-  PYATTN_CHECK_ARG(query.is_cuda(), "query", "the cuda backend takes CUDA tensors, got ", query.device());
+  PYATTN_CHECK_ARG(query.is_cuda(), "additive_attention (cuda)", "query", "the cuda backend takes CUDA tensors, got ", query.device());
   const c10::cuda::CUDAGuard guard(query.device());
   const auto q = query.contiguous(), k = key.contiguous(), val = value.contiguous(), vv = v.contiguous();
   c10::optional<at::Tensor> mask;
@@ -626,7 +626,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> additive_attention_fwd_cuda(
     // The (16, Dv) context accumulator lives in shared memory: large Dv needs the opt-in limit.
     const int64_t smem = fwd_smem_elems(Dv) * static_cast<int64_t>(sizeof(acc_t)) + kBlockK * sizeof(int);
     const int64_t smem_max = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-    PYATTN_CHECK_ARG(smem <= smem_max, "value", "the cuda backend's forward keeps 16 rows of Dv=", Dv,
+    PYATTN_CHECK_ARG(smem <= smem_max, "additive_attention (cuda)", "value", "the cuda backend's forward keeps 16 rows of Dv=", Dv,
                      " in shared memory: needs ", smem, " bytes, the device has ", smem_max,
                      " (use backend='triton' or a smaller Dv)");
     auto kernel = additive_attention_fwd_kernel<scalar_t, acc_t>;
@@ -646,7 +646,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_bw
     const c10::optional<at::Tensor>& weights) {
   check_additive_attention_inputs(query, key, value, v, key_padding_mask);
   check_additive_attention_backward_inputs(query, value, grad_out, out, lse, grad_weights, weights);
-  PYATTN_CHECK_ARG(query.is_cuda(), "query", "the cuda backend takes CUDA tensors, got ", query.device());
+  PYATTN_CHECK_ARG(query.is_cuda(), "additive_attention (cuda)", "query", "the cuda backend takes CUDA tensors, got ", query.device());
   check_cuda_tensor(grad_out, query, "grad_out");
   check_cuda_tensor(out, query, "out");
   check_cuda_tensor(lse, query, "lse");

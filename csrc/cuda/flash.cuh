@@ -752,10 +752,12 @@ inline int64_t ceil_div(int64_t a, int64_t b) {
 inline void check_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                   const c10::optional<at::Tensor>& attn_mask, int64_t causal) {
   check_sdpa_inputs(query, key, value, attn_mask, causal);
-  TORCH_CHECK(query.is_cuda(), "pyattn::sdpa (cuda): expected CUDA tensors, got ", query.device());
-  TORCH_CHECK(std::max(query.size(3), value.size(3)) <= kMaxHeadDim, "pyattn::sdpa (cuda): head dims up to ", kMaxHeadDim);
-  TORCH_CHECK(!attn_mask.has_value() || attn_mask->scalar_type() == at::kBool || attn_mask->scalar_type() == query.scalar_type(),
-              "pyattn::sdpa (cuda): attn_mask must be bool or of query's dtype");
+  PYATTN_CHECK_ARG(query.is_cuda(), "sdpa (cuda)", "query", "expected CUDA tensors, got ", query.device());
+  PYATTN_CHECK_ARG(std::max(query.size(3), value.size(3)) <= kMaxHeadDim, "sdpa (cuda)", "query/value",
+                   "expected head dims up to ", kMaxHeadDim, ", got D=", query.size(3), ", Dv=", value.size(3));
+  PYATTN_CHECK_ARG(!attn_mask.has_value() || attn_mask->scalar_type() == at::kBool || attn_mask->scalar_type() == query.scalar_type(),
+                   "sdpa (cuda)", "attn_mask", "expected bool or query's dtype ", query.scalar_type(), ", got ",
+                   attn_mask->scalar_type());
 }
 
 inline Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -842,7 +844,7 @@ void dispatch(at::ScalarType dt, int64_t head_dim, Fn&& fn) {
     case at::kHalf: by_dim(TypeTag<c10::Half>{}); break;
     case at::kBFloat16: by_dim(TypeTag<c10::BFloat16>{}); break;
     case at::kFloat: by_dim(TypeTag<float>{}); break;
-    default: TORCH_CHECK(false, "pyattn: argument 'query': unsupported dtype ", dt);
+    default: PYATTN_CHECK_ARG(false, "sdpa (cuda)", "query", "expected float16, bfloat16 or float32, got ", dt);
   }
 }
 

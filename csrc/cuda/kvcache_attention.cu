@@ -239,10 +239,11 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention_fwd_cuda(
     int64_t window_right, double softcap, int64_t num_splits) {
   const KVCacheDims d =
       check_kvcache_inputs(query, k_cache, v_cache, cache_seqlens, key, value, block_table, sinks, alibi_slopes);
-  TORCH_CHECK(query.is_cuda(), "pyattn::kvcache_attention (cuda): expected CUDA tensors, got ", query.device());
-  TORCH_CHECK(query.scalar_type() != at::kDouble, "pyattn::kvcache_attention (cuda): float64 is not supported");
-  TORCH_CHECK(d.D <= 32 * kMaxPerLane && d.Dv <= 32 * kMaxPerLane,
-              "pyattn::kvcache_attention (cuda): head dims must be at most ", 32 * kMaxPerLane);
+  PYATTN_CHECK_ARG(query.is_cuda(), "kvcache_attention (cuda)", "query", "expected CUDA tensors, got ", query.device());
+  PYATTN_CHECK_ARG(query.scalar_type() != at::kDouble, "kvcache_attention (cuda)", "query",
+                   "expected float16, bfloat16 or float32, got ", query.scalar_type());
+  PYATTN_CHECK_ARG(d.D <= 32 * kMaxPerLane && d.Dv <= 32 * kMaxPerLane, "kvcache_attention (cuda)", "query/v_cache",
+                   "expected head dims up to ", 32 * kMaxPerLane, ", got D=", d.D, ", Dv=", d.Dv);
   const at::cuda::OptionalCUDAGuard guard(query.device());
   const int64_t R = (d.Hq / d.Hkv) * d.Lq;
   // the lengths live on the device: split for the capacity (reading them would synchronise)

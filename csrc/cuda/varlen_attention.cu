@@ -57,10 +57,11 @@ Params make_varlen_params(const at::Tensor& q, const at::Tensor& k, const at::Te
 
 void check_varlen_cuda(const at::Tensor& query, const at::Tensor& value, const at::Tensor& cu_q,
                        const at::Tensor& cu_k) {
-  TORCH_CHECK(query.is_cuda(), "pyattn::varlen_attention (cuda): expected CUDA tensors, got ", query.device());
-  TORCH_CHECK(std::max(query.size(2), value.size(2)) <= kMaxHeadDim, "pyattn::varlen_attention (cuda): head dims up to ",
-              kMaxHeadDim);
-  TORCH_CHECK(cu_q.is_contiguous() && cu_k.is_contiguous(), "pyattn::varlen_attention (cuda): cu_seqlens must be contiguous");
+  PYATTN_CHECK_ARG(query.is_cuda(), "varlen_attention (cuda)", "query", "expected CUDA tensors, got ", query.device());
+  PYATTN_CHECK_ARG(std::max(query.size(2), value.size(2)) <= kMaxHeadDim, "varlen_attention (cuda)", "query/value",
+                   "expected head dims up to ", kMaxHeadDim, ", got D=", query.size(2), ", Dv=", value.size(2));
+  PYATTN_CHECK_ARG(cu_q.is_contiguous() && cu_k.is_contiguous(), "varlen_attention (cuda)", "cu_seqlens_q/cu_seqlens_k",
+                   "expected contiguous tensors, got strides ", cu_q.strides(), " / ", cu_k.strides());
 }
 
 }  // namespace
