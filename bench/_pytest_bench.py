@@ -1,4 +1,5 @@
-"""What the bench_<op>.py files share: parametrisation over the registry and one runner."""
+"""What the bench_<op>.py files' pytest entries share: their parametrisation (bench/conftest.py
+calls ``params`` with a test's case functions) and one runner."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 import pytest
 import torch
 
-from .cases import build_cases
+from ._case import baselines_first
 from .runner import HOST_MEMORY_HEADROOM
 from .timing import BUDGETS, available_host_bytes
 
@@ -23,9 +24,13 @@ def bench_suite() -> str:
     return os.environ.get("PYATTN_BENCH_SUITE", "default")
 
 
-def params(ops: list[str]) -> list:
-    """pytest params (id = the case id) for the cases of ``ops`` in the chosen suite."""
-    cases = build_cases(bench_device(), bench_suite(), ops)
+def params(case_fns) -> list:
+    """pytest params (id = the case id) for the cases that ``case_fns`` (each (device, suite,
+    dtypes) -> cases) give in the chosen suite."""
+    device, suite = bench_device(), bench_suite()
+    if suite == "headline":  # the CLI's GPU selection (bench/cases.py); here its whole suite
+        suite = "quick" if device == "cpu" else "full"
+    cases = baselines_first([c for fn in case_fns for c in fn(device, suite, [])])
     return [
         pytest.param(c, id=f"{c.provider}-{c.mode}-{c.shape_str.replace(' ', ',')}-{c.dtype}") for c in cases
     ]

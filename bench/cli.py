@@ -3,7 +3,7 @@
 pyattn bench                      # the default suite (minutes on a 2-core CPU)
 pyattn bench --full --device cuda # every shape, dtype and provider, on the GPU
 pyattn bench --headline           # the few minutes of GPU figures of bench/gpu_check.sh
-pyattn bench --ops additive,sdpa --json new.json --compare old.json
+pyattn bench --ops additive_attention,sdpa --json new.json --compare old.json
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""pytest-benchmark front end over the shared case registry (bench/cases.py).
+"""pytest-benchmark front end over the cases of each bench_<op>.py file.
 
     pytest bench/ --benchmark-only              # the default suite (the console script:
                                                 # the checkout root stays off sys.path)
@@ -12,6 +12,15 @@ this hook collects them when bench/ is named on the command line, so the normal 
 from __future__ import annotations
 
 import pytest
+
+
+def pytest_generate_tests(metafunc):
+    """A bench_<op>.py test names its case functions in ``.cases``: one param per case."""
+    fns = getattr(metafunc.function, "cases", None)
+    if fns is not None and "case" in metafunc.fixturenames:
+        from pyattn.bench._pytest_bench import params
+
+        metafunc.parametrize("case", params(fns))
 
 
 def pytest_collect_file(file_path, parent):

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 
 from . import timing
-from .cases import Case
+from ._case import Case
 
 COLUMNS = [
     "kernel",

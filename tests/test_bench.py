@@ -10,8 +10,8 @@ import sys
 
 import pytest
 import torch
+from pyattn.bench import bench_additive_attention, report, runner, timing
 from pyattn.bench import cases as cases_mod
-from pyattn.bench import report, runner, timing
 
 from pyattn.cli import main
 
@@ -197,7 +197,7 @@ def test_ratios_are_baseline_over_provider():
 
 def _case(**kw):
     d = {
-        "group": "additive",
+        "group": "additive_attention",
         "provider": "reference",
         "baseline": "reference",
         "mode": "fwd",
@@ -214,7 +214,10 @@ def test_failing_provider_is_recorded_not_raised():
     def broken(case):
         raise RuntimeError("backend exploded")
 
-    cases = [_case(builder=cases_mod._build_additive), _case(provider="pyattn-broken", builder=broken)]
+    cases = [
+        _case(builder=bench_additive_attention.build_additive),
+        _case(provider="pyattn-broken", builder=broken),
+    ]
     meta = runner.metadata("cpu", "quick")
     rows = runner.run_cases(cases, meta, timing.BUDGETS["quick"], progress=lambda line: None)
     assert rows[0]["status"] == "ok"
@@ -224,15 +227,15 @@ def test_failing_provider_is_recorded_not_raised():
 
 
 def test_naive_case_too_big_for_host_memory_is_recorded_as_oom():
-    huge = _case(mem_estimate=1e18, builder=cases_mod._build_additive)
+    huge = _case(mem_estimate=1e18, builder=bench_additive_attention.build_additive)
     row = runner.measure(huge, timing.BUDGETS["quick"])
     assert row["status"] == "oom" and "GiB" in row["note"]
 
 
 def test_time_budget_skips_the_rest():
     cases = [
-        _case(builder=cases_mod._build_additive),
-        _case(provider="pyattn-cpu", builder=cases_mod._build_additive),
+        _case(builder=bench_additive_attention.build_additive),
+        _case(provider="pyattn-cpu", builder=bench_additive_attention.build_additive),
     ]
     rows = runner.run_cases(
         cases,
@@ -256,7 +259,7 @@ def test_registry_full_shapes():
     """The --full CPU suite holds the headline shapes (additive B=16 H=256 T in 64/256/512; sdpa
     L in 256/1024/2048, causal and not), with their baselines."""
     full = cases_mod.build_cases("cpu", "full", ["additive", "sdpa"])
-    additive = {(c.dims["B"], c.dims["T"], c.dims["H"]) for c in full if c.group == "additive"}
+    additive = {(c.dims["B"], c.dims["T"], c.dims["H"]) for c in full if c.group == "additive_attention"}
     assert additive == {(16, t, 256) for t in (64, 256, 512)}
     sdpa = {(c.dims["L"], c.dims["causal"]) for c in full if c.group == "sdpa"}
     assert sdpa == {(L, c) for L in (256, 1024, 2048) for c in (False, True)}
@@ -283,9 +286,27 @@ def test_pytest_benchmark_files_collect_from_the_registry():
     n_additive = len(cases_mod.build_cases("cpu", "quick", ["additive"]))
     assert proc.stdout.count("bench_additive_attention.py::test_additive_attention[") == n_additive
     assert "bench_sdpa.py::test_sdpa[" in proc.stdout
+    assert "bench_sdpa.py::test_multihead_attention[" in proc.stdout
 
 
-@pytest.mark.parametrize("group", ["mha", "bert", "transformer", "seq2seq"])
+def test_groups_are_the_op_stems_and_old_names_still_work():
+    """The bench groups are the ops' stems, each op's cases live in its bench/bench_<op>.py, and
+    the CLI's earlier short names are aliases."""
+    from pyattn.ops._glue import OPS
+
+    for op in OPS:
+        if op in cases_mod.GROUPS:
+            assert cases_mod.GROUPS[op].__module__ == f"pyattn.bench.bench_{op}"
+    assert {"additive_attention", "sdpa", "varlen_attention"} <= set(cases_mod.GROUPS)
+    got = cases_mod.resolve_groups(["mha", "additive", "varlen"])
+    assert got == ["additive_attention", "multihead_attention", "varlen_attention"]
+    with pytest.raises(ValueError, match="unknown op"):
+        cases_mod.resolve_groups(["nope"])
+
+
+@pytest.mark.parametrize(
+    "group", ["multihead_attention", "varlen_attention", "bert", "transformer", "seq2seq"]
+)
 def test_every_quick_case_of_a_group_builds_and_steps(group):
     # the quick_run fixture covers additive and sdpa; a model case that cannot be built shows
     # up only as an "error" row in a long run, so build and step each one here
