@@ -224,6 +224,71 @@ VARLEN = {
 }
 
 
+def _model_grads(model, loss, group_sum):
+    grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(model.parameters(), grads, strict=True)]
+    if group_sum:
+        for g in grads:
+            dist.all_reduce(g)
+    return grads
+
+
+def _assert_model_close(name, a, b):
+    # float64 models: the ring's merge and the whole-sequence kernel round differently, a few ulp
+    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=lambda m: f"{name}: {m}")
+
+
+def _bert_case(P, rank, layout, L):
+    """BertForPreTraining under context parallelism: loss (summed over ranks) and every
+    parameter gradient (summed over ranks) equal the single-process ones."""
+    from pyattn.models.bert import BertConfig, BertForPreTraining
+
+    cfg = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)  # fmt: skip
+    model = BertForPreTraining(cfg).double()
+    ids = torch.randint(6, 40, (2, L))
+    types = (torch.arange(L) >= L // 2).long().expand(2, L)
+    labels = torch.where(torch.rand(2, L) < 0.3, ids, torch.full_like(ids, -100))
+    labels[:, 1] = ids[:, 1]
+    nsp = torch.randint(0, 2, (2,))
+    whole = model(ids, token_type_ids=types, labels=labels, next_sentence_label=nsp)
+    want = _model_grads(model, whole.loss, False)
+    model.set_context_parallel(dist.group.WORLD, layout)
+    sh = lambda t: pd.shard_sequence(t, 1, layout=layout)  # noqa: E731
+    part = model(sh(ids), token_type_ids=sh(types), labels=sh(labels), next_sentence_label=nsp)
+    got = _model_grads(model, part.loss, True)
+    loss = part.loss.detach().clone()
+    dist.all_reduce(loss)
+    _assert_model_close("loss", loss, whole.loss.detach())
+    _assert_model_close("MLM logits", part.prediction_logits, sh(whole.prediction_logits))
+    assert (part.seq_relationship_logits is None) == (rank != 0)
+    for (n, _), g, w in zip(model.named_parameters(), got, want, strict=True):
+        _assert_model_close(f"grad {n}", g, w)
+
+
+def _transformer_case(P, rank, layout):
+    """The encoder-decoder Transformer under context parallelism (encoder, causal decoder and
+    cross-attention as rings): output shards and summed gradients equal the single-process ones."""
+    from pyattn.models.transformer import Transformer
+
+    model = Transformer(d_model=16, nhead=2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=32,
+                        dropout=0.0, batch_first=True).double()  # fmt: skip
+    S, T = 8 * P, 4 * P
+    src, tgt = torch.randn(2, S, 16, dtype=torch.float64), torch.randn(2, T, 16, dtype=torch.float64)
+    w = torch.randn(2, T, 16, dtype=torch.float64)
+    mask = Transformer.generate_square_subsequent_mask(T, dtype=torch.float64)
+    whole = model(src, tgt, tgt_mask=mask, tgt_is_causal=True)
+    want = _model_grads(model, (whole * w).sum(), False)
+    model.set_context_parallel(dist.group.WORLD, layout)
+    sh = lambda t: pd.shard_sequence(t, 1, layout=layout)  # noqa: E731
+    part = model(sh(src), sh(tgt), tgt_is_causal=True)
+    got = _model_grads(model, (part * sh(w)).sum(), True)
+    _assert_model_close("output", part, sh(whole))
+    for (n, _), g, ww in zip(model.named_parameters(), got, want, strict=True):
+        _assert_model_close(f"grad {n}", g, ww)
+
+
 def _cases(P):
     c = {
         "zigzag_causal": lambda r: _ring_case(P, "zigzag", True),
@@ -243,6 +308,9 @@ def _cases(P):
         "varlen_bf16": lambda r: _varlen_case(
             P, r, [16] * P, [5, 11 * P + 3, 5 * P - 8], True, dtype=torch.bfloat16
         ),
+        "model_bert_zigzag": lambda r: _bert_case(P, r, "zigzag", 6 * P),
+        "model_bert_contiguous_uneven": lambda r: _bert_case(P, r, "contiguous", 5 * P + 1),
+        "model_transformer": lambda r: _transformer_case(P, r, "zigzag"),
         "errors": lambda r: _errors_case(P, r),
         "shard_unshard": lambda r: _shard_case(P, r),
     }
@@ -304,7 +372,8 @@ def test_case_lists_cover_the_issue():
     """Both group sizes run the attention cases (a case dropped from one list would pass
     vacuously otherwise)."""
     two, four = set(_cases(2)), set(_cases(4))
-    assert four <= two and {"zigzag_causal", "contiguous_causal", "bf16_causal", "varlen_causal"} <= four
+    want = {"zigzag_causal", "contiguous_causal", "bf16_causal", "varlen_causal", "model_bert_zigzag"}
+    assert four <= two and want <= four
 
 
 def test_single_process_without_torch_distributed():
