@@ -289,6 +289,17 @@ def _transformer_case(P, rank, layout):
         _assert_model_close(f"grad {n}", g, ww)
 
 
+def _per_head_rings(fn):
+    """``fn`` with the ring run once per kv head (ring.CHUNK_BYTES = 0), as on long shards."""
+    from pyattn.distributed import ring
+
+    saved, ring.CHUNK_BYTES = ring.CHUNK_BYTES, 0
+    try:
+        fn()
+    finally:
+        ring.CHUNK_BYTES = saved
+
+
 def _cases(P):
     c = {
         "zigzag_causal": lambda r: _ring_case(P, "zigzag", True),
@@ -298,6 +309,9 @@ def _cases(P):
         "contiguous_uneven_causal": lambda r: _ring_case(P, "contiguous", True, Lq=4 * P + 3, D=7),
         "cross_attention": lambda r: _ring_case(P, "zigzag", False, Lq=4 * P, Lk=8 * P),
         "gqa_causal": lambda r: _ring_case(P, "zigzag", True, Hq=4, Hkv=2),
+        "gqa_per_head_rings": lambda r: _per_head_rings(
+            lambda: _ring_case(P, "zigzag", True, B=1, Hq=6, Hkv=3, window=(7, 0), Lq=8 * P)
+        ),
         "bf16_causal": lambda r: _ring_case(P, "zigzag", True, dtype=torch.bfloat16, Lq=16 * P),
         "bf16_contiguous": lambda r: _ring_case(P, "contiguous", False, dtype=torch.bfloat16, Lq=16 * P),
         "window_causal": lambda r: _ring_case(P, "zigzag", True, Lq=16 * P, window=(5, 0)),

@@ -160,5 +160,5 @@ def merge(out: Tensor, lse: Tensor, o: Tensor, lse_b: Tensor) -> None:
     some = new > float("-inf")
     a = torch.where(some, torch.exp(lse - new), 0.0)
     b = torch.where(some, torch.exp(lse_b - new), 0.0)
-    out.mul_(a[..., None]).add_(o.to(out.dtype) * b[..., None])
+    out.mul_(a[..., None]).addcmul_(o.to(out.dtype), b[..., None])
     lse.copy_(torch.where(some, new, lse))

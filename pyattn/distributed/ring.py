@@ -157,34 +157,115 @@ def _rows(t: Tensor, a: int, b: int) -> Tensor:
     return t[:, :, a:b]
 
 
+# Key/value heads per ring pass: the ring runs once per group of kv heads, so its buffers (the
+# key/value shards in flight, the travelling dK/dV accumulators, a block's gradients) hold one
+# group, not every head. A group is the fewest heads whose key shard has CHUNK_BYTES (fewer
+# transfers for small shards, less memory for large ones; docs/design.md, "Context parallelism").
+CHUNK_BYTES = 1 << 20
+
+
+def _head_groups(key: Tensor) -> list[tuple[int, int]]:
+    B, Hkv, n, D = key.shape
+    per_head = max(1, B * n * D * key.element_size())
+    g = min(Hkv, max(1, -(-CHUNK_BYTES // per_head)))
+    return [(h, min(h + g, Hkv)) for h in range(0, Hkv, g)]
+
+
+def _ring_forward(cfg: _Config, query, key, value):
+    """One ring pass over the heads of ``query``/``key``/``value``: (out, lse) in float32."""
+    acc = acc_dtype(query.dtype)
+    B, Hq, nq, _ = query.shape
+    Hkv, D, Dv = key.shape[1], key.shape[3], value.shape[3]
+    out = query.new_zeros((B, Hq, nq, Dv), dtype=acc)
+    lse = query.new_full((B, Hq, nq), float("-inf"), dtype=acc)
+    k, v = key.contiguous(), value.contiguous()
+    for s, blk in enumerate(cfg.blocks):
+        pending = None
+        if s < cfg.P - 1:
+            n = cfg.k_lens[(cfg.rank - s - 1) % cfg.P]
+            nk, nv = k.new_empty((B, Hkv, n, D)), v.new_empty((B, Hkv, n, Dv))
+            pending = cfg.ring.exchange([k, v], [nk, nv], f"receiving key/value at ring step {s + 1}")
+        if blk is not None:
+            o, lb = cfg.kernels.fwd(
+                _rows(query, blk.q0, blk.q1), _rows(k, blk.k0, blk.k1), _rows(v, blk.k0, blk.k1),
+                blk.causal, blk.mask, cfg.scale,
+            )  # fmt: skip
+            merge(_rows(out, blk.q0, blk.q1), lse[:, :, blk.q0 : blk.q1], o, lb)
+            del o, lb
+        if pending is not None:
+            cfg.ring.wait(pending)
+            k, v = nk, nv
+    return out, lse
+
+
+def _ring_backward(cfg: _Config, do, query, key, value, out, lse):
+    """The backward ring pass over one group of heads: (dq, dk, dv) in float32."""
+    B, Hkv, _, D = key.shape
+    Dv = value.shape[3]
+    acc = acc_dtype(query.dtype)
+    dq = torch.zeros(query.shape, dtype=acc, device=query.device)
+    k, v = key.contiguous(), value.contiguous()
+    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+    grads_in = None  # the accumulators of the next step's shard, on their way here
+    for s, blk in enumerate(cfg.blocks):
+        kv_pending = None
+        src_next = (cfg.rank - s - 1) % cfg.P
+        if s < cfg.P - 1:
+            n = cfg.k_lens[src_next]
+            nk, nv = k.new_empty((B, Hkv, n, D)), v.new_empty((B, Hkv, n, Dv))
+            kv_pending = cfg.ring.exchange([k, v], [nk, nv], f"receiving key/value at backward step {s + 1}")
+        if blk is not None:
+            rows = (blk.q0, blk.q1)
+            dqb, dkb, dvb = cfg.kernels.bwd(
+                _rows(do, *rows), _rows(query, *rows), _rows(k, blk.k0, blk.k1),
+                _rows(v, blk.k0, blk.k1), blk.causal, blk.mask, _rows(out, *rows),
+                lse[:, :, blk.q0 : blk.q1], cfg.scale,
+            )  # fmt: skip
+        if grads_in is not None:
+            cfg.ring.wait(grads_in[0])
+            dk, dv = grads_in[1], grads_in[2]
+            grads_in = None
+        if blk is not None:
+            _rows(dq, *rows).add_(dqb)
+            _rows(dk, blk.k0, blk.k1).add_(dkb)
+            _rows(dv, blk.k0, blk.k1).add_(dvb)
+            del dqb, dkb, dvb
+        if cfg.P > 1:
+            # pass this shard's accumulators on; after the last step they reach their owner
+            n = cfg.k_lens[src_next]
+            ndk, ndv = dk.new_empty((B, Hkv, n, D)), dv.new_empty((B, Hkv, n, Dv))
+            what = f"receiving dK/dV at backward step {s + 1}"
+            grads_in = (cfg.ring.exchange([dk, dv], [ndk, ndv], what), ndk, ndv)
+            del ndk, ndv
+        if kv_pending is not None:
+            cfg.ring.wait(kv_pending)
+            k, v = nk, nv
+            del nk, nv
+    if grads_in is not None:
+        cfg.ring.wait(grads_in[0])
+        dk, dv = grads_in[1], grads_in[2]
+    return dq, dk, dv
+
+
 class _RingAttention(torch.autograd.Function):
+    """The ring, once per group of kv heads (with their query heads), forward and backward."""
+
     @staticmethod
     def forward(ctx, query, key, value, cfg: _Config):
-        acc = acc_dtype(query.dtype)
         B, Hq, nq, _ = query.shape
-        Hkv, D, Dv = key.shape[1], key.shape[3], value.shape[3]
-        out = query.new_zeros((B, Hq, nq, Dv), dtype=acc)
-        lse = query.new_full((B, Hq, nq), float("-inf"), dtype=acc)
-        k, v = key.contiguous(), value.contiguous()
-        for s, blk in enumerate(cfg.blocks):
-            pending = None
-            if s < cfg.P - 1:
-                n = cfg.k_lens[(cfg.rank - s - 1) % cfg.P]
-                nk, nv = k.new_empty((B, Hkv, n, D)), v.new_empty((B, Hkv, n, Dv))
-                pending = cfg.ring.exchange([k, v], [nk, nv], f"receiving key/value at ring step {s + 1}")
-            if blk is not None:
-                o, lb = cfg.kernels.fwd(
-                    _rows(query, blk.q0, blk.q1), _rows(k, blk.k0, blk.k1), _rows(v, blk.k0, blk.k1),
-                    blk.causal, blk.mask, cfg.scale,
-                )  # fmt: skip
-                merge(_rows(out, blk.q0, blk.q1), lse[:, :, blk.q0 : blk.q1], o, lb)
-            if pending is not None:
-                cfg.ring.wait(pending)
-                k, v = nk, nv
-        # the ops' convention: a row with no key has lse = +inf (and output 0)
-        lse = lse.masked_fill(lse == float("-inf"), float("inf"))
-        out = out.to(query.dtype)
-        ctx.cfg = cfg
+        g = Hq // key.shape[1]
+        out = query.new_empty((B, Hq, nq, value.shape[3]))
+        lse = query.new_empty((B, Hq, nq), dtype=acc_dtype(query.dtype))
+        groups = _head_groups(key)
+        for h0, h1 in groups:
+            qh = slice(h0 * g, h1 * g)
+            o, lh = _ring_forward(cfg, query[:, qh], key[:, h0:h1], value[:, h0:h1])
+            out[:, qh] = o
+            # the ops' convention: a row with no key has lse = +inf (and output 0)
+            lse[:, qh] = lh.masked_fill(lh == float("-inf"), float("inf"))
+            del o, lh
+        ctx.cfg, ctx.groups = cfg, groups
         ctx.save_for_backward(query, key, value, out, lse)
         return out
 
@@ -192,51 +273,16 @@ class _RingAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         cfg = ctx.cfg
         query, key, value, out, lse = ctx.saved_tensors
-        acc = acc_dtype(query.dtype)
-        do = grad_out.contiguous()
-        B, Hkv, _, D = key.shape
-        Dv = value.shape[3]
-        dq = torch.zeros_like(query, dtype=acc, memory_format=torch.contiguous_format)
-        k, v = key.contiguous(), value.contiguous()
-        dk = torch.zeros_like(k, dtype=acc)
-        dv = torch.zeros_like(v, dtype=acc)
-        grads_in = None  # the accumulators of the next step's shard, on their way here
-        for s, blk in enumerate(cfg.blocks):
-            kv_pending = None
-            src_next = (cfg.rank - s - 1) % cfg.P
-            if s < cfg.P - 1:
-                n = cfg.k_lens[src_next]
-                nk, nv = k.new_empty((B, Hkv, n, D)), v.new_empty((B, Hkv, n, Dv))
-                kv_pending = cfg.ring.exchange(
-                    [k, v], [nk, nv], f"receiving key/value at backward step {s + 1}"
-                )
-            if blk is not None:
-                rows = (blk.q0, blk.q1)
-                dqb, dkb, dvb = cfg.kernels.bwd(
-                    _rows(do, *rows), _rows(query, *rows), _rows(k, blk.k0, blk.k1),
-                    _rows(v, blk.k0, blk.k1), blk.causal, blk.mask, _rows(out, *rows),
-                    lse[:, :, blk.q0 : blk.q1], cfg.scale,
-                )  # fmt: skip
-            if grads_in is not None:
-                cfg.ring.wait(grads_in[0])
-                dk, dv = grads_in[1], grads_in[2]
-            if blk is not None:
-                _rows(dq, *rows).add_(dqb)
-                _rows(dk, blk.k0, blk.k1).add_(dkb)
-                _rows(dv, blk.k0, blk.k1).add_(dvb)
-            if cfg.P > 1:
-                # pass this shard's accumulators on; after the last step they reach their owner
-                n = cfg.k_lens[src_next]
-                ndk, ndv = dk.new_empty((B, Hkv, n, D)), dv.new_empty((B, Hkv, n, Dv))
-                what = f"receiving dK/dV at backward step {s + 1}"
-                grads_in = (cfg.ring.exchange([dk, dv], [ndk, ndv], what), ndk, ndv)
-            if kv_pending is not None:
-                cfg.ring.wait(kv_pending)
-                k, v = nk, nv
-        if grads_in is not None:
-            cfg.ring.wait(grads_in[0])
-            dk, dv = grads_in[1], grads_in[2]
-        return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), None
+        g = query.shape[1] // key.shape[1]
+        dq, dk, dv = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+        for h0, h1 in ctx.groups:
+            qh, kh = slice(h0 * g, h1 * g), slice(h0, h1)
+            gq, gk, gv = _ring_backward(
+                cfg, grad_out[:, qh], query[:, qh], key[:, kh], value[:, kh], out[:, qh], lse[:, qh]
+            )
+            dq[:, qh], dk[:, kh], dv[:, kh] = gq, gk, gv
+            del gq, gk, gv
+        return dq, dk, dv, None
 
 
 def ring_attention(
