@@ -317,9 +317,9 @@ def ring_attention(
         is_causal: upper-left causal over the whole sequences (query i sees keys j <= i).
         scale: score scale, default 1/sqrt(D).
         enable_gqa: Hq may be a multiple of Hkv.
-        window_size: (left, right): query i sees keys j with d - left <= j <= d + right, d = i
-            (causal or Lq = Lk) or i + Lk - Lq; -1 = unbounded. Ring steps wholly outside the
-            window are skipped.
+        window_size: (left, right): query i sees keys j with i - left <= j <= i + right
+            (global positions; Lq = Lk is required with a window); -1 = unbounded. Ring steps
+            wholly outside the window are skipped.
         backend: None (best for the device), "cpu", "cuda", "triton" or "reference".
     Returns:
         (B, Hq, Lq/P, Dv): this rank's rows of the output, in ``layout``.
@@ -362,7 +362,8 @@ def _agree_shards(query, key, value, group, rank, P, layout, is_causal, window, 
         Hkv, nk, Dv = key.shape[1], key.shape[2], value.shape[3]
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
         fields = [1, B, Hq, Hkv, nq, nk, D, Dv, _DTYPE_CODE[query.dtype], query.device.type == "cuda",
-                  is_causal, _layout.LAYOUTS.index(layout), *window, enable_gqa, scale is None, 0.0 if scale is None else float(scale), grad]  # fmt: skip
+                  is_causal, _layout.LAYOUTS.index(layout), *window, enable_gqa, scale is None,
+                  0.0 if scale is None else float(scale), grad]  # fmt: skip
         device = _layout._meta_device(query, group)
     else:
         fields = [0] * 18
