@@ -464,3 +464,49 @@ def test_failing_rank_makes_the_others_raise(tmp_path, how):
     # the neighbour that waits on rank 1 raises; with 3 ranks the third may also wait on rank 1's
     # neighbour, so every surviving rank ends with a RingError, none hangs (spawn's bound)
     assert math.isfinite(max(results[r]["seconds"] for r in others))
+
+
+# -- the step plans, without processes ---------------------------------------------------------------
+
+
+def _visible_pairs(P, L, layout, causal=True, window=(-1, -1)):
+    """Per rank: the (query, key) pairs its kernels compute over the ring, and the skipped steps."""
+    from pyattn.distributed import _layout
+    from pyattn.distributed._blocks import plan_block
+
+    work, skipped = [], []
+    for r in range(P):
+        q = _layout.positions(L, P, r, layout)
+        total, skip = 0, 0
+        for s in range(P):
+            blk = plan_block(q, _layout.positions(L, P, (r - s) % P, layout), causal, window, 0)
+            if blk is None:
+                skip += 1
+                continue
+            n = (blk.q1 - blk.q0) * (blk.k1 - blk.k0)
+            total += n if blk.causal == 0 else (blk.q1 - blk.q0) * (blk.q1 - blk.q0 + 1) // 2
+        work.append(total)
+        skipped.append(skip)
+    return work, skipped
+
+
+def test_zigzag_balances_causal_work():
+    """Under causal attention every zigzag rank computes the same number of pairs (the contiguous
+    cut gives the last rank the most), and the ranks together compute exactly the causal pairs:
+    blocks are cut to their visible rows and keys."""
+    P, L = 4, 64
+    zig, _ = _visible_pairs(P, L, "zigzag")
+    contiguous, _ = _visible_pairs(P, L, "contiguous")
+    assert len(set(zig)) == 1, zig
+    assert contiguous == sorted(contiguous) and contiguous[-1] > 2 * contiguous[0], contiguous
+    assert sum(zig) == sum(contiguous) == L * (L + 1) // 2
+
+
+def test_window_skips_steps_outside_it():
+    """A causal window of 3 keys on contiguous shards of 8: each rank computes its own shard and
+    the previous shard's last keys only; the other steps are skipped (no kernel call)."""
+    work, skipped = _visible_pairs(4, 32, "contiguous", window=(3, 0))
+    assert skipped == [3, 2, 2, 2], skipped
+    # own shard: the band within it needs a mask over 8 x 8; the previous shard: rows 0..2 of
+    # this one against its last 3 keys
+    assert work == [64, 64 + 9, 64 + 9, 64 + 9], work
