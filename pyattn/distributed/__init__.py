@@ -12,20 +12,9 @@ load it.
   whole sequence back (a differentiable all-gather).
 """
 
-from ._layout import LAYOUTS, shard_sequence, unshard_sequence
+from ._layout import LAYOUTS, shard_positions, shard_sequence, unshard_sequence
 from .allgather import allgather_varlen_attention
 from .ring import RingError, ring_attention
-
-
-def shard_positions(length: int, group=None, layout: str = "zigzag", device=None):
-    """The global positions (int64, ascending) of the rows this rank holds of a sequence of
-    ``length`` (e.g. a model's position ids under context parallelism)."""
-    from . import _layout
-
-    _layout.check_layout("pyattn.distributed.shard_positions", layout)
-    rank, P = _layout.group_info(group)
-    return _layout.positions(length, P, rank, layout if P > 1 else "contiguous", device=device)
-
 
 __all__ = [
     "LAYOUTS",

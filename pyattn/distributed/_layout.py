@@ -59,6 +59,14 @@ def positions(L: int, P: int, rank: int, layout: str, device=None) -> Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
 
 
+def shard_positions(length: int, group=None, layout: str = "zigzag", device=None) -> Tensor:
+    """The global positions (int64, ascending) of the rows this rank holds of a sequence of
+    ``length`` in ``layout`` (e.g. a model's position ids under context parallelism)."""
+    check_layout("pyattn.distributed.shard_positions", layout)
+    rank, P = group_info(group)
+    return positions(length, P, rank, layout if P > 1 else "contiguous", device=device)
+
+
 def _dim(fn: str, x: Tensor, dim: int) -> int:
     if not isinstance(x, Tensor):
         raise InputTypeError(f"{fn}: 'x' must be a torch.Tensor, got {type(x).__name__}")
