@@ -41,7 +41,8 @@ SCRIPT = textwrap.dedent(
 
     import torch
     import pyattn
-    import pyattn.integrations, pyattn.models.bert, pyattn.models.seq2seq, pyattn.models.transformer
+    import pyattn.distributed, pyattn.integrations, pyattn.models.bert, pyattn.models.seq2seq
+    import pyattn.models.transformer
     import pyattn.nn, pyattn.reference
     import pyattn.bench.cli, pyattn.bench.cases, pyattn.bench.report, pyattn.bench.runner
 

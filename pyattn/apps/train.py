@@ -7,7 +7,10 @@ Tasks (generated on the fly, so nothing is downloaded):
 
 Writes to ``--out``: ``losses.csv`` (step, loss, seconds), ``summary.json`` and ``loss.png``.
 Runs unchanged under ``torchrun --nproc_per_node=N`` (DistributedDataParallel, gloo on CPU):
-each rank draws its own batches, DDP averages the gradients, rank 0 writes the logs.
+each rank draws its own batches, DDP averages the gradients, rank 0 writes the logs. With
+``--context-parallel`` (bert) the ranks instead share every batch: each sequence is sharded over
+them and attention runs as ``pyattn.distributed.ring_attention`` (docs/design.md, "Context
+parallelism"); each rank's loss is its share and the gradients are summed over the ranks.
 """
 
 from __future__ import annotations
@@ -50,6 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-plot", action="store_true", help="skip the loss-curve PNG")
     parser.add_argument(
         "--dump-params", action="store_true", help="save every rank's final parameters (params_rankR.pt)"
+    )
+    parser.add_argument(
+        "--context-parallel",
+        action="store_true",
+        help="under torchrun: shard each sequence over the ranks (ring attention) instead of "
+        "data parallelism (bert only)",
     )
 
 
@@ -163,11 +172,23 @@ class Task(nn.Module):
         else:
             from pyattn.models.bert import BertConfig, BertForPreTraining
 
+            cp = getattr(args, "context_parallel", False)
             self.model = BertForPreTraining(
                 BertConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                            intermediate_size=128, max_position_embeddings=64, pad_token_id=PAD,
-                           attn_backend=args.attn_backend)
+                           attn_backend=args.attn_backend,
+                           # ring attention runs without attention dropout
+                           attention_probs_dropout_prob=0.0 if cp else 0.1)
             )  # fmt: skip
+        self.cp_layout = None
+
+    def set_context_parallel(self, L: int) -> None:
+        """Shard sequences of length L over the world (zigzag where L divides into 2P chunks)."""
+        import torch.distributed as dist
+
+        P = dist.get_world_size()
+        self.cp_layout = "zigzag" if L % (2 * P) == 0 else "contiguous"
+        self.model.set_context_parallel(dist.group.WORLD, self.cp_layout)
 
     def batch(self, g: torch.Generator, args) -> tuple[Tensor, ...]:
         if self.name == "bert":
@@ -185,6 +206,15 @@ class Task(nn.Module):
             target = tgt[:, 1:]
         else:
             ids, types, labels, nsp = batch
+            if self.cp_layout is not None:
+                from pyattn.distributed import shard_sequence
+
+                ids, types, labels = (
+                    shard_sequence(t, 1, layout=self.cp_layout) for t in (ids, types, labels)
+                )
+                out = self.model(ids, token_type_ids=types, labels=labels, next_sentence_label=nsp)
+                hit = out.prediction_logits.argmax(-1) == labels
+                return out.loss, hit[labels != -100].float().mean().nan_to_num(0.0)
             out = self.model(
                 ids, attention_mask=ids != PAD, token_type_ids=types, labels=labels, next_sentence_label=nsp
             )
@@ -253,16 +283,22 @@ def run(args) -> int:
     if rank == 0:
         os.makedirs(out, exist_ok=True)
 
+    cp = getattr(args, "context_parallel", False)
+    if cp and args.model != "bert":
+        raise ValueError(f"--context-parallel runs the bert model, got {args.model}")
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     task = Task(args.model, args)
     n_params = sum(p.numel() for p in task.parameters())
     model: nn.Module = task
-    if distributed:
+    if distributed and cp:
+        task.set_context_parallel(task.batch(torch.Generator().manual_seed(0), args)[0].shape[1])
+    elif distributed:
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(task)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    g = torch.Generator().manual_seed(args.seed * 1000 + 1 + rank)  # each rank its own batches
+    # each rank its own batches; under context parallelism every rank the same batch
+    g = torch.Generator().manual_seed(args.seed * 1000 + 1 + (0 if cp else rank))
     torch.manual_seed(args.seed * 1000 + 7 + rank)  # dropout
 
     bar = _progress(args.steps, rank == 0)
@@ -273,6 +309,15 @@ def run(args) -> int:
         loss, acc = model(*task.batch(g, args))
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if distributed and cp:
+            import torch.distributed as dist
+
+            # each rank's loss is its share of the batch's: the gradient is the sum (the pooler's
+            # only on rank 0, which holds the first token)
+            for p in model.parameters():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         stats = torch.stack([loss.detach(), acc.detach()])
@@ -280,7 +325,7 @@ def run(args) -> int:
             import torch.distributed as dist
 
             dist.all_reduce(stats)
-            stats /= world
+            stats /= torch.tensor([1.0 if cp else world, world])
         if step % args.log_every == 0 or step == 1 or step == args.steps:
             row = {
                 "step": step,
@@ -321,6 +366,7 @@ def run(args) -> int:
             "steps": args.steps,
             "batch_size": args.batch_size,
             "world_size": world,
+            "context_parallel": bool(cp and distributed),
             "attn_backend": args.attn_backend,
             "seed": args.seed,
             "parameters": n_params,

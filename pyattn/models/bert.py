@@ -28,7 +28,9 @@ from torch import Tensor, nn
 
 from ..nn.multihead_attention import _sdpa_backend, check_attn_backend
 from ..ops import scaled_dot_product_attention
+from . import _context_parallel as _cp
 from . import _packing
+from ._context_parallel import ContextParallel
 from ._packing import PackedSeqs
 
 _ACT = {
@@ -151,7 +153,7 @@ class BertSelfAttention(nn.Module):
         self.dropout_p = c.attention_probs_dropout_prob
         self.attn_backend = c.attn_backend
 
-    def forward(self, x: Tensor, mask: Tensor | PackedSeqs | None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | PackedSeqs | ContextParallel | None) -> Tensor:
         if isinstance(mask, PackedSeqs):
             return self._forward_packed(x, mask)
         B, L, H = x.shape
@@ -159,6 +161,12 @@ class BertSelfAttention(nn.Module):
         q = self.query(x).view(B, L, nh, d).transpose(1, 2)  # (B, nh, L, d)
         k = self.key(x).view(B, L, nh, d).transpose(1, 2)  # (B, nh, L, d)
         v = self.value(x).view(B, L, nh, d).transpose(1, 2)  # (B, nh, L, d)
+        if isinstance(mask, ContextParallel):
+            # this rank's shard of the sequence (BertModel's context parallelism)
+            _cp.no_dropout("BertModel", self.training, self.dropout_p)
+            out = _cp.attention(mask, q, k, v, is_causal=False, scale=1.0 / math.sqrt(d),
+                                backend=_sdpa_backend(self.attn_backend))  # fmt: skip
+            return out.transpose(1, 2).reshape(B, L, H)  # (B, L, H)
         out = scaled_dot_product_attention(
             q,
             k,
@@ -334,9 +342,18 @@ class BertModel(nn.Module):
     Arguments:
         config: a :class:`BertConfig`.
         add_pooling_layer: build the pooler (``pooler_output`` is None without it).
+        process_group: context parallelism over this torch.distributed group (default None:
+            off); see :meth:`set_context_parallel`.
+        cp_layout: the sequence layout of its shards, "zigzag" or "contiguous".
     """
 
-    def __init__(self, config: BertConfig, add_pooling_layer: bool = True) -> None:
+    def __init__(
+        self,
+        config: BertConfig,
+        add_pooling_layer: bool = True,
+        process_group=None,
+        cp_layout: str = "zigzag",
+    ) -> None:
         super().__init__()
         self.config = config
         self.embeddings = BertEmbeddings(config)
@@ -344,6 +361,17 @@ class BertModel(nn.Module):
         self.pooler = BertPooler(config) if add_pooling_layer else None
         _init_weights(self, config.initializer_range)
         self._register_load_state_dict_pre_hook(self._load_hook)
+        self.set_context_parallel(process_group, cp_layout)
+
+    def set_context_parallel(self, process_group=None, layout: str = "zigzag") -> None:
+        """Shard the sequence over ``process_group`` (None: off; docs/design.md, "Context
+        parallelism"). Then ``forward`` takes this rank's shard (B, L/P) of the ids in ``layout``
+        (``pyattn.distributed.shard_sequence(ids, 1, group, layout)``), embeds the shard's global
+        positions, runs self-attention as ``pyattn.distributed.ring_attention`` and returns the
+        shard's hidden states; ``pooler_output`` is computed on the rank holding position 0
+        (rank 0) and None on the others. No padding mask and no attention dropout (eval, or
+        ``attention_probs_dropout_prob=0``) under it: pack batches without padding."""
+        self._cp = _cp.check("BertModel", process_group, layout)
 
     def _load_hook(self, state_dict, prefix, *args) -> None:
         _normalise_hf_keys(
@@ -371,6 +399,8 @@ class BertModel(nn.Module):
         """
         if input_ids.dim() != 2:
             raise ValueError(f"BertModel: 'input_ids' must be (B, L), got {tuple(input_ids.shape)}")
+        if self._cp is not None:
+            return self._forward_context_parallel(input_ids, attention_mask, token_type_ids)
         B, L = input_ids.shape
         if L > self.config.max_position_embeddings:
             raise ValueError(
@@ -391,6 +421,23 @@ class BertModel(nn.Module):
             # padding rows are zeros on every path (compiled too), as the packed path leaves them
             h = h.masked_fill(~mask[:, 0, 0, :, None], 0.0)
         return BertOutput(h, self.pooler(h) if self.pooler is not None else None)
+
+    def _forward_context_parallel(self, ids: Tensor, attention_mask, token_type_ids) -> BertOutput:
+        cp = self._cp
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise ValueError(
+                "BertModel: under context parallelism 'attention_mask' must be None or all ones "
+                "(pack sequences without padding)"
+            )
+        pos = _cp.positions(cp, ids.shape[1], ids.device)  # (1, L/P) global positions
+        if pos.numel() and int(pos.max()) >= self.config.max_position_embeddings:
+            raise ValueError(
+                f"BertModel: the whole sequence exceeds max_position_embeddings="
+                f"{self.config.max_position_embeddings} (position {int(pos.max())} on this rank)"
+            )
+        h = self.encoder(self.embeddings(ids, token_type_ids, pos), cp)  # (B, L/P, H)
+        pooled = self.pooler(h) if self.pooler is not None and _cp.holds_first(cp) else None
+        return BertOutput(h, pooled)
 
     def _forward_unpadded(self, input_ids: Tensor, keep: Tensor, token_type_ids: Tensor | None) -> BertOutput:
         p = _packing.packing(keep)
@@ -535,6 +582,14 @@ class BertForPreTraining(nn.Module):
         _set_backend(self, name)
         self.config.attn_backend = name
 
+    def set_context_parallel(self, process_group=None, layout: str = "zigzag") -> None:
+        """:meth:`BertModel.set_context_parallel`. Then ``forward`` takes this rank's shards of
+        ``input_ids``/``labels`` and its loss is this rank's share: the masked-LM sum over its
+        tokens divided by the whole batch's count of labelled tokens, plus the next-sentence loss
+        on rank 0, so the ranks' losses sum to the whole batch's loss and the gradients summed
+        over the group (an all-reduce) are the whole batch's."""
+        self.bert.set_context_parallel(process_group, layout)
+
     def forward(
         self,
         input_ids: Tensor,
@@ -544,13 +599,25 @@ class BertForPreTraining(nn.Module):
         next_sentence_label: Tensor | None = None,
     ) -> BertForPreTrainingOutput:
         """Arguments as :meth:`BertModel.forward`, plus ``labels`` (B, L) MLM targets (-100 =
-        ignored) and ``next_sentence_label`` (B,). Returns logits and, with labels, the loss."""
+        ignored) and ``next_sentence_label`` (B,). Returns logits and, with labels, the loss
+        (under context parallelism: see :meth:`set_context_parallel`; the next-sentence logits
+        are None on ranks other than 0)."""
         out = self.bert(input_ids, attention_mask, token_type_ids)
-        mlm, nsp = self.cls(out.last_hidden_state, out.pooler_output)  # (B, L, V), (B, 2)
+        h, pooled = out.last_hidden_state, out.pooler_output
+        mlm = self.cls.predictions(h)  # (B, L, V)
+        nsp = None if pooled is None else self.cls.seq_relationship(pooled)  # (B, 2)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(mlm.reshape(-1, mlm.shape[-1]), labels.reshape(-1), ignore_index=-100)
-            if next_sentence_label is not None:
+            flat = mlm.reshape(-1, mlm.shape[-1])
+            if self.bert._cp is None:
+                loss = F.cross_entropy(flat, labels.reshape(-1), ignore_index=-100)
+            else:
+                count = (labels != -100).sum().reshape(1)
+                torch.distributed.all_reduce(count, group=self.bert._cp.group)
+                loss = (
+                    F.cross_entropy(flat, labels.reshape(-1), ignore_index=-100, reduction="sum") / count[0]
+                )
+            if next_sentence_label is not None and nsp is not None:
                 loss = loss + F.cross_entropy(nsp, next_sentence_label.reshape(-1))
         return BertForPreTrainingOutput(mlm, nsp, loss)
 

@@ -352,6 +352,21 @@ class Transformer(nn.Module):
             if isinstance(m, MultiheadAttention):
                 m.set_attn_backend(name)
 
+    def set_context_parallel(self, process_group=None, layout: str = "zigzag") -> None:
+        """Shard the sequences over ``process_group`` (None: off; docs/design.md, "Context
+        parallelism"): ``forward`` then takes this rank's shards of ``src`` and ``tgt`` along
+        the sequence dim in ``layout`` (``pyattn.distributed.shard_sequence``) and returns the
+        shard of the output; every attention (encoder, decoder, cross) runs as ring attention.
+        Causality comes from ``src_is_causal`` / ``tgt_is_causal`` (no masks, no padding masks,
+        no attention dropout under it). Positions are the caller's: embed the shard's global
+        positions (``pyattn.distributed.shard_positions``)."""
+        from ._context_parallel import check
+
+        cp = check("Transformer", process_group, layout)
+        for m in self.modules():
+            if isinstance(m, MultiheadAttention):
+                m.context_parallel = cp
+
     def forward(
         self,
         src: Tensor,

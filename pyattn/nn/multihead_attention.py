@@ -159,6 +159,8 @@ class MultiheadAttention(nn.Module):
             self.bias_v = nn.Parameter(torch.empty((1, 1, embed_dim), **factory))
         else:
             self.bias_k = self.bias_v = None
+        # (process group, layout) under context parallelism (Transformer.set_context_parallel)
+        self.context_parallel = None
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
@@ -277,6 +279,10 @@ class MultiheadAttention(nn.Module):
             return self._nested_forward(
                 query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
             )
+        if getattr(self, "context_parallel", None) is not None:
+            return self._context_parallel_forward(
+                query, key, value, key_padding_mask, attn_mask, is_causal
+            ), None
         _check_mask("key_padding_mask", key_padding_mask)
         _check_mask("attn_mask", attn_mask)
         if query.dim() not in (2, 3):
@@ -395,6 +401,43 @@ class MultiheadAttention(nn.Module):
         elif not self.batch_first:
             out = out.transpose(0, 1)  # (L, B, E)
         return out, weights
+
+    def _context_parallel_forward(self, query, key, value, key_padding_mask, attn_mask, is_causal) -> Tensor:
+        """Batched inputs that are this rank's shards of the sequences (docs/design.md, "Context
+        parallelism"): ring attention over ``self.context_parallel``; causality from
+        ``is_causal`` alone (no masks), no attention weights (None is returned for them)."""
+        from ..distributed import ring_attention
+
+        group, layout = self.context_parallel
+        if key_padding_mask is not None or attn_mask is not None:
+            _fail(
+                "under context parallelism attn_mask and key_padding_mask must be None (causality "
+                "comes from is_causal=True), got "
+                f"attn_mask {None if attn_mask is None else _shape(attn_mask)}, key_padding_mask "
+                f"{None if key_padding_mask is None else _shape(key_padding_mask)}",
+                InputError,
+            )
+        if self.training and self.dropout > 0:
+            _fail(
+                f"context-parallel attention runs without dropout, got dropout={self.dropout} in training mode",
+                InputError,
+            )
+        if self.bias_k is not None or self.add_zero_attn or query.dim() != 3:
+            _fail(
+                "context parallelism takes batched inputs, without add_bias_kv or add_zero_attn", InputError
+            )
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))  # (B, L, E)
+        q, k, v = self._in_projection(query, key, value)  # (B, L, E), (B, S, E), (B, S, E)
+        B, L, E = q.shape
+        H, D = self.num_heads, self.head_dim
+        q = q.view(B, L, H, D).transpose(1, 2)  # (B, H, L, D)
+        k = k.view(B, -1, H, D).transpose(1, 2)  # (B, H, S, D)
+        v = v.view(B, -1, H, D).transpose(1, 2)  # (B, H, S, D)
+        out = ring_attention(q, k, v, group=group, layout=layout, is_causal=bool(is_causal),
+                             backend=_sdpa_backend(self.attn_backend))  # fmt: skip
+        out = self.out_proj(out.transpose(1, 2).reshape(B, L, E))  # (B, L, E)
+        return out if self.batch_first else out.transpose(0, 1)
 
     @staticmethod
     def _merge_masks(

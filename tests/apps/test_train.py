@@ -84,3 +84,30 @@ def test_ddp_two_processes_end_with_identical_parameters(tmp_path):
     torch.manual_seed(0)
     init = train.Task("transformer", _args("transformer", tmp_path)).state_dict()
     assert any(not torch.equal(init[k], p0[k]) for k in p0)
+
+
+def test_context_parallel_four_processes(tmp_path):
+    """``pyattn train bert --context-parallel`` under torchrun with 4 CPU ranks: every sequence
+    sharded over the ranks, gradients summed; the ranks end with identical parameters that moved
+    from the initialisation (numerics against one process: tests/test_distributed.py)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+        "-m", "pyattn", "train", "bert", "--context-parallel", "--steps", "2", "--batch-size", "4",
+        "--out", str(tmp_path), "--no-plot", "--dump-params",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    params = [torch.load(tmp_path / f"params_rank{r}.pt") for r in range(4)]
+    for r in range(1, 4):
+        assert params[r].keys() == params[0].keys()
+        for k in params[0]:
+            assert torch.equal(params[r][k], params[0][k]), f"{k} differs between ranks 0 and {r}"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 4 and summary["context_parallel"] is True
+    assert math.isfinite(summary["final_loss"])
+    torch.manual_seed(0)
+    args = _args("bert", tmp_path)
+    args.context_parallel = True
+    init = train.Task("bert", args).state_dict()
+    assert any(not torch.equal(init[k], params[0][k]) for k in params[0])
