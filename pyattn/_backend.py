@@ -297,5 +297,19 @@ def resolve(
     return "reference"
 
 
+def kernel_ops(op: str, backend: str):
+    """The (forward, backward) custom ops of ``op`` on ``backend``, named by its record's suffix,
+    for callers that drive the ops themselves (pyattn.distributed); None for a backend without
+    ops (the reference); a RuntimeError saying why when they are not registered here."""
+    rec = RECORDS[backend]
+    if rec.op_suffix is None:
+        return None
+    names = (f"{op}_fwd{rec.op_suffix}", f"{op}_bwd{rec.op_suffix}")
+    if not all(hasattr(torch.ops.pyattn, n) for n in names):
+        why = IMPORT_ERRORS.get(backend, "its kernels are not registered")
+        raise RuntimeError(f"pyattn.{op}: backend {backend!r} cannot run here: {why}")
+    return tuple(getattr(torch.ops.pyattn, n) for n in names)
+
+
 def record_import_error(backend: str, exc: BaseException) -> None:
     IMPORT_ERRORS[backend] = f"{type(exc).__name__}: {exc}"

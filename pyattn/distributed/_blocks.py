@@ -15,7 +15,8 @@ from torch import Tensor
 from .. import _backend
 
 # sdpa's `causal` argument (csrc/registration.cpp): none, upper-left, lower-right
-CAUSAL_NONE, CAUSAL_UPPER_LEFT, CAUSAL_LOWER_RIGHT = 0, 1, 2
+from ..ops._common import CAUSAL_LOWER_RIGHT, CAUSAL_NONE, CAUSAL_UPPER_LEFT  # noqa: E402,F401
+
 _FAR = 2**62  # an unbounded window side, as a position bound
 
 
@@ -81,17 +82,10 @@ class Kernels:
     or the naive float32 graph below (``reference``). Canonical (B, H, L, D) tensors; GQA by
     head counts, as the ops take it; ``mask`` (Lq, Lk) bool or None."""
 
-    def __init__(self, backend: str | None, device: torch.device, dtype: torch.dtype):
-        self.name = _backend.resolve("sdpa", backend, device, dtype)
-        if self.name in ("cpu", "cuda"):
-            self._fwd, self._bwd = torch.ops.pyattn.sdpa_fwd, torch.ops.pyattn.sdpa_bwd
-        elif self.name == "triton":
-            if not hasattr(torch.ops.pyattn, "sdpa_fwd_triton"):
-                why = _backend.IMPORT_ERRORS.get("triton", "its kernels are not registered")
-                raise RuntimeError(f"pyattn.distributed: backend 'triton' cannot run here: {why}")
-            self._fwd, self._bwd = torch.ops.pyattn.sdpa_fwd_triton, torch.ops.pyattn.sdpa_bwd_triton
-        else:
-            self._fwd, self._bwd = naive_fwd, naive_bwd
+    def __init__(self, backend: str | None, device: torch.device, dtype: torch.dtype, head_dims=()):
+        self.name = _backend.resolve("sdpa", backend, device, dtype, head_dims)
+        # the ops of the backend's record (pyattn/_backend.py), or the naive graph below
+        self._fwd, self._bwd = _backend.kernel_ops("sdpa", self.name) or (naive_fwd, naive_bwd)
 
     @staticmethod
     def _mask(mask, q, k):

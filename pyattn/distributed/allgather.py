@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import _backend
+from ..ops._common import check_scale
 from ..ops.errors import InputError, InputTypeError
 from . import _layout
 from ._blocks import CAUSAL_LOWER_RIGHT, CAUSAL_NONE, acc_dtype, naive_bwd, naive_fwd
@@ -37,18 +38,11 @@ class _Ops:
     """varlen forward/backward on the chosen backend: ``pyattn::varlen_attention_fwd``/``_bwd``
     (cpu, cuda), their ``_triton`` twins, or per-document naive blocks (reference)."""
 
-    def __init__(self, backend, device, dtype):
-        self.name = _backend.resolve("varlen_attention", backend, device, dtype)
-        ns = torch.ops.pyattn
-        if self.name in ("cpu", "cuda"):
-            self.fwd, self.bwd = ns.varlen_attention_fwd, ns.varlen_attention_bwd
-        elif self.name == "triton":
-            if not hasattr(ns, "varlen_attention_fwd_triton"):
-                why = _backend.IMPORT_ERRORS.get("triton", "its kernels are not registered")
-                raise RuntimeError(f"{_FN}: backend 'triton' cannot run here: {why}")
-            self.fwd, self.bwd = ns.varlen_attention_fwd_triton, ns.varlen_attention_bwd_triton
-        else:
-            self.fwd, self.bwd = _naive_varlen_fwd, _naive_varlen_bwd
+    def __init__(self, backend, device, dtype, head_dims=()):
+        self.name = _backend.resolve("varlen_attention", backend, device, dtype, head_dims)
+        # the ops of the backend's record (pyattn/_backend.py), or per-document naive blocks
+        pair = _backend.kernel_ops("varlen_attention", self.name)
+        self.fwd, self.bwd = pair or (_naive_varlen_fwd, _naive_varlen_bwd)
 
 
 def _docs(cu_q, cu_k):
@@ -152,8 +146,7 @@ def _check_local(query, key, value, cu_seqlens, is_causal, scale, enable_gqa):
         _fail("'cu_seqlens' must have at least one entry (0)")
     if not isinstance(is_causal, bool):
         _fail(f"'is_causal' must be a bool, got {type(is_causal).__name__}", InputTypeError)
-    if scale is not None and not isinstance(scale, (int, float)):
-        _fail(f"'scale' must be a float or None, got {type(scale).__name__}", InputTypeError)
+    check_scale(_FN, scale)
     n, Hq, D = query.shape
     if key.shape[0] != n or value.shape[0] != n or key.shape[1] != value.shape[1] or key.shape[2] != D:
         _fail(
@@ -269,7 +262,7 @@ def allgather_varlen_attention(
         "max_q": max([b - a for a, b in zip(cu_q, cu_q[1:], strict=False)], default=0),
         "max_k": max([b - a for a, b in zip(cu_k, cu_k[1:], strict=False)], default=0),
         "causal": CAUSAL_LOWER_RIGHT if is_causal else CAUSAL_NONE, "scale": scale_f,
-        "ops": _Ops(backend, dev, query.dtype),
+        "ops": _Ops(backend, dev, query.dtype, (query.shape[-1], value.shape[-1])),
     }  # fmt: skip
     if P == 1:
         cfg["group"] = None

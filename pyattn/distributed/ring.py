@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..ops._common import check_scale
 from ..ops.errors import InputError, InputTypeError
 from . import _layout
 from ._blocks import Kernels, acc_dtype, merge, plan_block
@@ -69,8 +70,7 @@ def _check_local(query, key, value, is_causal, scale, enable_gqa) -> None:
             )
     if not isinstance(is_causal, bool):
         _fail(f"'is_causal' must be a bool, got {type(is_causal).__name__}", InputTypeError)
-    if scale is not None and not isinstance(scale, (int, float)):
-        _fail(f"'scale' must be a float or None, got {type(scale).__name__}", InputTypeError)
+    check_scale(_FN, scale)
     (B, Hq, _, D), (Bk, Hkv, _, Dk) = query.shape, key.shape
     if key.shape[:3] != value.shape[:3] or Bk != B or Dk != D:
         _fail(
@@ -348,7 +348,7 @@ def ring_attention(
                                        scale, enable_gqa, local_error)  # fmt: skip
     D = query.shape[-1]
     scale_f = (1.0 / math.sqrt(D) if D > 0 else 1.0) if scale is None else float(scale)
-    kernels = Kernels(backend, query.device, query.dtype)
+    kernels = Kernels(backend, query.device, query.dtype, (query.shape[-1], value.shape[-1]))
     cfg = _Config(rank, P, group, layout, is_causal, window, scale_f, kernels, q_lens, k_lens)
     return _RingAttention.apply(query, key, value, cfg)
 
