@@ -55,16 +55,25 @@ def _batch(B: int, T: int, padded: bool):
 
 
 def _spy_routes(monkeypatch):
-    """Each CPU sdpa call's routing decision: (query rows, keys, sent to the KV-cache kernel)."""
+    """Per attention call: (query rows, keys, a mask given, how it ran): "left-padded" (the
+    integration's paged view onto the KV-cache kernel), "route" (sdpa's own route to it) or
+    "prefill"."""
     seen = []
-    real = sdpa._decode_step
+    real_route, real_left = sdpa._decode_step, pt._left_padded_decode
 
-    def spy(chosen, q, k, v, mask, dropout_p, causal):
-        hit = real(chosen, q, k, v, mask, dropout_p, causal)
-        seen.append((q.shape[2], k.shape[2], mask is not None, hit))
+    def route(chosen, q, k, v, mask, dropout_p, causal):
+        hit = real_route(chosen, q, k, v, mask, dropout_p, causal)
+        seen.append((q.shape[2], k.shape[2], mask is not None, "route" if hit else "prefill"))
         return hit
 
-    monkeypatch.setattr(sdpa, "_decode_step", spy)
+    def left(query, key, value, mask, dropout, scaling):
+        out = real_left(query, key, value, mask, dropout, scaling)
+        if out is not None:
+            seen.append((query.shape[2], key.shape[2], True, "left-padded"))
+        return out
+
+    monkeypatch.setattr(sdpa, "_decode_step", route)
+    monkeypatch.setattr(pt, "_left_padded_decode", left)
     return seen
 
 
@@ -91,12 +100,38 @@ def test_generate_on_pyattn_gives_eager_tokens(family, padded, monkeypatch):
     layers = ours.config.num_hidden_layers
     prefill, decode = seen[:layers], seen[layers:]
     assert len(decode) == (NEW - 1) * layers and all(lq == 1 for lq, *_ in decode)
-    assert not any(hit for *_, hit in prefill)
-    if padded:
-        # transformers passes the padding as a mask to every decode step, and the KV-cache
-        # kernel takes none (docs/design.md, "KV-cache attention"): those steps stay on the
-        # prefill kernel
-        assert all(has_mask and not hit for _, _, has_mask, hit in decode)
-    else:
-        # no padding: no mask at decode, and every step runs the KV-cache kernel
-        assert all(not has_mask and hit for _, _, has_mask, hit in decode)
+    assert all(how == "prefill" for *_, how in prefill)
+    # every decode step runs the KV-cache kernel: a padded batch's steps carry the padding as a
+    # mask, which the integration turns into a paged view (module doc of
+    # pyattn/integrations/transformers.py); an unpadded batch's carry none and take sdpa's route
+    want = (True, "left-padded") if padded else (False, "route")
+    assert all((has_mask, how) == want for _, _, has_mask, how in decode), decode
+
+
+def test_left_padded_decode_step_matches_the_reference():
+    """The paged view of a left-padded step on its own, GQA, against the float64 reference sdpa
+    with the mask; a mask that is not left padding alone is left to the sdpa path."""
+    from helpers import assert_close_to_ref
+
+    from pyattn import reference
+
+    B, Hq, Hkv, Lk, D = 3, 8, 2, 300, 32
+    # K and V slices of (B, L, H, D) buffers: strided, as a static cache's views are
+    kbuf, vbuf = (torch.randn(B, Lk + 9, Hkv, D, dtype=torch.float64) for _ in range(2))
+    k64, v64 = (t[:, :Lk].transpose(1, 2) for t in (kbuf, vbuf))  # (B, Hkv, Lk, D)
+    q64 = torch.randn(B, Hq, 1, D, dtype=torch.float64)
+    start = torch.tensor([0, int(torch.randint(1, Lk - 1, ())), Lk - 1])
+    mask = (torch.arange(Lk)[None, :] >= start[:, None])[:, None, None, :]  # (B, 1, 1, Lk)
+    ref64 = reference.scaled_dot_product_attention(q64, k64, v64, mask, scale=0.2, enable_gqa=True)
+    q = q64.float()
+    k, v = (t.float()[:, :Lk].transpose(1, 2) for t in (kbuf, vbuf))  # the same layout in float32
+    ref32 = reference.scaled_dot_product_attention(q, k, v, mask, scale=0.2, enable_gqa=True)
+    out = pt._left_padded_decode(q, k, v, mask, 0.0, 0.2)
+    assert out is not None
+    assert_close_to_ref("left-padded decode", out, ref32, ref64)
+    holes = mask.clone()
+    holes[1, 0, 0, -5] = False  # a hole after the padding: not left padding
+    assert pt._left_padded_decode(q, k, v, holes, 0.0, 0.2) is None
+    assert pt._left_padded_decode(q, k, v, mask, 0.1, 0.2) is None  # dropout
+    # K and V in different layouts cannot share one block table
+    assert pt._left_padded_decode(q, k, v.contiguous(), mask, 0.0, 0.2) is None
