@@ -735,9 +735,18 @@ def _build_transformer_decode(case: Case):
         return tok(tokens) + pos[start : start + tokens.shape[1]]
 
     def step():
-        with torch.no_grad():
-            return model.generate(src, embed, head, bos_id=1, eos_id=-1, max_new_tokens=new,
-                                  use_cache=case.provider == "kv-cache")  # fmt: skip
+        # one thread (the shape says so): a step of this small model is hundreds of tiny ops,
+        # and on the shared 2-core VM each parallel region that waits on a descheduled thread
+        # costs a scheduler quantum (13 s instead of 0.3 s a call was seen); pyattn translate
+        # decodes on one thread for the same reason
+        threads = torch.get_num_threads()
+        torch.set_num_threads(d["threads"])
+        try:
+            with torch.no_grad():
+                return model.generate(src, embed, head, bos_id=1, eos_id=-1, max_new_tokens=new,
+                                      use_cache=case.provider == "kv-cache")  # fmt: skip
+        finally:
+            torch.set_num_threads(threads)
 
     return step
 
@@ -826,7 +835,7 @@ def _model_cases(device: str, suite: str, dtypes: list[str], ops: list[str]) -> 
         if op == "transformer" and suite in ("default", "full"):
             # Transformer.generate with the KV cache against cache-free decoding (a few seconds)
             shape = (("B", 4), ("S", 32), ("new", 32), ("d_model", 256), ("nhead", 8), ("layers", 2),
-                     ("vocab", 1000))  # fmt: skip
+                     ("vocab", 1000), ("threads", 1))  # fmt: skip
             for prov in ("no-cache", "kv-cache"):
                 cases.append(Case(group=op, provider=prov, baseline="no-cache", mode="decode", shape=shape,
                                   dtype=dt, device=device, seq_len=32, builder=_build_transformer_decode))  # fmt: skip
