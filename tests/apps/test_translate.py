@@ -168,8 +168,10 @@ def test_transformer_translator_trains_and_decodes_with_the_cache():
         hyps, maps = tr.translate(model, task, [s for s, _ in task.test])
         assert len(hyps) == len(maps) == 12
         for (src, _), hyp, attn in zip(task.test, hyps, maps, strict=True):
-            assert attn.shape == (len(hyp) + 1, len(src) + 1)
-            assert torch.allclose(attn.sum(-1), torch.ones(len(hyp) + 1), atol=1e-4)
+            # + eos, unless 40 steps of training left a sentence without one in translate's 60
+            rows = min(len(hyp) + 1, 60)
+            assert attn.shape == (rows, len(src) + 1)
+            assert torch.allclose(attn.sum(-1), torch.ones(rows), atol=1e-4)
         # the cached decode gives the tokens of cache-free decoding (float64: no near-tie flips)
         model.double()
         src, _ = tr.batchify(task.test, task.src_vocab, task.tgt_vocab)
