@@ -174,6 +174,42 @@ def build_transformer(case: Case):
     return step
 
 
+def build_transformer_decode(case: Case):
+    """Greedy Transformer.generate of ``new`` tokens (no eos) from a (B, S) source, with the KV
+    cache ("kv-cache") or rerunning the decoder over the prefix each step ("no-cache")."""
+    from pyattn.models.transformer import Transformer
+
+    d = case.dims
+    B, S, E, new, vocab = d["B"], d["S"], d["d_model"], d["new"], d["vocab"]
+    dtype = DTYPES[case.dtype]
+    torch.manual_seed(0)
+    f = {"device": case.device, "dtype": dtype}
+    model = Transformer(E, d["nhead"], d["layers"], d["layers"], 4 * E, 0.0, batch_first=True, **f).eval()
+    tok = torch.nn.Embedding(vocab, E, **f)
+    pos = torch.randn(new + 1, E, **f) * 0.1
+    head = torch.nn.Linear(E, vocab, **f)
+    src = torch.randn(B, S, E, **f)
+
+    def embed(tokens, start):
+        return tok(tokens) + pos[start : start + tokens.shape[1]]
+
+    def step():
+        # one thread (the shape says so): a step of this small model is hundreds of tiny ops,
+        # and on the shared 2-core VM each parallel region that waits on a descheduled thread
+        # costs a scheduler quantum (13 s instead of 0.3 s a call was seen); pyattn translate
+        # decodes on one thread for the same reason
+        threads = torch.get_num_threads()
+        torch.set_num_threads(d["threads"])
+        try:
+            with torch.no_grad():
+                return model.generate(src, embed, head, bos_id=1, eos_id=-1, max_new_tokens=new,
+                                      use_cache=case.provider == "kv-cache")  # fmt: skip
+        finally:
+            torch.set_num_threads(threads)
+
+    return step
+
+
 def build_seq2seq(case: Case):
     from pyattn.models.seq2seq import Seq2Seq, Seq2SeqConfig
 
@@ -255,6 +291,13 @@ def model_cases(device: str, suite: str, dtypes: list[str], ops: list[str]) -> l
                     builder=builder,
                 )
             )
+        if op == "transformer" and suite in ("default", "full"):
+            # Transformer.generate with the KV cache against cache-free decoding (a few seconds)
+            shape = (("B", 4), ("S", 32), ("new", 32), ("d_model", 256), ("nhead", 8), ("layers", 2),
+                     ("vocab", 1000), ("threads", 1))  # fmt: skip
+            for prov in ("no-cache", "kv-cache"):
+                cases.append(Case(group=op, provider=prov, baseline="no-cache", mode="decode", shape=shape,
+                                  dtype=dt, device=device, seq_len=32, builder=build_transformer_decode))  # fmt: skip
     return cases
 
 

@@ -411,8 +411,8 @@ def test_plot_series_are_consistent(device, suite):
 def test_default_cpu_plots_one_panel_per_comparison():
     """The default suite's picture: ops that run over the sequence length at fixed other sizes
     draw lines (additive, sdpa causal and not, varlen), single-shape comparisons draw bars, the
-    models share one panel against the reference path and padded BERT has its own against
-    transformers."""
+    models share one panel against the reference path, padded BERT has its own against
+    transformers and the Transformer's generate its own against cache-free decoding."""
     panels = _check_panels(_rows_of(cases_mod.build_cases("cpu", "default")))
     kinds = {}
     for p in panels:
@@ -430,7 +430,9 @@ def test_default_cpu_plots_one_panel_per_comparison():
             assert {s.mode for s in p.series} == {"fwd", "fwd+bwd"}
     assert (("bert", "seq2seq", "transformer"), "reference") in kinds["bars"]
     assert (("bert",), "transformers-sdpa") in kinds["bars"]
-    assert len(panels) == 8
+    # Transformer.generate with the KV cache against cache-free decoding
+    assert (("transformer",), "no-cache") in kinds["bars"]
+    assert len(panels) == 9
     # the padded additive batch is not on the unpadded line
     additive = next(p for p in panels if p.kind == "lines" and p.baseline == "reference")
     assert not any("pad=1" in r["shape"] for r in additive.rows())

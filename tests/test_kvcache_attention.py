@@ -88,7 +88,16 @@ def random_seqlens(B, L_max, Lq, specials=(0,)):
 def baseline(case, dtype, **kw):
     """(ref64, ref_lowp): the float64 reference, and the reference in ``dtype`` (half inputs: in
     float32 on the rounded inputs, rounded once: what an ideal float32-accumulating kernel gives)."""
-    ref64 = reference.kvcache_attention(*_ref_args(case, torch.float64), **kw)
+    # the float64 reference depends on the case and the variant only: computed once per test
+    key = tuple(
+        (n, tuple(t.flatten().tolist()) if isinstance(t, torch.Tensor) else t) for n, t in sorted(kw.items())
+    )
+    memo = case.__dict__.setdefault("_ref64", {})
+    if key not in memo:
+        memo[key] = reference.kvcache_attention(*_ref_args(case, torch.float64), **kw)
+    ref64 = memo[key]
+    if dtype == torch.float64:
+        return ref64, ref64
     low = torch.float32 if dtype in HALF else dtype
     args = [
         None if t is None else t.to(dtype).to(low) if t.is_floating_point() else t
@@ -143,7 +152,8 @@ def check_append(case, kc, vc, kc0, vc0, bt):
 @pytest.mark.parametrize("group", [1, 4, 8], ids=["mha", "gqa4", "gqa8"])
 @pytest.mark.parametrize("Lq", [1, 3], ids=["decode", "block"])
 def test_ragged_batch_against_reference(backend, device, group, Lq):
-    L_max = 40 if small(backend) else 300
+    # 160: five key blocks of 32 on cpu, partial last blocks at the random lengths
+    L_max = 40 if small(backend) else 160
     Hkv = 2 if group < 8 else 1
     B = 3
     case = Case(B, Hkv * group, Hkv, Lq, 32, L_max, random_seqlens(B, L_max, Lq))
@@ -210,7 +220,11 @@ def test_every_split_count_equals_no_split(backend, device):
      "not_causal"],
 )  # fmt: skip
 def test_variants(backend, device, variant):
-    L_max = 40 if small(backend) else 400
+    if small(backend) and variant in ("window", "softcap", "sinks", "alibi"):
+        # the interpreter is slow: "all" runs these four together there (each alone on cpu, and
+        # on a GPU)
+        pytest.skip("covered by 'all' under the Triton interpreter")
+    L_max = 40 if small(backend) else 200  # 7 key blocks: 3 splits of whole blocks
     B, Hq, Hkv, Lq = 3, 8, 2, 3
     case = Case(B, Hq, Hkv, Lq, 32, L_max, random_seqlens(B, L_max, Lq))
     kw: dict = {}
@@ -552,7 +566,8 @@ def test_torch_compile_fullgraph():
         return out * 2
 
     case = Case(2, 8, 2, 1, 16, 64, [10, 63])
-    for backend in ("aot_eager", "inductor"):
+    # inductor only: it runs the same functionalised graph as aot_eager, then its own codegen
+    for backend in ("inductor",):
         compiled = torch.compile(step, fullgraph=True, backend=backend)
         a, b = case.inputs(torch.float32)[:6], case.inputs(torch.float32)[:6]
         out_c, out_e = compiled(*a), step(*b)

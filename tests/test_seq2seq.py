@@ -84,6 +84,76 @@ def test_beam_search_size_one_is_greedy():
     assert len(wide) == 3 and all(isinstance(t, int) and t != 2 for h in wide for t in h)
 
 
+def _naive_beam(m, src, beam_size, max_len):
+    """The beam search before the shared keys: each hypothesis gets its own copy of the encoder
+    states and keys (and the keys are recomputed per sentence), one decoder call per step."""
+    c = m.config
+    results = []
+    for b in range(src.shape[0]):
+        enc, final, pad = m.encoder(src[b : b + 1])
+        state = m.decoder.init_state(final)
+        hyps, scores, finished = [[]], torch.zeros(1, dtype=torch.float64), []
+        for _ in range(max_len):
+            k = len(hyps)
+            keys = m.decoder.attention.project_keys(enc.repeat(k, 1, 1))  # (k, S, A): a copy each
+            y = torch.tensor([h[-1] if h else c.bos_id for h in hyps])
+            logits, state, _ = m.decoder.step(y, state, enc.repeat(k, 1, 1), keys, pad.repeat(k, 1))
+            cand = (scores[:, None] + torch.log_softmax(logits.float(), -1)).flatten()
+            top, idx = cand.topk(min(2 * beam_size, cand.numel()))
+            rows, new_hyps, new_scores = [], [], []
+            for score, i in zip(top.tolist(), idx.tolist(), strict=True):
+                row, tok = divmod(i, logits.shape[-1])
+                if tok == c.eos_id:
+                    finished.append((score / (len(hyps[row]) + 1), hyps[row]))
+                else:
+                    rows.append(row)
+                    new_hyps.append(hyps[row] + [tok])
+                    new_scores.append(score)
+                if len(new_hyps) == beam_size:
+                    break
+            if len(finished) >= beam_size or not new_hyps:
+                break
+            state = [s[torch.tensor(rows)] for s in state]
+            hyps, scores = new_hyps, torch.tensor(new_scores, dtype=torch.float64)
+        if not finished:
+            finished = [(s / max(len(h), 1), h) for s, h in zip(scores.tolist(), hyps, strict=True)]
+        results.append(max(finished, key=lambda t: t[0])[1])
+    return results
+
+
+@pytest.mark.parametrize("attn_backend", ["fused", "reference"])
+def test_beam_search_matches_a_naive_beam_with_copied_keys(attn_backend, monkeypatch):
+    """Hypotheses read one copy of their sentence's keys (no expand, no recompute) and decode
+    the tokens of a beam search that copies them per hypothesis."""
+    m = _model(num_layers=2, attn_backend=attn_backend).eval()
+    # a spread-out output layer: hypotheses end at different steps
+    torch.nn.init.normal_(m.decoder.out.weight, std=1.0)
+    src, _ = _batch(B=4, S=9)
+    projected = []
+    real = m.decoder.attention.project_keys
+    monkeypatch.setattr(
+        m.decoder.attention, "project_keys", lambda h: projected.append(h.shape[0]) or real(h)
+    )
+    shapes = []
+    real_fwd = m.decoder.attention.forward
+
+    def spy(query, keys, *a, precomputed_keys=None, **kw):
+        shapes.append((tuple(query.shape), tuple(precomputed_keys.shape), precomputed_keys.stride()))
+        return real_fwd(query, keys, *a, precomputed_keys=precomputed_keys, **kw)
+
+    monkeypatch.setattr(m.decoder.attention, "forward", spy)
+    with torch.no_grad():
+        got = m.beam_search(src, beam_size=3, max_len=10)
+    assert projected == [4], "the keys are projected once, for the whole batch"
+    # every step: k hypotheses as query rows over one sentence's (1, S, A) keys, never expanded
+    assert shapes and all(k[0] == 1 and q[0] == 1 and 0 not in st for q, k, st in shapes)
+    assert any(q[1] > 1 for q, _, _ in shapes)
+    monkeypatch.undo()
+    with torch.no_grad():
+        want = _naive_beam(m, src, 3, 10)
+    assert got == want
+
+
 def test_seq2seq_bad_inputs():
     m = _model()
     with pytest.raises(ValueError, match="src"):

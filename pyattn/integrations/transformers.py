@@ -13,6 +13,13 @@ themselves), so registering only the attention function would silently attend to
 pyattn's op has the semantics of ``torch.nn.functional.scaled_dot_product_attention``, so the
 mask function is transformers' ``sdpa_mask``: a boolean (B, 1, Tq, Tk) mask, True = attend, or
 None when nothing is masked.
+
+Decode steps of a left-padded batch (one query row, a mask that only hides each sequence's
+leading padding) run the KV-cache kernel, which takes no mask: each sequence's real keys,
+``start_b .. Tk - 1``, become a paged cache of one-row pages over transformers' own tensors (no
+copy) with ``block_table[b, t] = start_b + t`` and ``cache_seqlens[b] = Tk - start_b``
+(docs/design.md, "Generation with a KV cache"). Unpadded decode steps carry no mask and reach
+that kernel through ``pyattn.scaled_dot_product_attention``'s own route.
 """
 
 from __future__ import annotations
@@ -67,6 +74,10 @@ def attention_forward(
     # applies to an unmasked self-attention over more than one query.
     causal = bool(q_length > 1 and attention_mask is None and causal)
     gqa = getattr(module, "num_key_value_groups", 1) > 1
+    if backend in (None, "cpu"):
+        out = _left_padded_decode(query, key, value, attention_mask, dropout, scaling)
+        if out is not None:
+            return out.transpose(1, 2).contiguous(), None  # (B, Tq, Hq, D)
     out = pyattn.scaled_dot_product_attention(
         query,
         key,
@@ -79,6 +90,55 @@ def attention_forward(
         backend=backend,
     )  # (B, Hq, Tq, D)
     return out.transpose(1, 2).contiguous(), None  # (B, Tq, Hq, D)
+
+
+def _left_padded_decode(query, key, value, mask, dropout, scaling) -> torch.Tensor | None:
+    """A CPU decode step whose mask hides only leading (left) padding, on the KV-cache kernel
+    (module doc); None when the call is not one (then the sdpa path runs it)."""
+    from pyattn.ops import sdpa
+
+    if (
+        query.device.type != "cpu"
+        or dropout
+        or not isinstance(mask, torch.Tensor)
+        or mask.dtype != torch.bool
+        or query.dim() != 4
+        or query.shape[2] != 1
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return None
+    B, Hq, _, _ = query.shape
+    Hkv, Lk = key.shape[1], key.shape[2]
+    if Hkv == 0 or Hq % Hkv or Hq // Hkv > sdpa.DECODE_MAX_ROWS or Lk < sdpa.DECODE_MIN_KEYS:
+        return None
+    if tuple(mask.shape) != (B, 1, 1, Lk) or key.shape[0] != B or value.shape[:3] != key.shape[:3]:
+        return None
+    # one-row pages: page p sits at row p of a (rows, Hkv, 1, D) view with the row stride, so
+    # sequence b's position j is page b * (batch stride / row stride) + j, for K and V alike
+    strides = [(t.stride(0), t.stride(2), t.stride(3)) for t in (key, value)]
+    (sb, sl, sd), (sbv, slv, sdv) = strides
+    if sd != 1 or sdv != 1 or sl <= 0 or slv <= 0 or sb % sl or sbv % slv or sb // sl != sbv // slv:
+        return None
+    keep = mask[:, 0, 0]  # (B, Lk), True = attend
+    n = keep.sum(1)  # (B,) real keys
+    start = Lk - n  # (B,)
+    pos = torch.arange(Lk, device=keep.device)
+    if not bool((n > 0).all()) or not torch.equal(keep, pos[None, :] >= start[:, None]):
+        return None  # not left padding alone (or a row with nothing to attend to)
+    per_b = sb // sl
+    n_pages = (B - 1) * per_b + Lk
+    pages = [
+        t.as_strided((n_pages, Hkv, 1, t.shape[3]), (t.stride(2), t.stride(1), t.stride(2), 1))
+        for t in (key, value)
+    ]  # (n_pages, Hkv, 1, D) views of transformers' tensors
+    table = torch.arange(B, device=keep.device)[:, None] * per_b + start[:, None] + pos[None, :]  # (B, Lk)
+    table = table.clamp_(max=n_pages - 1).to(torch.int32)  # entries past n[b] are never read
+    return pyattn.kvcache_attention(
+        query, pages[0], pages[1], n.to(torch.int32), block_table=table, is_causal=False, scale=scaling,
+        backend="cpu",
+    )  # fmt: skip
 
 
 def register(name: str = NAME, backend: str | None = None) -> str:

@@ -135,23 +135,29 @@ class AttnDecoder(nn.Module):
         """One decoder step.
 
         Arguments:
-            y_prev: (B,) previous tokens; state: per layer (B, hidden);
+            y_prev: (N,) previous tokens; state: per layer (N, hidden); N = B x K, the K
+                hypotheses (beams) of each source next to each other.
             enc: (B, S, hidden) encoder states; keys: ``attention.project_keys(enc)``;
             pad: (B, S) source padding mask.
         Returns:
-            logits (B, V), the new state, attention weights (B, S).
+            logits (N, V), the new state, attention weights (N, S).
         """
-        emb = self.dropout(self.embedding(y_prev))  # (B, E)
+        N, B = y_prev.shape[0], enc.shape[0]
+        emb = self.dropout(self.embedding(y_prev))  # (N, E)
+        # the K hypotheses of a source are K query rows over its one copy of the keys: beams
+        # share the projected keys without an expand (which a kernel would copy) or a recompute
+        query = state[-1].view(B, N // B, -1)  # (B, K, hidden)
         context, weights = self.attention(
-            state[-1], enc, key_padding_mask=pad, precomputed_keys=keys
-        )  # (B, hidden), (B, S)
-        x = torch.cat([emb, context], dim=-1)  # (B, E + hidden)
+            query, enc, key_padding_mask=pad, precomputed_keys=keys
+        )  # (B, K, hidden), (B, K, S)
+        context, weights = context.reshape(N, -1), weights.reshape(N, -1)  # (N, hidden), (N, S)
+        x = torch.cat([emb, context], dim=-1)  # (N, E + hidden)
         new_state = []
         for i, cell in enumerate(self.cells):
-            s = cell(x if i == 0 else self.dropout(x), state[i])  # (B, hidden)
+            s = cell(x if i == 0 else self.dropout(x), state[i])  # (N, hidden)
             new_state.append(s)
             x = s
-        logits = self.out(self.dropout(torch.cat([x, context, emb], dim=-1)))  # (B, V)
+        logits = self.out(self.dropout(torch.cat([x, context, emb], dim=-1)))  # (N, V)
         return logits, new_state, weights
 
 
@@ -235,7 +241,8 @@ class Seq2Seq(nn.Module):
     @torch.no_grad()
     def beam_search(self, src: Tensor, beam_size: int = 4, max_len: int = 50) -> list[list[int]]:
         """Beam search per sentence; the best hypothesis by length-normalised log-probability
-        (mean per token, eos included), without bos/eos."""
+        (mean per token, eos included), without bos/eos. The encoder states and projected keys
+        of a sentence are computed once and read by all its hypotheses (``AttnDecoder.step``)."""
         if beam_size < 1:
             raise ValueError(f"Seq2Seq.beam_search: beam_size must be >= 1, got {beam_size}")
         c = self.config
@@ -248,11 +255,8 @@ class Seq2Seq(nn.Module):
             scores = torch.zeros(1, device=src.device)
             finished: list[tuple[float, list[int]]] = []
             for _ in range(max_len):
-                k = len(hyps)
                 y = torch.tensor([h[-1] if h else c.bos_id for h in hyps], device=src.device)
-                logits, state, _ = self.decoder.step(
-                    y, state, enc.expand(k, -1, -1), keys.expand(k, -1, -1), pad.expand(k, -1)
-                )
+                logits, state, _ = self.decoder.step(y, state, enc, keys, pad)  # k hypotheses, 1 source
                 cand = (scores[:, None] + F.log_softmax(logits.float(), -1)).flatten()  # (k * V,)
                 top, idx = cand.topk(min(2 * beam_size, cand.numel()))
                 V = logits.shape[-1]

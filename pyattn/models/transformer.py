@@ -14,19 +14,28 @@ the padded path's outputs (up to rounding); padding positions are zeros (torch's
 nested tensors in eval, gives zeros there too) on every path while ``padding_free`` is on (also
 under torch.compile, which runs the padded path: unpadding is data-dependent, and when the masks
 cannot be packed), where the padded path computes values nothing else reads.
+
+Generation (:meth:`Transformer.generate`, greedy or beam search) decodes with a KV cache
+(docs/design.md, "Generation with a KV cache"): each decoder layer's self-attention keys and
+values go into a dense cache preallocated to the longest output, appended in place one token per
+step through ``pyattn.kvcache_attention`` (``pyattn.reference``'s twin under
+``attn_backend="reference"``); the cross-attention keys and values are projected once per source
+and shared by its beams. ``use_cache=False`` reruns the decoder over the whole prefix each step:
+the same tokens, the baseline of the cache.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nn.multihead_attention import MultiheadAttention, check_attn_backend
+from ..nn.multihead_attention import MultiheadAttention, _linear, _sdpa_backend, check_attn_backend
+from ..ops import kvcache_attention, scaled_dot_product_attention
 from . import _packing
 from ._packing import PackedSeqs, Packing
 
@@ -231,6 +240,41 @@ class TransformerDecoderLayer(nn.Module):
     def _mha_packed(self, x, mem, seqs, mem_seqs):
         return self.dropout2(_packing.mha_packed(self.multihead_attn, x, mem, seqs, mem_seqs))
 
+    def forward_step(self, x: Tensor, cache: DecoderCache, i: int) -> Tensor:
+        """One new token per sequence: x (N, 1, E) -> (N, 1, E), through layer ``i`` of ``cache``
+        (its self-attention keys/values appended in place)."""
+        if self.norm_first:
+            x = x + self.dropout1(self._sa_step(self.norm1(x), cache, i))
+            x = x + self.dropout2(self._mha_step(self.norm2(x), cache, i))
+            return x + self._ff_block(self.norm3(x))
+        x = self.norm1(x + self.dropout1(self._sa_step(x, cache, i)))
+        x = self.norm2(x + self.dropout2(self._mha_step(x, cache, i)))
+        return self.norm3(x + self._ff_block(x))
+
+    def _sa_step(self, x: Tensor, cache: DecoderCache, i: int) -> Tensor:
+        mha = self.self_attn
+        N, E, H = x.shape[0], mha.embed_dim, mha.num_heads
+        q, k, v = mha._in_projection(x, x, x)  # (N, 1, E) each
+        q, k, v = (t.view(N, 1, H, E // H).transpose(1, 2) for t in (q, k, v))  # (N, H, 1, D)
+        # appended at seqlens, then attended: the new token sees the cache and itself
+        out = kvcache_attention(
+            q, cache.k[i], cache.v[i], cache.seqlens, k, v, backend=_sdpa_backend(mha.attn_backend)
+        )  # (N, H, 1, D)
+        return mha.out_proj(out.transpose(1, 2).reshape(N, 1, E))  # (N, 1, E)
+
+    def _mha_step(self, x: Tensor, cache: DecoderCache, i: int) -> Tensor:
+        mha = self.multihead_attn
+        N, E, H = x.shape[0], mha.embed_dim, mha.num_heads
+        B, K = cache.mem_k[i].shape[0], N // cache.mem_k[i].shape[0]
+        b = mha.in_proj_bias
+        q = _linear(x, mha.in_proj_weight[:E], None if b is None else b[:E])  # (N, 1, E)
+        # the K beams of a source are K query rows over its one copy of the memory keys
+        q = q.view(B, K, H, E // H).transpose(1, 2)  # (B, H, K, D)
+        out = scaled_dot_product_attention(
+            q, cache.mem_k[i], cache.mem_v[i], cache.mem_mask, backend=_sdpa_backend(mha.attn_backend)
+        )  # (B, H, K, D)
+        return mha.out_proj(out.transpose(1, 2).reshape(N, 1, E))  # (N, 1, E)
+
 
 class TransformerEncoder(nn.Module):
     def __init__(self, layer: TransformerEncoderLayer, num_layers: int, norm: nn.Module | None) -> None:
@@ -283,6 +327,32 @@ class TransformerDecoder(nn.Module):
                 memory_is_causal=memory_is_causal,
             )
         return self.norm(x) if self.norm is not None else x
+
+
+@dataclass
+class DecoderCache:
+    """What :meth:`Transformer.generate` keeps between steps, for N = B * K sequences (K beams
+    per source, beam-major within a source).
+
+    k, v: per decoder layer (N, H, L_max, D), the self-attention keys/values, filled up to
+        ``seqlens`` (int32 (N,)) and appended in place by ``pyattn.kvcache_attention``.
+    mem_k, mem_v: per decoder layer (B, H, S, D), the cross-attention keys/values of each source,
+        projected once and read by all its beams.
+    mem_mask: (B, 1, 1, S) bool, True = a real source token (attended), or None (no padding).
+    """
+
+    k: list[Tensor] = field(default_factory=list)
+    v: list[Tensor] = field(default_factory=list)
+    seqlens: Tensor | None = None
+    mem_k: list[Tensor] = field(default_factory=list)
+    mem_v: list[Tensor] = field(default_factory=list)
+    mem_mask: Tensor | None = None
+
+    def reorder(self, rows: Tensor, filled: int) -> None:
+        """Sequence n continues sequence ``rows[n]`` (beam search): the filled part of the
+        self-attention caches is gathered in place."""
+        for c in (*self.k, *self.v):
+            c[:, :, :filled] = c[rows, :, :filled]
 
 
 _TORCH_ARGS = [f.name for f in fields(TransformerConfig) if f.name not in ("attn_backend", "padding_free")]
@@ -528,6 +598,211 @@ class Transformer(nn.Module):
         pt = PackedSeqs(cu_seqlens_tgt, int(max_seqlen_tgt))
         mem = self._encode_packed(src, ps, src_is_causal)  # (Ts, E)
         return self._decode_packed(tgt, mem, pt, ps, tgt_is_causal)  # (Tt, E)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        src: Tensor,
+        embed: Callable[[Tensor, int], Tensor],
+        head: Callable[[Tensor], Tensor],
+        *,
+        bos_id: int,
+        eos_id: int,
+        pad_id: int = 0,
+        max_new_tokens: int = 64,
+        src_key_padding_mask: Tensor | None = None,
+        num_beams: int = 1,
+        use_cache: bool = True,
+        return_logits: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Decode target tokens for each source, greedily (``num_beams=1``) or by beam search.
+
+        The model has no embeddings or output layer of its own (as ``torch.nn.Transformer``):
+        ``embed`` and ``head`` supply them. With ``use_cache`` (the default) each decoder layer
+        keeps its self-attention keys/values in a dense cache of ``max_new_tokens`` rows, appended
+        in place per step (``pyattn.kvcache_attention``), and the cross-attention keys/values are
+        projected once per source; ``use_cache=False`` reruns the decoder over the prefix each
+        step (same tokens; the baseline). Beam search keeps the ``num_beams`` best live
+        hypotheses, sets aside those that end in ``eos_id``, stops a source once it has
+        ``num_beams`` of them, and returns the best by log-probability per token (eos counted),
+        or the best live one when none ended.
+
+        Arguments:
+            src: the embedded source, (S, B, E) ((B, S, E) with batch_first).
+            embed: ``embed(tokens, start)``: tokens (N, t) int64 at positions start..start+t-1
+                -> (N, t, E) (batch first, whatever ``batch_first`` says).
+            head: decoder outputs (N, E) -> logits (N, V).
+            bos_id, eos_id, pad_id: the first input token; the token that ends a sequence; what
+                fills a row after its eos.
+            max_new_tokens: at most this many tokens per sequence (eos included).
+            src_key_padding_mask: (B, S) bool, True = padding.
+            num_beams: 1 for greedy decoding.
+            use_cache: decode with the KV cache.
+            return_logits: greedy only: also return the logits of each step.
+        Returns:
+            tokens (B, L) int64 without bos, each row ending at its eos then ``pad_id``, L <=
+            ``max_new_tokens`` (decoding stops when every row has ended); with
+            ``return_logits`` also logits (B, L, V).
+        """
+        if src.dim() != 3 or src.shape[-1] != self.d_model:
+            raise ValueError(
+                f"Transformer.generate: 'src' must be (S, B, d_model={self.d_model}) ((B, S, d_model) "
+                f"with batch_first), got {tuple(src.shape)}"
+            )
+        if max_new_tokens < 1:
+            raise ValueError(f"Transformer.generate: 'max_new_tokens' must be >= 1, got {max_new_tokens}")
+        if num_beams < 1:
+            raise ValueError(f"Transformer.generate: 'num_beams' must be >= 1, got {num_beams}")
+        if return_logits and num_beams > 1:
+            raise ValueError("Transformer.generate: 'return_logits' is for greedy decoding (num_beams=1)")
+        for m in self.modules():
+            if isinstance(m, MultiheadAttention) and (m.bias_k is not None or m.add_zero_attn):
+                raise ValueError("Transformer.generate: bias_k/bias_v and add_zero_attn are not supported")
+        src_bf = src if self.batch_first else src.transpose(0, 1)  # (B, S, E)
+        B, S = src_bf.shape[:2]
+        pad = src_key_padding_mask
+        if pad is not None and (pad.dtype != torch.bool or tuple(pad.shape) != (B, S)):
+            raise ValueError(
+                f"Transformer.generate: 'src_key_padding_mask' must be bool ({B}, {S}), got "
+                f"{pad.dtype} {tuple(pad.shape)}"
+            )
+        memory = self.encoder(src, src_key_padding_mask=pad)
+        memory = memory if self.batch_first else memory.transpose(0, 1)  # (B, S, E)
+        K = num_beams
+        if use_cache:
+            cache = self._decoder_cache(memory, pad, K, max_new_tokens)
+            step = self._cached_step(embed, head, cache)
+        else:
+            step = self._uncached_step(embed, head, memory, pad, K)
+        if K == 1:
+            return self._greedy(step, B, src.device, bos_id, eos_id, pad_id, max_new_tokens, return_logits)
+        return self._beam(step, B, K, src.device, bos_id, eos_id, pad_id, max_new_tokens)
+
+    def _decoder_cache(self, memory: Tensor, pad: Tensor | None, K: int, L_max: int) -> DecoderCache:
+        B, S, E = memory.shape
+        H = self.nhead
+        D = E // H
+        cache = DecoderCache(seqlens=torch.zeros(B * K, dtype=torch.int32, device=memory.device))
+        if pad is not None and bool(pad.any()):
+            cache.mem_mask = ~pad[:, None, None, :]  # (B, 1, 1, S)
+        for layer in self.decoder.layers:
+            for kv in (cache.k, cache.v):
+                kv.append(memory.new_zeros(B * K, H, L_max, D))  # (N, H, L_max, D)
+            mha = layer.multihead_attn
+            w, b = mha.in_proj_weight, mha.in_proj_bias
+            for j, out in ((1, cache.mem_k), (2, cache.mem_v)):
+                m = _linear(memory, w[j * E : (j + 1) * E], None if b is None else b[j * E : (j + 1) * E])
+                out.append(m.view(B, S, H, D).transpose(1, 2))  # (B, H, S, D)
+        return cache
+
+    def _cached_step(self, embed, head, cache: DecoderCache):
+        def step(last: Tensor, prefix: Tensor, rows: Tensor | None) -> Tensor:
+            t = prefix.shape[1] - 1  # the position of ``last``
+            if rows is not None:
+                cache.reorder(rows, t)
+            x = embed(last[:, None], t)  # (N, 1, E)
+            for i, layer in enumerate(self.decoder.layers):
+                x = layer.forward_step(x, cache, i)
+            cache.seqlens += 1
+            x = self.decoder.norm(x) if self.decoder.norm is not None else x
+            return head(x[:, 0])  # (N, V)
+
+        return step
+
+    def _uncached_step(self, embed, head, memory: Tensor, pad: Tensor | None, K: int):
+        mem = memory.repeat_interleave(K, dim=0)  # (N, S, E): a copy per beam, as a naive decoder
+        mem_pad = None if pad is None else pad.repeat_interleave(K, dim=0)  # (N, S)
+        if not self.batch_first:
+            mem = mem.transpose(0, 1)  # (S, N, E)
+
+        def step(last: Tensor, prefix: Tensor, rows: Tensor | None) -> Tensor:
+            t = prefix.shape[1]
+            x = embed(prefix, 0)  # (N, t, E)
+            mask = self.generate_square_subsequent_mask(t, device=x.device, dtype=x.dtype)
+            y = self.decoder(
+                x if self.batch_first else x.transpose(0, 1),
+                mem,
+                tgt_mask=mask,
+                memory_key_padding_mask=mem_pad,
+                tgt_is_causal=True,
+            )
+            y = y[:, -1] if self.batch_first else y[-1]  # (N, E)
+            return head(y)  # (N, V)
+
+        return step
+
+    @staticmethod
+    def _greedy(step, B, device, bos_id, eos_id, pad_id, max_new, return_logits):
+        prefix = torch.full((B, 1), bos_id, dtype=torch.long, device=device)  # (B, 1 + t)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        logits_all = []
+        for _ in range(max_new):
+            logits = step(prefix[:, -1], prefix, None)  # (B, V)
+            logits_all.append(logits)
+            y = torch.where(done, pad_id, logits.argmax(-1))
+            prefix = torch.cat([prefix, y[:, None]], dim=1)
+            done = done | (y == eos_id)
+            if bool(done.all()):
+                break
+        tokens = prefix[:, 1:]
+        return (tokens, torch.stack(logits_all, 1)) if return_logits else tokens
+
+    @staticmethod
+    def _beam(step, B, K, device, bos_id, eos_id, pad_id, max_new):
+        prefix = torch.full((B * K, 1), bos_id, dtype=torch.long, device=device)  # (N, 1 + t)
+        # one live beam per source at first: the others would repeat it
+        scores = torch.full((B, K), float("-inf"), device=device)
+        scores[:, 0] = 0.0
+        finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
+        done = [False] * B
+        rows = None
+        for _ in range(max_new):
+            logits = step(prefix[:, -1], prefix, rows)  # (N, V)
+            V = logits.shape[-1]
+            # float32 scores at least (float64 stays: the uncached baseline must pick alike)
+            logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
+            logp = logp.view(B, K, V)
+            cand = (scores[:, :, None] + logp).view(B, K * V)
+            top, idx = cand.topk(min(2 * K, K * V), dim=1)  # (B, 2K)
+            parent = torch.arange(B * K, device=device).view(B, K).tolist()  # dead rows stay put
+            new_tok = [[pad_id] * K for _ in range(B)]
+            new_scores = [[float("-inf")] * K for _ in range(B)]
+            for b in range(B):
+                if done[b]:
+                    continue
+                kept = 0
+                for score, i in zip(top[b].tolist(), idx[b].tolist(), strict=True):
+                    if score == float("-inf"):
+                        break
+                    row, tok = divmod(i, V)
+                    if tok == eos_id:
+                        hyp = prefix[b * K + row, 1:].tolist()
+                        finished[b].append((score / (len(hyp) + 1), hyp))
+                        continue
+                    parent[b][kept], new_tok[b][kept], new_scores[b][kept] = b * K + row, tok, score
+                    kept += 1
+                    if kept == K:
+                        break
+                if len(finished[b]) >= K or kept == 0:
+                    done[b] = True
+            rows = torch.tensor(parent, device=device).view(B * K)
+            prefix = torch.cat([prefix[rows], torch.tensor(new_tok, device=device).view(B * K, 1)], dim=1)
+            scores = torch.tensor(new_scores, dtype=logp.dtype, device=device)
+            if all(done):
+                break
+        best = []
+        for b in range(B):
+            if not finished[b]:
+                hyps = [(s, prefix[b * K + k, 1:].tolist()) for k, s in enumerate(scores[b].tolist())]
+                live = [(s / max(len(h), 1), h) for s, h in hyps if s != float("-inf")]
+                best.append(max(live, key=lambda h: h[0])[1] if live else [])
+            else:
+                best.append(max(finished[b], key=lambda h: h[0])[1] + [eos_id])
+        L = max(1, max(len(h) for h in best))
+        out = torch.full((B, L), pad_id, dtype=torch.long, device=device)
+        for b, h in enumerate(best):
+            out[b, : len(h)] = torch.tensor(h, dtype=torch.long, device=device)
+        return out
 
     @staticmethod
     def generate_square_subsequent_mask(sz: int, device=None, dtype=None) -> Tensor:

@@ -441,12 +441,13 @@ def _run(chosen, query, key, value, mask, dropout_p, causal, scale, enable_gqa, 
 
 
 # Query rows per kv head (Hq / Hkv x Lq) up to which, and keys from which, a CPU call runs the
-# KV-cache kernel: one decode step of a GQA model (4-8 rows) over a cache of 256+ keys, where
-# the prefill kernel's 64-row query tiles are mostly empty and it reads K/V once per query head.
-# Both bounds are first guesses, not yet placed by a benchmark sweep (the shared 2-core VM was
-# too loaded for one when this landed).
+# KV-cache kernel: a decode step, where the prefill kernel's 64-row query tiles are mostly empty
+# and it reads K/V once per query head. Placed by the sweep of bench/bench_kvcache_attention.py
+# (--sweep; docs/design.md, "KV-cache attention"): on AVX512-BF16, fp32 and bf16, 1 and 2
+# threads, the route gains most for rows <= 16 from the shortest key length swept (32) up; at
+# 32+ rows the prefill kernel's GEMMs win.
 DECODE_MAX_ROWS = 16
-DECODE_MIN_KEYS = 256
+DECODE_MIN_KEYS = 32
 
 
 def _decode_step(chosen, q, k, v, mask, dropout_p, causal) -> bool:

@@ -156,7 +156,41 @@ def test_training_smoke_loss_decreases():
         torch.set_num_threads(threads)
 
 
-def test_translate_cli_writes_heatmaps(tmp_path, capsys):
+def test_transformer_translator_trains_and_decodes_with_the_cache():
+    need("sacrebleu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        task = tr.numerals_task(n_train=400, n_test=12, seed=1)
+        model = tr.build_model(task, hidden_dim=32, dropout=0.0, model="transformer")
+        losses = tr.train(model, task, steps=40, batch_size=32, lr=3e-3)
+        assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
+        hyps, maps = tr.translate(model, task, [s for s, _ in task.test])
+        assert len(hyps) == len(maps) == 12
+        for (src, _), hyp, attn in zip(task.test, hyps, maps, strict=True):
+            # + eos, unless 40 steps of training left a sentence without one in translate's 60
+            rows = min(len(hyp) + 1, 60)
+            assert attn.shape == (rows, len(src) + 1)
+            assert torch.allclose(attn.sum(-1), torch.ones(rows), atol=1e-4)
+        # the cached decode gives the tokens of cache-free decoding (float64: no near-tie flips)
+        model.double()
+        src, _ = tr.batchify(task.test, task.src_vocab, task.tgt_vocab)
+        cached, _ = model.greedy_decode(src, 20)
+        c = model.config
+        with torch.no_grad():
+            free = model.transformer.generate(
+                model.src_embed(src), model.tgt_embed, model.out, bos_id=c.bos_id, eos_id=c.eos_id,
+                max_new_tokens=20, src_key_padding_mask=src == c.pad_id, use_cache=False,
+            )  # fmt: skip
+        assert torch.equal(cached, free)
+        with pytest.raises(ValueError, match="model"):
+            tr.build_model(task, model="rnn")
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("model", ["seq2seq", "transformer"])
+def test_translate_cli_writes_heatmaps(tmp_path, capsys, model):
     need("sacrebleu")
     need("matplotlib")
     from pyattn.cli import main
@@ -166,6 +200,7 @@ def test_translate_cli_writes_heatmaps(tmp_path, capsys):
         assert (
             main(
                 ["translate", "--task", "numerals", "--steps", "5", "--samples", "2", "--out", str(tmp_path)]
+                + (["--model", model] if model != "seq2seq" else [])
             )
             == 0
         )

@@ -1,4 +1,5 @@
-"""``pyattn translate``: train the seq2seq demo on one task, score it, print samples, save heatmaps."""
+"""``pyattn translate``: train the seq2seq (or Transformer) demo on one task, score it, print samples,
+save heatmaps."""
 
 from __future__ import annotations
 
@@ -23,10 +24,16 @@ DEFAULTS = {"numerals": {"steps": 1500}, "ui": {"steps": 2000}}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", choices=("numerals", "ui"), default="numerals")
     parser.add_argument(
+        "--model",
+        choices=("seq2seq", "transformer"),
+        default="seq2seq",
+        help="Bahdanau GRU seq2seq, or the Transformer (decodes with its KV cache)",
+    )
+    parser.add_argument(
         "--steps", type=int, default=None, help="training steps (default: numerals 1500, ui 2000)"
     )
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=None, help="default: seq2seq 3e-3, transformer 1e-3")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--attn-backend", choices=ATTN_BACKENDS, default="fused")
     parser.add_argument("--out", type=Path, default=Path("translate-out"), help="folder for the heatmap PNGs")
@@ -54,10 +61,11 @@ def run(args: argparse.Namespace) -> int:
         f"task {task.name}: {len(task.train)} train / {len(task.test)} held-out pairs, "
         f"vocab {len(task.src_vocab)} -> {len(task.tgt_vocab)}"
     )
-    model = build_model(task, attn_backend=args.attn_backend)
+    model = build_model(task, attn_backend=args.attn_backend, model=args.model)
     steps = args.steps or DEFAULTS[args.task]["steps"]
+    lr = args.lr if args.lr is not None else (3e-3 if args.model == "seq2seq" else 1e-3)
     t0 = time.perf_counter()
-    losses = train(model, task, steps, args.batch_size, args.lr, args.seed, log=print)
+    losses = train(model, task, steps, args.batch_size, lr, args.seed, log=print)
     print(
         f"trained {steps} steps in {time.perf_counter() - t0:.0f} s, final loss {sum(losses[-50:]) / len(losses[-50:]):.4f}"
     )

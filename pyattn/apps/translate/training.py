@@ -10,7 +10,22 @@ import torch
 from .vocab import Task, batchify
 
 
-def build_model(task: Task, embed_dim=64, hidden_dim=128, attn_dim=64, dropout=0.1, attn_backend="fused"):
+def build_model(
+    task: Task, embed_dim=64, hidden_dim=128, attn_dim=64, dropout=0.1, attn_backend="fused", model="seq2seq"
+):
+    """The Bahdanau seq2seq (``model="seq2seq"``) or the Transformer translator
+    (``"transformer"``: d_model = hidden_dim, 4 heads, 2 + 2 layers, feed-forward 2 x d_model;
+    it decodes with ``Transformer.generate`` and its KV cache)."""
+    if model == "transformer":
+        from .transformer import TransformerTranslator, TransformerTranslatorConfig
+
+        cfg = TransformerTranslatorConfig(
+            src_vocab_size=len(task.src_vocab), tgt_vocab_size=len(task.tgt_vocab), d_model=hidden_dim,
+            dim_feedforward=2 * hidden_dim, dropout=dropout, attn_backend=attn_backend,
+        )  # fmt: skip
+        return TransformerTranslator(cfg)
+    if model != "seq2seq":
+        raise ValueError(f"build_model: 'model' must be 'seq2seq' or 'transformer', got {model!r}")
     from pyattn.models.seq2seq import Seq2Seq, Seq2SeqConfig
 
     cfg = Seq2SeqConfig(
@@ -61,7 +76,8 @@ def train(
 
 @torch.no_grad()
 def translate(model, task: Task, sources: list[list[str]], max_len: int = 60, batch_size: int = 256):
-    """Greedy translations (token lists) and attention maps (L, S) per sentence."""
+    """Greedy translations (token lists) and attention maps (L, S) per sentence (the
+    Transformer's: its last decoder layer's cross-attention, mean over heads)."""
     model.eval()
     outs, maps = [], []
     for a in range(0, len(sources), batch_size):
