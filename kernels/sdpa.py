@@ -1,25 +1,7 @@
-"""Fused multi-head scaled-dot-product attention in Triton (flash attention), forward and backward.
-
-    S = scale * Q K^T + mask          (bool mask / causality: -inf where attention is forbidden)
-    P = softmax_j(S)                  (a row with no allowed key: P = 0, O = 0, lse = +inf)
-    O = (Z o P) V                     Z_ij = keep_ij / (1 - p), keep_ij = rand(seed, offset + e) >= p
-    lse_i = log sum_j exp(S_ij)       natural log, float32
-
-    backward:  Delta_i = dO_i . O_i     dP = dO V^T
-               dS = P o (Z o dP - Delta)
-               dQ = scale dS K          dK = scale dS^T Q          dV = (Z o P)^T dO
-
-where e = ((b * Hq + h) * Lq + i) * Lk + j is the element's index in the (B, Hq, Lq, Lk) score
-tensor, so the dropout keep-mask is the one of csrc/philox.h and pyattn.reference.dropout_keep_mask
-(``tl.rand`` is the same Philox-4x32-10 with the 64-bit counter split into two words).
-
-The forward streams key blocks with an online softmax in base 2 (``exp2``, with log2(e) folded
-into the score scale), saves the row lse, and splits the key loop in two stages: blocks that need
-no element masking (fully inside the keys and, when causal, fully left of the diagonal), then the
-blocks on the diagonal / the ragged end; blocks right of the diagonal are skipped. The backward
-computes Delta first, then dK/dV in one pass over key blocks (a program owns a key block of one
-kv head and loops over the query heads of its GQA group, so no atomics and a deterministic sum)
-and dQ in a second pass over query blocks, recomputing P from the lse and Z from (seed, offset).
+"""Fused multi-head scaled-dot-product attention in Triton (flash attention), forward and backward:
+the launchers and the custom ops of pyattn::sdpa_fwd / sdpa_bwd on canonical (B, H, L, D)
+tensors. The kernels, their formulas (forward, backward, the dropout counters) and their
+autotune configs are in kernels/_flash.py, shared with varlen attention.
 
 References: Triton tutorial 06-fused-attention; Dao, "FlashAttention-2: Faster Attention with
 Better Parallelism and Work Partitioning" (2023), algorithms 1-2.
