@@ -506,6 +506,10 @@ def _draw_panel(ax, panel: Panel, what: str, field_: str, ylabel: str, providers
         ax.margins(y=0.12)
     if what == "speedup":
         ax.axhline(1.0, color="grey", lw=0.8, ls="--", label=f"{panel.baseline} (baseline) = 1")
+    elif not any(_value(r, field_) is not None for s in series for _, r in s.points):
+        # every reading of this panel fell below the RSS page granularity: nothing to put on a
+        # log axis (matplotlib refuses one with no positive value)
+        ax.text(0.5, 0.5, "no memory above the reading's granularity", ha="center", va="center", fontsize=7)
     else:
         from matplotlib import ticker
 

@@ -498,3 +498,15 @@ def test_plot_titles_name_the_machine_and_isa(quick_run):
     assert meta["device_name"] in title and meta["torch_version"] in title
     assert all(r["case_s"] >= 0 and r["cpu_s"] >= 0 for r in rows)
     _check_panels(rows)
+
+
+def test_plots_draw_when_a_panel_has_no_memory_reading(tmp_path):
+    """A fast case's RSS reading can stay below the page granularity (0 MiB): a memory panel with
+    no positive reading at all is drawn empty, not refused by the log axis (a quick run failed on
+    the old stack when every sdpa reading was 0)."""
+    rows = _rows_of(cases_mod.build_cases("cpu", "quick", ["additive_attention", "sdpa"]))
+    for r in rows:
+        if r["kernel"] == "sdpa":
+            r["peak_mem_mb"] = 0.0
+    paths = report.plot(rows, str(tmp_path))
+    assert all(os.path.getsize(p) > 0 for p in paths)

@@ -45,6 +45,7 @@ from ._common import (
     is_half_cpu,
     known_true,
     lse_dtype,
+    number,
 )
 from ._glue import FusedOp, shape_str
 from ._nested import nested_sdpa
@@ -147,7 +148,9 @@ def check_inputs(
         _fail(f"'attn_mask' must be a tensor or None, got {type(attn_mask).__name__}", InputTypeError)
     if not isinstance(is_causal, bool):
         _fail(f"'is_causal' must be a bool, got {type(is_causal).__name__}", InputTypeError)
-    dropout_p = check_dropout("scaled_dot_product_attention", dropout_p)
+    # its type now, its range where torch checks it (after the dims: enable_gqa on 2-D inputs is
+    # an IndexError first)
+    dropout_p = number("scaled_dot_product_attention", "dropout_p", dropout_p)
     check_scale("scaled_dot_product_attention", scale)
     bias = isinstance(attn_mask, CausalBias)
     if bias and is_causal:
@@ -197,6 +200,7 @@ def check_inputs(
         )
     if not query.is_floating_point():
         _fail(f"query, key and value must be floating-point tensors, got {query.dtype}", InputTypeError)
+    check_dropout("scaled_dot_product_attention", dropout_p)
     Lq, E, Lk = query.shape[-2], query.shape[-1], key.shape[-2]
     if key.shape[-1] != E:
         _fail(
