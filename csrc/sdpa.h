@@ -23,6 +23,25 @@ inline void check_sdpa_inputs(const at::Tensor& q, const at::Tensor& k, const at
               "pyattn::sdpa: attn_mask must broadcast to (B, Hq, Lq, Lk) on query's device");
 }
 
+// The CUDA flash kernels do not fuse the attention variants yet (pyattn/_backend.py sends such
+// calls elsewhere); a direct torch.ops call with one is refused, never computed without it.
+inline void check_no_variants(int64_t window_left, int64_t window_right, double softcap,
+                              const c10::optional<at::Tensor>& sinks,
+                              const c10::optional<at::Tensor>& alibi_slopes) {
+  TORCH_CHECK(window_left == -1 && window_right == -1 && softcap == 0.0 && !sinks.has_value() && !alibi_slopes.has_value(),
+              "pyattn::sdpa (cuda): the attention variants (window, softcap, sinks, ALiBi) are not fused in the CUDA kernels yet");
+}
+
+// The variants' tensors as the CPU kernels read them: sinks (Hq,) and alibi_slopes (Hq,) or
+// (B, Hq) in the accumulation dtype, contiguous; undefined when absent.
+inline at::Tensor variant_tensor(const c10::optional<at::Tensor>& t, const at::Tensor& q, at::ScalarType acc,
+                                 int64_t B, int64_t Hq, bool per_batch, const char* name) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  TORCH_CHECK(t->device() == q.device() && (t->numel() == Hq || (per_batch && t->numel() == B * Hq)),
+              "pyattn::sdpa: ", name, " must be (Hq,)", per_batch ? " or (B, Hq)" : "", " on query's device");
+  return t->to(acc).contiguous();
+}
+
 inline void check_sdpa_backward_inputs(const at::Tensor& q, const at::Tensor& v, const at::Tensor& grad_out,
                                        const at::Tensor& out, const at::Tensor& lse) {
   const std::vector<int64_t> o{q.size(0), q.size(1), q.size(2), v.size(3)}, l{q.size(0), q.size(1), q.size(2)};
