@@ -181,3 +181,18 @@ def test_sinks_match_gpt_oss_eager():
         module, q, k, v, None, scaling=0.4, s_aux=module.sinks, sliding_window=5, backend="cpu"
     )
     _compare(ours, theirs, [q, k, v, module.sinks])
+
+
+def test_dense_band_mask_is_dropped():
+    """transformers' sliding-window mask without padding is the fused band (dropped, the kernel's
+    band runs alone); with padding, or another window, it is not."""
+    mask = _sliding_mask(2, 19, 5)
+    assert pt._band_equivalent(mask, 19, 19, 4)
+    assert not pt._band_equivalent(mask, 19, 19, 5)
+    assert pt._band_equivalent(_sliding_mask(2, 19, 40), 19, 19, -1)  # wider than the sequence: causal
+    padded = mask.clone()
+    padded[1, :, :, 0] = False
+    assert not pt._band_equivalent(padded, 19, 19, 4)
+    # the same object edited in place is compared again
+    mask[0, :, 3, 3] = False
+    assert not pt._band_equivalent(mask, 19, 19, 4)
