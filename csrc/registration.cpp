@@ -13,6 +13,12 @@
 //   when philox_uniform(seed, offset + e) >= dropout_p (csrc/philox.h). causal is 0 (none),
 //   1 (upper-left, torch's is_causal: query i sees keys j <= i) or 2 (lower-right:
 //   j <= i + Lk - Lq, flash-attention's when Lq != Lk), the values of torch's CausalVariant.
+// - The attention variants of sdpa_* and varlen_attention_* (docs/design.md, "Attention
+//   variants"; defaults = off): window (window_left, window_right) around the diagonal d = i
+//   (causal == 1) or i + Lk - Lq (otherwise), -1 unbounded; softcap (0 = off); sinks (Hq,), one
+//   logit per head in the softmax denominator (lse includes it; its gradient is computed in
+//   Python from lse and Delta, so the backward ops do not take it); alibi_slopes (Hq,) or
+//   (B, Hq), scores -= slope * |i + Lk - Lq - j|. Order: scale, softcap, ALiBi, masks, softmax.
 // - Users' inputs are validated in Python (pyattn/ops/); the C++ ops check only what keeps a
 //   direct torch.ops call from reading or writing out of bounds.
 
@@ -35,12 +41,14 @@ TORCH_LIBRARY(pyattn, m) {
       "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_v)");
   m.def(
       "sdpa_fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
-      "float dropout_p, int causal, float scale, SymInt seed, SymInt offset) "
+      "float dropout_p, int causal, float scale, SymInt seed, SymInt offset, int window_left=-1, "
+      "int window_right=-1, float softcap=0.0, Tensor? sinks=None, Tensor? alibi_slopes=None) "
       "-> (Tensor out, Tensor lse)");
   m.def(
       "sdpa_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, "
       "Tensor? attn_mask, Tensor out, Tensor lse, float dropout_p, int causal, float scale, "
-      "SymInt seed, SymInt offset) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
+      "SymInt seed, SymInt offset, int window_left=-1, int window_right=-1, float softcap=0.0, "
+      "Tensor? alibi_slopes=None) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
   // Packed variable-length sequences (pyattn/ops/varlen_attention.py): query (total_q, Hq, D),
   // key (total_k, Hkv, D), value (total_k, Hkv, Dv), cu_seqlens_* int32 (B + 1,) cumulative
   // from 0; sequence b is rows cu[b] .. cu[b + 1] and attends only within itself. causal as
@@ -50,11 +58,13 @@ TORCH_LIBRARY(pyattn, m) {
   m.def(
       "varlen_attention_fwd(Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, "
       "Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float dropout_p, int causal, "
-      "float scale, SymInt seed, SymInt offset) -> (Tensor out, Tensor lse)");
+      "float scale, SymInt seed, SymInt offset, int window_left=-1, int window_right=-1, "
+      "float softcap=0.0, Tensor? sinks=None, Tensor? alibi_slopes=None) -> (Tensor out, Tensor lse)");
   m.def(
       "varlen_attention_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, "
       "Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor out, Tensor lse, SymInt max_seqlen_q, "
-      "SymInt max_seqlen_k, float dropout_p, int causal, float scale, SymInt seed, SymInt offset) "
+      "SymInt max_seqlen_k, float dropout_p, int causal, float scale, SymInt seed, SymInt offset, "
+      "int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None) "
       "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
   // KV-cache attention (pyattn/ops/kvcache_attention.py; docs/design.md, "KV-cache attention"):
   // query (B, Hq, Lq, D); a dense cache (B, Hkv, L_max, D) or, with block_table int32

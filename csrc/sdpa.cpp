@@ -27,7 +27,9 @@ void check_cpu(const at::Tensor& query) {
 template <typename T>
 cpu::FlashParams<T> make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& mask, double dropout_p, int64_t causal,
-                                double scale, int64_t seed, int64_t offset) {
+                                double scale, int64_t seed, int64_t offset, int64_t window_left,
+                                int64_t window_right, double softcap, const at::Tensor& sinks,
+                                const at::Tensor& alibi) {
   cpu::FlashParams<T> p;
   p.q = q.data_ptr<T>();
   p.k = k.data_ptr<T>();
@@ -71,6 +73,11 @@ cpu::FlashParams<T> make_params(const at::Tensor& q, const at::Tensor& k, const 
   p.drop_bh0 = 0;
   p.drop_lq = p.Lq;
   p.drop_lk = p.Lk;
+  using acc = cpu::acc_t<T>;
+  cpu::set_variants(p, causal, window_left, window_right, softcap,
+                    sinks.defined() ? sinks.data_ptr<acc>() : nullptr,
+                    alibi.defined() ? alibi.data_ptr<acc>() : nullptr,
+                    alibi.defined() && alibi.numel() != p.Hq ? p.Hq : 0);
   return p;
 }
 
@@ -91,9 +98,14 @@ at::Tensor mask_view(const c10::optional<at::Tensor>& attn_mask, const at::Tenso
 std::tuple<at::Tensor, at::Tensor> sdpa_fwd_cpu(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const c10::optional<at::Tensor>& attn_mask, double dropout_p, int64_t causal, double scale,
-    int64_t seed, int64_t offset) {
+    int64_t seed, int64_t offset, int64_t window_left, int64_t window_right, double softcap,
+    const c10::optional<at::Tensor>& sinks_opt, const c10::optional<at::Tensor>& alibi_opt) {
   check_sdpa_inputs(query, key, value, attn_mask, causal);
   check_cpu(query);
+  const at::ScalarType acc_dtype = acc_type(query.scalar_type());
+  const at::Tensor sinks = variant_tensor(sinks_opt, query, acc_dtype, query.size(0), query.size(1), false, "sinks");
+  const at::Tensor alibi =
+      variant_tensor(alibi_opt, query, acc_dtype, query.size(0), query.size(1), true, "alibi_slopes");
   const auto q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
   const at::Tensor mask = mask_view(attn_mask, q, k);
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), Dv = v.size(3);
@@ -104,7 +116,8 @@ std::tuple<at::Tensor, at::Tensor> sdpa_fwd_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "sdpa_fwd_cpu", [&] {
     using acc = cpu::acc_t<scalar_t>;
     const auto p =
-        make_params<scalar_t>(q, k, v, mask, dropout_p, causal, scale, seed, offset);
+        make_params<scalar_t>(q, k, v, mask, dropout_p, causal, scale, seed, offset, window_left,
+                              window_right, softcap, sinks, alibi);
     const cpu::FlashFwdOut<scalar_t> o{out.data_ptr<scalar_t>(), lse.data_ptr<acc>()};
     PYATTN_CPU_DISPATCH(sdpa_fwd_kernel, p, o);
   });
@@ -115,10 +128,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
     const at::Tensor& value, const c10::optional<at::Tensor>& attn_mask, const at::Tensor& out,
     const at::Tensor& lse, double dropout_p, int64_t causal, double scale, int64_t seed,
-    int64_t offset) {
+    int64_t offset, int64_t window_left, int64_t window_right, double softcap,
+    const c10::optional<at::Tensor>& alibi_opt) {
   check_sdpa_inputs(query, key, value, attn_mask, causal);
   check_sdpa_backward_inputs(query, value, grad_out, out, lse);
   check_cpu(query);
+  const at::Tensor alibi = variant_tensor(alibi_opt, query, acc_type(query.scalar_type()), query.size(0),
+                                          query.size(1), true, "alibi_slopes");
   const auto q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
   const auto dO = grad_out.contiguous();
   const at::ScalarType acc_dtype = acc_type(q.scalar_type());
@@ -141,7 +157,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_bwd_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "sdpa_bwd_cpu", [&] {
     using acc = cpu::acc_t<scalar_t>;
     const auto p =
-        make_params<scalar_t>(q, k, v, mask, dropout_p, causal, scale, seed, offset);
+        make_params<scalar_t>(q, k, v, mask, dropout_p, causal, scale, seed, offset, window_left,
+                              window_right, softcap, at::Tensor(), alibi);
     const cpu::FlashBwdArgs<scalar_t> a{dO.data_ptr<scalar_t>(), l.data_ptr<acc>(),
                                         delta.data_ptr<acc>(), dq.data_ptr<acc>(),
                                         dk.data_ptr<acc>(), dv.data_ptr<acc>()};

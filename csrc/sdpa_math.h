@@ -55,6 +55,69 @@ PYATTN_HD bool causal_block_needs_mask(int64_t q_begin, int64_t k_end, int64_t o
   return k_end - 1 > q_begin + off;
 }
 
+// Attention variants (docs/design.md, "Attention variants"): a sliding window (left, right)
+// around the diagonal d = i + win_off (win_off = 0 for upper-left causality, Lk - Lq otherwise;
+// -1 = unbounded) and causality leave query i the keys of one band [lo, hi). Both bounds grow
+// with i, so a block of queries [i0, i1) sees keys [band(i0).lo, band(i1 - 1).hi) and a key
+// block is visited only where some row's band meets it: work L x window, not L^2.
+struct Band {
+  bool causal;
+  int64_t causal_off, left, right, win_off, Lq, Lk;
+
+  PYATTN_HD bool on() const { return causal || left >= 0 || right >= 0; }
+  // the first allowed key of row i (may exceed hi: an empty row)
+  PYATTN_HD int64_t lo(int64_t i) const {
+    const int64_t l = left >= 0 ? i + win_off - left : 0;
+    return l < 0 ? 0 : (l < Lk ? l : Lk);
+  }
+  // one past the last allowed key of row i
+  PYATTN_HD int64_t hi(int64_t i) const {
+    int64_t h = Lk;
+    if (causal && i + causal_off + 1 < h) h = i + causal_off + 1;
+    if (right >= 0 && i + win_off + right + 1 < h) h = i + win_off + right + 1;
+    return h < 0 ? 0 : h;
+  }
+  // The rows [query_begin(k0), query_end(k1)) see some key of [k0, k1).
+  PYATTN_HD int64_t query_begin(int64_t k0) const {
+    int64_t b = 0;
+    if (causal && k0 - causal_off > b) b = k0 - causal_off;
+    if (right >= 0 && k0 - win_off - right > b) b = k0 - win_off - right;
+    return b < Lq ? b : Lq;
+  }
+  PYATTN_HD int64_t query_end(int64_t k1) const {
+    if (left < 0) return Lq;
+    const int64_t e = k1 - win_off + left;
+    return e < 0 ? 0 : (e < Lq ? e : Lq);
+  }
+  // Whether rows [i0, i1) need per-element masking in key block [j0, j1).
+  PYATTN_HD bool cuts(int64_t i0, int64_t i1, int64_t j0, int64_t j1) const {
+    return on() && (lo(i1 - 1) > j0 || hi(i0) < j1);
+  }
+};
+
+// Softcap: s -> c tanh(s / c); its derivative 1 - tanh^2 = 1 - (capped / c)^2.
+template <typename acc_t>
+PYATTN_HD acc_t softcap_grad(acc_t capped, acc_t inv_cap) {
+  const acc_t t = capped * inv_cap;
+  return acc_t(1) - t * t;
+}
+
+// The row's softmax closed with a sink logit (one more term in the denominator, no value):
+// returns the factor of the unnormalised output, and the row's lse (with the sink) in *lse. An
+// empty row puts all its mass on the sink: factor 0, lse = sink.
+template <typename acc_t>
+PYATTN_HD acc_t close_with_sink(acc_t m, acc_t l, acc_t sink, acc_t* lse) {
+  const acc_t M = nan_max(m, sink);
+  if (M == neg_inf<acc_t>()) {  // no key and a -inf sink: nothing at all
+    *lse = pos_inf<acc_t>();
+    return acc_t(0);
+  }
+  const acc_t a = m == neg_inf<acc_t>() ? acc_t(0) : exp_(m - M);
+  const acc_t total = l * a + exp_(sink - M);
+  *lse = M + log_(total);
+  return a / total;
+}
+
 // A score with its mask applied. mask_kind: 0 none, 1 bool (true = attend), 2 additive.
 enum MaskKind : int { kNoMask = 0, kBoolMask = 1, kAddMask = 2 };
 

@@ -20,6 +20,7 @@
 #include "cpu/capability.h"
 #include "cpu/sdpa_kernel.h"
 #include "sdpa_math.h"
+#include "sdpa.h"
 #include "varlen_attention.h"
 
 namespace pyattn {
@@ -104,7 +105,9 @@ void run_units(const std::vector<int32_t>& cq, const std::vector<int32_t>& ck, i
 template <typename T>
 cpu::FlashParams<T> seq_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t b,
                                int64_t h0, int64_t Hq_all, int64_t max_q, int64_t max_k, double dropout_p,
-                               int64_t causal, double scale, int64_t seed, int64_t offset) {
+                               int64_t causal, double scale, int64_t seed, int64_t offset,
+                               int64_t window_left, int64_t window_right, double softcap,
+                               const at::Tensor& sinks, const at::Tensor& alibi) {
   cpu::FlashParams<T> p;
   p.q = q.data_ptr<T>();
   p.k = k.data_ptr<T>();
@@ -132,6 +135,12 @@ cpu::FlashParams<T> seq_params(const at::Tensor& q, const at::Tensor& k, const a
   p.drop_bh0 = b * Hq_all + h0;
   p.drop_lq = max_q;
   p.drop_lk = max_k;
+  // the unit's heads h0 .. of sequence b; the band and ALiBi's Lk - Lq are the sequence's own
+  using acc = cpu::acc_t<T>;
+  const int64_t a_row = alibi.defined() && alibi.numel() != Hq_all ? b * Hq_all : 0;
+  cpu::set_variants(p, causal, window_left, window_right, softcap,
+                    sinks.defined() ? sinks.data_ptr<acc>() + h0 : nullptr,
+                    alibi.defined() ? alibi.data_ptr<acc>() + a_row + h0 : nullptr, 0);
   return p;
 }
 
@@ -158,10 +167,15 @@ void check_lengths(const std::vector<int32_t>& cq, const std::vector<int32_t>& c
 std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cpu(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p,
-    int64_t causal, double scale, int64_t seed, int64_t offset) {
+    int64_t causal, double scale, int64_t seed, int64_t offset, int64_t window_left, int64_t window_right,
+    double softcap, const c10::optional<at::Tensor>& sinks_opt, const c10::optional<at::Tensor>& alibi_opt) {
   check_varlen_inputs(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal);
   PYATTN_CHECK_ARG(query.device().is_cpu(), "varlen_attention (cpu)", "query", "expected CPU tensors, got ",
                    query.device());
+  const int64_t nseq = cu_seqlens_q.size(0) - 1;
+  const at::ScalarType acc_t0 = acc_dtype_of(query.scalar_type());
+  const at::Tensor sinks = variant_tensor(sinks_opt, query, acc_t0, nseq, query.size(1), false, "sinks");
+  const at::Tensor alibi = variant_tensor(alibi_opt, query, acc_t0, nseq, query.size(1), true, "alibi_slopes");
   const auto cq = seq_bounds(cu_seqlens_q, query.size(0), "cu_seqlens_q");
   const auto ck = seq_bounds(cu_seqlens_k, key.size(0), "cu_seqlens_k");
   check_lengths(cq, ck, max_seqlen_q, max_seqlen_k);
@@ -181,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cpu(
     at::Tensor l = at::empty({1, nh, lq}, acc_opts);
     PYATTN_VARLEN_DISPATCH(q.scalar_type(), "varlen_attention_fwd_cpu", [&] {
       const auto p = seq_params<scalar_t>(q, k, v, u.b, h0, Hq, max_seqlen_q, max_seqlen_k, dropout_p, causal,
-                                          scale, seed, offset);
+                                          scale, seed, offset, window_left, window_right, softcap, sinks, alibi);
       const cpu::FlashFwdOut<scalar_t> fo{o.data_ptr<scalar_t>(), l.data_ptr<cpu::acc_t<scalar_t>>()};
       PYATTN_CPU_DISPATCH(sdpa_fwd_kernel, p, fo);
     });
@@ -195,9 +209,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, const at::Tensor& out,
     const at::Tensor& lse, int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p, int64_t causal,
-    double scale, int64_t seed, int64_t offset) {
+    double scale, int64_t seed, int64_t offset, int64_t window_left, int64_t window_right, double softcap,
+    const c10::optional<at::Tensor>& alibi_opt) {
   check_varlen_inputs(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal);
   check_varlen_backward_inputs(query, value, grad_out, out, lse);
+  const at::Tensor alibi = variant_tensor(alibi_opt, query, acc_dtype_of(query.scalar_type()),
+                                          cu_seqlens_q.size(0) - 1, query.size(1), true, "alibi_slopes");
   PYATTN_CHECK_ARG(query.device().is_cpu(), "varlen_attention (cpu)", "query", "expected CPU tensors, got ",
                    query.device());
   const auto cq = seq_bounds(cu_seqlens_q, query.size(0), "cu_seqlens_q");
@@ -229,7 +246,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
     at::Tensor gq = at::zeros(q.sizes(), ga), gk = at::zeros(k.sizes(), ga), gv = at::zeros(v.sizes(), ga);
     PYATTN_VARLEN_DISPATCH(dt, "varlen_attention_bwd_cpu", [&] {
       const auto p = seq_params<scalar_t>(q, k, v, u.b, h0, Hq, max_seqlen_q, max_seqlen_k, dropout_p, causal,
-                                          scale, seed, offset);
+                                          scale, seed, offset, window_left, window_right, softcap, at::Tensor(),
+                                          alibi);
       using acc_t = cpu::acc_t<scalar_t>;
       const cpu::FlashBwdArgs<scalar_t> a{dO.data_ptr<scalar_t>(), l.data_ptr<acc_t>(),
                                           delta.data_ptr<acc_t>(), gq.data_ptr<acc_t>(),

@@ -966,3 +966,20 @@ def interpreter_bf16(t: Tensor) -> bool:
 
 def up(t: Tensor | None) -> Tensor | None:
     return t.float() if t is not None and t.dtype == torch.bfloat16 else t
+
+
+def check_no_variants(window_left: int, window_right: int, softcap: float, sinks, alibi_slopes) -> None:
+    """The flash kernels here do not fuse the attention variants yet (pyattn/_backend.py sends
+    such calls to a backend that does); a direct call with one is refused, never computed without
+    it."""
+    if (
+        window_left != -1
+        or window_right != -1
+        or softcap != 0.0
+        or sinks is not None
+        or alibi_slopes is not None
+    ):
+        raise RuntimeError(
+            "pyattn's Triton flash kernels do not fuse the attention variants (window, softcap, sinks, "
+            "ALiBi) yet"
+        )

@@ -23,6 +23,7 @@ from ._flash import (
     bwd_dkdv,
     bwd_dq,
     bwd_preprocess_kernel,
+    check_no_variants,
     check_slice,
     common_constexprs,
     drop_scale,
@@ -228,7 +229,13 @@ def sdpa_fwd_triton(
     scale: float,
     seed: int,
     offset: int,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
+    check_no_variants(window_left, window_right, softcap, sinks, alibi_slopes)
     if interpreter_bf16(query):
         out, lse = sdpa_forward(
             up(query), up(key), up(value), up(attn_mask), dropout_p, causal, scale, seed, offset
@@ -251,7 +258,12 @@ def sdpa_bwd_triton(
     scale: float,
     seed: int,
     offset: int,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    check_no_variants(window_left, window_right, softcap, None, alibi_slopes)
     if interpreter_bf16(query):
         grads = sdpa_backward(
             *(up(t) for t in (grad_out, query, key, value, attn_mask, out)),

@@ -26,6 +26,7 @@ from ._flash import (
     bwd_dkdv,
     bwd_dq,
     bwd_preprocess_kernel,
+    check_no_variants,
     check_slice,
     common_constexprs,
     drop_scale,
@@ -241,7 +242,13 @@ def varlen_attention_fwd_triton(
     scale: float,
     seed: int,
     offset: int,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
+    check_no_variants(window_left, window_right, softcap, sinks, alibi_slopes)
     args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, causal, scale, seed, offset)
     if interpreter_bf16(query):
         out, lse = varlen_forward(up(query), up(key), up(value), *args)
@@ -266,7 +273,12 @@ def varlen_attention_bwd_triton(
     scale: float,
     seed: int,
     offset: int,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    check_no_variants(window_left, window_right, softcap, None, alibi_slopes)
     args = (max_seqlen_q, max_seqlen_k, dropout_p, causal, scale, seed, offset)
     if interpreter_bf16(query):
         grads = varlen_backward(

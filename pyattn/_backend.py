@@ -84,6 +84,8 @@ class Backend:
         machine: None when it can run on this machine at all, else why not.
         on_device: None when it takes tensors on ``device``, else why not.
         ran_on: where it has run on real hardware (README's backend table, ``pyattn info``).
+        variant_ops: the ops whose attention variants (window, softcap, sinks, ALiBi) its
+            kernels fuse (None: every op); a call with a variant on goes elsewhere.
     """
 
     name: str
@@ -98,6 +100,7 @@ class Backend:
     machine: Callable[[], str | None] = field(compare=False)
     on_device: Callable[[torch.device], str | None] = field(compare=False)
     ran_on: str = ""
+    variant_ops: tuple[str, ...] | None = ()
 
 
 def _cpu_machine() -> str | None:
@@ -165,6 +168,7 @@ RECORDS: dict[str, Backend] = {
             machine=_cpu_machine,
             on_device=_cpu_device,
             ran_on="x86-64 CPUs (AVX2 and AVX512 builds; CI and every CPU benchmark)",
+            variant_ops=("sdpa", "varlen_attention", "kvcache_attention"),
         ),
         Backend(
             name="triton",
@@ -180,6 +184,7 @@ RECORDS: dict[str, Backend] = {
             machine=_triton_machine,
             on_device=_triton_device,
             ran_on="the Triton interpreter on CPU only; compiled for sm_90/sm_80, never run on a GPU",
+            variant_ops=("kvcache_attention",),
         ),
         Backend(
             name="cuda",
@@ -194,6 +199,7 @@ RECORDS: dict[str, Backend] = {
             machine=_cuda_machine,
             on_device=_cuda_device,
             ran_on="nowhere yet: compiled and linked for sm_90a, never run on a GPU",
+            variant_ops=("kvcache_attention",),
         ),
         Backend(
             name="reference",
@@ -208,6 +214,7 @@ RECORDS: dict[str, Backend] = {
             machine=lambda: None,
             on_device=lambda device: None,
             ran_on="everywhere torch runs (naive PyTorch)",
+            variant_ops=None,
         ),
     )
 }
@@ -248,6 +255,12 @@ def usable_on(
     return head_dim_reason(backend, head_dims)
 
 
+def fuses_variants(backend: str, op: str) -> bool:
+    """Whether ``backend``'s kernels of ``op`` fuse the attention variants."""
+    ops = RECORDS[backend].variant_ops
+    return ops is None or op in ops
+
+
 def head_dim_reason(backend: str, head_dims: tuple[int, ...]) -> str | None:
     """None when ``backend``'s kernels hold heads this wide, else the reason."""
     limit = RECORDS[backend].max_head_dim
@@ -264,11 +277,13 @@ def resolve(
     device: torch.device,
     dtype: torch.dtype | None = None,
     head_dims: tuple[int, ...] = (),
+    variants: bool = False,
 ) -> str:
     """The backend a call of ``op`` runs on. A backend asked for (``backend=`` or
     ``PYATTN_BACKEND``) that cannot take the inputs raises with the reason (an InputError when
-    the inputs are what it refuses: their head dims); with none asked for, the op's preferred
-    backends are tried in order and the reference is the fallback."""
+    the inputs are what it refuses: their head dims, or attention variants (``variants``) its
+    kernels do not fuse); with none asked for, the op's preferred backends are tried in order
+    and the reference is the fallback."""
     if backend is None:
         backend = os.environ.get("PYATTN_BACKEND") or None
         source = "PYATTN_BACKEND"
@@ -287,11 +302,21 @@ def resolve(
             from .ops.errors import InputError  # the ops' error family; a leaf module
 
             raise InputError(f"pyattn.{op}: backend {backend!r} cannot run here: {why}")
+        if variants and not fuses_variants(backend, op):
+            from .ops.errors import InputError
+
+            takes = ", ".join(repr(n) for n in BACKENDS if fuses_variants(n, op))
+            raise InputError(
+                f"pyattn.{op}: backend {backend!r} cannot take these inputs: its kernels do not fuse the "
+                f"attention variants (window_size, softcap, sinks, alibi_slopes) yet; backends that do: "
+                f"{takes} (backend=None picks one)"
+            )
         return backend
     for candidate in PREFERENCE.get(op, KERNEL_BACKENDS):
         if (
             device.type in RECORDS[candidate].auto_devices
             and usable_on(candidate, device, dtype, head_dims) is None
+            and (not variants or fuses_variants(candidate, op))
         ):
             return candidate
     return "reference"

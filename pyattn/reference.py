@@ -26,6 +26,7 @@ __all__ = [
     "masked_softmax",
     "scaled_dot_product_attention",
     "sdpa_scores",
+    "sink_softmax",
     "varlen_attention",
     "kvcache_attention",
     "philox_uniform",
@@ -93,6 +94,17 @@ def additive_attention(
     return (context, weights) if return_weights else context
 
 
+def sink_softmax(scores: Tensor, allowed: Tensor | None, sinks: Tensor) -> Tensor:
+    """Softmax over the last dim with one extra logit per head (``sinks`` (Hq,), heads at dim
+    -3) in the denominator and no value: the weights of the real keys, which sum to less than 1.
+    A row with every key masked puts all its mass on the sink: zeros."""
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    sink = sinks.to(scores.dtype)[:, None, None].expand(*scores.shape[:-1], 1)  # (..., Hq, Lq, 1)
+    w = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    return torch.nan_to_num(w, nan=0.0)  # a -inf sink over an empty row
+
+
 def _causal_bias_mask(bias, device) -> Tensor:
     """A torch CausalBias as the bool (seq_len_q, seq_len_kv) mask it stands for."""
     from torch.nn.attention.bias import CausalVariant
@@ -109,6 +121,10 @@ def sdpa_scores(
     is_causal: bool | int = False,
     scale: float | None = None,
     enable_gqa: bool = False,
+    *,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Scaled, masked scores of scaled-dot-product attention, and where attention is allowed.
 
@@ -116,8 +132,15 @@ def sdpa_scores(
     2 lower-right (j <= i + Lk - Lq: the diagonal ends at the last key; the values of
     torch.nn.attention.bias.CausalVariant). A CausalBias ``attn_mask`` is its bool mask.
 
+    The variants (docs/design.md, "Attention variants"), in this order: scale, then
+    ``softcap`` (s -> softcap * tanh(s / softcap); 0 = off), then ALiBi (``alibi_slopes`` (Hq,)
+    or (B, Hq) with 4-D inputs: s -= slope * |i + Lk - Lq - j|), then the masks: the window
+    ``(left, right)`` around the diagonal d (d = i with upper-left causality, i + Lk - Lq
+    otherwise; -1 = unbounded) allows d - left <= j <= d + right, then causality, then attn_mask.
+
     Returns ``(scores, allowed)``: scores (..., Hq, Lq, Lk) with float masks added, and a bool
-    tensor broadcastable to them (or None) that is False where a bool mask or causality forbids.
+    tensor broadcastable to them (or None) that is False where a bool mask, the window or
+    causality forbids.
     """
     from torch.nn.attention.bias import CausalBias
 
@@ -129,11 +152,27 @@ def sdpa_scores(
         rep = query.shape[-3] // key.shape[-3]
         key = key.repeat_interleave(rep, dim=-3)
     scores = (query @ key.transpose(-2, -1)) * scale  # (..., Hq, Lq, Lk)
+    if softcap > 0.0:
+        scores = softcap * torch.tanh(scores / softcap)
+    i = torch.arange(L, device=query.device)[:, None]  # (Lq, 1)
+    j = torch.arange(S, device=query.device)[None, :]  # (1, Lk)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(scores.dtype)[..., None, None]  # (Hq, 1, 1) or (B, Hq, 1, 1)
+        scores = scores - slopes * (i + S - L - j).abs().to(scores.dtype)
     allowed = None
+    left, right = window_size
+    if left >= 0 or right >= 0:
+        d = i if int(is_causal) == 1 else i + S - L  # the window's diagonal
+        allowed = torch.ones(L, S, dtype=torch.bool, device=query.device)
+        if left >= 0:
+            allowed = allowed & (j >= d - left)
+        if right >= 0:
+            allowed = allowed & (j <= d + right)
     if is_causal:
         # upper-left (torch's is_causal): j <= i; lower-right: j <= i + S - L
         diagonal = S - L if int(is_causal) == 2 else 0
-        allowed = torch.ones(L, S, dtype=torch.bool, device=query.device).tril(diagonal=diagonal)
+        tri = torch.ones(L, S, dtype=torch.bool, device=query.device).tril(diagonal=diagonal)
+        allowed = tri if allowed is None else allowed & tri
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             allowed = attn_mask if allowed is None else allowed & attn_mask
@@ -154,6 +193,10 @@ def scaled_dot_product_attention(
     *,
     dropout_mask: Tensor | None = None,
     return_weights: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
 ):
     """``torch.nn.functional.scaled_dot_product_attention``, naive, with zeros for empty rows.
 
@@ -170,13 +213,22 @@ def scaled_dot_product_attention(
             random one, so a fused dropout can be checked exactly; kept weights are scaled by
             ``1 / (1 - dropout_p)``.
         return_weights: also return the (post-dropout) attention weights.
+        window_size, softcap, alibi_slopes: the variants, as ``sdpa_scores``.
+        sinks: (Hq,) one logit per head that joins each row's softmax denominator and has no
+            value (differentiable); a row whose keys are all masked gives zeros.
     Returns:
         output (..., Hq, Lq, Dv), and weights (..., Hq, Lq, Lk) when ``return_weights``.
     """
     if attn_mask is not None and is_causal:
         raise ValueError("attn_mask and is_causal cannot both be set (as in torch)")
-    scores, allowed = sdpa_scores(query, key, attn_mask, is_causal, scale, enable_gqa)
-    weights = masked_softmax(scores, allowed)
+    scores, allowed = sdpa_scores(
+        query, key, attn_mask, is_causal, scale, enable_gqa,
+        window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+    )  # fmt: skip
+    if sinks is None:
+        weights = masked_softmax(scores, allowed)
+    else:
+        weights = sink_softmax(scores, allowed, sinks)
     if dropout_p >= 1.0:
         weights = weights * 0.0
     elif dropout_p > 0.0:
@@ -208,6 +260,10 @@ def varlen_attention(
     scale: float | None = None,
     enable_gqa: bool = False,
     dropout_mask: Tensor | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
 ) -> Tensor:
     """Attention over packed variable-length sequences, naive: ``scaled_dot_product_attention``
     above run on each sequence by itself.
@@ -222,6 +278,8 @@ def varlen_attention(
         is_causal: per sequence, as ``sdpa_scores`` (1 upper-left, 2 lower-right).
         dropout_mask: keep-mask of the padded batch, (B, Hq, max_seqlen_q, max_seqlen_k) bool;
             sequence b uses its top-left (Lq_b, Lk_b) corner.
+        window_size, softcap, sinks: the variants, per sequence, as
+            ``scaled_dot_product_attention``; alibi_slopes (Hq,) or (B, Hq) (row b for sequence b).
     Returns:
         (total_q, Hq, Dv).
     """
@@ -235,8 +293,21 @@ def varlen_attention(
         keep = None
         if dropout_mask is not None:
             keep = dropout_mask[b, :, : q.shape[1], : k.shape[1]]  # (Hq, Lq_b, Lk_b)
+        slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b]
         o = scaled_dot_product_attention(
-            q, k, v, None, dropout_p, is_causal, scale, enable_gqa, dropout_mask=keep
+            q,
+            k,
+            v,
+            None,
+            dropout_p,
+            is_causal,
+            scale,
+            enable_gqa,
+            dropout_mask=keep,
+            window_size=window_size,
+            softcap=softcap,
+            sinks=sinks,
+            alibi_slopes=slopes,
         )  # (Hq, Lq_b, Dv)
         outs.append(o.transpose(0, 1))
     if not outs:

@@ -110,9 +110,19 @@ def test_padding_is_honoured(batch):
 
 
 def test_attention_forward_rejects_unsupported():
+    """softcap, sliding_window and s_aux run fused now (tests/test_decoder_models.py); a position
+    bias and a window in non-causal attention are still refused, never ignored."""
     q = torch.randn(1, 2, 3, 4)
-    with pytest.raises(ValueError, match="softcap"):
-        pt.attention_forward(torch.nn.Module(), q, q, q, None, softcap=30.0)
+    with pytest.raises(ValueError, match="position_bias"):
+        pt.attention_forward(torch.nn.Module(), q, q, q, None, position_bias=torch.zeros(1, 2, 3, 3))
+
+    class Bidirectional(torch.nn.Module):
+        is_causal = False
+
+    with pytest.raises(ValueError, match="sliding_window"):
+        pt.attention_forward(Bidirectional(), q, q, q, None, sliding_window=2)
+    with pytest.raises(ValueError, match="sliding_window"):
+        pt.attention_forward(torch.nn.Module(), q, q, q, None, sliding_window=0)
 
 
 def test_attention_forward_matches_torch_sdpa_causal_gqa():

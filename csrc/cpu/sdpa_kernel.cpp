@@ -70,15 +70,46 @@ inline const acc_t<in_t>* load_block(const in_t* src, int64_t n, acc_t<in_t>* bu
   }
 }
 
-// Applies causal masking (keys past query i) and the user mask to one row of n scores for
-// keys j0 .. j0 + n - 1 of query i.
+// The score mods of the variants on one row of n scaled scores, keys j0 .. j0 + n - 1 of query i
+// (docs/design.md, "Attention variants"): softcap c tanh(s / c) (its derivative 1 - tanh^2 into g
+// when g is given, for the backward), then ALiBi -slope |i + Lk - Lq - j|.
+template <typename in_t, typename T>
+inline void variant_row(const FlashParams<in_t>& p, int64_t b, int64_t h, int64_t i, int64_t j0,
+                        int64_t n, T* s, T* g) {
+  if (p.softcap > T(0)) {
+    const T c = p.softcap, inv = T(1) / c;
+    at::vec::map<T>([c, inv](Vec<T> x) { return (x * Vec<T>(inv)).tanh() * Vec<T>(c); }, s, s, n);
+    if (g != nullptr) {
+      at::vec::map<T>([inv](Vec<T> x) {
+        const Vec<T> t = x * Vec<T>(inv);
+        return Vec<T>(T(1)) - t * t;
+      }, g, s, n);
+    }
+  }
+  if (p.alibi != nullptr) {
+    const T slope = p.alibi[b * p.alibi_bstride + h];
+    const int64_t d = i + p.alibi_off - j0;  // the bias of column c is -slope |d - c|
+    for (int64_t c = 0; c < n; ++c) s[c] -= slope * static_cast<T>(d > c ? d - c : c - d);
+  }
+}
+
+template <typename in_t>
+inline bool has_score_mods(const FlashParams<in_t>& p) {
+  return p.softcap > acc_t<in_t>(0) || p.alibi != nullptr;
+}
+
+// Applies the causal and window band (banded: the block cuts some row's band) and the user mask
+// to one row of n scores for keys j0 .. j0 + n - 1 of query i.
 template <typename in_t, typename T>
 inline void mask_row(const FlashParams<in_t>& p, int64_t b, int64_t h, int64_t i, int64_t j0,
-                     int64_t n, bool causal_block, T* s) {
-  if (causal_block) {
-    // keys j > i + off are masked: columns c > i + off - j0
-    const int64_t first = std::max<int64_t>(0, std::min<int64_t>(n, i + p.causal_off - j0 + 1));
-    std::fill(s + first, s + n, neg_inf<T>());
+                     int64_t n, bool banded, T* s) {
+  if (banded) {
+    // keys outside [lo, hi) are masked (an empty band, hi <= lo, masks the whole row)
+    const int64_t lo = std::max<int64_t>(0, std::min<int64_t>(n, p.band.lo(i) - j0));
+    const int64_t hi = std::max<int64_t>(0, std::min<int64_t>(n, p.band.hi(i) - j0));
+    std::fill(s, s + lo, neg_inf<T>());
+    std::fill(s + std::max(hi, lo), s + n, neg_inf<T>());
+    if (hi < lo) std::fill(s, s + n, neg_inf<T>());
   }
   if (p.mask_kind == flash::kNoMask) return;
   const int64_t base = b * p.mask_stride[0] + h * p.mask_stride[1] + i * p.mask_stride[2];
@@ -275,7 +306,7 @@ inline HalfGemm native_path(const FlashParams<in_t>& p) {
 template <typename in_t>
 struct Work {
   using T = acc_t<in_t>;
-  std::vector<T> S, dP, Z, Q, dO, K, V, acc;
+  std::vector<T> S, dP, Z, Q, dO, K, V, acc, G;  // G: softcap's 1 - tanh^2 (backward)
   std::vector<in_t> Ph, dSh;
   Work(int64_t s, int64_t dp, int64_t z, bool widen, bool native, int64_t q, int64_t dout,
        int64_t k, int64_t v, int64_t a)
@@ -315,27 +346,32 @@ void forward_block(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, HalfG
   const bool dropout = p.dropout_p > 0.0;
   const T keep_scale = T(1) / (T(1) - T(p.dropout_p));
 
-  const int64_t key_end = p.causal ? flash::causal_key_end(i0 + m, Lk, p.causal_off) : Lk;
-  for (int64_t j0 = 0; j0 < key_end; j0 += kFwdBlockK) {
+  // the keys some row of the block sees: the blocks outside every row's band are never visited
+  const int64_t key_begin = p.band.on() ? p.band.lo(i0) : 0;
+  const int64_t key_end = p.band.on() ? std::max(key_begin, p.band.hi(i0 + m - 1)) : Lk;
+  const bool mods = has_score_mods(p);
+  for (int64_t j0 = key_begin; j0 < key_end; j0 += kFwdBlockK) {
     const int64_t n = std::min(kFwdBlockK, key_end - j0);
     const auto* Kb = operand<in_t, N>(K + j0 * D, n * D, w.K.data());
     // The native path scales in its row pass (fused with the max where no mask comes between).
     block_gemm(path, false, true, m, n, D, N ? T(1) : p.scale, Q, D, Kb, D, T(0), S, n);
-    const bool causal_block = p.causal && flash::causal_block_needs_mask(i0, j0 + n, p.causal_off);
+    const bool causal_block = p.band.cuts(i0, i0 + m, j0, j0 + n);
     bool any = false;
     for (int64_t r = 0; r < m; ++r) {
       T* s = S + r * n;
       const int64_t i = i0 + r;
       T mx;
       if constexpr (N) {
-        if (p.mask_kind == flash::kNoMask && !causal_block) {
+        if (p.mask_kind == flash::kNoMask && !causal_block && !mods) {
           mx = scale_max(s, p.scale, n);
         } else {
           scale_row(s, p.scale, n);
+          if (mods) variant_row<in_t, T>(p, b, h, i, j0, n, s, nullptr);
           mask_row(p, b, h, i, j0, n, causal_block, s);
           mx = row_max(s, n);
         }
       } else {
+        if (mods) variant_row<in_t, T>(p, b, h, i, j0, n, s, nullptr);
         mask_row(p, b, h, i, j0, n, causal_block, s);
         mx = row_max(s, n);
       }
@@ -378,19 +414,28 @@ void forward_block(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, HalfG
     }
   }
   for (int64_t r = 0; r < m; ++r) {
-    if constexpr (kHalf<in_t>) {
-      store_scaled(acc + r * Dv, sm[r].inv_sum(), out + r * Dv, Dv);
+    // a sink joins the denominator only (flash::close_with_sink); lse includes it
+    T f, lse;
+    if (p.sinks != nullptr) {
+      f = flash::close_with_sink(sm[r].m, sm[r].l, p.sinks[h], &lse);
     } else {
-      scale_row(acc + r * Dv, sm[r].inv_sum(), Dv);
+      f = sm[r].inv_sum();
+      lse = sm[r].lse();
     }
-    o.lse[bh * p.Lq + i0 + r] = sm[r].lse();
+    if constexpr (kHalf<in_t>) {
+      store_scaled(acc + r * Dv, f, out + r * Dv, Dv);
+    } else {
+      scale_row(acc + r * Dv, f, Dv);
+    }
+    o.lse[bh * p.Lq + i0 + r] = lse;
   }
 }
 
 template <typename in_t, bool N>
 void forward_impl(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, HalfGemm path) {
   using T = acc_t<in_t>;
-  const int64_t block_q = !p.causal && p.Lq >= kFwdLongRows ? kFwdBlockQLong : kFwdBlockQ;
+  // banded attention keeps 64: a taller block widens every row's key range by its height
+  const int64_t block_q = !p.band.on() && p.Lq >= kFwdLongRows ? kFwdBlockQLong : kFwdBlockQ;
   const int64_t q_blocks = (p.Lq + block_q - 1) / block_q;
   at::parallel_for(0, p.B * p.Hq * q_blocks, 1, [&](int64_t begin, int64_t end) {
     Work<in_t> w(block_q * kFwdBlockK, 0, kFwdBlockK, kHalf<in_t> && !N, N, block_q * p.D, 0,
@@ -430,11 +475,14 @@ void backward_tile(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a, Half
   const T keep_scale = T(1) / (T(1) - T(p.dropout_p));
   block_gemm(path, false, true, m, n, D, p.scale, Q, D, Kb, D, T(0), S, n);
   block_gemm(path, false, true, m, n, Dv, T(1), dO, Dv, Vb, Dv, T(0), dP, n);
-  const bool causal_block = p.causal && flash::causal_block_needs_mask(i0, j0 + n, p.causal_off);
+  const bool causal_block = p.band.cuts(i0, i0 + m, j0, j0 + n);
+  const bool mods = has_score_mods(p);
+  T* G = p.softcap > T(0) ? w.G.data() : nullptr;
   for (int64_t r = 0; r < m; ++r) {
     T* s = S + r * n;
     T* dp = dP + r * n;
     const int64_t i = i0 + r;
+    if (mods) variant_row<in_t, T>(p, b, h, i, j0, n, s, G != nullptr ? G + r * n : nullptr);
     mask_row(p, b, h, i, j0, n, causal_block, s);
     if constexpr (N) {
       exp_sub_u20(s, lse[r], n);  // P
@@ -450,6 +498,10 @@ void backward_tile(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a, Half
       at::vec::map2<T>([](Vec<T> pp, Vec<T> z) { return pp * z; }, s, s, Z, n);
     } else {
       at::vec::map2<T>([dl](Vec<T> pp, Vec<T> d) { return pp * (d - Vec<T>(dl)); }, dp, s, dp, n);
+    }
+    if (G != nullptr) {
+      // through the softcap: dS_raw = dS (1 - tanh^2)
+      at::vec::map2<T>([](Vec<T> d, Vec<T> g) { return d * g; }, dp, dp, G + r * n, n);
     }
   }
   if constexpr (N) {
@@ -499,10 +551,11 @@ void backward_key_block(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a,
   T* dV = a.dv + ((b * p.Hkv + kvh) * Lk + j0) * Dv;
   for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
     const int64_t bh = b * p.Hq + h;
-    // Causal: queries before j0 - off see no key of this block; start the query loop there.
-    const int64_t i_begin = p.causal ? flash::causal_query_begin(j0, Lq, p.causal_off) : 0;
-    for (int64_t i0 = i_begin; i0 < Lq; i0 += kBwdBlockQ) {
-      const int64_t m = std::min(kBwdBlockQ, Lq - i0);
+    // Causal and window: only the queries whose band meets this key block
+    const int64_t i_begin = p.band.on() ? p.band.query_begin(j0) : 0;
+    const int64_t i_end = p.band.on() ? p.band.query_end(j0 + n) : Lq;
+    for (int64_t i0 = i_begin; i0 < i_end; i0 += kBwdBlockQ) {
+      const int64_t m = std::min(kBwdBlockQ, i_end - i0);
       const auto* Q = operand<in_t, N>(p.q + (bh * Lq + i0) * D, m * D, w.Q.data());
       const auto* dO = operand<in_t, N>(a.grad_out + (bh * Lq + i0) * Dv, m * Dv, w.dO.data());
       backward_tile<in_t, N>(p, a, path, b, h, i0, m, j0, n, Q, dO, Kb, Vb, w);
@@ -533,9 +586,10 @@ void backward_query_block(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& 
   const auto* Q = operand<in_t, N>(p.q + (bh * Lq + i0) * D, m * D, w.Q.data());
   const auto* dO = operand<in_t, N>(a.grad_out + (bh * Lq + i0) * Dv, m * Dv, w.dO.data());
   T* dQ = a.dq + (bh * Lq + i0) * D;
-  const int64_t key_end = p.causal ? flash::causal_key_end(i0 + m, Lk, p.causal_off) : Lk;
-  for (int64_t j0 = 0; j0 < key_end; j0 += kBwdBlockK) {
-    const int64_t n = std::min(kBwdBlockK, Lk - j0);
+  const int64_t key_begin = p.band.on() ? p.band.lo(i0) : 0;
+  const int64_t key_end = p.band.on() ? std::max(key_begin, p.band.hi(i0 + m - 1)) : Lk;
+  for (int64_t j0 = key_begin; j0 < key_end; j0 += kBwdBlockK) {
+    const int64_t n = std::min(kBwdBlockK, key_end - j0);
     const auto* Kb = operand<in_t, N>(K + j0 * D, n * D, w.K.data());
     const auto* Vb = operand<in_t, N>(V + j0 * Dv, n * Dv, w.V.data());
     backward_tile<in_t, N>(p, a, path, b, h, i0, m, j0, n, Q, dO, Kb, Vb, w);
@@ -562,6 +616,7 @@ void backward_impl(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a, Half
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
       Work<in_t> w(kBwdBlockQ * kBwdBlockK, kBwdBlockQ * kBwdBlockK, kBwdBlockK, kHalf<in_t> && !N,
                    N, kBwdBlockQ * p.D, kBwdBlockQ * p.Dv, kBwdBlockK * p.D, kBwdBlockK * p.Dv, 0);
+      if (p.softcap > acc_t<in_t>(0)) w.G.resize(kBwdBlockQ * kBwdBlockK);
       for (int64_t t = begin; t < end; ++t) body(t, w);
     });
   };

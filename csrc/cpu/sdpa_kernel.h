@@ -12,6 +12,8 @@
 
 #include <cstdint>
 
+#include "../sdpa_math.h"
+
 namespace pyattn {
 namespace cpu {
 
@@ -83,7 +85,30 @@ struct FlashParams {
   // Dropout counter layout: score (bh, i, j) draws counter offset +
   // flash::dropout_index(drop_bh0 + bh, i, j, drop_lq, drop_lk); (0, Lq, Lk) for a plain call.
   int64_t drop_bh0, drop_lq, drop_lk;
+  // Attention variants (docs/design.md, "Attention variants"): the causal and window band of
+  // every row (flash::Band); softcap (0 = off); sinks[h] (Hq,) or null; ALiBi slope of (b, h) at
+  // alibi[b * alibi_bstride + h] or null, bias -slope * |i + alibi_off - j| (alibi_off = Lk - Lq).
+  flash::Band band;
+  acc_t<scalar_t> softcap;
+  const acc_t<scalar_t>* sinks;
+  const acc_t<scalar_t>* alibi;
+  int64_t alibi_bstride, alibi_off;
 };
+
+// Sets p's variant fields once its shapes and causal_off are set (variants off: null pointers,
+// window (-1, -1), softcap 0).
+template <typename scalar_t>
+void set_variants(FlashParams<scalar_t>& p, int64_t causal, int64_t window_left, int64_t window_right,
+                  double softcap, const acc_t<scalar_t>* sinks, const acc_t<scalar_t>* alibi,
+                  int64_t alibi_bstride) {
+  const int64_t win_off = causal == flash::kUpperLeft ? 0 : p.Lk - p.Lq;
+  p.band = flash::Band{p.causal, p.causal_off, window_left, window_right, win_off, p.Lq, p.Lk};
+  p.softcap = static_cast<acc_t<scalar_t>>(softcap);
+  p.sinks = sinks;
+  p.alibi = alibi;
+  p.alibi_bstride = alibi_bstride;
+  p.alibi_off = p.Lk - p.Lq;
+}
 
 template <typename scalar_t>
 struct FlashFwdOut {

@@ -14,7 +14,11 @@ std::tuple<at::Tensor, at::Tensor> sdpa_fwd_cuda(const at::Tensor& query, const 
                                                             const at::Tensor& value,
                                                             const c10::optional<at::Tensor>& attn_mask,
                                                             double dropout_p, int64_t causal, double scale,
-                                                            int64_t seed, int64_t offset) {
+                                                            int64_t seed, int64_t offset, int64_t window_left,
+                                                            int64_t window_right, double softcap,
+                                                            const c10::optional<at::Tensor>& sinks,
+                                                            const c10::optional<at::Tensor>& alibi_slopes) {
+  check_no_variants(window_left, window_right, softcap, sinks, alibi_slopes);
   check_inputs(query, key, value, attn_mask, causal);
   const at::cuda::OptionalCUDAGuard guard(query.device());
   const auto q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
@@ -45,7 +49,9 @@ std::tuple<at::Tensor, at::Tensor> sdpa_fwd_cuda(const at::Tensor& query, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const c10::optional<at::Tensor>& attn_mask, const at::Tensor& out, const at::Tensor& lse, double dropout_p,
-    int64_t causal, double scale, int64_t seed, int64_t offset) {
+    int64_t causal, double scale, int64_t seed, int64_t offset, int64_t window_left, int64_t window_right,
+    double softcap, const c10::optional<at::Tensor>& alibi_slopes) {
+  check_no_variants(window_left, window_right, softcap, c10::nullopt, alibi_slopes);
   check_inputs(query, key, value, attn_mask, causal);
   check_sdpa_backward_inputs(query, value, grad_out, out, lse);
 

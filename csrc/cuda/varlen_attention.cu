@@ -71,7 +71,9 @@ void check_varlen_cuda(const at::Tensor& query, const at::Tensor& value, const a
 std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cuda(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p, int64_t causal,
-    double scale, int64_t seed, int64_t offset) {
+    double scale, int64_t seed, int64_t offset, int64_t window_left, int64_t window_right, double softcap,
+    const c10::optional<at::Tensor>& sinks, const c10::optional<at::Tensor>& alibi_slopes) {
+  check_no_variants(window_left, window_right, softcap, sinks, alibi_slopes);
   check_varlen_inputs(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal);
   check_varlen_cuda(query, value, cu_seqlens_q, cu_seqlens_k);
   const at::cuda::OptionalCUDAGuard guard(query.device());
@@ -99,7 +101,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, const at::Tensor& out, const at::Tensor& lse,
     int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p, int64_t causal, double scale, int64_t seed,
-    int64_t offset) {
+    int64_t offset, int64_t window_left, int64_t window_right, double softcap,
+    const c10::optional<at::Tensor>& alibi_slopes) {
+  check_no_variants(window_left, window_right, softcap, c10::nullopt, alibi_slopes);
   check_varlen_inputs(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal);
   check_varlen_backward_inputs(query, value, grad_out, out, lse);
   check_varlen_cuda(query, value, cu_seqlens_q, cu_seqlens_k);

@@ -20,12 +20,21 @@ leading padding) run the KV-cache kernel, which takes no mask: each sequence's r
 copy) with ``block_table[b, t] = start_b + t`` and ``cache_seqlens[b] = Tk - start_b``
 (docs/design.md, "Generation with a KV cache"). Unpadded decode steps carry no mask and reach
 that kernel through ``pyattn.scaled_dot_product_attention``'s own route.
+
+Decoder variants (docs/design.md, "Attention variants"): the modules pass ``sliding_window``
+(a key is seen when ``q_idx - sliding_window < kv_idx``: window (sliding_window - 1, 0) around
+the lower-right diagonal), ``softcap`` (Gemma 2) and ``s_aux`` (gpt-oss sinks, (Hq,)) as keyword
+arguments; they go to the fused op. transformers still builds the dense mask of a sliding or
+causal layer where it cannot skip it; where that mask is exactly the fused band (no padding),
+it is dropped and the kernel's band runs alone (compared once per mask object, see
+``_band_equivalent``), and the band's blocks outside the window are skipped either way.
 """
 
 from __future__ import annotations
 
 import functools
 import warnings
+import weakref
 
 import torch
 
@@ -59,23 +68,39 @@ def attention_forward(
     Returns:
         (attn_output (B, Tq, Hq, D), None): transformers' layout; no attention weights.
     """
-    for unsupported in ("softcap", "position_bias", "sliding_window", "s_aux"):
-        if kwargs.get(unsupported) is not None:
-            raise ValueError(
-                f"pyattn attention does not support {unsupported}={kwargs[unsupported]!r}; use eager or sdpa"
-            )
+    if kwargs.get("position_bias") is not None:
+        raise ValueError(
+            f"pyattn attention does not support position_bias={kwargs['position_bias']!r}; use eager or sdpa"
+        )
     if kwargs.get("output_attentions", False):
         warnings.warn(
             "pyattn attention returns no attention weights (output_attentions ignored)", stacklevel=2
         )
     q_length = query.shape[2]
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    module_causal = getattr(module, "is_causal", True)
+    sliding_window = kwargs.get("sliding_window")
+    left = -1
+    if sliding_window is not None:
+        if not isinstance(sliding_window, int) or isinstance(sliding_window, bool) or sliding_window < 1:
+            raise ValueError(f"pyattn attention takes an int sliding_window >= 1, got {sliding_window!r}")
+        if not module_causal:
+            raise ValueError("pyattn attention supports sliding_window in causal (decoder) attention only")
+        left = sliding_window - 1
+    softcap = kwargs.get("softcap") or 0.0
+    sinks = kwargs.get("s_aux")
+    causal = is_causal if is_causal is not None else module_causal
     # As sdpa_attention_forward: a given mask already holds causality; is_causal only
     # applies to an unmasked self-attention over more than one query.
     causal = bool(q_length > 1 and attention_mask is None and causal)
     gqa = getattr(module, "num_key_value_groups", 1) > 1
+    window = (left, 0) if left >= 0 else (-1, -1)
+    if module_causal and _band_equivalent(attention_mask, q_length, key.shape[2], left):
+        # the mask is the lower-right causal band itself: the fused window does it alone
+        attention_mask, causal, window = None, False, (left, 0)
     if backend in (None, "cpu"):
-        out = _left_padded_decode(query, key, value, attention_mask, dropout, scaling)
+        out = _left_padded_decode(
+            query, key, value, attention_mask, dropout, scaling, window, float(softcap), sinks
+        )
         if out is not None:
             return out.transpose(1, 2).contiguous(), None  # (B, Tq, Hq, D)
     out = pyattn.scaled_dot_product_attention(
@@ -87,14 +112,20 @@ def attention_forward(
         is_causal=causal,
         scale=scaling,
         enable_gqa=gqa,
+        window_size=window,
+        softcap=float(softcap),
+        sinks=sinks,
         backend=backend,
     )  # (B, Hq, Tq, D)
     return out.transpose(1, 2).contiguous(), None  # (B, Tq, Hq, D)
 
 
-def _left_padded_decode(query, key, value, mask, dropout, scaling) -> torch.Tensor | None:
+def _left_padded_decode(
+    query, key, value, mask, dropout, scaling, window, softcap, sinks
+) -> torch.Tensor | None:
     """A CPU decode step whose mask hides only leading (left) padding, on the KV-cache kernel
-    (module doc); None when the call is not one (then the sdpa path runs it)."""
+    (module doc), with the layer's window, softcap and sinks; None when the call is not one (then
+    the sdpa path runs it)."""
     from pyattn.ops import sdpa
 
     if (
@@ -137,8 +168,35 @@ def _left_padded_decode(query, key, value, mask, dropout, scaling) -> torch.Tens
     table = table.clamp_(max=n_pages - 1).to(torch.int32)  # entries past n[b] are never read
     return pyattn.kvcache_attention(
         query, pages[0], pages[1], n.to(torch.int32), block_table=table, is_causal=False, scale=scaling,
-        backend="cpu",
+        window_size=window, softcap=softcap, sinks=sinks, backend="cpu",
     )  # fmt: skip
+
+
+# The last mask compared, per window: (weak reference, version, answer). transformers passes one
+# mask object to every layer of a kind, so a forward compares it once, not once per layer.
+_BAND_CACHE: dict[int, tuple[weakref.ref, int, bool]] = {}
+
+
+def _band_equivalent(mask, q_length: int, kv_length: int, left: int) -> bool:
+    """Whether a bool (B, 1, Tq, Tk) mask allows exactly the keys lower-right causal attention with
+    window (left, 0) allows (no padding, no other pattern): then the fused band gives the same
+    answer without reading it. Eager only (the comparison reads tensor data)."""
+    if mask is None or not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        return False
+    if torch.compiler.is_compiling() or mask.dim() != 4 or tuple(mask.shape[-2:]) != (q_length, kv_length):
+        return False
+    hit = _BAND_CACHE.get(left)
+    if hit is not None and hit[0]() is mask and hit[1] == mask._version:
+        return hit[2]
+    i = torch.arange(q_length, device=mask.device)[:, None]
+    j = torch.arange(kv_length, device=mask.device)[None, :]
+    d = i + kv_length - q_length
+    band = j <= d
+    if left >= 0:
+        band = band & (j >= d - left)
+    same = bool((mask == band).all())
+    _BAND_CACHE[left] = (weakref.ref(mask), mask._version, same)
+    return same
 
 
 def register(name: str = NAME, backend: str | None = None) -> str:

@@ -5,6 +5,7 @@ autocast, and dropout's philox seed/offset and keep mask."""
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -142,3 +143,95 @@ def dropout_keep_mask(seed: int, offset: int, shape: tuple[int, ...], p: float, 
 
 def is_half_cpu(t: Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype in (torch.float16, torch.bfloat16)
+
+
+# -- attention variants (docs/design.md, "Attention variants") ------------------------------------
+
+
+class Variants(NamedTuple):
+    """The checked variant arguments of an sdpa-like op: the window as ints (-1 = unbounded),
+    softcap as a float (0 = off), sinks (Hq,) and alibi_slopes (Hq,) / (B, Hq) or None."""
+
+    left: int
+    right: int
+    softcap: float
+    sinks: Tensor | None
+    alibi_slopes: Tensor | None
+
+    @property
+    def on(self) -> bool:
+        """Whether any variant is on (the backends that do not fuse them refuse the call)."""
+        return (
+            self.left >= 0
+            or self.right >= 0
+            or self.softcap > 0.0
+            or self.sinks is not None
+            or self.alibi_slopes is not None
+        )
+
+
+NO_VARIANTS = Variants(-1, -1, 0.0, None, None)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_variants(
+    op: str,
+    window_size,
+    softcap,
+    sinks,
+    alibi_slopes,
+    query: Tensor,
+    Hq: int,
+    batch: int | None,
+) -> Variants:
+    """The variant arguments checked once for every backend: ``window_size`` a pair of ints >= -1,
+    ``softcap`` a finite float >= 0, ``sinks`` a floating (Hq,) tensor and ``alibi_slopes`` a
+    floating (Hq,) or (batch, Hq) tensor (batch None: only (Hq,)), both on query's device."""
+    if not (
+        isinstance(window_size, (tuple, list)) and len(window_size) == 2 and all(map(_is_int, window_size))
+    ):
+        fail(op, f"'window_size' must be a pair of ints (left, right), got {window_size!r}", InputTypeError)
+    left, right = (int(w) for w in window_size)
+    if left < -1 or right < -1:
+        fail(op, f"'window_size' entries must be >= -1 (-1 = unbounded), got {tuple(window_size)!r}")
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        fail(op, f"'softcap' must be a float, got {type(softcap).__name__}", InputTypeError)
+    softcap = float(softcap)
+    if not (math.isfinite(softcap) and softcap >= 0.0):
+        fail(op, f"'softcap' must be finite and >= 0 (0 = off), got {softcap!r}")
+    for name, t in (("sinks", sinks), ("alibi_slopes", alibi_slopes)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            fail(op, f"'{name}' must be a torch.Tensor or None, got {type(t).__name__}", InputTypeError)
+        if not t.is_floating_point():
+            fail(op, f"'{name}' must be a floating-point tensor, got {t.dtype}", InputTypeError)
+        if t.device != query.device:
+            fail(op, f"'{name}' is on {t.device} but query is on {query.device}")
+    if sinks is not None and tuple(sinks.shape) != (Hq,):
+        fail(op, f"'sinks' must be (Hq,) = ({Hq},), got {tuple(sinks.shape)}")
+    if alibi_slopes is not None:
+        shapes = [(Hq,)] + ([(batch, Hq)] if batch is not None else [])
+        if tuple(alibi_slopes.shape) not in shapes:
+            want = " or ".join(str(s) for s in shapes)
+            fail(op, f"'alibi_slopes' must be {want} ((Hq,) or (B, Hq)), got {tuple(alibi_slopes.shape)}")
+        if alibi_slopes.requires_grad and torch.is_grad_enabled():
+            fail(op, "'alibi_slopes' are constants (no gradient): pass them detached")
+    return Variants(left, right, softcap, sinks, alibi_slopes)
+
+
+def sink_grad(sinks: Tensor, lse: Tensor, grad_out: Tensor, out: Tensor, head_dim: int) -> Tensor:
+    """d loss / d sinks: the sink's weight in row i is P_i = exp(sink - lse_i) and it carries no
+    value, so its gradient is -sum_i P_i Delta_i with Delta_i = dO_i . O_i (the same Delta as the
+    keys' dS = P (dP - Delta)). ``lse`` includes the sink; heads sit at ``head_dim`` of lse and
+    of ``out`` / ``grad_out`` (whose last dim is Dv)."""
+    acc = torch.float64 if lse.dtype == torch.float64 else torch.float32
+    delta = (grad_out.to(acc) * out.to(acc)).sum(-1)  # lse's shape
+    shape = [1] * lse.dim()
+    shape[head_dim] = -1
+    p_sink = torch.exp(sinks.to(acc).reshape(shape) - lse.to(acc))  # +inf lse (no key, no sink): 0
+    dims = [d for d in range(lse.dim()) if d != head_dim % lse.dim()]
+    return (-(p_sink * delta).sum(dims)).to(sinks.dtype)

@@ -116,9 +116,11 @@ class FusedOp:
             by_suffix[rec.op_suffix] = op
             self.forward_ops[rec.name] = op
 
-    def resolve(self, backend: str | None, device: torch.device, dtype: torch.dtype, head_dims=()) -> str:
+    def resolve(
+        self, backend: str | None, device: torch.device, dtype: torch.dtype, head_dims=(), variants=False
+    ) -> str:
         """The backend a call runs on (pyattn/_backend.py ``resolve``)."""
-        return _backend.resolve(self.name, backend, device, dtype, head_dims)
+        return _backend.resolve(self.name, backend, device, dtype, head_dims, variants)
 
     def forward_op(self, backend: str):
         """The forward op of ``backend``, or a RuntimeError saying why it cannot run here."""

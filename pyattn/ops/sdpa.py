@@ -35,9 +35,12 @@ from ._common import (
     CAUSAL_LOWER_RIGHT,
     CAUSAL_NONE,
     CAUSAL_UPPER_LEFT,
+    NO_VARIANTS,
+    Variants,
     autocast,
     check_dropout,
     check_scale,
+    check_variants,
     default_scale,
     dropout_keep_mask,
     dropout_seed_offset,
@@ -46,6 +49,7 @@ from ._common import (
     known_true,
     lse_dtype,
     number,
+    sink_grad,
 )
 from ._glue import FusedOp, shape_str
 from ._nested import nested_sdpa
@@ -264,14 +268,16 @@ def check_inputs(
 # -- fake (meta) implementations and autograd, shared by the C++ op and its Triton twin ----------
 
 
-def _fake_fwd(query, key, value, attn_mask, dropout_p, causal, scale, seed, offset):
+def _fake_fwd(query, key, value, attn_mask, dropout_p, causal, scale, seed, offset, window_left=-1,
+              window_right=-1, softcap=0.0, sinks=None, alibi_slopes=None):  # fmt: skip
     B, Hq, Lq, _ = query.shape
     out = query.new_empty((B, Hq, Lq, value.shape[-1]))
     lse = query.new_empty((B, Hq, Lq), dtype=lse_dtype(query.dtype))
     return out, lse
 
 
-def _fake_bwd(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal, scale, seed, offset):
+def _fake_bwd(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal, scale, seed, offset,
+              window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None):  # fmt: skip
     return (
         torch.empty_like(query, memory_format=torch.contiguous_format),
         torch.empty_like(key, memory_format=torch.contiguous_format),
@@ -280,31 +286,29 @@ def _fake_bwd(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causa
 
 
 def _setup_context(ctx, inputs, output):
-    query, key, value, attn_mask, dropout_p, causal, scale, seed, offset = inputs
+    query, key, value, attn_mask, dropout_p, causal, scale, seed, offset, *variants = inputs
+    left, right, softcap, sinks, alibi = (*variants, *NO_VARIANTS[len(variants) :])
     out, lse = output
-    ctx.args = (dropout_p, causal, scale, seed, offset)
-    ctx.save_for_backward(query, key, value, attn_mask, out, lse)
+    ctx.args = (dropout_p, causal, scale, seed, offset, left, right, softcap)
+    ctx.n_inputs = len(inputs)
+    ctx.save_for_backward(query, key, value, attn_mask, out, lse, sinks, alibi)
 
 
 def _make_backward(bwd_op):
     def backward(ctx, grad_out, grad_lse):
-        query, key, value, attn_mask, out, lse = ctx.saved_tensors
+        query, key, value, attn_mask, out, lse, sinks, alibi = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        if not any(needs[:3]):
-            return (None,) * 9
+        grads = [None] * ctx.n_inputs
         if grad_out is None:
             grad_out = torch.zeros_like(out)
-        dropout_p, causal, scale, seed, offset = ctx.args
-        dq, dk, dv = bwd_op(
-            grad_out.contiguous(), query, key, value, attn_mask, out, lse,
-            dropout_p, causal, scale, seed, offset,
-        )  # fmt: skip
-        return (
-            dq if needs[0] else None,
-            dk if needs[1] else None,
-            dv if needs[2] else None,
-            None, None, None, None, None, None,
-        )  # fmt: skip
+        if any(needs[:3]):
+            dq, dk, dv = bwd_op(
+                grad_out.contiguous(), query, key, value, attn_mask, out, lse, *ctx.args, alibi
+            )  # fmt: skip
+            grads[:3] = [dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None]
+        if sinks is not None and needs[12]:
+            grads[12] = sink_grad(sinks, lse, grad_out, out, 1)  # lse (B, Hq, Lq) includes the sink
+        return tuple(grads)
 
     return backward
 
@@ -333,6 +337,10 @@ def scaled_dot_product_attention(
     scale: float | None = None,
     enable_gqa: bool = False,
     *,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
     backend: str | None = None,
 ) -> Tensor:
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``, fused.
@@ -361,15 +369,29 @@ def scaled_dot_product_attention(
         is_causal: top-left aligned causal mask (query i sees keys j <= i), as torch.
         scale: score scale (any sign), default ``1 / sqrt(E)``.
         enable_gqa: Hq may be a multiple of Hkv (grouped-query attention).
+        window_size: (left, right): query i sees keys d - left <= j <= d + right, where d = i
+            with ``is_causal`` / an upper-left CausalBias and d = i + Lk - Lq otherwise; -1 =
+            unbounded (docs/design.md, "Attention variants").
+        softcap: scores s -> softcap * tanh(s / softcap) after scaling, before masks (0 = off).
+        sinks: (Hq,): one logit per head that joins each row's softmax denominator and carries
+            no value (differentiable); a row whose keys are all masked gives zeros.
+        alibi_slopes: (Hq,), or (B, Hq) for 4-D inputs: scores -= slope * |i + Lk - Lq - j|;
+            constants (no gradient).
         backend: None (best for the device; env PYATTN_BACKEND overrides), "cpu", "cuda",
-            "triton" or "reference".
+            "triton" or "reference". Only cpu and reference fuse the variants so far; the
+            others refuse them (backend=None falls back to one that fuses them).
     Returns:
         (..., Hq, Lq, Dv).
 
     Jagged nested tensors (``layout=torch.jagged``, (B, H, j, D) as torch takes them) run as
     packed sequences through varlen attention and return nested, as torch (pyattn/ops/_nested.py).
     """
+    var = NO_VARIANTS
+    if window_size != (-1, -1) or softcap != 0.0 or sinks is not None or alibi_slopes is not None:
+        var = _check_variants(query, window_size, softcap, sinks, alibi_slopes)
     if any(isinstance(t, Tensor) and t.is_nested for t in (query, key, value)):
+        if var.on:
+            _fail("the attention variants (window_size, softcap, sinks, alibi_slopes) take dense tensors")
         return nested_sdpa(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend,
             dense=scaled_dot_product_attention,
@@ -378,6 +400,11 @@ def scaled_dot_product_attention(
     lead, Hq, Hkv, _gqa, out_batch, causal, mask = check_inputs(
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
     )
+    if var.on:
+        var = check_variants(
+            "scaled_dot_product_attention", window_size, softcap, sinks, alibi_slopes, query, Hq,
+            lead[0] if len(lead) == 1 else None,
+        )  # fmt: skip
     dropout_p = float(dropout_p)
     if _gqa and key.shape[-3] != value.shape[-3]:
         # key and value grouped differently (as torch allows): each repeated to the query heads
@@ -388,7 +415,7 @@ def scaled_dot_product_attention(
     scale_f = default_scale(scale, E)
     dtype = query.dtype
     half_cpu = is_half_cpu(query)
-    chosen = _OPS.resolve(backend, query.device, dtype, (E, Dv))
+    chosen = _OPS.resolve(backend, query.device, dtype, (E, Dv), var.on)
     float_mask_grad = mask is not None and mask.dtype != torch.bool and mask.requires_grad
     if half_cpu and (chosen == "reference" or float_mask_grad):
         # The naive graph (which these calls take) in float32, rounded once: a half score matrix
@@ -396,14 +423,27 @@ def scaled_dot_product_attention(
         up = [t.float() for t in (query, key, value)]
         fmask = None if mask is None or mask.dtype == torch.bool else mask.float()
         out = _run(chosen, *up, fmask if fmask is not None else mask, dropout_p, causal, scale_f,
-                   enable_gqa, lead, Hq, Hkv, out_batch)  # fmt: skip
+                   enable_gqa, lead, Hq, Hkv, out_batch, var)  # fmt: skip
         return out.to(dtype)
     return _run(
-        chosen, query, key, value, mask, dropout_p, causal, scale_f, enable_gqa, lead, Hq, Hkv, out_batch
+        chosen, query, key, value, mask, dropout_p, causal, scale_f, enable_gqa, lead, Hq, Hkv, out_batch, var
     )
 
 
-def _run(chosen, query, key, value, mask, dropout_p, causal, scale, enable_gqa, lead, Hq, Hkv, out_batch):
+def _check_variants(query, window_size, softcap, sinks, alibi_slopes) -> Variants:
+    """The variants' own checks before the inputs' (which need them as plain values); the shapes
+    against the heads are checked after check_inputs."""
+    name = "scaled_dot_product_attention"
+    if (sinks is not None or alibi_slopes is not None) and isinstance(query, Tensor) and query.dim() < 3:
+        _fail(
+            f"'sinks' and 'alibi_slopes' need a head dim: query must be (..., Hq, Lq, E), got {shape_str(query)}"
+        )
+    v = check_variants(name, window_size, softcap, None, None, query, 0, None)
+    return v._replace(sinks=sinks, alibi_slopes=alibi_slopes)
+
+
+def _run(chosen, query, key, value, mask, dropout_p, causal, scale, enable_gqa, lead, Hq, Hkv, out_batch,
+         var: Variants = NO_VARIANTS):  # fmt: skip
     """The validated call on backend ``chosen``."""
     Lq, E, Lk, Dv = query.shape[-2], query.shape[-1], key.shape[-2], value.shape[-1]
     B = math.prod(lead)
@@ -412,22 +452,27 @@ def _run(chosen, query, key, value, mask, dropout_p, causal, scale, enable_gqa, 
     if chosen == "reference" or float_mask_grad or empty or dropout_p >= 1.0:
         if 0.0 < dropout_p < 1.0:
             return _reference_with_fused_dropout(
-                query, key, value, mask, dropout_p, causal, scale, enable_gqa, lead, Hq
+                query, key, value, mask, dropout_p, causal, scale, enable_gqa, lead, Hq, var
             )
         return reference.scaled_dot_product_attention(
-            query, key, value, mask, dropout_p, causal, scale, enable_gqa
+            query, key, value, mask, dropout_p, causal, scale, enable_gqa, **_ref_variants(var)
         )
 
     q = query.expand(*lead, Hq, Lq, E).reshape(B, Hq, Lq, E)  # (B, Hq, Lq, E)
     k = key.expand(*lead, Hkv, Lk, E).reshape(B, Hkv, Lk, E)  # (B, Hkv, Lk, E)
     v = value.expand(*lead, Hkv, Lk, Dv).reshape(B, Hkv, Lk, Dv)  # (B, Hkv, Lk, Dv)
-    if _decode_step(chosen, q, k, v, mask, dropout_p, causal):
+    if _decode_step(chosen, q, k, v, mask, dropout_p, causal, var):
         # a short query over a long key: the split-K decoding kernel (docs/design.md, "KV-cache
-        # attention"), the key/value as a full cache with nothing to append
+        # attention"), the key/value as a full cache with nothing to append; its window diagonal
+        # is the lower-right one, as sdpa's without upper-left causality
         lens = torch.full((B,), Lk, dtype=torch.int32)
+        alibi = var.alibi_slopes
+        if alibi is not None and alibi.dim() == 2:
+            alibi = alibi.expand(B, Hq)
         out, _lse = torch.ops.pyattn.kvcache_attention_fwd(
-            q, k, v, lens, None, None, None, None, None, causal == CAUSAL_LOWER_RIGHT, scale, -1, -1, 0.0, 0
-        )
+            q, k, v, lens, None, None, None, var.sinks, alibi, causal == CAUSAL_LOWER_RIGHT, scale,
+            var.left, var.right, var.softcap, 0,
+        )  # fmt: skip
         return out.reshape(*out_batch, Lq, Dv)  # (..., Hq, Lq, Dv)
     m4 = None
     if mask is not None:
@@ -440,8 +485,28 @@ def _run(chosen, query, key, value, mask, dropout_p, causal, scale, enable_gqa, 
         m4 = mask.expand(*lead, Hq, Lq, Lk).reshape(B, Hq, Lq, Lk)  # (B, Hq, Lq, Lk)
     seed, offset = dropout_seed_offset() if dropout_p > 0.0 else (0, 0)
     fwd = _OPS.forward_op(chosen)
-    out, _lse = fwd(q, k, v, m4, dropout_p, causal, scale, seed, offset)
+    if not var.on:
+        # the ops' schema defaults: the Triton twins, which do not fuse the variants, take this call
+        out, _lse = fwd(q, k, v, m4, dropout_p, causal, scale, seed, offset)
+    else:
+        alibi = var.alibi_slopes
+        if alibi is not None and alibi.dim() == 2:
+            alibi = alibi.reshape(B, Hq)  # (B, Hq) of the flattened batch
+        out, _lse = fwd(
+            q, k, v, m4, dropout_p, causal, scale, seed, offset, var.left, var.right, var.softcap, var.sinks,
+            alibi,
+        )  # fmt: skip
     return out.reshape(*out_batch, Lq, Dv)  # (..., Hq, Lq, Dv)
+
+
+def _ref_variants(var: Variants) -> dict:
+    """The variants as pyattn.reference's keyword arguments."""
+    return {
+        "window_size": (var.left, var.right),
+        "softcap": var.softcap,
+        "sinks": var.sinks,
+        "alibi_slopes": var.alibi_slopes,
+    }
 
 
 # Query rows per kv head (Hq / Hkv x Lq) up to which, and keys from which, a CPU call runs the
@@ -454,7 +519,7 @@ DECODE_MAX_ROWS = 16
 DECODE_MIN_KEYS = 32
 
 
-def _decode_step(chosen, q, k, v, mask, dropout_p, causal) -> bool:
+def _decode_step(chosen, q, k, v, mask, dropout_p, causal, var: Variants = NO_VARIANTS) -> bool:
     """True for a CPU inference call (no mask, no dropout, no causality or lower-right, nothing
     requiring grad, eager) with a short query over a long key."""
     if chosen != "cpu" or mask is not None or dropout_p != 0.0 or causal == CAUSAL_UPPER_LEFT:
@@ -467,7 +532,8 @@ def _decode_step(chosen, q, k, v, mask, dropout_p, causal) -> bool:
         return False
     if not known_true(B * Hq * Lq > 0):
         return False
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    sinks_grad = var.sinks is not None and var.sinks.requires_grad
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or sinks_grad):
         return False
     # the kernel reads rows in place (a contiguous last dim); under torch.compile its declared
     # cache mutation would cost a copy of K and V
@@ -484,7 +550,7 @@ def _cast_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _reference_with_fused_dropout(
-    query, key, value, attn_mask, dropout_p, causal, scale, enable_gqa, lead, Hq
+    query, key, value, attn_mask, dropout_p, causal, scale, enable_gqa, lead, Hq, var=NO_VARIANTS
 ):
     """The reference path with the same philox keep-mask the fused kernels would draw."""
     seed, offset = dropout_seed_offset()
@@ -493,5 +559,6 @@ def _reference_with_fused_dropout(
     keep = dropout_keep_mask(seed, offset, shape, dropout_p, query.device)
     keep = keep.reshape(*lead, *shape[1:])
     return reference.scaled_dot_product_attention(
-        query, key, value, attn_mask, dropout_p, causal, scale, enable_gqa, dropout_mask=keep
-    )
+        query, key, value, attn_mask, dropout_p, causal, scale, enable_gqa, dropout_mask=keep,
+        **_ref_variants(var),
+    )  # fmt: skip

@@ -29,17 +29,21 @@ from .. import reference
 from ._common import (
     CAUSAL_NONE,
     CAUSAL_UPPER_LEFT,
+    NO_VARIANTS,
+    Variants,
     autocast,
     check_bool,
     check_dropout,
     check_scale,
     check_tensors,
+    check_variants,
     default_scale,
     dropout_keep_mask,
     dropout_seed_offset,
     fail,
     is_half_cpu,
     lse_dtype,
+    sink_grad,
 )
 from ._common import compiling as _compiling
 from ._glue import FusedOp, shape_str
@@ -169,7 +173,8 @@ def check_inputs(
 # -- fake (meta) implementations and autograd, shared by the C++ ops and their Triton twins ------
 
 
-def _fake_fwd(query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, seed, offset):
+def _fake_fwd(query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, seed, offset,
+              window_left=-1, window_right=-1, softcap=0.0, sinks=None, alibi_slopes=None):  # fmt: skip
     total_q, Hq, _ = query.shape
     out = query.new_empty((total_q, Hq, value.shape[-1]))
     lse = query.new_empty((Hq, total_q), dtype=lse_dtype(query.dtype))
@@ -177,7 +182,7 @@ def _fake_fwd(query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, causal, sc
 
 
 def _fake_bwd(grad_out, query, key, value, cu_q, cu_k, out, lse, max_q, max_k, dropout_p, causal, scale,
-              seed, offset):  # fmt: skip
+              seed, offset, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None):  # fmt: skip
     return (
         torch.empty_like(query, memory_format=torch.contiguous_format),
         torch.empty_like(key, memory_format=torch.contiguous_format),
@@ -186,26 +191,30 @@ def _fake_bwd(grad_out, query, key, value, cu_q, cu_k, out, lse, max_q, max_k, d
 
 
 def _setup_context(ctx, inputs, output):
-    query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, seed, offset = inputs
+    (query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, seed, offset, *variants) = inputs
+    left, right, softcap, sinks, alibi = (*variants, *NO_VARIANTS[len(variants) :])
     out, lse = output
-    ctx.args = (max_q, max_k, dropout_p, causal, scale, seed, offset)
-    ctx.save_for_backward(query, key, value, cu_q, cu_k, out, lse)
+    ctx.args = (max_q, max_k, dropout_p, causal, scale, seed, offset, left, right, softcap)
+    ctx.n_inputs = len(inputs)
+    ctx.save_for_backward(query, key, value, cu_q, cu_k, out, lse, sinks, alibi)
 
 
 def _make_backward(bwd_op):
     def backward(ctx, grad_out, grad_lse):
-        query, key, value, cu_q, cu_k, out, lse = ctx.saved_tensors
+        query, key, value, cu_q, cu_k, out, lse, sinks, alibi = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        if not any(needs[:3]):
-            return (None,) * 12
+        grads = [None] * ctx.n_inputs
         if grad_out is None:
             grad_out = torch.zeros_like(out)
-        dq, dk, dv = bwd_op(grad_out.contiguous(), query, key, value, cu_q, cu_k, out, lse, *ctx.args)
-        return (
-            dq if needs[0] else None,
-            dk if needs[1] else None,
-            dv if needs[2] else None,
-        ) + (None,) * 9
+        if any(needs[:3]):
+            dq, dk, dv = bwd_op(
+                grad_out.contiguous(), query, key, value, cu_q, cu_k, out, lse, *ctx.args, alibi
+            )
+            grads[:3] = [dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None]
+        if sinks is not None and needs[15]:
+            # lse (Hq, total_q) includes the sink; out and grad_out are (total_q, Hq, Dv)
+            grads[15] = sink_grad(sinks, lse, grad_out.transpose(0, 1), out.transpose(0, 1), 0)
+        return tuple(grads)
 
     return backward
 
@@ -237,6 +246,10 @@ def varlen_attention(
     is_causal: bool = False,
     scale: float | None = None,
     enable_gqa: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
     backend: str | None = None,
 ) -> Tensor:
     """Scaled-dot-product attention over packed sequences of different lengths, fused.
@@ -262,8 +275,15 @@ def varlen_attention(
         is_causal: per sequence, top-left aligned as sdpa's (query i sees keys j <= i).
         scale: score scale, default ``1 / sqrt(D)``.
         enable_gqa: Hq may be a multiple of Hkv (grouped-query attention).
+        window_size: (left, right): query i of a sequence sees its keys d - left <= j <= d +
+            right, d = i when causal, i + Lk_b - Lq_b otherwise; -1 = unbounded.
+        softcap: scores s -> softcap * tanh(s / softcap) after scaling, before masks (0 = off).
+        sinks: (Hq,) one logit per head in every row's softmax denominator, with no value
+            (differentiable).
+        alibi_slopes: (Hq,) or (B, Hq) (row b for sequence b): scores -= slope * |i + Lk_b -
+            Lq_b - j|; constants (no gradient).
         backend: None (best for the device; env PYATTN_BACKEND overrides), "cpu", "cuda",
-            "triton" or "reference".
+            "triton" or "reference". Only cpu and reference fuse the variants so far.
     Returns:
         (total_q, Hq, Dv).
     """
@@ -272,29 +292,33 @@ def varlen_attention(
         query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal,
         scale, enable_gqa,
     )  # fmt: skip
+    var = check_variants(
+        OP, window_size, softcap, sinks, alibi_slopes, query, query.shape[1], cu_seqlens_q.shape[0] - 1
+    )
     causal = CAUSAL_UPPER_LEFT if is_causal else CAUSAL_NONE
     return _varlen(
-        query, key, value, cu_seqlens_q, cu_seqlens_k, max_q, max_k, float(dropout_p), causal, scale, backend
-    )
+        query, key, value, cu_seqlens_q, cu_seqlens_k, max_q, max_k, float(dropout_p), causal, scale, backend,
+        var,
+    )  # fmt: skip
 
 
-def _varlen(query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, backend):
+def _varlen(query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, backend, var=NO_VARIANTS):
     """The validated call, with sdpa's ``causal`` code (0 none, 1 upper-left, 2 lower-right per
     sequence)."""
     D, Dv = query.shape[2], value.shape[2]
     scale_f = default_scale(scale, D)
     dtype = query.dtype
-    chosen = _OPS.resolve(backend, query.device, dtype, (D, Dv))
+    chosen = _OPS.resolve(backend, query.device, dtype, (D, Dv), var.on)
     # The reference on half CPU tensors runs in float32 and rounds once (a half score matrix
     # overflows); the cpu kernels take float16/bfloat16 themselves.
     if is_half_cpu(query) and chosen == "reference":
         out = _run(chosen, query.float(), key.float(), value.float(), cu_q, cu_k, max_q, max_k, dropout_p,
-                   causal, scale_f)  # fmt: skip
+                   causal, scale_f, var)  # fmt: skip
         return out.to(dtype)
-    return _run(chosen, query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale_f)
+    return _run(chosen, query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale_f, var)
 
 
-def _run(chosen, query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale):
+def _run(chosen, query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, var: Variants):
     empty = query.shape[0] * query.shape[1] * key.shape[0] * query.shape[2] * value.shape[2] == 0
     if chosen == "reference" or dropout_p >= 1.0 or (empty and not _compiling()):
         keep = None
@@ -304,9 +328,16 @@ def _run(chosen, query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, causal,
             keep = dropout_keep_mask(seed, offset, shape, dropout_p, query.device)
         return reference.varlen_attention(
             query, key, value, cu_q, cu_k, max_q, max_k, dropout_p=dropout_p, is_causal=causal, scale=scale,
-            enable_gqa=True, dropout_mask=keep,
+            enable_gqa=True, dropout_mask=keep, window_size=(var.left, var.right), softcap=var.softcap,
+            sinks=var.sinks, alibi_slopes=var.alibi_slopes,
         )  # fmt: skip
     seed, offset = dropout_seed_offset() if dropout_p > 0.0 else (0, 0)
     fwd = _OPS.forward_op(chosen)
-    out, _lse = fwd(query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, seed, offset)
+    if not var.on:
+        # the ops' schema defaults: the Triton twins, which do not fuse the variants, take this call
+        out, _lse = fwd(query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, seed, offset)
+        return out
+    out, _lse = fwd(
+        query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, seed, offset, *var
+    )  # fmt: skip
     return out
