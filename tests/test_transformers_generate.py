@@ -61,13 +61,13 @@ def _spy_routes(monkeypatch):
     seen = []
     real_route, real_left = sdpa._decode_step, pt._left_padded_decode
 
-    def route(chosen, q, k, v, mask, dropout_p, causal):
-        hit = real_route(chosen, q, k, v, mask, dropout_p, causal)
+    def route(chosen, q, k, v, mask, dropout_p, causal, *variants):
+        hit = real_route(chosen, q, k, v, mask, dropout_p, causal, *variants)
         seen.append((q.shape[2], k.shape[2], mask is not None, "route" if hit else "prefill"))
         return hit
 
-    def left(query, key, value, mask, dropout, scaling):
-        out = real_left(query, key, value, mask, dropout, scaling)
+    def left(query, key, value, mask, dropout, scaling, *variants):
+        out = real_left(query, key, value, mask, dropout, scaling, *variants)
         if out is not None:
             seen.append((query.shape[2], key.shape[2], True, "left-padded"))
         return out
@@ -135,3 +135,30 @@ def test_left_padded_decode_step_matches_the_reference():
     assert pt._left_padded_decode(q, k, v, mask, 0.1, 0.2) is None  # dropout
     # K and V in different layouts cannot share one block table
     assert pt._left_padded_decode(q, k, v.contiguous(), mask, 0.0, 0.2) is None
+
+
+def test_left_padded_decode_step_takes_the_layers_variants():
+    """A sliding-window / softcap / sinks layer (Mistral, Gemma 2, gpt-oss) on the left-padded
+    route: the KV-cache kernel gets the layer's variants, and the step equals the reference sdpa
+    with the padding mask and the same variants."""
+    from helpers import assert_close_to_ref
+
+    from pyattn import reference
+
+    B, Hq, Hkv, Lk, D = 3, 4, 2, 96, 16
+    k64, v64 = (torch.randn(B, Hkv, Lk, D, dtype=torch.float64) for _ in range(2))
+    q64 = torch.randn(B, Hq, 1, D, dtype=torch.float64)
+    sinks64 = torch.randn(Hq, dtype=torch.float64)
+    start = torch.tensor([0, 40, Lk - 3])
+    mask = (torch.arange(Lk)[None, :] >= start[:, None])[:, None, None, :]  # (B, 1, 1, Lk)
+    var = dict(window_size=(31, 0), softcap=5.0)
+    ref64 = reference.scaled_dot_product_attention(
+        q64, k64, v64, mask, scale=0.3, enable_gqa=True, sinks=sinks64, **var
+    )
+    q, k, v, sinks = (t.float() for t in (q64, k64, v64, sinks64))
+    ref32 = reference.scaled_dot_product_attention(
+        q, k, v, mask, scale=0.3, enable_gqa=True, sinks=sinks, **var
+    )
+    out = pt._left_padded_decode(q, k, v, mask, 0.0, 0.3, (31, 0), 5.0, sinks)
+    assert out is not None
+    assert_close_to_ref("left-padded decode with variants", out, ref32, ref64)

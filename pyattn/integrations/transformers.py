@@ -121,7 +121,7 @@ def attention_forward(
 
 
 def _left_padded_decode(
-    query, key, value, mask, dropout, scaling, window, softcap, sinks
+    query, key, value, mask, dropout, scaling, window=(-1, -1), softcap=0.0, sinks=None
 ) -> torch.Tensor | None:
     """A CPU decode step whose mask hides only leading (left) padding, on the KV-cache kernel
     (module doc), with the layer's window, softcap and sinks; None when the call is not one (then
