@@ -161,3 +161,20 @@ def baselines_first(cases: list[Case]) -> list[Case]:
     so a provider's ratio is known when it prints."""
     order = {c.key: i for i, c in reversed(list(enumerate(cases)))}
     return sorted(cases, key=lambda c: (order[c.key], c.provider != c.baseline))
+
+
+def isa_name() -> str:
+    """The CPU kind the figures of a standalone bench script came from, as result file names
+    say it: "AVX512-BF16", "AVX512" or "AVX2" (docs/design.md, "Kernels": both kinds appear)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return platform.machine()
+    if "avx512_bf16" in flags:
+        return "AVX512-BF16"
+    if "avx512f" in flags:
+        return "AVX512"
+    return "AVX2" if "avx2" in flags else platform.machine()

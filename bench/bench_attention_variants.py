@@ -24,27 +24,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+from pyattn.bench._case import isa_name
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 B, H, D = 1, 8, 64
-
-
-def _isa() -> str:
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return platform.machine()
-    if "avx512_bf16" in flags:
-        return "AVX512-BF16"
-    if "avx512f" in flags:
-        return "AVX512"
-    return "AVX2" if "avx2" in flags else platform.machine()
 
 
 def _load() -> float:
@@ -141,7 +129,7 @@ def run_case(case: str, L: int, w: int, name: str, mode: str, repeats: int) -> d
     row = dict(
         kernel=f"sdpa_{case}", mode=mode, provider="pyattn", baseline=base,
         shape=f"B{B} H{H} D{D} L{L}" + (f" w{w}" if case != "softcap" else " softcap50"), dtype=name,
-        device="cpu", isa=_isa(), threads=torch.get_num_threads(), load=_load(), torch=torch.__version__,
+        device="cpu", isa=isa_name(), threads=torch.get_num_threads(), load=_load(), torch=torch.__version__,
         **{f"{p}_ms": t for p, t in med.items()},
         speedup=med[base] / med["pyattn"],
     )  # fmt: skip
@@ -170,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None, help="write the rows here as JSON")
     args = ap.parse_args(argv)
-    print(f"attention variants, cpu {_isa()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(
+        f"attention variants, cpu {isa_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
     rows = []
     for name in args.dtypes.split(","):
         for mode in args.modes.split(","):

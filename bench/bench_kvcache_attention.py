@@ -35,27 +35,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+from pyattn.bench._case import isa_name
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HQ, HKV, D, PAGE = 32, 8, 128, 256
-
-
-def _isa() -> str:
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return platform.machine()
-    if "avx512_bf16" in flags:
-        return "AVX512-BF16"
-    if "avx512f" in flags:
-        return "AVX512"
-    return "AVX2" if "avx2" in flags else platform.machine()
 
 
 def _providers(B: int, Lk: int, dtype: torch.dtype, with_paged: bool) -> dict:
@@ -111,7 +99,7 @@ def run_case(B: int, Lk: int, name: str, repeats: int, with_paged: bool = True) 
     cache_bytes = 2 * B * HKV * Lk * D * torch.finfo(dtype).bits // 8
     row = dict(
         kernel="kvcache_attention", mode="fwd", provider="pyattn", baseline="torch_sdpa(enable_gqa)",
-        shape=f"B{B} Hq{HQ} Hkv{HKV} D{D} Lq1 Lk{Lk}", dtype=name, device="cpu", isa=_isa(),
+        shape=f"B{B} Hq{HQ} Hkv{HKV} D{D} Lq1 Lk{Lk}", dtype=name, device="cpu", isa=isa_name(),
         threads=torch.get_num_threads(), cache_mb=cache_bytes / 2**20,
         **{f"{p}_ms": t for p, t in med.items()},
         vs_torch=med["torch"] / med["pyattn"],
@@ -196,7 +184,7 @@ def sweep_case(rows: int, Lk: int, name: str, repeats: int) -> dict:
     return dict(
         kernel="sdpa_decode_route", mode="fwd", provider="kvcache", baseline="sdpa_prefill",
         shape=f"B1 Hq{HKV * group} Hkv{HKV} D{D} Lq{Lq} Lk{Lk}", rows=rows, lk=Lk, dtype=name,
-        device="cpu", isa=_isa(), threads=torch.get_num_threads(),
+        device="cpu", isa=isa_name(), threads=torch.get_num_threads(),
         kvcache_min_ms=best["kvcache"], sdpa_min_ms=best["sdpa"], speedup=best["sdpa"] / best["kvcache"],
         kvcache_ms=med["kvcache"], sdpa_ms=med["sdpa"], speedup_median=med["sdpa"] / med["kvcache"],
     )  # fmt: skip
@@ -278,7 +266,7 @@ def run_generate(new_tokens: int, repeats: int, B: int = 1) -> dict:
     row = dict(
         kernel="transformer_generate", mode="decode", provider="kv_cache", baseline="no_cache",
         shape=" ".join(f"{k}={v}" for k, v in GEN_MODEL.items()) + f" vocab={GEN_VOCAB} B={B} S={GEN_SRC} "
-        f"new={new_tokens}", dtype="fp32", device="cpu", isa=_isa(), threads=torch.get_num_threads(),
+        f"new={new_tokens}", dtype="fp32", device="cpu", isa=isa_name(), threads=torch.get_num_threads(),
         cache_ms=med["cache"], no_cache_ms=med["no_cache"], cache_tok_s=toks / med["cache"] * 1e3,
         no_cache_tok_s=toks / med["no_cache"] * 1e3, speedup=med["no_cache"] / med["cache"], same_tokens=same,
     )  # fmt: skip
@@ -308,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.sweep:
         print(
-            f"sdpa decode routing sweep, cpu {_isa()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+            f"sdpa decode routing sweep, cpu {isa_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
         )
         run_sweep(args.dtypes.split(","), args.repeats, args.out)
         return 0
@@ -320,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     print(
-        f"kvcache_attention decode step, cpu {_isa()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+        f"kvcache_attention decode step, cpu {isa_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     )
     for name in args.dtypes.split(","):
         for B in (int(b) for b in args.B.split(",")):

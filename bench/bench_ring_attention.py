@@ -31,27 +31,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 from datetime import timedelta
 
 import torch
+from pyattn.bench._case import isa_name
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def _isa() -> str:
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return platform.machine()
-    if "avx512_bf16" in flags:
-        return "AVX512-BF16"
-    if "avx512f" in flags:
-        return "AVX512"
-    return "AVX2" if "avx2" in flags else platform.machine()
 
 
 def _status(field: str) -> int:
@@ -144,7 +132,7 @@ def run_config(P: int, cfg: dict) -> dict:
         "shape": {"B": 1, "H": cfg["H"], "L": cfg["L"], "D": cfg["D"], "causal": True, "layout": "zigzag"},
         "dtype": cfg["dtype"],
         "device": "cpu",
-        "isa": _isa(),
+        "isa": isa_name(),
         "cores": os.cpu_count(),
         "ranks": P,
         "threads_per_rank": max(1, (os.cpu_count() or 1) // P),
