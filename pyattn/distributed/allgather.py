@@ -25,7 +25,7 @@ from ..ops._common import check_scale
 from ..ops.errors import InputError, InputTypeError
 from . import _layout
 from ._blocks import CAUSAL_LOWER_RIGHT, CAUSAL_NONE, acc_dtype, naive_bwd, naive_fwd
-from .ring import _DTYPE_CODE, _DTYPES, RingError, _agree
+from .ring import _DTYPE_CODE, _DTYPES, RingError, agree_or_fail
 
 _FN = "pyattn.distributed.allgather_varlen_attention"
 
@@ -197,6 +197,7 @@ def allgather_varlen_attention(
             raise
         local_error = exc
     if P > 1:
+        fields = []
         if local_error is None:
             cu = cu_seqlens.long()
             check = float((cu * torch.arange(1, cu.numel() + 1, device=cu.device)).sum())
@@ -204,23 +205,9 @@ def allgather_varlen_attention(
             fields = [1, query.shape[0], query.shape[1], key.shape[1], query.shape[2], value.shape[2],
                       _DTYPE_CODE[query.dtype], is_causal, enable_gqa, scale is None,
                       0.0 if scale is None else float(scale), grad, cu.numel(), check]  # fmt: skip
-            device = _layout._meta_device(query, group)
-        else:
-            fields = [0] * 14
-            device = torch.device("cpu") if dist.get_backend(group) == "gloo" else torch.device("cuda")
-        every = _agree(fields, group, device)
-        if local_error is not None:
-            raise local_error
-        bad = [r for r, f in enumerate(every) if f[0] == 0]
-        if bad:
-            _fail(f"rank(s) {bad} refused their inputs (see the error there); rank {rank}'s were fine")
         names = [None, "Hq", "Hkv", "D", "Dv", "dtype", "is_causal", "enable_gqa", "scale", "scale",
                  "requires_grad", "cu_seqlens", "cu_seqlens"]  # fmt: skip
-        for i, name in enumerate(names, start=1):
-            if name is not None and any(f[i] != every[0][i] for f in every):
-                _fail(
-                    f"every rank must pass the same {name}, got {[f[i] for f in every]} on ranks 0..{P - 1}"
-                )
+        every = agree_or_fail(_FN, query, fields, names, group, rank, local_error)
         lens = [int(f[1]) for f in every]
     else:
         lens = [query.shape[0]]

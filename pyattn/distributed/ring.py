@@ -136,6 +136,39 @@ def _agree(fields: list[float], group, device) -> list[list[float]]:
     return [t.tolist() for t in got]
 
 
+def agree_or_fail(fn: str, x: Tensor, fields: list, names: list, group, rank: int, local_error):
+    """Every rank's ``fields`` (``fields[0] = 1``: this rank took its inputs) once the ranks agree
+    on each field ``names`` names (``names[i]`` for ``fields[i + 1]``; None: may differ). The same
+    InputError on every rank otherwise, and a rank that refused its inputs raises its own error
+    while the others name it: one small all-gather, before any ring transfer."""
+    if local_error is None:
+        device = _layout._meta_device(x, group)
+    else:
+        fields = [0] * (len(names) + 1)
+        device = torch.device("cpu") if dist.get_backend(group) == "gloo" else torch.device("cuda")
+    every = _agree(fields, group, device)
+    if local_error is not None:
+        raise local_error
+    bad = [r for r, f in enumerate(every) if f[0] == 0]
+    if bad:
+        raise InputError(
+            f"{fn}: rank(s) {bad} refused their inputs (see the error there); rank {rank}'s were fine"
+        )
+    for i, name in enumerate(names, start=1):
+        if name is None:
+            continue
+        vals = [f[i] for f in every]
+        if any(v != vals[0] for v in vals):
+            if name == "dtype":
+                vals = [str(_DTYPES[int(v)]).replace("torch.", "") for v in vals]
+            elif name not in ("scale", "cu_seqlens"):
+                vals = [int(v) for v in vals]
+            raise InputError(
+                f"{fn}: every rank must pass the same {name}, got {vals} on ranks 0..{len(every) - 1}"
+            )
+    return every
+
+
 class _Config:
     def __init__(self, rank, P, group, layout, causal, window, scale, kernels, q_lens, k_lens):
         self.rank, self.P, self.group, self.layout = rank, P, group, layout
@@ -357,6 +390,7 @@ def _agree_shards(query, key, value, group, rank, P, layout, is_causal, window, 
                   local_error) -> tuple[list[int], list[int]]:  # fmt: skip
     """Every rank's shard lengths, after checking that the ranks agree on everything else; the
     same InputError on every rank when they do not (before any ring transfer)."""
+    fields = []
     if local_error is None:
         B, Hq, nq, D = query.shape
         Hkv, nk, Dv = key.shape[1], key.shape[2], value.shape[3]
@@ -364,28 +398,9 @@ def _agree_shards(query, key, value, group, rank, P, layout, is_causal, window, 
         fields = [1, B, Hq, Hkv, nq, nk, D, Dv, _DTYPE_CODE[query.dtype], query.device.type == "cuda",
                   is_causal, _layout.LAYOUTS.index(layout), *window, enable_gqa, scale is None,
                   0.0 if scale is None else float(scale), grad]  # fmt: skip
-        device = _layout._meta_device(query, group)
-    else:
-        fields = [0] * 18
-        device = torch.device("cpu") if dist.get_backend(group) == "gloo" else torch.device("cuda")
-    every = _agree(fields, group, device)
-    if local_error is not None:
-        raise local_error
-    bad = [r for r, f in enumerate(every) if f[0] == 0]
-    if bad:
-        _fail(f"rank(s) {bad} refused their inputs (see the error there); rank {rank}'s were fine")
     names = ["B", "Hq", "Hkv", None, None, "D", "Dv", "dtype", "device type", "is_causal", "layout",
              "window left", "window right", "enable_gqa", "scale", "scale", "requires_grad"]  # fmt: skip
-    for i, name in enumerate(names, start=1):
-        if name is None:
-            continue
-        vals = [f[i] for f in every]
-        if any(x != vals[0] for x in vals):
-            if name == "dtype":
-                vals = [str(_DTYPES[int(x)]).replace("torch.", "") for x in vals]
-            elif name != "scale":
-                vals = [int(x) for x in vals]
-            _fail(f"every rank must pass the same {name}, got {vals} on ranks 0..{P - 1}")
+    every = agree_or_fail(_FN, query, fields, names, group, rank, local_error)
     q_lens = [int(f[4]) for f in every]
     k_lens = [int(f[5]) for f in every]
     for what, lens in (("query", q_lens), ("key/value", k_lens)):
