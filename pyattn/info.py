@@ -23,13 +23,14 @@ def _cpu_flags() -> set[str]:
 HALF_GEMM_PATHS = ("widen", "mkl", "amx")
 
 
-def half_gemm_path(dtype: torch.dtype) -> str:
+def half_gemm_path(dtype: torch.dtype, forward: bool = False) -> str:
     """The micro-kernel path the cpu backend's float16 / bfloat16 sdpa and varlen kernels take
     now (csrc/cpu/blas.cpp; docs/design.md, "Half precision on CPU"): ``"widen"`` (blocks
     converted to float32, float32 GEMMs), ``"mkl"`` (MKL's bfloat16 GEMM on AVX512-BF16) or
     ``"amx"`` (oneDNN's AMX micro-kernel through torch); ``PYATTN_CPU_HALF_GEMM`` forces one.
-    Returns ``"error: ..."`` when that variable names a path this machine cannot run, and
-    ``"n/a"`` without the compiled extension."""
+    ``forward``: the forward's path, which ``auto`` may choose differently (AMX with K and V
+    packed once per call, where the CPU has AMX). Returns ``"error: ..."`` when that variable
+    names a path this machine cannot run, and ``"n/a"`` without the compiled extension."""
     from pyattn import _backend
 
     c = _backend._C()
@@ -37,8 +38,8 @@ def half_gemm_path(dtype: torch.dtype) -> str:
         return "n/a"
     fn = ctypes.CDLL(c.__file__).pyattn_cpu_half_gemm_path
     fn.restype = ctypes.c_char_p
-    fn.argtypes = [ctypes.c_int]
-    return fn(1 if dtype == torch.bfloat16 else 0).decode()
+    fn.argtypes = [ctypes.c_int, ctypes.c_int]
+    return fn(1 if dtype == torch.bfloat16 else 0, 1 if forward else 0).decode()
 
 
 def half_gemm_available(path: str, dtype: torch.dtype) -> bool:
@@ -67,7 +68,9 @@ def half_cpu_paths(capability: str) -> str:
     parts = []
     for dtype, name in ((torch.bfloat16, "bfloat16"), (torch.float16, "float16")):
         avail = [p for p in HALF_GEMM_PATHS if half_gemm_available(p, dtype)]
-        parts.append(f"{name}: {half_gemm_path(dtype)} (available: {', '.join(avail)})")
+        fwd, bwd = half_gemm_path(dtype, forward=True), half_gemm_path(dtype)
+        chosen = bwd if fwd == bwd else f"{fwd} forward (K, V packed once per call), {bwd} backward"
+        parts.append(f"{name}: {chosen} (available: {', '.join(avail)})")
     return (
         f"{'; '.join(parts)} [widen = blocks converted to float32 with {conv}, float32 GEMMs; "
         f"mkl / amx = half blocks multiplied natively, float32 products, statistics in float32; "

@@ -306,14 +306,88 @@ bool trivial_gemm(int64_t m, int64_t n, int64_t k, float beta, float* c, int64_t
   return true;
 }
 
+// ---- the AMX forward's pre-packed operands (csrc/cpu/sdpa_kernel.cpp, forward_amx) ----
+
+// The VNNI layout of a (k x nb) B operand with leading dim ld = round16(nb), as oneDNN's brgemm
+// reads it (and cpublas::pack writes it): rows in pairs, element (r, c) at
+// (r / 2) * 2 * ld + 2 * c + r % 2; the columns past nb are zeros. Written here directly from K
+// and V (a transpose of 32-bit pairs for K^T, an interleave of row pairs for V), which saves the
+// scratch copy cpublas::pack needs (its input must be a dense (k x nb) block).
+
+// K (n rows of D) as the B operand of Q K^T: per strip of kAmxStrip keys, K^T (Dp x nb, a zero
+// row when D is odd) at out + strip * Dp * kAmxStrip.
+template <typename T>
+void amx_pack_keys_impl(const T* k, int64_t n, int64_t D, T* out) {
+  const int64_t Dp = (D + 1) & ~int64_t(1), pairs = Dp / 2;
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(k);
+  for (int64_t j = 0; j < n; j += kAmxStrip) {
+    const int64_t nb = std::min<int64_t>(kAmxStrip, n - j), ld = amx_ld(nb);
+    uint32_t* dst = reinterpret_cast<uint32_t*>(out + (j / kAmxStrip) * Dp * kAmxStrip);
+    for (int64_t r = 0; r < nb; ++r) {
+      const uint16_t* row = src + (j + r) * D;
+      if (Dp == D) {
+        for (int64_t t = 0; t < pairs; ++t) std::memcpy(dst + t * ld + r, row + 2 * t, 4);
+      } else {
+        for (int64_t t = 0; t < pairs; ++t) {
+          const uint32_t lo = row[2 * t], hi = 2 * t + 1 < D ? row[2 * t + 1] : 0;
+          dst[t * ld + r] = lo | (hi << 16);
+        }
+      }
+    }
+    for (int64_t t = 0; t < pairs; ++t)
+      std::fill(dst + t * ld + nb, dst + (t + 1) * ld, uint32_t(0));
+  }
+}
+
+// V (n rows of Dv) as the B operand of P V: per strip of kAmxStrip columns, the (ne x nb) block
+// (ne = n rounded up to even, a zero row when n is odd) at out + strip * ne * kAmxStrip. Keys from
+// an even j0 on start at + j0 * amx_ld(nb).
+template <typename T>
+void amx_pack_values_impl(const T* v, int64_t n, int64_t Dv, T* out) {
+  const int64_t ne = (n + 1) & ~int64_t(1);
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(v);
+  for (int64_t c = 0; c < Dv; c += kAmxStrip) {
+    const int64_t nb = std::min<int64_t>(kAmxStrip, Dv - c), ld = amx_ld(nb);
+    uint16_t* dst = reinterpret_cast<uint16_t*>(out + (c / kAmxStrip) * ne * kAmxStrip);
+    for (int64_t r = 0; r < ne; r += 2) {
+      const uint16_t* a = src + r * Dv + c;
+      const uint16_t* b = r + 1 < n ? a + Dv : nullptr;
+      uint16_t* o = dst + r * ld;
+      for (int64_t q = 0; q < nb; ++q) {
+        o[2 * q] = a[q];
+        o[2 * q + 1] = b != nullptr ? b[q] : uint16_t(0);
+      }
+      std::fill(o + 2 * nb, o + 2 * ld, uint16_t(0));
+    }
+  }
+}
+
+template <typename T>
+void amx_brgemm_impl(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc,
+                     bool add_c, const T* a, const T* b, float* c) {
+#ifdef CPUBLAS_BRGEMM_BF16BF16F32
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add_c, a, b, c, /*is_vnni=*/true);
+#else
+  (void)m, (void)n, (void)k, (void)lda, (void)ldb, (void)ldc, (void)add_c, (void)a, (void)b, (void)c;
+  TORCH_CHECK(false, "pyattn: this torch has no cpublas::brgemm");
+#endif
+}
+
 }  // namespace
 
-HalfGemm half_gemm_path(bool bf16) {
+HalfGemm half_gemm_path(bool bf16, bool forward) {
   // PYATTN_CPU_HALF_GEMM=auto|widen|mkl|amx (read on every call, so tests can switch paths in
   // one process); a path this CPU or this torch cannot run is an error, not a silent fallback.
   g_call.fetch_add(1, std::memory_order_relaxed);
   const char* env = std::getenv("PYATTN_CPU_HALF_GEMM");
-  if (env == nullptr || *env == 0 || std::strcmp(env, "auto") == 0) return best_path(bf16);
+  if (env == nullptr || *env == 0 || std::strcmp(env, "auto") == 0) {
+    // auto: the bfloat16 forward runs on AMX where oneDNN offers it (K and V packed once per call,
+    // csrc/cpu/sdpa_kernel.cpp forward_amx); the backward keeps MKL, measured faster there
+    // (docs/design.md, "Half precision on CPU"). float16 on AMX-FP16 stays opt-in: no CPU here
+    // has had it.
+    if (forward && bf16 && path_available(HalfGemm::kAmx, true)) return HalfGemm::kAmx;
+    return best_path(bf16);
+  }
   HalfGemm want;
   if (std::strcmp(env, "widen") == 0) {
     want = HalfGemm::kWiden;
@@ -369,6 +443,34 @@ void flash_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, dou
   gemm_impl(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
+bool amx_prepack_usable(bool bf16) { return amx_usable(bf16); }
+
+void amx_pack_keys(const c10::BFloat16* k, int64_t n, int64_t D, c10::BFloat16* out) {
+  amx_pack_keys_impl(k, n, D, out);
+}
+void amx_pack_keys(const c10::Half* k, int64_t n, int64_t D, c10::Half* out) {
+  amx_pack_keys_impl(k, n, D, out);
+}
+void amx_pack_values(const c10::BFloat16* v, int64_t n, int64_t Dv, c10::BFloat16* out) {
+  amx_pack_values_impl(v, n, Dv, out);
+}
+void amx_pack_values(const c10::Half* v, int64_t n, int64_t Dv, c10::Half* out) {
+  amx_pack_values_impl(v, n, Dv, out);
+}
+void amx_brgemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add_c,
+                const c10::BFloat16* a, const c10::BFloat16* b, float* c) {
+  amx_brgemm_impl(m, n, k, lda, ldb, ldc, add_c, a, b, c);
+}
+void amx_brgemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add_c,
+                const c10::Half* a, const c10::Half* b, float* c) {
+  amx_brgemm_impl(m, n, k, lda, ldb, ldc, add_c, a, b, c);
+}
+void amx_release() {
+#ifdef CPUBLAS_BRGEMM_BF16BF16F32
+  at::native::cpublas::brgemm_release(true);
+#endif
+}
+
 }  // namespace cpu
 
 }  // namespace pyattn
@@ -376,10 +478,11 @@ void flash_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, dou
 // For `pyattn info`, the benchmarks and the tests (pyattn/info.py reads it through ctypes): the
 // half GEMM path a call in this dtype (1 = bfloat16, 0 = float16) takes now, or "error: " and why
 // (PYATTN_CPU_HALF_GEMM names a path that is not available here).
-extern "C" __attribute__((visibility("default"))) const char* pyattn_cpu_half_gemm_path(int bf16) {
+extern "C" __attribute__((visibility("default"))) const char* pyattn_cpu_half_gemm_path(int bf16,
+                                                                                      int forward) {
   thread_local std::string answer;
   try {
-    answer = pyattn::cpu::half_gemm_name(pyattn::cpu::half_gemm_path(bf16 != 0));
+    answer = pyattn::cpu::half_gemm_name(pyattn::cpu::half_gemm_path(bf16 != 0, forward != 0));
   } catch (const c10::Error& e) {
     answer = std::string("error: ") + e.what_without_backtrace();
   }

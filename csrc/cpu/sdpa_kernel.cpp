@@ -24,8 +24,14 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <memory>
 #include <type_traits>
 #include <vector>
+
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
 
 #include "../sdpa_math.h"
 #include "sdpa_kernel.h"
@@ -141,17 +147,23 @@ inline void mask_row(const FlashParams<in_t>& p, int64_t b, int64_t h, int64_t i
   }
 }
 
-// The largest of n scores; NaN wins (flash::nan_max), so a NaN poisons its row.
+// The largest of n scores; NaN wins (flash::nan_max), so a NaN poisons its row. Four running
+// maxima: one chain of maximum() (max, then NaN test and or) per vector was latency-bound.
 template <typename T>
 inline T row_max(const T* s, int64_t n) {
   constexpr int64_t W = Vec<T>::size();
-  T mx = neg_inf<T>();
+  const Vec<T> lowest(neg_inf<T>());
+  Vec<T> a0 = lowest, a1 = lowest, a2 = lowest, a3 = lowest;
   int64_t c = 0;
-  if (n >= W) {
-    Vec<T> acc = Vec<T>::loadu(s);
-    for (c = W; c + W <= n; c += W) acc = at::vec::maximum(acc, Vec<T>::loadu(s + c));
-    mx = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return at::vec::maximum(a, b); }, acc);
+  for (; c + 4 * W <= n; c += 4 * W) {
+    a0 = at::vec::maximum(a0, Vec<T>::loadu(s + c));
+    a1 = at::vec::maximum(a1, Vec<T>::loadu(s + c + W));
+    a2 = at::vec::maximum(a2, Vec<T>::loadu(s + c + 2 * W));
+    a3 = at::vec::maximum(a3, Vec<T>::loadu(s + c + 3 * W));
   }
+  for (; c + W <= n; c += W) a0 = at::vec::maximum(a0, Vec<T>::loadu(s + c));
+  a0 = at::vec::maximum(at::vec::maximum(a0, a1), at::vec::maximum(a2, a3));
+  T mx = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return at::vec::maximum(a, b); }, a0);
   for (; c < n; ++c) mx = flash::nan_max(mx, s[c]);
   return mx;
 }
@@ -161,14 +173,22 @@ template <typename T>
 inline T exp_sub_sum(T* s, T ref, int64_t n) {
   constexpr int64_t W = Vec<T>::size();
   const Vec<T> vref(ref);
-  Vec<T> acc(T(0));
+  Vec<T> acc0(T(0)), acc1(T(0));  // two sums: one add chain was latency-bound
   int64_t c = 0;
+  for (; c + 2 * W <= n; c += 2 * W) {
+    const Vec<T> e0 = (Vec<T>::loadu(s + c) - vref).exp();
+    const Vec<T> e1 = (Vec<T>::loadu(s + c + W) - vref).exp();
+    e0.store(s + c);
+    e1.store(s + c + W);
+    acc0 = acc0 + e0;
+    acc1 = acc1 + e1;
+  }
   for (; c + W <= n; c += W) {
     const Vec<T> e = (Vec<T>::loadu(s + c) - vref).exp();
     e.store(s + c);
-    acc = acc + e;
+    acc0 = acc0 + e;
   }
-  T sum = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, acc);
+  T sum = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, acc0 + acc1);
   for (; c < n; ++c) {
     s[c] = flash::exp_(s[c] - ref);
     sum += s[c];
@@ -186,23 +206,33 @@ inline void exp_sub(T* s, T ref, int64_t n) {
   at::vec::map<T>([ref](Vec<T> x) { return (x - Vec<T>(ref)).exp(); }, s, s, n);
 }
 
-// The native half path's row pass (no mask on the row): s = scale * s in place; returns the max.
+// The native half path's row pass (no mask on the row): s = scale * s in place; returns the max
+// (four running maxima, as row_max).
 inline float scale_max(float* s, float scale, int64_t n) {
   using V = Vec<float>;
   constexpr int64_t W = V::size();
-  const V vs(scale);
-  float mx = neg_inf<float>();
+  const V vs(scale), lowest(neg_inf<float>());
+  V a0 = lowest, a1 = lowest, a2 = lowest, a3 = lowest;
   int64_t c = 0;
-  if (n >= W) {
-    V acc = V::loadu(s) * vs;
-    acc.store(s);
-    for (c = W; c + W <= n; c += W) {
-      const V x = V::loadu(s + c) * vs;
-      x.store(s + c);
-      acc = at::vec::maximum(acc, x);
-    }
-    mx = at::vec::vec_reduce_all<float>([](V& a, V& b) { return at::vec::maximum(a, b); }, acc);
+  for (; c + 4 * W <= n; c += 4 * W) {
+    const V x0 = V::loadu(s + c) * vs, x1 = V::loadu(s + c + W) * vs;
+    const V x2 = V::loadu(s + c + 2 * W) * vs, x3 = V::loadu(s + c + 3 * W) * vs;
+    x0.store(s + c);
+    x1.store(s + c + W);
+    x2.store(s + c + 2 * W);
+    x3.store(s + c + 3 * W);
+    a0 = at::vec::maximum(a0, x0);
+    a1 = at::vec::maximum(a1, x1);
+    a2 = at::vec::maximum(a2, x2);
+    a3 = at::vec::maximum(a3, x3);
   }
+  for (; c + W <= n; c += W) {
+    const V x = V::loadu(s + c) * vs;
+    x.store(s + c);
+    a0 = at::vec::maximum(a0, x);
+  }
+  a0 = at::vec::maximum(at::vec::maximum(a0, a1), at::vec::maximum(a2, a3));
+  float mx = at::vec::vec_reduce_all<float>([](V& a, V& b) { return at::vec::maximum(a, b); }, a0);
   for (; c < n; ++c) {
     s[c] *= scale;
     mx = flash::nan_max(mx, s[c]);
@@ -210,39 +240,123 @@ inline float scale_max(float* s, float scale, int64_t n) {
   return mx;
 }
 
-// The native half path's softmax pass: P = exp(s - ref) rounded to the half dtype into p (the
-// float32 row is not kept); returns the float32 sum, taken before rounding as torch does. Its
-// exp is ATen's exp_u20 (a few ulp of float32, far below the half rounding that follows), as in
-// torch's CPU flash kernel.
-template <typename in_t>
-inline float exp_sum_round(const float* s, float ref, int64_t n, in_t* p) {
-  using V = Vec<float>;
-  constexpr int64_t W = Vec<in_t>::size();  // two float vectors
-  const V vref(ref);
-  V acc(0.0f);
+constexpr float kLog2e = 1.4426950408889634f;
+
+#if defined(CPU_CAPABILITY_AVX512)
+// 2^t for 16 float32 lanes, for the native half path's weights (rounded to 8 bits of mantissa
+// right after): t = n + f with n = round(t), a degree-4 polynomial for 2^f on [-1/2, 1/2] (fitted
+// here for relative error; 2.7e-6 in float32, as ATen's exp_u20), scaled by 2^n with vscalefps.
+// About ten instructions where exp_u20 takes 25: on the AMX path the weights' exp costs as much as
+// the products. Lanes with t < -126 (masked scores' -inf among them) give exactly 0; NaN stays NaN.
+inline __m512 exp2_poly(__m512 t) {
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.009570530615746975f), f,
+                             _mm512_set1_ps(0.055919185280799866f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2402474582195282f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.693121612071991f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999992847442627f));
+  const __mmask16 zero = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.0f), _CMP_LT_OQ);
+  return _mm512_maskz_scalef_ps(static_cast<__mmask16>(~zero), p, n);
+}
+
+// 2^(s * a - b) for 16 scores at s (a = scale * log2(e), b = max * log2(e)).
+inline __m512 weights16(const float* s, __m512 a, __m512 b) {
+  return exp2_poly(_mm512_fmsub_ps(_mm512_loadu_ps(s), a, b));
+}
+
+// exp_sum_round's loop for bfloat16 on CPUs with AVX512-BF16: vcvtne2ps2bf16 rounds 32 floats to
+// nearest-even in one instruction, where at::vec's portable conversion takes about ten integer
+// ops (it flushes float32 denormals to zero: weights below 1e-38 of the row's largest become 0).
+// Compiled for that extension alone and called only where cpu_has_bf16_convert(): the AVX512
+// build's other code must run on every AVX512 CPU.
+__attribute__((target("avx512bf16"))) float weights_bf16_hw(const float* s, float a, float b,
+                                                            int64_t n, c10::BFloat16* p,
+                                                            int64_t* done) {
+  const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b);
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   int64_t c = 0;
-  for (; c + W <= n; c += W) {
-    const V lo = (V::loadu(s + c) - vref).exp_u20();
-    const V hi = (V::loadu(s + c + V::size()) - vref).exp_u20();
-    acc = acc + lo + hi;
-    at::vec::convert_from_float<in_t>(lo, hi).store(p + c);
+  for (; c + 32 <= n; c += 32) {
+    const __m512 lo = weights16(s + c, va, vb), hi = weights16(s + c + 16, va, vb);
+    acc0 = _mm512_add_ps(acc0, lo);
+    acc1 = _mm512_add_ps(acc1, hi);
+    const __m512bh r = _mm512_cvtne2ps_pbh(hi, lo);
+    _mm512_storeu_si512(reinterpret_cast<void*>(p + c), reinterpret_cast<const __m512i&>(r));
   }
-  float sum = at::vec::vec_reduce_all<float>([](V& a, V& b) { return a + b; }, acc);
+  *done = c;
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+inline bool cpu_has_bf16_convert() {
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+#endif
+
+// The native half path's softmax pass: P = exp(s * in_scale - ref) rounded to the half dtype
+// into p (the float32 row is not kept); returns the float32 sum, taken before rounding as torch
+// does (in_scale: 1 for scores already scaled, else the softmax scale, folded in here). The AVX512
+// build uses exp2_poly, the others ATen's exp_u20 (both a few ulp of float32, far below the half
+// rounding that follows; torch's CPU flash kernel uses exp_u20).
+template <typename in_t>
+inline float exp_sum_round(const float* s, float in_scale, float ref, int64_t n, in_t* p) {
+  int64_t c = 0;
+  float sum = 0.0f;
+#if defined(CPU_CAPABILITY_AVX512)
+  const float a = in_scale * kLog2e, b = ref * kLog2e;
+  if constexpr (std::is_same_v<in_t, c10::BFloat16>) {
+    if (cpu_has_bf16_convert()) sum = weights_bf16_hw(s, a, b, n, p, &c);
+  }
+  {
+    using V = Vec<float>;
+    const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    for (; c + 32 <= n; c += 32) {
+      const __m512 lo = weights16(s + c, va, vb), hi = weights16(s + c + 16, va, vb);
+      acc0 = _mm512_add_ps(acc0, lo);
+      acc1 = _mm512_add_ps(acc1, hi);
+      at::vec::convert_from_float<in_t>(V(lo), V(hi)).store(p + c);
+    }
+    sum += _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  }
+#else
+  {
+    using V = Vec<float>;
+    constexpr int64_t W = Vec<in_t>::size();  // two float vectors
+    const V vref(ref), vs(in_scale);
+    V acc0(0.0f), acc1(0.0f);
+    for (; c + W <= n; c += W) {
+      const V lo = (V::loadu(s + c) * vs - vref).exp_u20();
+      const V hi = (V::loadu(s + c + V::size()) * vs - vref).exp_u20();
+      acc0 = acc0 + lo;
+      acc1 = acc1 + hi;
+      at::vec::convert_from_float<in_t>(lo, hi).store(p + c);
+    }
+    sum = at::vec::vec_reduce_all<float>([](V& x, V& y) { return x + y; }, acc0 + acc1);
+  }
+#endif
   for (; c < n; ++c) {
-    const float e = flash::exp_(s[c] - ref);
+    const float e = flash::exp_(s[c] * in_scale - ref);
     sum += e;
     p[c] = static_cast<in_t>(e);
   }
   return sum;
 }
 
-// exp(s - ref) in place with exp_u20 (the native half path's backward; ref may be +inf).
+// exp(s - ref) in place (the native half path's backward; ref may be +inf): exp2_poly on AVX512,
+// else exp_u20, as exp_sum_round.
 inline void exp_sub_u20(float* s, float ref, int64_t n) {
   if (ref == pos_inf<float>()) {
     std::fill(s, s + n, 0.0f);
     return;
   }
-  at::vec::map<float>([ref](Vec<float> x) { return (x - Vec<float>(ref)).exp_u20(); }, s, s, n);
+  int64_t c = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 va = _mm512_set1_ps(kLog2e), vb = _mm512_set1_ps(ref * kLog2e);
+  for (; c + 16 <= n; c += 16) _mm512_storeu_ps(s + c, weights16(s + c, va, vb));
+#endif
+  at::vec::map<float>([ref](Vec<float> x) { return (x - Vec<float>(ref)).exp_u20(); }, s + c, s + c,
+                      n - c);
 }
 
 template <typename T>
@@ -296,8 +410,8 @@ inline void block_gemm(HalfGemm path, bool ta, bool tb, int64_t m, int64_t n, in
 // and it takes that kernel only when D == Dv; otherwise torch computes in float32 (its math
 // path) and so does this kernel (widened blocks), so that neither is less accurate than torch's.
 template <typename in_t>
-inline HalfGemm native_path(const FlashParams<in_t>& p) {
-  const HalfGemm path = half_gemm_path(std::is_same_v<in_t, c10::BFloat16>);
+inline HalfGemm native_path(const FlashParams<in_t>& p, bool forward) {
+  const HalfGemm path = half_gemm_path(std::is_same_v<in_t, c10::BFloat16>, forward);
   return p.D == p.Dv ? path : HalfGemm::kWiden;
 }
 
@@ -320,101 +434,77 @@ inline void round_block(const float* src, in_t* dst, int64_t n) {
   if constexpr (kHalf<in_t>) store_scaled(src, 1.0f, dst, n);
 }
 
-template <typename in_t, bool N>
-void forward_block(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, HalfGemm path,
-                   int64_t bh, int64_t i0, int64_t m, Work<in_t>& w,
-                   std::vector<flash::RowSoftmax<acc_t<in_t>>>& sm) {
-  using T = acc_t<in_t>;
-  const int64_t b = bh / p.Hq, h = bh % p.Hq;
-  const int64_t kvh = flash::kv_head(h, p.Hq, p.Hkv);
-  const int64_t D = p.D, Dv = p.Dv, Lk = p.Lk;
-  const auto* Q = operand<in_t, N>(p.q + (bh * p.Lq + i0) * D, m * D, w.Q.data());
-  const in_t* K = p.k + (b * p.Hkv + kvh) * Lk * D;
-  const in_t* V = p.v + (b * p.Hkv + kvh) * Lk * Dv;
-  in_t* out = o.out + (bh * p.Lq + i0) * Dv;
-  // float32 / float64: the running output lives in the output tensor itself
-  T* acc;
-  if constexpr (kHalf<in_t>) {
-    acc = w.acc.data();
-  } else {
-    acc = out;
-  }
-  T* S = w.S.data();
-  T* Z = w.Z.data();
-  std::fill(acc, acc + m * Dv, T(0));
-  for (int64_t r = 0; r < m; ++r) sm[r].init();
+// One row of a forward tile: the scores s (n keys from j0 of query i) are scaled (native half
+// path), modded, masked and turned into the block's weights: exp(s - m) in place (N = false) or
+// rounded to the half dtype into prow (N = true); the running sums move to the new max and the
+// row's accumulator acc_row is rescaled. Returns whether the row has an allowed key so far (else
+// its weights are zeros).
+template <typename in_t, bool N, typename T = acc_t<in_t>>
+inline bool softmax_row(const FlashParams<in_t>& p, int64_t b, int64_t h, int64_t i, int64_t bh,
+                        int64_t j0, int64_t n, bool causal_block, bool mods, T* s, in_t* prow, T* Z,
+                        flash::RowSoftmax<T>& sm, T* acc_row) {
   const bool dropout = p.dropout_p > 0.0;
-  const T keep_scale = T(1) / (T(1) - T(p.dropout_p));
-
-  // the keys some row of the block sees: the blocks outside every row's band are never visited
-  const int64_t key_begin = p.band.on() ? p.band.lo(i0) : 0;
-  const int64_t key_end = p.band.on() ? std::max(key_begin, p.band.hi(i0 + m - 1)) : Lk;
-  const bool mods = has_score_mods(p);
-  for (int64_t j0 = key_begin; j0 < key_end; j0 += kFwdBlockK) {
-    const int64_t n = std::min(kFwdBlockK, key_end - j0);
-    const auto* Kb = operand<in_t, N>(K + j0 * D, n * D, w.K.data());
-    // The native path scales in its row pass (fused with the max where no mask comes between).
-    block_gemm(path, false, true, m, n, D, N ? T(1) : p.scale, Q, D, Kb, D, T(0), S, n);
-    const bool causal_block = p.band.cuts(i0, i0 + m, j0, j0 + n);
-    bool any = false;
-    for (int64_t r = 0; r < m; ++r) {
-      T* s = S + r * n;
-      const int64_t i = i0 + r;
-      T mx;
-      if constexpr (N) {
-        if (p.mask_kind == flash::kNoMask && !causal_block && !mods) {
-          mx = scale_max(s, p.scale, n);
-        } else {
-          scale_row(s, p.scale, n);
-          if (mods) variant_row<in_t, T>(p, b, h, i, j0, n, s, nullptr);
-          mask_row(p, b, h, i, j0, n, causal_block, s);
-          mx = row_max(s, n);
-        }
-      } else {
-        if (mods) variant_row<in_t, T>(p, b, h, i, j0, n, s, nullptr);
-        mask_row(p, b, h, i, j0, n, causal_block, s);
-        mx = row_max(s, n);
-      }
-      const T alpha = sm[r].rescale(mx);
-      if (sm[r].m == neg_inf<T>()) {
-        // nothing allowed so far in this row: its weights are 0 (and exp(-inf - -inf) is NaN)
-        std::fill(s, s + n, T(0));
-        if constexpr (N) std::fill(w.Ph.data() + r * n, w.Ph.data() + (r + 1) * n, in_t(0));
-        continue;
-      }
-      any = true;
-      if constexpr (N) {
-        in_t* prow = w.Ph.data() + r * n;
-        if (!dropout) {
-          sm[r].l += exp_sum_round(s, sm[r].m, n, prow);
-        } else {
-          // the softmax sum is taken before dropout: dropout scales normalised weights
-          sm[r].l += exp_sub_sum(s, sm[r].m, n);
-          dropout_row(p, keep_scale, bh, i, j0, n, Z);
-          at::vec::map2<T>([](Vec<T> x, Vec<T> z) { return x * z; }, s, s, Z, n);
-          round_block(s, prow, n);
-        }
-      } else {
-        sm[r].l += exp_sub_sum(s, sm[r].m, n);
-        if (dropout) {
-          // the softmax sum above is taken before dropout: dropout scales normalised weights
-          dropout_row(p, keep_scale, bh, i, j0, n, Z);
-          at::vec::map2<T>([](Vec<T> x, Vec<T> z) { return x * z; }, s, s, Z, n);
-        }
-      }
-      if (alpha != T(1)) scale_row(acc + r * Dv, alpha, Dv);
+  T mx;
+  // Native half path without a mask, mod or dropout on the row: the max of the raw scores gives
+  // the scaled max (scale > 0: rounding is monotonic, so fl(scale max s) = max fl(scale s)), and
+  // the exp pass folds the scale in: the scaled row is never stored.
+  const bool raw = N && !dropout && p.mask_kind == flash::kNoMask && !causal_block && !mods &&
+                   p.scale > T(0);
+  if constexpr (N) {
+    if (raw) {
+      mx = p.scale * row_max(s, n);
+    } else if (p.mask_kind == flash::kNoMask && !causal_block && !mods) {
+      mx = scale_max(s, p.scale, n);
+    } else {
+      scale_row(s, p.scale, n);
+      if (mods) variant_row<in_t, T>(p, b, h, i, j0, n, s, nullptr);
+      mask_row(p, b, h, i, j0, n, causal_block, s);
+      mx = row_max(s, n);
     }
-    if (any) {
-      const auto* Vb = operand<in_t, N>(V + j0 * Dv, n * Dv, w.V.data());
-      if constexpr (N) {
-        block_gemm(path, false, false, m, Dv, n, T(1), w.Ph.data(), n, Vb, Dv, T(1), acc, Dv);
-      } else {
-        block_gemm(path, false, false, m, Dv, n, T(1), S, n, Vb, Dv, T(1), acc, Dv);
-      }
+  } else {
+    if (mods) variant_row<in_t, T>(p, b, h, i, j0, n, s, nullptr);
+    mask_row(p, b, h, i, j0, n, causal_block, s);
+    mx = row_max(s, n);
+  }
+  const T alpha = sm.rescale(mx);
+  if (sm.m == neg_inf<T>()) {
+    // nothing allowed so far in this row: its weights are 0 (and exp(-inf - -inf) is NaN)
+    std::fill(s, s + n, T(0));
+    if constexpr (N) std::fill(prow, prow + n, in_t(0));
+    return false;
+  }
+  const T keep_scale = T(1) / (T(1) - T(p.dropout_p));
+  if constexpr (N) {
+    if (!dropout) {
+      sm.l += exp_sum_round(s, raw ? p.scale : T(1), sm.m, n, prow);
+    } else {
+      // the softmax sum is taken before dropout: dropout scales normalised weights
+      sm.l += exp_sub_sum(s, sm.m, n);
+      dropout_row(p, keep_scale, bh, i, j0, n, Z);
+      at::vec::map2<T>([](Vec<T> x, Vec<T> z) { return x * z; }, s, s, Z, n);
+      round_block(s, prow, n);
+    }
+  } else {
+    sm.l += exp_sub_sum(s, sm.m, n);
+    if (dropout) {
+      // the softmax sum above is taken before dropout: dropout scales normalised weights
+      dropout_row(p, keep_scale, bh, i, j0, n, Z);
+      at::vec::map2<T>([](Vec<T> x, Vec<T> z) { return x * z; }, s, s, Z, n);
     }
   }
+  if (alpha != T(1)) scale_row(acc_row, alpha, p.Dv);
+  return true;
+}
+
+// The end of a forward block: each row's output is its accumulator over the softmax sum (a sink
+// joins the denominator only, flash::close_with_sink; lse includes it), rounded once for half
+// inputs, and its lse is saved.
+template <typename in_t, typename T = acc_t<in_t>>
+void close_rows(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, int64_t bh, int64_t i0,
+                int64_t m, T* acc, const std::vector<flash::RowSoftmax<T>>& sm) {
+  const int64_t h = bh % p.Hq, Dv = p.Dv;
+  in_t* out = o.out + (bh * p.Lq + i0) * Dv;
   for (int64_t r = 0; r < m; ++r) {
-    // a sink joins the denominator only (flash::close_with_sink); lse includes it
     T f, lse;
     if (p.sinks != nullptr) {
       f = flash::close_with_sink(sm[r].m, sm[r].l, p.sinks[h], &lse);
@@ -429,6 +519,58 @@ void forward_block(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, HalfG
     }
     o.lse[bh * p.Lq + i0 + r] = lse;
   }
+}
+
+template <typename in_t, bool N>
+void forward_block(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, HalfGemm path,
+                   int64_t bh, int64_t i0, int64_t m, Work<in_t>& w,
+                   std::vector<flash::RowSoftmax<acc_t<in_t>>>& sm) {
+  using T = acc_t<in_t>;
+  const int64_t b = bh / p.Hq, h = bh % p.Hq;
+  const int64_t kvh = flash::kv_head(h, p.Hq, p.Hkv);
+  const int64_t D = p.D, Dv = p.Dv, Lk = p.Lk;
+  const auto* Q = operand<in_t, N>(p.q + (bh * p.Lq + i0) * D, m * D, w.Q.data());
+  const in_t* K = p.k + (b * p.Hkv + kvh) * Lk * D;
+  const in_t* V = p.v + (b * p.Hkv + kvh) * Lk * Dv;
+  // float32 / float64: the running output lives in the output tensor itself
+  T* acc;
+  if constexpr (kHalf<in_t>) {
+    acc = w.acc.data();
+  } else {
+    acc = o.out + (bh * p.Lq + i0) * Dv;
+  }
+  T* S = w.S.data();
+  T* Z = w.Z.data();
+  std::fill(acc, acc + m * Dv, T(0));
+  for (int64_t r = 0; r < m; ++r) sm[r].init();
+
+  // the keys some row of the block sees: the blocks outside every row's band are never visited
+  const int64_t key_begin = p.band.on() ? p.band.lo(i0) : 0;
+  const int64_t key_end = p.band.on() ? std::max(key_begin, p.band.hi(i0 + m - 1)) : Lk;
+  const bool mods = has_score_mods(p);
+  for (int64_t j0 = key_begin; j0 < key_end; j0 += kFwdBlockK) {
+    const int64_t n = std::min(kFwdBlockK, key_end - j0);
+    const auto* Kb = operand<in_t, N>(K + j0 * D, n * D, w.K.data());
+    // The native path scales in its row pass (fused with the max where no mask comes between).
+    block_gemm(path, false, true, m, n, D, N ? T(1) : p.scale, Q, D, Kb, D, T(0), S, n);
+    const bool causal_block = p.band.cuts(i0, i0 + m, j0, j0 + n);
+    bool any = false;
+    for (int64_t r = 0; r < m; ++r) {
+      in_t* prow = nullptr;
+      if constexpr (N) prow = w.Ph.data() + r * n;
+      any |= softmax_row<in_t, N>(p, b, h, i0 + r, bh, j0, n, causal_block, mods, S + r * n, prow,
+                                  Z, sm[r], acc + r * Dv);
+    }
+    if (any) {
+      const auto* Vb = operand<in_t, N>(V + j0 * Dv, n * Dv, w.V.data());
+      if constexpr (N) {
+        block_gemm(path, false, false, m, Dv, n, T(1), w.Ph.data(), n, Vb, Dv, T(1), acc, Dv);
+      } else {
+        block_gemm(path, false, false, m, Dv, n, T(1), S, n, Vb, Dv, T(1), acc, Dv);
+      }
+    }
+  }
+  close_rows(p, o, bh, i0, m, acc, sm);
 }
 
 template <typename in_t, bool N>
@@ -448,10 +590,136 @@ void forward_impl(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, HalfGe
   });
 }
 
+// ---- the AMX forward: K and V packed once per call (docs/design.md, "Half precision on CPU") ----
+
+// Rows of a query block go through the tile products in strips of kAmxRows: a strip's scores
+// (kAmxRows x kFwdBlockK float32, 64 KiB) stay in L2 between the product that writes them, the
+// row passes and the product that reads their rounded weights.
+inline int64_t amx_rows() {
+  static const int64_t r = std::getenv("PYATTN_AMX_ROWS") ? std::atoi(std::getenv("PYATTN_AMX_ROWS")) : 32;
+  return r;
+}
+#define kAmxRows amx_rows()
+
+// Whether the call packs K and V for the AMX forward: each packed element must be read by enough
+// query rows (its kv head's query heads times Lq) to pay for its packing.
+template <typename in_t>
+inline bool amx_prepack_pays(const FlashParams<in_t>& p) {
+  return p.Lq * (p.Hq / p.Hkv) >= 32 && p.Lk >= 16;
+}
+
+template <typename in_t>
+struct AmxPacked {
+  const in_t* k;  // (B * Hkv) blocks of amx_keys_size(Lk, D)
+  const in_t* v;  // (B * Hkv) blocks of amx_values_size(Lk, Dv)
+  int64_t k_size, v_size;
+};
+
+template <typename in_t>
+void forward_block_amx(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o,
+                       const AmxPacked<in_t>& pk, int64_t bh, int64_t i0, int64_t m,
+                       Work<in_t>& w, std::vector<flash::RowSoftmax<float>>& sm) {
+  const int64_t b = bh / p.Hq, h = bh % p.Hq;
+  const int64_t kvh = flash::kv_head(h, p.Hq, p.Hkv);
+  const int64_t D = p.D, Dv = p.Dv, Lk = p.Lk;
+  const int64_t Dp = (D + 1) & ~int64_t(1), Lke = (Lk + 1) & ~int64_t(1);
+  const in_t* Kp = pk.k + (b * p.Hkv + kvh) * pk.k_size;
+  const in_t* Vp = pk.v + (b * p.Hkv + kvh) * pk.v_size;
+  // Q as (m x Dp) rows: in place for an even D, else padded with a zero column
+  const in_t* Q = p.q + (bh * p.Lq + i0) * D;
+  if (Dp != D) {
+    in_t* buf = w.Ph.data() + m * kFwdBlockK;
+    for (int64_t r = 0; r < m; ++r) {
+      std::copy(Q + r * D, Q + (r + 1) * D, buf + r * Dp);
+      buf[r * Dp + D] = in_t(0);
+    }
+    Q = buf;
+  }
+  float* acc = w.acc.data();
+  float* S = w.S.data();
+  float* Z = w.Z.data();
+  std::fill(acc, acc + m * Dv, 0.0f);
+  for (int64_t r = 0; r < m; ++r) sm[r].init();
+  // Key blocks start on a strip: the band's first and last keys round out to whole strips, whose
+  // extra keys the band masks (causal_block below).
+  int64_t key_begin = 0, key_end = Lk;
+  if (p.band.on()) {
+    key_begin = p.band.lo(i0) / kAmxStrip * kAmxStrip;
+    const int64_t hi = std::max(p.band.lo(i0), p.band.hi(i0 + m - 1));
+    key_end = std::min(Lk, (hi + kAmxStrip - 1) / kAmxStrip * kAmxStrip);
+    if (hi <= p.band.lo(i0)) key_end = key_begin;  // no row of the block sees any key
+  }
+  const bool mods = has_score_mods(p);
+  for (int64_t j0 = key_begin; j0 < key_end; j0 += kFwdBlockK) {
+    const int64_t n = std::min(kFwdBlockK, key_end - j0);
+    const int64_t ne = (n + 1) & ~int64_t(1);  // P's columns: a zero one meets V's zero row
+    const bool causal_block = p.band.cuts(i0, i0 + m, j0, j0 + n);
+    for (int64_t r0 = 0; r0 < m; r0 += kAmxRows) {
+      const int64_t mr = std::min<int64_t>(kAmxRows, m - r0);
+      float* Sr = S + r0 * n;
+      for (int64_t js = 0; js < n; js += kAmxStrip) {
+        const int64_t nb = std::min(kAmxStrip, n - js);
+        amx_brgemm(mr, nb, Dp, Dp, amx_ld(nb), n, false, Q + r0 * Dp,
+                   Kp + ((j0 + js) / kAmxStrip) * Dp * kAmxStrip, Sr + js);
+      }
+      bool any = false;
+      in_t* P = w.Ph.data();
+      for (int64_t r = 0; r < mr; ++r) {
+        in_t* prow = P + r * ne;
+        any |= softmax_row<in_t, true>(p, b, h, i0 + r0 + r, bh, j0, n, causal_block, mods,
+                                       Sr + r * n, prow, Z, sm[r0 + r], acc + (r0 + r) * Dv);
+        if (ne != n) prow[n] = in_t(0);
+      }
+      if (!any) continue;
+      for (int64_t c = 0; c < Dv; c += kAmxStrip) {
+        const int64_t nb = std::min(kAmxStrip, Dv - c);
+        amx_brgemm(mr, nb, ne, ne, amx_ld(nb), Dv, true, P,
+                   Vp + (c / kAmxStrip) * Lke * kAmxStrip + j0 * amx_ld(nb), acc + r0 * Dv + c);
+      }
+    }
+  }
+  close_rows(p, o, bh, i0, m, acc, sm);
+}
+
+template <typename in_t>
+void forward_amx(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o) {
+  AmxPacked<in_t> pk;
+  pk.k_size = amx_keys_size(p.Lk, p.D);
+  pk.v_size = amx_values_size(p.Lk, p.Dv);
+  // written whole by the packing below: no zero fill first
+  std::unique_ptr<in_t[]> kbuf(new in_t[p.B * p.Hkv * pk.k_size]);
+  std::unique_ptr<in_t[]> vbuf(new in_t[p.B * p.Hkv * pk.v_size]);
+  at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      amx_pack_keys(p.k + t * p.Lk * p.D, p.Lk, p.D, kbuf.get() + t * pk.k_size);
+      amx_pack_values(p.v + t * p.Lk * p.Dv, p.Lk, p.Dv, vbuf.get() + t * pk.v_size);
+    }
+  });
+  pk.k = kbuf.get();
+  pk.v = vbuf.get();
+  const int64_t block_q = !p.band.on() && p.Lq >= kFwdLongRows ? kFwdBlockQLong : kFwdBlockQ;
+  const int64_t q_blocks = (p.Lq + block_q - 1) / block_q;
+  at::parallel_for(0, p.B * p.Hq * q_blocks, 1, [&](int64_t begin, int64_t end) {
+    // Ph: the strip's rounded weights (kAmxRows x (kFwdBlockK + 1)), then Q padded for an odd D
+    const int64_t Dp = (p.D + 1) & ~int64_t(1);
+    Work<in_t> w(block_q * kFwdBlockK, 0, kFwdBlockK, false, false, 0, 0, 0, 0, block_q * p.Dv);
+    w.Ph.resize(block_q * kFwdBlockK + block_q * Dp);
+    std::vector<flash::RowSoftmax<float>> sm(block_q);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / q_blocks, i0 = (t % q_blocks) * block_q;
+      forward_block_amx<in_t>(p, o, pk, bh, i0, std::min(block_q, p.Lq - i0), w, sm);
+    }
+    amx_release();
+  });
+}
+
 template <typename in_t>
 void forward(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o) {
   if constexpr (kHalf<in_t>) {
-    const HalfGemm path = native_path(p);
+    const HalfGemm fwd = native_path(p, true);
+    if (fwd == HalfGemm::kAmx && amx_prepack_pays(p)) return forward_amx(p, o);
+    // too few query rows to pay for packing: the per-product path (auto: MKL's; forced: AMX's)
+    const HalfGemm path = fwd == HalfGemm::kAmx ? native_path(p, false) : fwd;
     if (path != HalfGemm::kWiden) return forward_impl<in_t, true>(p, o, path);
   }
   forward_impl<in_t, false>(p, o, HalfGemm::kWiden);
@@ -643,7 +911,7 @@ void backward_impl(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a, Half
 template <typename in_t>
 void backward(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a) {
   if constexpr (kHalf<in_t>) {
-    const HalfGemm path = native_path(p);
+    const HalfGemm path = native_path(p, false);
     if (path != HalfGemm::kWiden) return backward_impl<in_t, true>(p, a, path);
   }
   backward_impl<in_t, false>(p, a, HalfGemm::kWiden);

@@ -40,7 +40,8 @@ enum class HalfGemm { kWiden = 0, kMkl = 1, kAmx = 2 };
 // once at the start of each half kernel call: it also starts a new call for the AMX path's cache
 // of packed B operands, so a B operand of the half flash_gemm must be one of the call's inputs,
 // unchanged until the next half_gemm_path (the kernels' B operands are Q, K, V and dO blocks).
-HalfGemm half_gemm_path(bool bf16);
+// forward: the call is a forward (auto may choose differently for the two directions).
+HalfGemm half_gemm_path(bool bf16, bool forward);
 const char* half_gemm_name(HalfGemm path);
 void flash_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
                 const c10::BFloat16* a, int64_t lda, const c10::BFloat16* b, int64_t ldb,
@@ -48,6 +49,32 @@ void flash_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, flo
 void flash_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
                 const c10::Half* a, int64_t lda, const c10::Half* b, int64_t ldb, float beta,
                 float* c, int64_t ldc, HalfGemm path);
+
+// The AMX forward's pre-packed operands (csrc/cpu/blas.cpp; docs/design.md, "Half precision on
+// CPU"): K and V of a (batch, kv head) are packed once per call into oneDNN's VNNI layout, in
+// strips of kAmxStrip keys (K^T) or columns (V), and every query block multiplies them with
+// torch's exported brgemm, without per-product packing.
+constexpr int64_t kAmxStrip = 64;
+inline int64_t amx_ld(int64_t nb) { return (nb + 15) / 16 * 16; }
+// elements of the packed K (n keys of D) and V (n keys of Dv)
+inline int64_t amx_keys_size(int64_t n, int64_t D) {
+  return (n + kAmxStrip - 1) / kAmxStrip * ((D + 1) & ~int64_t(1)) * kAmxStrip;
+}
+inline int64_t amx_values_size(int64_t n, int64_t Dv) {
+  return (Dv + kAmxStrip - 1) / kAmxStrip * ((n + 1) & ~int64_t(1)) * kAmxStrip;
+}
+bool amx_prepack_usable(bool bf16);
+void amx_pack_keys(const c10::BFloat16* k, int64_t n, int64_t D, c10::BFloat16* out);
+void amx_pack_keys(const c10::Half* k, int64_t n, int64_t D, c10::Half* out);
+void amx_pack_values(const c10::BFloat16* v, int64_t n, int64_t Dv, c10::BFloat16* out);
+void amx_pack_values(const c10::Half* v, int64_t n, int64_t Dv, c10::Half* out);
+// C (m x n, ldc) [+]= A (m x k, lda; k even) B (packed, ldb = amx_ld(n)); n <= kAmxStrip
+void amx_brgemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add_c,
+                const c10::BFloat16* a, const c10::BFloat16* b, float* c);
+void amx_brgemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add_c,
+                const c10::Half* a, const c10::Half* b, float* c);
+// Releases this thread's AMX tile configuration (after a task's last brgemm).
+void amx_release();
 
 template <typename scalar_t>
 struct AccType {
