@@ -171,6 +171,7 @@ struct Params {
   int64_t win_left, win_right;  // query i sees keys d - left <= j <= d + right; -1 = unbounded
   bool win_upper_left;          // the window's diagonal d = i (upper-left causality), else i + Lk - Lq
   float softcap;                // s -> softcap tanh(s / softcap); 0 = off
+  float softcap_inv;            // 1 / softcap (a product in the kernels: no division slow path)
   const float* sinks;           // (Hq,) float32 or nullptr: one more logit in each row's denominator
   const float* alibi;           // (B, Hq) or (Hq,) float32 or nullptr: s -= slope |i + Lk - Lq - j|
   int64_t alibi_bstride;        // Hq for (B, Hq) slopes, 0 for (Hq,)
@@ -459,7 +460,7 @@ __device__ __forceinline__ float variant_score(const Params& p, const TileVar& t
   if (i >= p.Lq || j >= p.Lk) return -std::numeric_limits<float>::infinity();
   float s = dot * p.scale;
   if (p.softcap > 0.0f) {
-    const float t = tanhf(s / p.softcap);
+    const float t = tanhf(s * p.softcap_inv);
     s = p.softcap * t;
     *g = 1.0f - t * t;
   }
@@ -951,6 +952,7 @@ inline bool set_variants(Params& p, const at::Tensor& q, int64_t causal, int64_t
   p.win_right = window_right;
   p.win_upper_left = causal == flash::kUpperLeft;
   p.softcap = static_cast<float>(softcap);
+  p.softcap_inv = softcap > 0.0 ? static_cast<float>(1.0 / softcap) : 0.0f;
   sinks_holder = variant_tensor(sinks, q, at::kFloat, B, p.Hq, false, "sinks");
   alibi_holder = variant_tensor(alibi_slopes, q, at::kFloat, B, p.Hq, true, "alibi_slopes");
   p.sinks = sinks_holder.defined() ? sinks_holder.data_ptr<float>() : nullptr;
