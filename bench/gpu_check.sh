@@ -8,8 +8,9 @@
 #   env          GPU, driver, python/torch/triton/nvcc versions          -> gpu_check.log
 #   build        pip install -e . with CUDA kernels for sm_90a           -> build.log
 #   correctness  both ops x triton/cuda backends x fp16/bf16/fp32 on CUDA, one fixed Triton
-#                config per kernel (PYATTN_TRITON_AUTOTUNE=0), pytest -v, per-test timeout,
-#                xdist                                                   -> correctness.log
+#                config per kernel (PYATTN_TRITON_AUTOTUNE=0), and the CUDA kernels' attention
+#                variants (window, softcap, sinks, ALiBi) against the reference, pytest -v,
+#                per-test timeout, xdist                                 -> correctness.log
 #   sanitizer    compute-sanitizer memcheck, then racecheck, over small cases of every CUDA
 #                kernel (bench/sanitize_cases.py)                        -> sanitizer.log
 #   bench        the headline benchmark with full autotuning (pyattn bench --headline): sdpa
@@ -120,9 +121,10 @@ if [ "$TINY" = 1 ]; then
     XDIST=()
 else
     # the GPU-marked and device-parametrised cases of both ops; test_edge_cases covers the
-    # masks/causal/GQA/odd-size matrix across backends
+    # masks/causal/GQA/odd-size matrix across backends; test_attention_variants_cuda runs the
+    # CUDA sdpa/varlen variants, forward and backward, against the float64 reference
     SELECT=(tests/test_additive_attention.py tests/test_sdpa.py tests/test_sdpa_triton.py tests/test_edge_cases.py
-        tests/test_varlen_attention.py -k "cuda or triton or gpu")
+        tests/test_varlen_attention.py tests/test_attention_variants_cuda.py -k "cuda or triton or gpu")
     XDIST=(-n 8 --dist loadfile)
 fi
 # a per-test timeout and xdist where their plugins are installed (they are on the device machine)

@@ -4,7 +4,8 @@
 
 bench/gpu_check.sh runs it under memcheck and racecheck. Shapes are tiny (the sanitizer slows
 kernels a hundredfold) but ragged: lengths that are not multiples of any block, an odd head dim,
-fully padded rows, GQA, causal, masks and dropout, so every bounds check and tail path runs.
+fully padded rows, GQA, causal, masks and dropout, the attention variants (window, softcap,
+sinks, ALiBi), so every bounds check and tail path runs.
 Exits non-zero when a call raises or returns a non-finite value.
 """
 
@@ -46,11 +47,16 @@ def _cases(device: str):
         bmask = torch.rand(2, 4, 33, 45, device=device) < 0.7
         bmask[0, 0, :3] = False  # rows with no key
         fmask = torch.randn(2, 1, 33, 45, device=device, dtype=dt)
+        sinks = torch.randn(4, device=device, requires_grad=True)
+        slopes = torch.rand(2, 4, device=device)
         for kw in (
             dict(is_causal=True),
             dict(attn_mask=bmask),
             dict(attn_mask=fmask, dropout_p=0.2),
             dict(),
+            # the variants' kernels: a window that skips key blocks, every score mod, the sink
+            dict(is_causal=True, window_size=(7, 0), softcap=5.0, sinks=sinks, alibi_slopes=slopes),
+            dict(attn_mask=bmask, window_size=(3, 11), sinks=sinks),
         ):
             name = f"sdpa {dt} " + ",".join(f"{k}" for k in kw)
             yield (
@@ -77,7 +83,13 @@ def _varlen_cases(device: str, backend: str, dtypes):
 
         q, k, v = r(sum(lens_q), 4, 59), r(sum(lens_k), 2, 59), r(sum(lens_k), 2, 59)
         cq, ck = cu(lens_q), cu(lens_k)
-        for kw in (dict(), dict(is_causal=True, dropout_p=0.2)):
+        variants = dict(
+            window_size=(6, 2),
+            softcap=4.0,
+            sinks=torch.randn(4, device=device, requires_grad=True),
+            alibi_slopes=torch.rand(len(lens_q), 4, device=device),
+        )
+        for kw in (dict(), dict(is_causal=True, dropout_p=0.2), dict(is_causal=True, **variants)):
             name = f"varlen {dt} " + ",".join(f"{k}" for k in kw)
             yield (
                 name,

@@ -28,19 +28,7 @@ inline void check_sdpa_inputs(const at::Tensor& q, const at::Tensor& k, const at
                    attn_mask.has_value() ? attn_mask->sizes() : c10::IntArrayRef{});
 }
 
-// The CUDA flash kernels do not fuse the attention variants yet (pyattn/_backend.py sends such
-// calls elsewhere); a direct torch.ops call with one is refused, never computed without it.
-inline void check_no_variants(int64_t window_left, int64_t window_right, double softcap,
-                              const c10::optional<at::Tensor>& sinks,
-                              const c10::optional<at::Tensor>& alibi_slopes) {
-  PYATTN_CHECK_ARG(window_left == -1 && window_right == -1 && softcap == 0.0 && !sinks.has_value() && !alibi_slopes.has_value(),
-                   "sdpa (cuda)", "window_left/window_right/softcap/sinks/alibi_slopes",
-                   "expected the defaults (the CUDA kernels do not fuse the attention variants yet), got window (",
-                   window_left, ", ", window_right, "), softcap ", softcap, sinks.has_value() ? ", sinks" : "",
-                   alibi_slopes.has_value() ? ", alibi_slopes" : "");
-}
-
-// The variants' tensors as the CPU kernels read them: sinks (Hq,) and alibi_slopes (Hq,) or
+// The variants' tensors as the kernels read them: sinks (Hq,) and alibi_slopes (Hq,) or
 // (B, Hq) in the accumulation dtype, contiguous; undefined when absent.
 inline at::Tensor variant_tensor(const c10::optional<at::Tensor>& t, const at::Tensor& q, at::ScalarType acc,
                                  int64_t B, int64_t Hq, bool per_batch, const char* name) {

@@ -199,7 +199,7 @@ RECORDS: dict[str, Backend] = {
             machine=_cuda_machine,
             on_device=_cuda_device,
             ran_on="nowhere yet: compiled and linked for sm_90a, never run on a GPU",
-            variant_ops=("kvcache_attention",),
+            variant_ops=("sdpa", "varlen_attention", "kvcache_attention"),
         ),
         Backend(
             name="reference",

@@ -36,6 +36,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -164,6 +165,16 @@ struct Params {
   const int32_t* cu_k;
   int64_t total_q, total_k;
   bool lower_right;  // varlen causal: the diagonal ends at each sequence's last key
+
+  // Attention variants (docs/design.md, "Attention variants"), read only by the kernels
+  // instantiated with kVar = true, so a call without them runs the unchanged code.
+  int64_t win_left, win_right;  // query i sees keys d - left <= j <= d + right; -1 = unbounded
+  bool win_upper_left;          // the window's diagonal d = i (upper-left causality), else i + Lk - Lq
+  float softcap;                // s -> softcap tanh(s / softcap); 0 = off
+  float softcap_inv;            // 1 / softcap (a product in the kernels: no division slow path)
+  const float* sinks;           // (Hq,) float32 or nullptr: one more logit in each row's denominator
+  const float* alibi;           // (B, Hq) or (Hq,) float32 or nullptr: s -= slope |i + Lk - Lq - j|
+  int64_t alibi_bstride;        // Hq for (B, Hq) slopes, 0 for (Hq,)
 };
 
 // ------------------------------------------------------------------------------------------
@@ -394,11 +405,7 @@ __device__ __forceinline__ void block_gemm(const T* A, int ars, int acs, const T
 // The masked, scaled score of (b, h, i, j) from the raw dot product; -inf where the element is
 // outside the tensor, above the causal diagonal (when check_causal) or masked out.
 template <typename T>
-__device__ __forceinline__ float masked_score(const Params& p, float dot, int64_t b, int64_t h, int64_t i,
-                                              int64_t j, bool check_causal) {
-  if (i >= p.Lq || j >= p.Lk) return -std::numeric_limits<float>::infinity();
-  float s = dot * p.scale;
-  if (check_causal) s = flash::apply_bool_mask(s, flash::causal_allowed(i, j, p.causal_off));
+__device__ __forceinline__ float user_mask(const Params& p, float s, int64_t b, int64_t h, int64_t i, int64_t j) {
   if (p.mask_kind != flash::kNoMask) {
     const int64_t off = b * p.msb + h * p.msh + i * p.msi + j * p.msj;
     if (p.mask_kind == flash::kBoolMask) {
@@ -408,6 +415,61 @@ __device__ __forceinline__ float masked_score(const Params& p, float dot, int64_
     }
   }
   return s;
+}
+
+template <typename T>
+__device__ __forceinline__ float masked_score(const Params& p, float dot, int64_t b, int64_t h, int64_t i,
+                                              int64_t j, bool check_causal) {
+  if (i >= p.Lq || j >= p.Lk) return -std::numeric_limits<float>::infinity();
+  float s = dot * p.scale;
+  if (check_causal) s = flash::apply_bool_mask(s, flash::causal_allowed(i, j, p.causal_off));
+  return user_mask<T>(p, s, b, h, i, j);
+}
+
+// The variants' causal/window band of one tile (query rows q0 + r, keys k0 + c), as bounds on
+// c - r: element (r, c) is inside when lo <= c - r <= hi. This is flash::Band's
+// lo(i) <= j < hi(i) unrolled (for j inside the tensor: j >= i + win_off - left, j <= i +
+// causal_off, j <= i + win_off + right), so a tile costs two 32-bit compares per element and no
+// 64-bit band state in registers (|c - r| < BM + BN, so bounds clamped to +-2^30 are exact).
+// alibi_d + r - c is ALiBi's i + Lk - Lq - j.
+struct TileVar {
+  int lo, hi;
+  int64_t alibi_d;
+};
+
+__device__ __forceinline__ TileVar tile_var(const Params& p, int64_t q0, int64_t k0) {
+  constexpr int64_t kBig = int64_t(1) << 30;
+  const int64_t rel = k0 - q0;  // j - i = (c - r) + rel
+  const int64_t win_off = p.win_upper_left ? 0 : p.Lk - p.Lq;
+  int64_t lo = p.win_left >= 0 ? win_off - p.win_left - rel : -kBig;
+  int64_t hi = kBig;
+  if (p.causal && p.causal_off - rel < hi) hi = p.causal_off - rel;
+  if (p.win_right >= 0 && win_off + p.win_right - rel < hi) hi = win_off + p.win_right - rel;
+  lo = lo < -kBig ? -kBig : (lo > kBig ? kBig : lo);
+  hi = hi < -kBig ? -kBig : (hi > kBig ? kBig : hi);
+  return TileVar{static_cast<int>(lo), static_cast<int>(hi), q0 - k0 + p.Lk - p.Lq};
+}
+
+// The kVar kernels' score of tile element (r, c) = (i, j), in DESIGN.md's order (as the cpu
+// kernel's variant_row + mask_row): scale, softcap, ALiBi, the causal/window band, the user
+// mask. *g gets softcap's derivative 1 - tanh^2 (the backward's dS factor; left alone when
+// softcap is off).
+template <typename T>
+__device__ __forceinline__ float variant_score(const Params& p, const TileVar& tv, float slope, float dot, int64_t b,
+                                               int64_t h, int r, int c, int64_t i, int64_t j, float* g) {
+  if (i >= p.Lq || j >= p.Lk) return -std::numeric_limits<float>::infinity();
+  float s = dot * p.scale;
+  if (p.softcap > 0.0f) {
+    const float t = tanhf(s * p.softcap_inv);
+    s = p.softcap * t;
+    *g = 1.0f - t * t;
+  }
+  if (p.alibi != nullptr) {
+    const int64_t d = tv.alibi_d + (r - c);
+    s -= slope * static_cast<float>(d < 0 ? -d : d);
+  }
+  if (c - r < tv.lo || c - r > tv.hi) s = -std::numeric_limits<float>::infinity();
+  return user_mask<T>(p, s, b, h, i, j);
 }
 
 __device__ __forceinline__ float dropout_mult(const Params& p, int64_t bh, int64_t i, int64_t j) {
@@ -429,6 +491,49 @@ __device__ __forceinline__ void seq_bounds(Params& p, int64_t b, int64_t& q_star
   p.causal_off = p.lower_right ? p.Lk - p.Lq : 0;
 }
 
+// The causal and window band of batch entry b, once seq_bounds has narrowed p to it: a query
+// block sees the keys [lo(first row), hi(last row)) and a key block the queries
+// [query_begin, query_end), so the blocks wholly outside the band are never visited (the
+// elements of the visited ones are masked through TileVar).
+__device__ __forceinline__ flash::Band band_of(const Params& p) {
+  return flash::Band{p.causal, p.causal_off, p.win_left, p.win_right, p.win_upper_left ? 0 : p.Lk - p.Lq,
+                     p.Lq, p.Lk};
+}
+
+__device__ __forceinline__ float alibi_slope(const Params& p, int64_t b, int64_t h) {
+  return p.alibi != nullptr ? p.alibi[b * p.alibi_bstride + h] : 0.0f;
+}
+
+// The keys [k_begin, k_stop) that query rows [q0, q_end) see (q_end > q0).
+template <bool kVar>
+__device__ __forceinline__ void key_range(const Params& p, const flash::Band& band, int64_t q0, int64_t q_end,
+                                          int64_t& k_begin, int64_t& k_stop) {
+  if constexpr (kVar) {
+    k_begin = band.on() ? band.lo(q0) : 0;
+    const int64_t hi = band.hi(q_end - 1);
+    k_stop = band.on() ? (hi > k_begin ? hi : k_begin) : p.Lk;
+  } else {
+    k_begin = 0;
+    k_stop = p.causal ? flash::causal_key_end(q_end, p.Lk, p.causal_off) : p.Lk;
+  }
+}
+
+// The score of tile element (r, c) = (i, j): the plain kernel's (masked_score, the causal
+// diagonal checked only where the tile crosses it) or, with kVar, the variants'.
+template <typename T, bool kVar>
+__device__ __forceinline__ float tile_score(const Params& p, const TileVar& tv, float slope, float dot, int64_t b,
+                                            int64_t h, int r, int c, int64_t i, int64_t j, bool check_causal,
+                                            float* g) {
+  if constexpr (kVar) {
+    return variant_score<T>(p, tv, slope, dot, b, h, r, c, i, j, g);
+  } else {
+    (void)tv;
+    (void)slope;
+    (void)g;
+    return masked_score<T>(p, dot, b, h, i, j, check_causal);
+  }
+}
+
 // The row of (b, query head h)'s first query in the (rows, D) views of q/out/dq (and of
 // lse/delta), and of (b, kv head)'s first key in k/v/dk/dv.
 __device__ __forceinline__ int64_t q_row(const Params& p, int64_t b, int64_t h, int64_t q_start) {
@@ -442,7 +547,9 @@ __device__ __forceinline__ int64_t k_row(const Params& p, int64_t b, int64_t kvh
 // Forward
 // ------------------------------------------------------------------------------------------
 
-template <typename T, int Dp>
+// kVar: the attention variants are on (Params' window, softcap, sinks, ALiBi); the false
+// instantiation is the plain kernel, with no variant code in it.
+template <typename T, int Dp, bool kVar>
 __global__ void __launch_bounds__(kThreads) sdpa_fwd_kernel(const Params p_in) {
   using Tl = Tiles<Kernel::kFwd, T, Dp>;
   constexpr int BM = Tl::BM, BN = Tl::BN;
@@ -485,8 +592,12 @@ __global__ void __launch_bounds__(kThreads) sdpa_fwd_kernel(const Params p_in) {
   }
 
   const int64_t q_end = q0 + BM < p.Lq ? q0 + BM : p.Lq;
-  const int64_t k_stop = p.causal ? flash::causal_key_end(q_end, p.Lk, p.causal_off) : p.Lk;
-  for (int64_t k0 = 0; k0 < k_stop; k0 += BN) {
+  // key blocks wholly outside every row's band (causal, window) are never visited
+  const flash::Band band = kVar ? band_of(p) : flash::Band{};
+  const float slope = kVar ? alibi_slope(p, b, h) : 0.0f;
+  int64_t k_begin, k_stop;
+  key_range<kVar>(p, band, q0, q_end, k_begin, k_stop);
+  for (int64_t k0 = k_begin; k0 < k_stop; k0 += BN) {
     __syncthreads();  // the previous block's P V product is done with sK, sV, sP
     load_tile(sK, L::ldD, k, k0, p.Lk, p.D, BN, Dk, p.vec_ok);
     load_tile(sV, L::ldD, v, k0, p.Lk, p.Dv, BN, Dvk, p.vec_ok);
@@ -496,13 +607,15 @@ __global__ void __launch_bounds__(kThreads) sdpa_fwd_kernel(const Params p_in) {
     __syncthreads();
 
     const int64_t k_end = k0 + BN < p.Lk ? k0 + BN : p.Lk;
-    const bool check_causal = p.causal && flash::causal_block_needs_mask(q0, k_end, p.causal_off);
+    const bool check_causal = !kVar && p.causal && flash::causal_block_needs_mask(q0, k_end, p.causal_off);
+    const TileVar tv = kVar ? tile_var(p, q0, k0) : TileVar{};
     // One warp per query row: mask, online-softmax update, P (with dropout), rescale O.
     for (int r = warp; r < BM; r += kWarps) {
       const int64_t i = q0 + r;
       float mx = -std::numeric_limits<float>::infinity();
       for (int c = lane; c < BN; c += 32) {
-        const float s = masked_score<T>(p, sS[r * L::ldS + c], b, h, i, k0 + c, check_causal);
+        float g;
+        const float s = tile_score<T, kVar>(p, tv, slope, sS[r * L::ldS + c], b, h, r, c, i, k0 + c, check_causal, &g);
         sS[r * L::ldS + c] = s;
         mx = flash::nan_max(mx, s);
       }
@@ -540,9 +653,16 @@ __global__ void __launch_bounds__(kThreads) sdpa_fwd_kernel(const Params p_in) {
     flash::RowSoftmax<float> rs;
     rs.m = row_m[r];
     rs.l = row_l[r];
-    const float inv = rs.inv_sum();
+    float inv, row_lse;
+    if (kVar && p.sinks != nullptr) {
+      // the sink joins the denominator only; lse includes it (a row with only its sink: zeros)
+      inv = flash::close_with_sink(rs.m, rs.l, p.sinks[h], &row_lse);
+    } else {
+      inv = rs.inv_sum();
+      row_lse = rs.lse();
+    }
     for (int c = lane; c < p.Dv; c += 32) out[i * p.Dv + c] = from_f<T>(sO[r * L::ldF + c] * inv);
-    if (lane == 0) lse[i] = rs.lse();
+    if (lane == 0) lse[i] = row_lse;
   }
 }
 
@@ -567,21 +687,29 @@ __global__ void __launch_bounds__(kThreads) sdpa_bwd_delta_kernel(const Params p
 
 // Recomputes P and dS of one (query block, key block) tile from S = Q K^T and dP = dO V^T (in
 // sS, sdP): writes dS (and Z * P when sPZ is given) as T for the following GEMMs.
-template <typename T, int BM, int BN, int ldS, int ldP>
+// kVar: the variants' score (variant_score); softcap's 1 - tanh^2 multiplies dS. The sink needs
+// nothing here: the saved lse includes it, and its own gradient is taken from lse and Delta on
+// the Python side (pyattn/ops/_common.py, sink_grad).
+template <typename T, int BM, int BN, int ldS, int ldP, bool kVar>
 __device__ void backward_scores(const Params& p, const float* sS, const float* sdP, const float* s_lse,
                                 const float* s_delta, T* sPZ, T* sdS, int64_t b, int64_t h, int64_t bh, int64_t q0,
                                 int64_t k0) {
   const int64_t k_end = k0 + BN < p.Lk ? k0 + BN : p.Lk;
-  const bool check_causal = p.causal && flash::causal_block_needs_mask(q0, k_end, p.causal_off);
+  const bool check_causal = !kVar && p.causal && flash::causal_block_needs_mask(q0, k_end, p.causal_off);
+  const TileVar tv = kVar ? tile_var(p, q0, k0) : TileVar{};
+  const float slope = kVar ? alibi_slope(p, b, h) : 0.0f;
   for (int idx = threadIdx.x; idx < BM * BN; idx += blockDim.x) {
     const int r = idx / BN, c = idx % BN;
     const int64_t i = q0 + r, j = k0 + c;
-    const float s = masked_score<T>(p, sS[r * ldS + c], b, h, i, j, check_causal);
+    float g = 1.0f;
+    const float s = tile_score<T, kVar>(p, tv, slope, sS[r * ldS + c], b, h, r, c, i, j, check_causal, &g);
     // Outside the tensor s = -inf and lse is +inf or finite: P = 0 either way, never NaN.
     const float pr = (i < p.Lq && j < p.Lk) ? flash::prob(s, s_lse[r]) : 0.0f;
     const float z = (p.dropout_p > 0.0f && i < p.Lq && j < p.Lk) ? dropout_mult(p, bh, i, j) : 1.0f;
     if (sPZ != nullptr) sPZ[r * ldP + c] = from_f<T>(pr * z);
-    sdS[r * ldP + c] = from_f<T>(flash::dscore(pr, z * sdP[r * ldS + c], s_delta[r]));
+    float ds = flash::dscore(pr, z * sdP[r * ldS + c], s_delta[r]);
+    if constexpr (kVar) ds *= g;  // through the softcap: dS_raw = dS (1 - tanh^2)
+    sdS[r * ldP + c] = from_f<T>(ds);
   }
 }
 
@@ -596,7 +724,7 @@ __device__ void load_row_stats(const Params& p, float* s_lse, float* s_delta, in
   }
 }
 
-template <typename T, int Dp>
+template <typename T, int Dp, bool kVar>
 __global__ void __launch_bounds__(kThreads) sdpa_bwd_kv_kernel(const Params p_in) {
   using Tl = Tiles<Kernel::kBwdKV, T, Dp>;
   constexpr int BM = Tl::BM, BN = Tl::BN;
@@ -636,14 +764,24 @@ __global__ void __launch_bounds__(kThreads) sdpa_bwd_kv_kernel(const Params p_in
   zero_f<T>(sdV, L::ldF, BN, Dvk);
 
   // Causal: query i sees key j only when j <= i + off, so queries before k0 - off contribute
-  // nothing (the loop starts at the query block holding the first one that does).
-  const int64_t q_begin = p.causal ? (flash::causal_query_begin(k0, p.Lq, p.causal_off) / BM) * BM : 0;
+  // nothing (the loop starts at the query block holding the first one that does). With the
+  // variants, only the queries [query_begin, query_end) whose band meets this key block.
+  const flash::Band band = kVar ? band_of(p) : flash::Band{};
+  int64_t q_begin, q_stop;
+  if constexpr (kVar) {
+    const int64_t k_end = k0 + BN < p.Lk ? k0 + BN : p.Lk;
+    q_begin = band.on() ? band.query_begin(k0) : 0;
+    q_stop = band.on() ? band.query_end(k_end) : p.Lq;
+  } else {
+    q_begin = p.causal ? (flash::causal_query_begin(k0, p.Lq, p.causal_off) / BM) * BM : 0;
+    q_stop = p.Lq;
+  }
   for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
     const int64_t bh = b * p.Hq + h;
     const int64_t qr = q_row(p, b, h, q_start);
     const T* q = static_cast<const T*>(p.q) + qr * p.D;
     const T* dout = static_cast<const T*>(p.dout) + qr * p.Dv;
-    for (int64_t q0 = q_begin; q0 < p.Lq; q0 += BM) {
+    for (int64_t q0 = q_begin; q0 < q_stop; q0 += BM) {
       __syncthreads();  // the previous tile's dV/dK GEMMs are done with sQ, sdO, sPZ, sdS
       load_tile(sQ, L::ldD, q, q0, p.Lq, p.D, BM, Dk, p.vec_ok);
       load_tile(sdO, L::ldD, dout, q0, p.Lq, p.Dv, BM, Dvk, p.vec_ok);
@@ -653,7 +791,7 @@ __global__ void __launch_bounds__(kThreads) sdpa_bwd_kv_kernel(const Params p_in
       block_gemm<T>(sQ, L::ldD, 1, sK, 1, L::ldD, sS, L::ldS, BM, BN, Dk, false);
       block_gemm<T>(sdO, L::ldD, 1, sV, 1, L::ldD, sdP, L::ldS, BM, BN, Dvk, false);
       __syncthreads();
-      backward_scores<T, BM, BN, L::ldS, L::ldP>(p, sS, sdP, s_lse, s_delta, sPZ, sdS, b, h, bh, q0, k0);
+      backward_scores<T, BM, BN, L::ldS, L::ldP, kVar>(p, sS, sdP, s_lse, s_delta, sPZ, sdS, b, h, bh, q0, k0);
       __syncthreads();
       // dV += (Z P)^T dO: A(j, r) = PZ[r, j];  dK += dS^T Q: A(j, r) = dS[r, j]
       block_gemm<T>(sPZ, 1, L::ldP, sdO, L::ldD, 1, sdV, L::ldF, BN, Dvk, BM, true);
@@ -665,7 +803,7 @@ __global__ void __launch_bounds__(kThreads) sdpa_bwd_kv_kernel(const Params p_in
   store_tile(static_cast<T*>(p.dv) + kr * p.Dv, k0, p.Lk, p.Dv, sdV, L::ldF, BN, 1.0f);
 }
 
-template <typename T, int Dp>
+template <typename T, int Dp, bool kVar>
 __global__ void __launch_bounds__(kThreads) sdpa_bwd_q_kernel(const Params p_in) {
   using Tl = Tiles<Kernel::kBwdQ, T, Dp>;
   constexpr int BM = Tl::BM, BN = Tl::BN;
@@ -705,8 +843,10 @@ __global__ void __launch_bounds__(kThreads) sdpa_bwd_q_kernel(const Params p_in)
   zero_f<T>(sdQ, L::ldF, BM, Dk);
 
   const int64_t q_end = q0 + BM < p.Lq ? q0 + BM : p.Lq;
-  const int64_t k_stop = p.causal ? flash::causal_key_end(q_end, p.Lk, p.causal_off) : p.Lk;
-  for (int64_t k0 = 0; k0 < k_stop; k0 += BN) {
+  const flash::Band band = kVar ? band_of(p) : flash::Band{};
+  int64_t k_begin, k_stop;
+  key_range<kVar>(p, band, q0, q_end, k_begin, k_stop);
+  for (int64_t k0 = k_begin; k0 < k_stop; k0 += BN) {
     __syncthreads();  // the previous dQ GEMM is done with sK, sdS
     load_tile(sK, L::ldD, k, k0, p.Lk, p.D, BN, Dk, p.vec_ok);
     load_tile(sV, L::ldD, v, k0, p.Lk, p.Dv, BN, Dvk, p.vec_ok);
@@ -714,7 +854,7 @@ __global__ void __launch_bounds__(kThreads) sdpa_bwd_q_kernel(const Params p_in)
     block_gemm<T>(sQ, L::ldD, 1, sK, 1, L::ldD, sS, L::ldS, BM, BN, Dk, false);
     block_gemm<T>(sdO, L::ldD, 1, sV, 1, L::ldD, sdP, L::ldS, BM, BN, Dvk, false);
     __syncthreads();
-    backward_scores<T, BM, BN, L::ldS, L::ldP>(p, sS, sdP, s_lse, s_delta, nullptr, sdS, b, h, bh, q0, k0);
+    backward_scores<T, BM, BN, L::ldS, L::ldP, kVar>(p, sS, sdP, s_lse, s_delta, nullptr, sdS, b, h, bh, q0, k0);
     __syncthreads();
     // dQ += dS K: B(j, d) = K[j, d]
     block_gemm<T>(sdS, L::ldP, 1, sK, L::ldD, 1, sdQ, L::ldF, BM, Dk, BN, true);
@@ -795,6 +935,30 @@ inline Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Te
     p.msj = mask_holder.stride(3);
   }
   return p;
+}
+
+// The attention variants into p (docs/design.md, "Attention variants"): sinks and ALiBi slopes as
+// float32 copies held by the caller; B the slopes' batch (sequences for varlen). Returns whether
+// any is on, i.e. which instantiation (kVar) to launch. The values were validated in Python;
+// these are the memory-safety guards (variant_tensor: the tensors' sizes and device).
+inline bool set_variants(Params& p, const at::Tensor& q, int64_t causal, int64_t window_left, int64_t window_right,
+                         double softcap, const c10::optional<at::Tensor>& sinks,
+                         const c10::optional<at::Tensor>& alibi_slopes, int64_t B, at::Tensor& sinks_holder,
+                         at::Tensor& alibi_holder, const char* op) {
+  PYATTN_CHECK_ARG(window_left >= -1 && window_right >= -1, op, "window_left/window_right",
+                   "expected ints >= -1, got (", window_left, ", ", window_right, ")");
+  PYATTN_CHECK_ARG(softcap >= 0.0 && std::isfinite(softcap), op, "softcap", "expected a finite float >= 0, got ", softcap);
+  p.win_left = window_left;
+  p.win_right = window_right;
+  p.win_upper_left = causal == flash::kUpperLeft;
+  p.softcap = static_cast<float>(softcap);
+  p.softcap_inv = softcap > 0.0 ? static_cast<float>(1.0 / softcap) : 0.0f;
+  sinks_holder = variant_tensor(sinks, q, at::kFloat, B, p.Hq, false, "sinks");
+  alibi_holder = variant_tensor(alibi_slopes, q, at::kFloat, B, p.Hq, true, "alibi_slopes");
+  p.sinks = sinks_holder.defined() ? sinks_holder.data_ptr<float>() : nullptr;
+  p.alibi = alibi_holder.defined() ? alibi_holder.data_ptr<float>() : nullptr;
+  p.alibi_bstride = alibi_holder.defined() && alibi_holder.numel() != p.Hq ? p.Hq : 0;
+  return window_left != -1 || window_right != -1 || softcap != 0.0 || p.sinks != nullptr || p.alibi != nullptr;
 }
 
 inline bool aligned16(const void* ptr) {

@@ -73,16 +73,22 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cuda(
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p, int64_t causal,
     double scale, int64_t seed, int64_t offset, int64_t window_left, int64_t window_right, double softcap,
     const c10::optional<at::Tensor>& sinks, const c10::optional<at::Tensor>& alibi_slopes) {
-  check_no_variants(window_left, window_right, softcap, sinks, alibi_slopes);
   check_varlen_inputs(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal);
   check_varlen_cuda(query, value, cu_seqlens_q, cu_seqlens_k);
   const at::cuda::OptionalCUDAGuard guard(query.device());
   const auto q = heads_first(query), k = heads_first(key), v = heads_first(value);
   Params p = make_varlen_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, causal,
                                 scale, seed, offset);
+  at::Tensor sinks_holder, alibi_holder;
+  // the slopes' batch is the sequences'; the band and ALiBi's Lk - Lq are each sequence's own
+  const bool var = set_variants(p, query, causal, window_left, window_right, softcap, sinks, alibi_slopes, p.B,
+                                sinks_holder, alibi_holder, "varlen_attention (cuda)");
   at::Tensor out = at::zeros({p.Hq, p.total_q, p.Dv}, q.options());
   at::Tensor lse = at::full({p.Hq, p.total_q}, std::numeric_limits<float>::infinity(), q.options().dtype(at::kFloat));
-  if (p.B * p.Hq * p.Lq * p.total_q == 0 || p.Lk == 0) return {out.transpose(0, 1).contiguous(), lse};
+  // no key at all: rows keep zeros and lse +inf, unless a sink gives them lse = the sink (the kernel)
+  if (p.B * p.Hq * p.Lq * p.total_q == 0 || (p.Lk == 0 && p.sinks == nullptr)) {
+    return {out.transpose(0, 1).contiguous(), lse};
+  }
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   p.vec_ok = vec_ok(p, q.element_size(), {p.q, p.k, p.v});
@@ -91,8 +97,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cuda(
     constexpr int Dp = decltype(dp)::value;
     using Tl = Tiles<Kernel::kFwd, T, Dp>;
     p.n_blocks = ceil_div(p.Lq, Tl::BM);
-    launch(sdpa_fwd_kernel<T, Dp>, smem_bytes<Kernel::kFwd, T, Dp>(), p.n_blocks * p.B * p.Hq, p,
-           "sdpa_fwd_kernel (varlen)");
+    launch(var ? sdpa_fwd_kernel<T, Dp, true> : sdpa_fwd_kernel<T, Dp, false>, smem_bytes<Kernel::kFwd, T, Dp>(),
+           p.n_blocks * p.B * p.Hq, p, "sdpa_fwd_kernel (varlen)");
   });
   return {out.transpose(0, 1).contiguous(), lse};
 }
@@ -103,7 +109,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cuda(
     int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p, int64_t causal, double scale, int64_t seed,
     int64_t offset, int64_t window_left, int64_t window_right, double softcap,
     const c10::optional<at::Tensor>& alibi_slopes) {
-  check_no_variants(window_left, window_right, softcap, c10::nullopt, alibi_slopes);
   check_varlen_inputs(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal);
   check_varlen_backward_inputs(query, value, grad_out, out, lse);
   check_varlen_cuda(query, value, cu_seqlens_q, cu_seqlens_k);
@@ -113,6 +118,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cuda(
   const auto l = lse.to(at::kFloat).contiguous();
   Params p = make_varlen_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, causal,
                                 scale, seed, offset);
+  at::Tensor sinks_holder, alibi_holder;
+  const bool var = set_variants(p, query, causal, window_left, window_right, softcap, c10::nullopt, alibi_slopes, p.B,
+                                sinks_holder, alibi_holder, "varlen_attention (cuda)");
   // zeros: rows of sequences without queries or keys get no block
   at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
   auto packed = [](const at::Tensor& g) { return g.transpose(0, 1).contiguous(); };
@@ -136,12 +144,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cuda(
     launch(sdpa_bwd_delta_kernel<T>, 0, ceil_div(p.Hq * p.total_q, kWarps), pd, "sdpa_bwd_delta_kernel (varlen)");
     using TKV = Tiles<Kernel::kBwdKV, T, Dp>;
     p.n_blocks = ceil_div(p.Lk, TKV::BN);
-    launch(sdpa_bwd_kv_kernel<T, Dp>, smem_bytes<Kernel::kBwdKV, T, Dp>(), p.n_blocks * p.B * p.Hkv, p,
-           "sdpa_bwd_kv_kernel (varlen)");
+    launch(var ? sdpa_bwd_kv_kernel<T, Dp, true> : sdpa_bwd_kv_kernel<T, Dp, false>,
+           smem_bytes<Kernel::kBwdKV, T, Dp>(), p.n_blocks * p.B * p.Hkv, p, "sdpa_bwd_kv_kernel (varlen)");
     using TQ = Tiles<Kernel::kBwdQ, T, Dp>;
     p.n_blocks = ceil_div(p.Lq, TQ::BM);
-    launch(sdpa_bwd_q_kernel<T, Dp>, smem_bytes<Kernel::kBwdQ, T, Dp>(), p.n_blocks * p.B * p.Hq, p,
-           "sdpa_bwd_q_kernel (varlen)");
+    launch(var ? sdpa_bwd_q_kernel<T, Dp, true> : sdpa_bwd_q_kernel<T, Dp, false>,
+           smem_bytes<Kernel::kBwdQ, T, Dp>(), p.n_blocks * p.B * p.Hq, p, "sdpa_bwd_q_kernel (varlen)");
   });
   return {packed(dq), packed(dk), packed(dv)};
 }

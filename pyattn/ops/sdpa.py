@@ -378,8 +378,8 @@ def scaled_dot_product_attention(
         alibi_slopes: (Hq,), or (B, Hq) for 4-D inputs: scores -= slope * |i + Lk - Lq - j|;
             constants (no gradient).
         backend: None (best for the device; env PYATTN_BACKEND overrides), "cpu", "cuda",
-            "triton" or "reference". Only cpu and reference fuse the variants so far; the
-            others refuse them (backend=None falls back to one that fuses them).
+            "triton" or "reference". cpu, cuda and reference fuse the variants; triton
+            refuses them (backend=None falls back to one that fuses them).
     Returns:
         (..., Hq, Lq, Dv).
 

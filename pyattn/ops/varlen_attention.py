@@ -283,7 +283,7 @@ def varlen_attention(
         alibi_slopes: (Hq,) or (B, Hq) (row b for sequence b): scores -= slope * |i + Lk_b -
             Lq_b - j|; constants (no gradient).
         backend: None (best for the device; env PYATTN_BACKEND overrides), "cpu", "cuda",
-            "triton" or "reference". Only cpu and reference fuse the variants so far.
+            "triton" or "reference". cpu, cuda and reference fuse the variants; triton refuses them.
     Returns:
         (total_q, Hq, Dv).
     """
