@@ -208,6 +208,8 @@ def _fwd_inner(
     offs_m,
     lo,
     hi,
+    split,
+    gap,
     Lq,
     Lk,
     stride_kn,
@@ -246,7 +248,14 @@ def _fwd_inner(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if HAS_WINDOW and MASKED:
+            # one loop over both blocks the band cuts: [lo, split) then, past the unmasked
+            # middle, [split + gap, ...): as many loops as without a window (a third one spilled
+            # the D = 128 dQ kernel on sm_90)
+            n0 = start_n + tl.where(start_n >= split, gap, 0)
+        else:
+            n0 = start_n
+        offs_n = n0 + tl.arange(0, BLOCK_N)
         kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # (D, N)
         v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd  # (N, Dv)
         if MASKED:
@@ -383,17 +392,15 @@ def _fwd_kernel(
         start_m, Lk, causal_off, win_off, window_left, window_right, IS_CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N
     )
     if HAS_WINDOW:
-        # the blocks the band's left edge cuts
-        acc, l_i, m_i = _fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, lo, full_lo, Lq, Lk,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
-            seed, drop_base, drop_lk, dropout_p, causal_off,
-            win_off, window_left, window_right, alibi_off, slope2, softcap2,
-            True, IS_CAUSAL, MASK_KIND, MASK_ROW, HAS_DROPOUT, DOT_PREC,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI,
-        )  # fmt: skip
+        # the blocks the band cuts on the left, [lo, full_lo), and on the right, [full_end, hi),
+        # in one masked loop that jumps over the middle
+        m_lo = lo
+        m_hi = hi - (full_end - full_lo)
+    else:
+        m_lo = full_end
+        m_hi = hi
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, full_lo, full_end, Lq, Lk,
+        acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, full_lo, full_end, 0, 0, Lq, Lk,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
         seed, drop_base, drop_lk, dropout_p, causal_off,
         win_off, window_left, window_right, alibi_off, slope2, softcap2,
@@ -401,8 +408,8 @@ def _fwd_kernel(
         HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, full_end, hi, Lq, Lk,
-        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
+        acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, m_lo, m_hi, full_lo, full_end - full_lo,
+        Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
         seed, drop_base, drop_lk, dropout_p, causal_off,
         win_off, window_left, window_right, alibi_off, slope2, softcap2,
         True, IS_CAUSAL, MASK_KIND, MASK_ROW, HAS_DROPOUT, DOT_PREC,
@@ -489,6 +496,8 @@ def _bwd_dq_inner(
     offs_m,
     lo,
     hi,
+    split,
+    gap,
     Lq,
     Lk,
     stride_kn,
@@ -528,7 +537,14 @@ def _bwd_dq_inner(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if HAS_WINDOW and MASKED:
+            # one loop over both blocks the band cuts: [lo, split) then, past the unmasked
+            # middle, [split + gap, ...): as many loops as without a window (a third one spilled
+            # the D = 128 dQ kernel on sm_90)
+            n0 = start_n + tl.where(start_n >= split, gap, 0)
+        else:
+            n0 = start_n
+        offs_n = n0 + tl.arange(0, BLOCK_N)
         kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # (D, N)
         vt_ptrs = v_base + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd  # (Dv, N)
         if MASKED:
@@ -677,16 +693,13 @@ def _bwd_dq_kernel(
         start_m, Lk, causal_off, win_off, window_left, window_right, IS_CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N
     )
     if HAS_WINDOW:
-        dq = _bwd_dq_inner(
-            dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, lo, full_lo, Lq, Lk,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
-            seed, drop_base, drop_lk, dropout_p, drop_scale, causal_off,
-            win_off, window_left, window_right, alibi_off, slope2, softcap2,
-            True, IS_CAUSAL, MASK_KIND, MASK_ROW, HAS_DROPOUT, DOT_PREC,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI,
-        )  # fmt: skip
+        m_lo = lo
+        m_hi = hi - (full_end - full_lo)
+    else:
+        m_lo = full_end
+        m_hi = hi
     dq = _bwd_dq_inner(
-        dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, full_lo, full_end, Lq, Lk,
+        dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, full_lo, full_end, 0, 0, Lq, Lk,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
         seed, drop_base, drop_lk, dropout_p, drop_scale, causal_off,
         win_off, window_left, window_right, alibi_off, slope2, softcap2,
@@ -694,8 +707,8 @@ def _bwd_dq_kernel(
         HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI,
     )  # fmt: skip
     dq = _bwd_dq_inner(
-        dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, full_end, hi, Lq, Lk,
-        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
+        dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, m_lo, m_hi, full_lo, full_end - full_lo,
+        Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
         seed, drop_base, drop_lk, dropout_p, drop_scale, causal_off,
         win_off, window_left, window_right, alibi_off, slope2, softcap2,
         True, IS_CAUSAL, MASK_KIND, MASK_ROW, HAS_DROPOUT, DOT_PREC,
@@ -1037,6 +1050,21 @@ _REG_BUDGET = 224
 _SMEM_BUDGET = 216 * 1024
 
 
+# The backward kernels with a variant on (the softcap's tanh tile, the band's bounds, the slope)
+# at 64 < D <= 128, half precision, compiled for sm_90 (triton 3.8, bench/triton_resources.py):
+# (kind, VARLEN) -> (BLOCK_M, BLOCK_N, warps, stages or None for every one) that left a stack
+# frame. varlen dQ 64 x 64 w4: 8 bytes; sdpa dK/dV 32 x 32 w4 s2: ptxas held it to 168 registers
+# and a 32-byte stack (1 and 3 stages compiled clean at ~200).
+_VARIANT_BWD_SPILLS = {
+    ("dq", True): {(64, 64, 4, None)},
+    ("dkdv", False): {(32, 32, 4, 2)},
+}
+# varlen dK/dV with a variant at 64 < D <= 128: its plain one config (32 x 64 w4) left 8-16 bytes
+# at 2-3 stages, 64 x 32 w4 compiled at 248-253 registers (too near the edge), 32 x 32 w4 clean
+# at 192-200 at 1-3 stages (3 kept: 2 stages held sdpa's to 168 registers): it alone is kept
+_VARIANT_VARLEN_DKDV = (32, 32, 4, 3)
+
+
 def _configs(kind: str) -> list:
     half = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -1081,7 +1109,14 @@ def _pruner(kind: str):
         # estimate leaves: 64 x 32 w4 (2-3 stages) left an 8-byte stack under triton 3.6 and
         # 32 x 32 w4 16 bytes under 3.6 or 3.8 (by stage count), while 32 x 64 w4 compiled clean
         # in 1-4 stages on both (250 registers, over the estimate's budget): it alone is kept
-        varlen_dkdv = kind == "dkdv" and bool(args.get("VARLEN")) and 64 < block_d <= 128
+        varlen = bool(args.get("VARLEN"))
+        varlen_dkdv = kind == "dkdv" and varlen and 64 < block_d <= 128
+        variant_bwd = (
+            kind != "fwd"
+            and 64 < block_d <= 128
+            and any(args.get(f) for f in ("HAS_WINDOW", "HAS_SOFTCAP", "HAS_ALIBI"))
+        )
+        spills = _VARIANT_BWD_SPILLS.get((kind, varlen), set()) if variant_bwd else set()
         kept, seen = [], set()
         for c in configs:
             bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
@@ -1092,7 +1127,12 @@ def _pruner(kind: str):
             else:
                 if c.num_stages not in stages or (c.num_warps == 8 and max(bm, bn) < 128):
                     continue
-                if varlen_dkdv:
+                if (bm, bn, c.num_warps, None) in spills or (bm, bn, c.num_warps, c.num_stages) in spills:
+                    continue
+                if varlen_dkdv and variant_bwd:
+                    if (bm, bn, c.num_warps, c.num_stages) != _VARIANT_VARLEN_DKDV:
+                        continue
+                elif varlen_dkdv:
                     if (bm, bn) != (32, 64) or c.num_warps != 4:
                         continue
                 else:
