@@ -2,14 +2,22 @@
 ALiBi; docs/design.md, "Attention variants") against the float64 reference under the test rule:
 each alone and combined, both causal alignments and none, Lq != Lk, odd sizes, GQA, several key
 blocks (so the skipped blocks of the window are exercised), varlen with empty sequences, every
-dtype of the cpu backend, gradients incl. the sinks'; the backends that do not fuse them refuse
-them; bad input gets the InputError family."""
+dtype of each backend, gradients incl. the sinks'; on every backend that fuses them (cpu, and
+triton through the interpreter on CPU tensors here, with smaller shapes: it runs each program in
+numpy); blocks outside the window are never visited (NaN planted there stays out); the backends
+that do not fuse them refuse them; bad input gets the InputError family."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close_to_ref, assert_grads_close, f32_accumulation_baseline
+from helpers import (
+    HAS_CUDA,
+    assert_close_to_ref,
+    assert_grads_close,
+    backend_params,
+    f32_accumulation_baseline,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.nn.attention.bias import causal_lower_right
@@ -20,22 +28,34 @@ from pyattn.ops.errors import InputError, InputTypeError
 
 HALF = (torch.float16, torch.bfloat16)
 
+# the backends whose sdpa and varlen kernels fuse the variants (the others refuse them, tested below)
+BACKENDS = [
+    p
+    for p in backend_params(cpu=True, triton=True, cuda=True)
+    if _backend.fuses_variants(p.values[0], "sdpa")
+]
 
-def _inputs(dtype, B, Hq, Hkv, Lq, Lk, D, grad=True):
-    q = torch.randn(B, Hq, Lq, D, dtype=dtype)
-    k = torch.randn(B, Hkv, Lk, D, dtype=dtype)
-    v = torch.randn(B, Hkv, Lk, D, dtype=dtype)
+
+def _small(backend: str) -> bool:
+    """Triton's interpreter (no GPU) runs every program in numpy: smaller batches and heads."""
+    return backend == "triton" and not HAS_CUDA
+
+
+def _inputs(dtype, B, Hq, Hkv, Lq, Lk, D, grad=True, device="cpu"):
+    q = torch.randn(B, Hq, Lq, D, dtype=dtype, device=device)
+    k = torch.randn(B, Hkv, Lk, D, dtype=dtype, device=device)
+    v = torch.randn(B, Hkv, Lk, D, dtype=dtype, device=device)
     return [t.requires_grad_(grad) for t in (q, k, v)]
 
 
-def _variants(Hq, B, window, softcap, sinks, alibi, sink_scale=2.0):
+def _variants(Hq, B, window, softcap, sinks, alibi, sink_scale=2.0, device="cpu"):
     kw = {"window_size": window, "softcap": softcap}
     if sinks:
-        kw["sinks"] = (torch.randn(Hq) * sink_scale).requires_grad_(True)
+        kw["sinks"] = (torch.randn(Hq, device=device) * sink_scale).requires_grad_(True)
     if alibi == "head":
-        kw["alibi_slopes"] = torch.rand(Hq) * 0.5
+        kw["alibi_slopes"] = torch.rand(Hq, device=device) * 0.5
     elif alibi == "batch":
-        kw["alibi_slopes"] = torch.rand(B, Hq) * 0.5
+        kw["alibi_slopes"] = torch.rand(B, Hq, device=device) * 0.5
     return kw
 
 
@@ -55,10 +75,11 @@ def _ref(q, k, v, causal, kw):
     return reference.scaled_dot_product_attention(q, k, v, None, 0.0, code, None, gqa, **kw)
 
 
-def _check(dtype, B, Hq, Hkv, Lq, Lk, D, causal, window, softcap, sinks, alibi, grads=True, sink_scale=2.0):
-    q, k, v = _inputs(dtype, B, Hq, Hkv, Lq, Lk, D, grads)
-    kw = _variants(Hq, B, window, softcap, sinks, alibi, sink_scale)
-    out = _call(pyattn.scaled_dot_product_attention, q, k, v, causal, kw, backend="cpu")
+def _check(dtype, B, Hq, Hkv, Lq, Lk, D, causal, window, softcap, sinks, alibi, grads=True, sink_scale=2.0,
+           backend="cpu", device="cpu"):  # fmt: skip
+    q, k, v = _inputs(dtype, B, Hq, Hkv, Lq, Lk, D, grads, device)
+    kw = _variants(Hq, B, window, softcap, sinks, alibi, sink_scale, device)
+    out = _call(pyattn.scaled_dot_product_attention, q, k, v, causal, kw, backend=backend)
     leaves = [q, k, v] + ([kw["sinks"]] if sinks else [])
     names = ["query", "key", "value"] + (["sinks"] if sinks else [])
     do = torch.randn_like(out)
@@ -108,43 +129,142 @@ COMBOS = [
 ]
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("causal", ["none", "upper", "lower"])
 @pytest.mark.parametrize("combo", COMBOS, ids=lambda c: str(c))
-def test_variants_fp32(combo, causal):
+def test_variants_fp32(combo, causal, backend, device):
     window, softcap, sinks, alibi = combo
-    _check(torch.float32, 2, 4, 2, 37, 53, 24, causal, window, softcap, sinks, alibi)
+    # (B, Hq, Hkv): GQA either way; 37 x 53 is 2 x 4 blocks of the interpreter's 32 x 16 tiles
+    B, Hq, Hkv = (2, 2, 1) if _small(backend) else (2, 4, 2)
+    if _small(backend) and alibi != "batch":
+        B = 1
+    _check(
+        torch.float32,
+        B,
+        Hq,
+        Hkv,
+        37,
+        53,
+        24,
+        causal,
+        window,
+        softcap,
+        sinks,
+        alibi,
+        backend=backend,
+        device=device,
+    )
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("causal", ["upper", "lower"])
-def test_variants_dtypes(dtype, causal):
-    _check(dtype, 1, 4, 1, 45, 45, 16, causal, (9, 2), 4.0, True, "head")
+def test_variants_dtypes(dtype, causal, backend, device):
+    if dtype not in _backend.RECORDS[backend].dtypes:
+        pytest.skip(f"{backend} takes no {dtype}")
+    Hq = 2 if _small(backend) else 4
+    _check(dtype, 1, Hq, 1, 45, 45, 16, causal, (9, 2), 4.0, True, "head", backend=backend, device=device)
 
 
-@pytest.mark.parametrize(
-    "Lq,Lk,causal,window",
-    [(700, 700, "upper", (100, 0)), (300, 1100, "none", (130, 60)), (1100, 300, "lower", (40, -1))],
-)
-def test_window_skips_blocks(Lq, Lk, causal, window):
-    """Several forward (512) and backward (256) key blocks: the band's block bounds, the skipped
-    blocks and the per-element masking of the blocks it cuts."""
-    _check(torch.float32, 1, 2, 1, Lq, Lk, 16, causal, window, 0.0, True, None)
+# (Lq, Lk, causal, window): several key blocks of each backend's kernels (cpu: 512 forward, 256
+# backward; the interpreter's Triton tiles: 32 queries x 16 keys), so the band's block bounds,
+# the skipped blocks and the per-element masking of the blocks it cuts all run
+_SKIP_CASES = {
+    "cpu": [(700, 700, "upper", (100, 0)), (300, 1100, "none", (130, 60)), (1100, 300, "lower", (40, -1))],
+    "triton": [(150, 150, "upper", (20, 0)), (70, 200, "none", (25, 10)), (200, 70, "lower", (8, -1))],
+}
 
 
-def test_sink_only_row_gives_zeros():
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("case", range(3))
+def test_window_skips_blocks(case, backend, device):
+    Lq, Lk, causal, window = _SKIP_CASES["triton" if _small(backend) else "cpu"][case]
+    _check(
+        torch.float32, 1, 2, 1, Lq, Lk, 16, causal, window, 0.0, True, None, backend=backend, device=device
+    )
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_sink_only_row_gives_zeros(backend, device):
     """A row whose keys are all masked has only its sink: zeros, zero gradients."""
-    q, k, v = _inputs(torch.float32, 1, 2, 2, 6, 9, 8)
-    mask = torch.ones(6, 9, dtype=torch.bool)
+    q, k, v = _inputs(torch.float32, 1, 2, 2, 6, 9, 8, device=device)
+    mask = torch.ones(6, 9, dtype=torch.bool, device=device)
     mask[2] = False
-    sinks = torch.tensor([0.5, -1.0], requires_grad=True)
-    out = pyattn.scaled_dot_product_attention(q, k, v, mask, sinks=sinks, backend="cpu")
+    sinks = torch.tensor([0.5, -1.0], requires_grad=True, device=device)
+    out = pyattn.scaled_dot_product_attention(q, k, v, mask, sinks=sinks, backend=backend)
     assert torch.equal(out[:, :, 2], torch.zeros_like(out[:, :, 2]))
     ref = reference.scaled_dot_product_attention(q, k, v, mask, sinks=sinks)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     out.sum().backward()
     assert torch.equal(q.grad[:, :, 2], torch.zeros_like(q.grad[:, :, 2]))
-    # a window that leaves some rows no key at all (Lq > Lk, lower-right)
-    _check(torch.float32, 1, 2, 2, 12, 4, 8, "lower", (1, -1), 0.0, True, None)
+    # a window that leaves some rows no key at all (Lq > Lk, lower-right); window 0 and one
+    # longer than the sequences
+    _check(
+        torch.float32, 1, 2, 2, 12, 4, 8, "lower", (1, -1), 0.0, True, None, backend=backend, device=device
+    )
+    _check(torch.float32, 1, 2, 2, 9, 14, 8, "none", (0, 0), 0.0, True, None, backend=backend, device=device)
+    _check(
+        torch.float32,
+        1,
+        2,
+        1,
+        9,
+        14,
+        8,
+        "upper",
+        (40, 100),
+        2.0,
+        True,
+        "head",
+        backend=backend,
+        device=device,
+    )
+
+
+@pytest.mark.skipif(not _backend.have_triton(), reason="needs triton")
+def test_triton_never_visits_blocks_outside_the_window():
+    """NaN planted in the key blocks no query's window reaches, and in the query blocks that
+    see no key, stays out of every output and gradient: those blocks are never loaded (a
+    visited block would bring it in through 0 x NaN in the tile products, masked or not)."""
+    from pyattn.kernels._flash import _INTERPRET_CONFIG
+
+    device = "cuda" if HAS_CUDA else "cpu"
+    bm, bn = _INTERPRET_CONFIG.kwargs["BLOCK_M"], _INTERPRET_CONFIG.kwargs["BLOCK_N"]
+    if HAS_CUDA:
+        bm = bn = 128  # blocks of at most 128 on a GPU: plant NaN only where whole ones lie
+    # (a) one query block over many keys, no causality: row i sees keys [i + Lk - Lq - 10, i + Lk - Lq]
+    Lq, Lk = bm, 10 * max(bm, bn)
+    dead = ((Lk - Lq - 10) // bn) * bn  # keys [0, dead) lie in key blocks no row sees
+    q, k, v = _inputs(torch.float32, 1, 2, 1, Lq, Lk, 16, grad=False, device=device)
+    k[:, :, :dead] = float("nan")
+    v[:, :, :dead] = float("nan")
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    out = pyattn.scaled_dot_product_attention(q, k, v, window_size=(10, 0), enable_gqa=True, backend="triton")
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert not t.isnan().any(), f"{name}: a block outside the window was visited"
+    assert torch.equal(dk[:, :, :dead], torch.zeros_like(dk[:, :, :dead]))
+    ref = reference.scaled_dot_product_attention(
+        q.detach().double(), k.detach().nan_to_num().double(), v.detach().nan_to_num().double(),
+        window_size=(10, 0), enable_gqa=True,
+    )  # fmt: skip
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    # (b) many queries over one key block, lower-right band (0, 5): rows i < Lq - Lk - 5 see no
+    # key; NaN in their queries and output gradients must not reach dK / dV
+    Lq, Lk = 10 * max(bm, bn), bn
+    dead = ((Lq - Lk - 5) // bm) * bm
+    q, k, v = _inputs(torch.float32, 1, 2, 1, Lq, Lk, 16, grad=False, device=device)
+    q[:, :, :dead] = float("nan")
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    out = pyattn.scaled_dot_product_attention(q, k, v, window_size=(0, 5), enable_gqa=True, backend="triton")
+    do = torch.randn_like(out)
+    do[:, :, :dead] = float("nan")
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
+    assert torch.equal(out[:, :, :dead], torch.zeros_like(out[:, :, :dead]))
+    for name, t in (("dk", dk), ("dv", dv), ("out", out[:, :, dead:]), ("dq", dq[:, :, dead:])):
+        assert not t.isnan().any(), f"{name}: a query block outside the window was visited"
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -194,16 +314,25 @@ def _packed(lens_q, lens_k, Hq, Hkv, D, dtype=torch.float32):
     return q, k, v, cu_q, cu_k
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_varlen_variants(is_causal, dtype):
+def test_varlen_variants(is_causal, dtype, backend, device):
+    """Sequences of their own lengths, an empty one on each side, Lq_b != Lk_b, (B, Hq) slopes
+    (row b for sequence b), GQA."""
     lens_q, lens_k = [5, 0, 70, 1, 33], [9, 4, 70, 0, 20]
-    Hq, Hkv = 4, 2
-    q, k, v, cu_q, cu_k = _packed(lens_q, lens_k, Hq, Hkv, 16, dtype)
-    sinks = torch.randn(Hq, requires_grad=True)
-    kw = {"window_size": (11, 3), "softcap": 6.0, "sinks": sinks, "alibi_slopes": torch.rand(len(lens_q), Hq)}
+    Hq, Hkv = (2, 1) if _small(backend) else (4, 2)
+    q, k, v, cu_q, cu_k = (t.to(device) for t in _packed(lens_q, lens_k, Hq, Hkv, 16, dtype))
+    q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+    sinks = torch.randn(Hq, requires_grad=True, device=device)
+    kw = {
+        "window_size": (11, 3),
+        "softcap": 6.0,
+        "sinks": sinks,
+        "alibi_slopes": torch.rand(len(lens_q), Hq, device=device),
+    }
     out = pyattn.varlen_attention(
-        q, k, v, cu_q, cu_k, is_causal=is_causal, enable_gqa=True, backend="cpu", **kw
+        q, k, v, cu_q, cu_k, is_causal=is_causal, enable_gqa=True, backend=backend, **kw
     )
     do = torch.randn_like(out)
     up = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
@@ -271,18 +400,27 @@ def test_compile_fullgraph():
 
 
 def test_backends_without_variants_refuse(monkeypatch):
-    """Triton and CUDA do not fuse the variants yet: asked for by name they refuse with an
-    InputError; backend=None on their device falls back to the reference."""
+    """A backend whose records say its kernels do not fuse the variants refuses them, asked for
+    by name, with an InputError; backend=None picks one that does (triton on a GPU), else the
+    reference."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    cpu = torch.device("cpu")
-    if _backend.have_triton():
-        with pytest.raises(InputError, match="attention variants"):
-            _backend.resolve("sdpa", "triton", cpu, torch.float32, (8, 8), variants=True)
-        assert _backend.resolve("sdpa", "triton", cpu, torch.float32, (8, 8)) == "triton"
-    cuda = torch.device("cuda")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
     for op in ("sdpa", "varlen_attention"):
-        assert _backend.resolve(op, None, cuda, torch.float16, (64, 64), variants=True) == "reference"
+        assert _backend.fuses_variants("cpu", op) and _backend.fuses_variants("triton", op)
+        for name in ("triton", "cuda"):
+            if name == "triton" and not _backend.have_triton():
+                continue
+            device = cpu if name == "triton" else cuda
+            if not _backend.fuses_variants(name, op):
+                with pytest.raises(InputError, match="attention variants"):
+                    _backend.resolve(op, name, device, torch.float32, (8, 8), variants=True)
+            elif name == "triton":
+                assert _backend.resolve(op, name, device, torch.float32, (8, 8), variants=True) == name
         assert _backend.resolve(op, None, cpu, torch.float32, (64, 64), variants=True) == "cpu"
+        on_gpu = _backend.resolve(op, None, cuda, torch.float16, (64, 64), variants=True)
+        assert on_gpu == "reference" or _backend.fuses_variants(on_gpu, op)
+        if _backend.have_triton():
+            assert on_gpu != "reference"
     # kvcache's GPU kernels fuse them
     if _backend.have_triton():
         assert (
