@@ -11,6 +11,14 @@ the launch helpers they share (a packed batch is the same kernel with ``VARLEN``
                dS = P o (Z o dP - Delta)
                dQ = scale dS K          dK = scale dS^T Q          dV = (Z o P)^T dO
 
+The attention variants (docs/design.md, "Attention variants"), each behind a constexpr flag:
+
+    S = scale Q K^T -> c tanh(S / c) -> - slope_h |i + Lk - Lq - j| -> masks, and the window:
+        d - left <= j <= d + right, d = i (upper-left causal) or i + Lk - Lq (otherwise)
+    P = softmax_j over the row and exp(sink_h) (one more term, no value); lse includes it
+    backward: dS = P o (Z o dP - Delta) o (1 - tanh^2) with the softcap; the sink's own
+        gradient -sum_i P_sink,i Delta_i is pyattn/ops/_common.py's sink_grad (from lse)
+
 where e = ((b * Hq + h) * Lq + i) * Lk + j is the element's index in the (B, Hq, Lq, Lk) score
 tensor, so the dropout keep-mask is the one of csrc/philox.h and pyattn.reference.dropout_keep_mask
 (``tl.rand`` is the same Philox-4x32-10 with the 64-bit counter split into two words).
@@ -18,7 +26,9 @@ tensor, so the dropout keep-mask is the one of csrc/philox.h and pyattn.referenc
 The forward streams key blocks with an online softmax in base 2 (``exp2``, with log2(e) folded
 into the score scale), saves the row lse, and splits the key loop in two stages: blocks that need
 no element masking (fully inside the keys and, when causal, fully left of the diagonal), then the
-blocks on the diagonal / the ragged end; blocks right of the diagonal are skipped. The backward
+blocks on the diagonal / the ragged end; blocks right of the diagonal are skipped (with a window,
+also the blocks left of the band; the blocks the band cuts on its left join the masked loop). The
+backward
 computes Delta first, then dK/dV in one pass over key blocks (a program owns a key block of one
 kv head and loops over the query heads of its GQA group, so no atomics and a deterministic sum)
 and dQ in a second pass over query blocks, recomputing P from the lse and Z from (seed, offset).
