@@ -267,8 +267,7 @@ def test_triton_never_visits_blocks_outside_the_window():
         assert not t.isnan().any(), f"{name}: a query block outside the window was visited"
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
+_HYPOTHESIS = dict(
     Lq=st.integers(1, 40),
     Lk=st.integers(1, 40),
     left=st.integers(-1, 45),
@@ -278,12 +277,15 @@ def test_triton_never_visits_blocks_outside_the_window():
     alibi=st.sampled_from([None, "head", "batch"]),
     causal=st.sampled_from(["none", "upper", "lower"]),
 )
-def test_variants_hypothesis(Lq, Lk, left, right, softcap, sink, alibi, causal):
-    q, k, v = _inputs(torch.float32, 2, 2, 2, Lq, Lk, 8, grad=True)
-    kw = _variants(2, 2, (left, right), softcap, False, alibi)
+
+
+def _hypothesis_case(backend, Lq, Lk, left, right, softcap, sink, alibi, causal):
+    device = "cuda" if backend != "cpu" and HAS_CUDA else "cpu"
+    q, k, v = _inputs(torch.float32, 2, 2, 2, Lq, Lk, 8, grad=True, device=device)
+    kw = _variants(2, 2, (left, right), softcap, False, alibi, device=device)
     if sink is not None:
-        kw["sinks"] = torch.tensor([sink, sink / 2], requires_grad=True)
-    out = _call(pyattn.scaled_dot_product_attention, q, k, v, causal, kw, backend="cpu")
+        kw["sinks"] = torch.tensor([sink, sink / 2], requires_grad=True, device=device)
+    out = _call(pyattn.scaled_dot_product_attention, q, k, v, causal, kw, backend=backend)
     kw64 = {n: (t.detach().double().requires_grad_(n == "sinks") if isinstance(t, torch.Tensor) else t)
             for n, t in kw.items()}  # fmt: skip
     up64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
@@ -303,6 +305,20 @@ def test_variants_hypothesis(Lq, Lk, left, right, softcap, sink, alibi, causal):
         # float32 against float64: a few ulp of the gradients' size (scores up to softcap/ALiBi)
         tol = 2e-5 * max(1.0, b.abs().max().item())
         assert (a.double() - b).abs().max().item() <= tol, f"grad {name}"
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(**_HYPOTHESIS)
+def test_variants_hypothesis(Lq, Lk, left, right, softcap, sink, alibi, causal):
+    _hypothesis_case("cpu", Lq, Lk, left, right, softcap, sink, alibi, causal)
+
+
+# fewer examples through the interpreter (each runs its programs in numpy)
+@pytest.mark.skipif(not _backend.have_triton(), reason="needs triton")
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(**_HYPOTHESIS)
+def test_variants_hypothesis_triton(Lq, Lk, left, right, softcap, sink, alibi, causal):
+    _hypothesis_case("triton", Lq, Lk, left, right, softcap, sink, alibi, causal)
 
 
 def _packed(lens_q, lens_k, Hq, Hkv, D, dtype=torch.float32):
