@@ -379,6 +379,36 @@ def test_varlen_variants(is_causal, dtype, backend, device):
     assert_grads_close(["query", "key", "value", "sinks"], g, gl, g64)
 
 
+@pytest.mark.skipif(not _backend.have_triton(), reason="needs triton")
+@pytest.mark.parametrize("op", ["sdpa", "varlen"])
+def test_triton_variants_with_dropout_match_cpu(op):
+    """Dropout draws the same Philox keep-mask on every backend (same seed, same counters), so
+    with the variants on (the sink's share of each row included) triton's output and gradients
+    equal the cpu backend's within float32 rounding."""
+    device = "cuda" if HAS_CUDA else "cpu"
+    if op == "sdpa":
+        q, k, v = _inputs(torch.float32, 1, 2, 1, 21, 30, 16, grad=False)
+        args = ()
+    else:
+        q, k, v, cu_q, cu_k = _packed([7, 0, 14], [9, 3, 18], 2, 1, 16)
+        q, k, v = (t.detach() for t in (q, k, v))
+        args = (cu_q, cu_k)
+    sinks = torch.randn(2)
+    kw = {"window_size": (6, 2), "softcap": 4.0, "alibi_slopes": torch.rand(2) * 0.5}
+    fn = pyattn.scaled_dot_product_attention if op == "sdpa" else pyattn.varlen_attention
+    results = []
+    for backend, dev in (("cpu", "cpu"), ("triton", device)):
+        leaves = [t.to(dev).requires_grad_(True) for t in (q, k, v, sinks)]
+        extra = {n: (t.to(dev) if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
+        torch.manual_seed(1234)
+        out = fn(*leaves[:3], *(a.to(dev) for a in args), dropout_p=0.3, is_causal=True, enable_gqa=True,
+                 sinks=leaves[3], backend=backend, **extra)  # fmt: skip
+        grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+        results.append([out, *grads])
+    for name, a, b in zip(["out", "dq", "dk", "dv", "dsinks"], *results, strict=True):
+        torch.testing.assert_close(b.cpu(), a, atol=2e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def test_gradcheck_float64():
     q, k, v = _inputs(torch.float64, 1, 2, 1, 7, 11, 4)
     sinks = torch.randn(2, dtype=torch.float64, requires_grad=True)
