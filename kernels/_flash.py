@@ -1073,6 +1073,10 @@ _VARIANT_BWD_SPILLS = {
 # at 2-3 stages, 64 x 32 w4 compiled at 248-253 registers (too near the edge), 32 x 32 w4 clean
 # at 192-200 at 1-3 stages (3 kept: 2 stages held sdpa's to 168 registers): it alone is kept
 _VARIANT_VARLEN_DKDV = (32, 32, 4, 3)
+# dQ with a variant at D > 128: 32 x 64 w4 (the plain kernel's) left 16-312 bytes, and every tile
+# at 1 stage spilled (16-112 bytes: the unpipelined loads sit in registers); 32 x 32 w4 s2
+# compiled clean at 220-232 registers (sdpa and varlen): it alone is kept
+_VARIANT_WIDE_DQ = (32, 32, 4, 2)
 
 
 def _configs(kind: str) -> list:
@@ -1088,7 +1092,8 @@ def _configs(kind: str) -> list:
     return half + fp32
 
 
-def _footprint(kind: str, bm: int, bn: int, bd: int, bdv: int, stages: int, elt: int, mask_elt: int):
+def _footprint(kind: str, bm: int, bn: int, bd: int, bdv: int, stages: int, elt: int, mask_elt: int,
+               variants: bool = False):  # fmt: skip
     """(fp32 register elements of the live tiles, shared-memory bytes) of one program."""
     if kind == "fwd":  # acc, scores, q; K and V tiles pipelined through shared memory
         regs = bm * bdv + bm * bn + bm * bd * elt / 4
@@ -1099,6 +1104,11 @@ def _footprint(kind: str, bm: int, bn: int, bd: int, bdv: int, stages: int, elt:
     else:  # dk and dv, k and v, scores and dP, q and dO; Q and dO pipelined
         regs = bn * (bd + bdv) * (1 + elt / 4) + 2 * bn * bm + bm * (bd + bdv) * elt / 4
         smem = stages * bm * (bd + bdv) * elt + bn * (bd + bdv) * elt + stages * bm * bn * mask_elt
+    if variants:
+        # the variants' score-sized temporaries (the window's and ALiBi's index tiles, the
+        # softcap's tanh, which the backward keeps until dS): two more tiles. Measured on sm_90:
+        # with one, D = 64's forward 128 x 64 w4 and dK/dV 64 x 64 w4 still spilled 8-56 bytes
+        regs += 2 * bm * bn
     return regs, smem + 4096
 
 
@@ -1121,11 +1131,8 @@ def _pruner(kind: str):
         # in 1-4 stages on both (250 registers, over the estimate's budget): it alone is kept
         varlen = bool(args.get("VARLEN"))
         varlen_dkdv = kind == "dkdv" and varlen and 64 < block_d <= 128
-        variant_bwd = (
-            kind != "fwd"
-            and 64 < block_d <= 128
-            and any(args.get(f) for f in ("HAS_WINDOW", "HAS_SOFTCAP", "HAS_ALIBI"))
-        )
+        variants = any(args.get(f) for f in ("HAS_WINDOW", "HAS_SOFTCAP", "HAS_ALIBI"))
+        variant_bwd = kind != "fwd" and 64 < block_d <= 128 and variants
         spills = _VARIANT_BWD_SPILLS.get((kind, varlen), set()) if variant_bwd else set()
         kept, seen = [], set()
         for c in configs:
@@ -1139,14 +1146,17 @@ def _pruner(kind: str):
                     continue
                 if (bm, bn, c.num_warps, None) in spills or (bm, bn, c.num_warps, c.num_stages) in spills:
                     continue
-                if varlen_dkdv and variant_bwd:
+                if kind == "dq" and variants and block_d > 128:
+                    if (bm, bn, c.num_warps, c.num_stages) != _VARIANT_WIDE_DQ:
+                        continue
+                elif varlen_dkdv and variant_bwd:
                     if (bm, bn, c.num_warps, c.num_stages) != _VARIANT_VARLEN_DKDV:
                         continue
                 elif varlen_dkdv:
                     if (bm, bn) != (32, 64) or c.num_warps != 4:
                         continue
                 else:
-                    regs, smem = _footprint(kind, bm, bn, bd, bdv, c.num_stages, elt, mask_elt)
+                    regs, smem = _footprint(kind, bm, bn, bd, bdv, c.num_stages, elt, mask_elt, variants)
                     if regs / (32 * c.num_warps) > _REG_BUDGET or smem > _SMEM_BUDGET:
                         continue
             # no block much longer than the sequence
