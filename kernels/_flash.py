@@ -1141,6 +1141,10 @@ def _pruner(kind: str):
             if wide:
                 if not is_fp32_config or bm * bn * block_d > _fp32_max_tile(block_d):
                     continue
+                # with a variant, fp32's 32 x 32 tiles left 8-24-byte stacks at D <= 64 on sm_90
+                # (varlen forward, sdpa dK/dV) while 32 x 16 and 16 x 32 compiled clean
+                if variants and bm * bn > 512:
+                    continue
             else:
                 if c.num_stages not in stages or (c.num_warps == 8 and max(bm, bn) < 128):
                     continue
