@@ -70,7 +70,8 @@ class Case:
 
 def headline_cases(dtypes=("fp16", "bf16")) -> list[Case]:
     """The headline: every op, forward and backward, fp16/bf16; sdpa at head dims 64 and 128,
-    varlen (sdpa's kernels with VARLEN) at 128, additive at the benchmark's T = 512, H = Dv = 512."""
+    varlen (sdpa's kernels with VARLEN) at 128, additive at the benchmark's T = 512, H = Dv = 512;
+    sdpa and varlen at 128 with every attention variant on (fp16)."""
     cases = []
     for dt in dtypes:
         for direction in ("fwd", "bwd"):
@@ -78,18 +79,45 @@ def headline_cases(dtypes=("fp16", "bf16")) -> list[Case]:
                 cases.append(Case("sdpa", direction, dt, (("L", 1024), ("D", d))))
             cases.append(Case("varlen", direction, dt, (("L", 2048), ("D", 128))))
             cases.append(Case("additive", direction, dt, (("T", 512), ("H", 512), ("Dv", 512))))
+            # the attention variants all on (the most live state: the softcap's tanh tile in the
+            # backward, the window's bounds, the slope, the sink) at the tightest head dim; fp16
+            # only (bf16 compiles to nearly the same code; --cases all has it)
+            for op, L in (("sdpa", 1024), ("varlen", 2048)):
+                if dt == "fp16":
+                    cases.append(Case(op, direction, dt, (("L", L), ("D", 128)), VARIANTS))
     return cases
 
 
+# window (256, 0) (sliding, causal), softcap 30, sinks, ALiBi slopes (Hq,)
+VARIANTS = (("causal", True), ("variants", True))
+
+
+def _variant_kwargs(flags: dict, t, direction: str) -> dict:
+    """The launchers' variant arguments of a case: ``variants`` all of them, or each by its flag
+    (``window``, ``softcap``, ``sinks``, ``alibi``)."""
+    every = bool(flags.get("variants"))
+    kw = {}
+    if every or flags.get("window"):
+        kw.update(window_left=256, window_right=0)
+    if every or flags.get("softcap"):
+        kw["softcap"] = 30.0
+    if every or flags.get("alibi"):
+        kw["alibi_slopes"] = t(4, dt=torch.float32)
+    if (every or flags.get("sinks")) and direction == "fwd":
+        kw["sinks"] = t(4, dt=torch.float32)
+    return kw
+
+
 def all_cases() -> list[Case]:
-    """Every dtype and head dim the kernels take, causal, masked and with dropout."""
+    """Every dtype and head dim the kernels take, causal, masked, with dropout and with the
+    attention variants."""
     cases = []
     for dt in ("fp16", "bf16", "fp32"):
         for d in (32, 64, 128, 256):
             for direction in ("fwd", "bwd"):
-                for flags in ((), (("causal", True),), (("mask", True), ("dropout", True))):
+                for flags in ((), (("causal", True),), (("mask", True), ("dropout", True)), VARIANTS):
                     cases.append(Case("sdpa", direction, dt, (("L", 1024), ("D", d)), flags))
-                for flags in ((), (("causal", True), ("dropout", True))):
+                for flags in ((), (("causal", True), ("dropout", True)), VARIANTS):
                     cases.append(Case("varlen", direction, dt, (("L", 2048), ("D", d)), flags))
         for dv in (64, 128, 512):
             for direction in ("fwd", "bwd"):
@@ -147,11 +175,12 @@ def _launches(case: Case) -> list[Launch]:
             mask = t(2, 4, L, L, dt=torch.bool) if flags.get("mask") else None
             p = 0.1 if flags.get("dropout") else 0.0
             causal = bool(flags.get("causal"))
+            var = _variant_kwargs(flags, t, case.direction)
             if case.direction == "fwd":
-                sdpa.sdpa_forward(q, k, v, mask, p, causal, None, 1, 0)
+                sdpa.sdpa_forward(q, k, v, mask, p, causal, None, 1, 0, **var)
             else:
                 out, lse = t(2, 4, L, D), t(2, 4, L, dt=torch.float32)
-                sdpa.sdpa_backward(t(2, 4, L, D), q, k, v, mask, out, lse, p, causal, None, 1, 0)
+                sdpa.sdpa_backward(t(2, 4, L, D), q, k, v, mask, out, lse, p, causal, None, 1, 0, **var)
         elif case.op == "varlen":
             # 4 sequences packed, the longest L (the grid and autotune key), 16-divisible totals
             L, D = dims["L"], dims["D"]
@@ -160,12 +189,15 @@ def _launches(case: Case) -> list[Launch]:
             cu = t(5, dt=torch.int32)
             p = 0.1 if flags.get("dropout") else 0.0
             causal = int(bool(flags.get("causal")))
+            var = _variant_kwargs(flags, t, case.direction)
             if case.direction == "fwd":
-                varlen_attention.varlen_forward(q, k, v, cu, cu, L, L, p, causal, None, 1, 0)
+                varlen_attention.varlen_forward(q, k, v, cu, cu, L, L, p, causal, None, 1, 0, **var)
             else:
                 out, lse = t(total, 4, D), t(4, total, dt=torch.float32)
                 do = t(total, 4, D)
-                varlen_attention.varlen_backward(do, q, k, v, cu, cu, out, lse, L, L, p, causal, None, 1, 0)
+                varlen_attention.varlen_backward(
+                    do, q, k, v, cu, cu, out, lse, L, L, p, causal, None, 1, 0, **var
+                )
         else:
             T, H, Dv = dims["T"], dims["H"], dims["Dv"]
             q, k, val, vv = t(2, T, H), t(2, T, H), t(2, T, Dv), t(H)

@@ -11,6 +11,14 @@ the launch helpers they share (a packed batch is the same kernel with ``VARLEN``
                dS = P o (Z o dP - Delta)
                dQ = scale dS K          dK = scale dS^T Q          dV = (Z o P)^T dO
 
+The attention variants (docs/design.md, "Attention variants"), each behind a constexpr flag:
+
+    S = scale Q K^T -> c tanh(S / c) -> - slope_h |i + Lk - Lq - j| -> masks, and the window:
+        d - left <= j <= d + right, d = i (upper-left causal) or i + Lk - Lq (otherwise)
+    P = softmax_j over the row and exp(sink_h) (one more term, no value); lse includes it
+    backward: dS = P o (Z o dP - Delta) o (1 - tanh^2) with the softcap; the sink's own
+        gradient -sum_i P_sink,i Delta_i is pyattn/ops/_common.py's sink_grad (from lse)
+
 where e = ((b * Hq + h) * Lq + i) * Lk + j is the element's index in the (B, Hq, Lq, Lk) score
 tensor, so the dropout keep-mask is the one of csrc/philox.h and pyattn.reference.dropout_keep_mask
 (``tl.rand`` is the same Philox-4x32-10 with the 64-bit counter split into two words).
@@ -18,7 +26,9 @@ tensor, so the dropout keep-mask is the one of csrc/philox.h and pyattn.referenc
 The forward streams key blocks with an online softmax in base 2 (``exp2``, with log2(e) folded
 into the score scale), saves the row lse, and splits the key loop in two stages: blocks that need
 no element masking (fully inside the keys and, when causal, fully left of the diagonal), then the
-blocks on the diagonal / the ragged end; blocks right of the diagonal are skipped. The backward
+blocks on the diagonal / the ragged end; blocks right of the diagonal are skipped (with a window,
+also the blocks left of the band; the blocks the band cuts on its left join the masked loop). The
+backward
 computes Delta first, then dK/dV in one pass over key blocks (a program owns a key block of one
 kv head and loops over the query heads of its GQA group, so no atomics and a deterministic sum)
 and dQ in a second pass over query blocks, recomputing P from the lse and Z from (seed, offset).
@@ -33,6 +43,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._glue import INTERPRET, Tuned, is_traced
+from .kvcache_attention import _tanh
 
 # log2(e): scores are kept in base 2 so that the softmax uses exp2 (the kernels spell it out,
 # and ln(2) = 0.693..., as literals: a plain Python global cannot be read inside @triton.jit)
@@ -58,13 +69,19 @@ def _masked_scores(
     stride_mm,
     stride_mn,
     causal_off,
+    win_off,
+    window_left,
+    window_right,
     MASKED: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     MASK_KIND: tl.constexpr,
     MASK_ROW: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
 ):
-    """Scores (log2 units) with the attention mask, bounds and causality applied (query i sees
-    keys j <= i + causal_off: 0 upper-left, as torch's is_causal; Lk - Lq lower-right).
+    """Scores (log2 units) with the attention mask, bounds, causality and the window applied
+    (query i sees keys j <= i + causal_off: 0 upper-left, as torch's is_causal; Lk - Lq
+    lower-right; and d - window_left <= j <= d + window_right, d = i + win_off; an unbounded side
+    comes as a bound longer than the sequences, so no branch on -1 here).
 
     ``oq`` / ``ok`` are the query / key indices broadcast to the tile's layout ((M, 1)/(1, N) in
     the forward and dQ passes, (1, M)/(N, 1) in the transposed dK/dV pass)."""
@@ -82,8 +99,79 @@ def _masked_scores(
         allowed = (oq < Lq) & (ok < Lk)
         if IS_CAUSAL:
             allowed = allowed & (ok <= oq + causal_off)
+        if HAS_WINDOW:
+            d = oq + win_off
+            allowed = allowed & (ok >= d - window_left) & (ok <= d + window_right)
         s = tl.where(allowed, s, float("-inf"))
     return s
+
+
+@triton.jit
+def _variant_scores(
+    s, oq, ok, alibi_off, slope2, softcap2, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr
+):
+    """Scores (log2 units) after the softcap and ALiBi, before the masks (docs/design.md,
+    "Attention variants"), and tanh(s / c) for the softcap's backward (1 - tanh^2). In log2 units
+    the cap is c log2(e) (``softcap2``) and the slope slope log2(e) (``slope2``): c tanh(s / c)
+    scales with s. ALiBi's distance is |i + Lk - Lq - j| (``alibi_off`` = Lk - Lq)."""
+    t = s
+    if HAS_SOFTCAP:
+        t = _tanh(s * (1.0 / softcap2))
+        s = softcap2 * t
+    if HAS_ALIBI:
+        s = s - slope2 * tl.abs(oq + alibi_off - ok).to(tl.float32)
+    return s, t
+
+
+@triton.jit
+def _key_range(start_m, Lk, causal_off, win_off, window_left, window_right,
+               IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):  # fmt: skip
+    """The key blocks of the query block at start_m, as (lo, full_lo, full_end, hi): keys
+    [lo, full_lo) and [full_end, hi) need element masking, [full_lo, full_end) none; keys
+    outside [lo, hi) are invisible to every row of the block (never visited). Without a window
+    lo = full_lo = 0 (the first range is not even compiled)."""
+    if IS_CAUSAL:
+        # keys past the block's last query's diagonal are invisible to all of it: skipped
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_off, 0), Lk)
+        # blocks with every key on or left of the block's first query's diagonal (and inside Lk)
+        # need no masking
+        full_end = tl.minimum(tl.maximum(start_m + 1 + causal_off, 0) // BLOCK_N, Lk // BLOCK_N) * BLOCK_N
+    else:
+        hi = Lk
+        full_end = (Lk // BLOCK_N) * BLOCK_N
+    lo = 0
+    full_lo = 0
+    if HAS_WINDOW:
+        # the band of row i is [i + win_off - left, i + win_off + right]; both ends grow with i,
+        # so the block's first row bounds what every row allows, its last row what any row sees
+        d_first = start_m + win_off
+        d_last = d_first + BLOCK_M - 1
+        hi = tl.maximum(tl.minimum(hi, d_last + window_right + 1), 0)
+        fe = (tl.maximum(tl.minimum(full_end, d_first + window_right + 1), 0) // BLOCK_N) * BLOCK_N
+        lo = (tl.minimum(tl.maximum(d_first - window_left, 0), hi) // BLOCK_N) * BLOCK_N
+        fl = tl.cdiv(tl.maximum(d_last - window_left, 0), BLOCK_N) * BLOCK_N
+        full_lo = tl.maximum(lo, tl.minimum(fl, fe))
+        full_end = tl.maximum(full_lo, fe)
+    return lo, full_lo, full_end, hi
+
+
+@triton.jit
+def _variant_setup(Lq, Lk, causal_off, Alibi, stride_alibi_b, b, h, IS_CAUSAL: tl.constexpr,
+                   HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr):  # fmt: skip
+    """(win_off, alibi_off, slope2) of (batch entry / sequence b, query head h): the window's
+    diagonal is d = i + win_off (0 with upper-left causality, Lk - Lq otherwise: lower-right and
+    none), ALiBi's i + Lk - Lq; the head's slope in log2 units."""
+    win_off = 0
+    if HAS_WINDOW:
+        if IS_CAUSAL:
+            win_off = causal_off
+        else:
+            win_off = Lk - Lq
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(Alibi + b * stride_alibi_b + h).to(tl.float32) * 1.4426950408889634
+    return win_off, Lk - Lq, slope2
 
 
 @triton.jit
@@ -130,6 +218,8 @@ def _fwd_inner(
     offs_m,
     lo,
     hi,
+    split,
+    gap,
     Lq,
     Lk,
     stride_kn,
@@ -144,6 +234,12 @@ def _fwd_inner(
     drop_lk,
     dropout_p,
     causal_off,
+    win_off,
+    window_left,
+    window_right,
+    alibi_off,
+    slope2,
+    softcap2,
     MASKED: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     MASK_KIND: tl.constexpr,
@@ -155,11 +251,21 @@ def _fwd_inner(
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
 ):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if HAS_WINDOW and MASKED:
+            # one loop over both blocks the band cuts: [lo, split) then, past the unmasked
+            # middle, [split + gap, ...): as many loops as without a window (a third one spilled
+            # the D = 128 dQ kernel on sm_90)
+            n0 = start_n + tl.where(start_n >= split, gap, 0)
+        else:
+            n0 = start_n
+        offs_n = n0 + tl.arange(0, BLOCK_N)
         kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # (D, N)
         v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd  # (N, Dv)
         if MASKED:
@@ -169,9 +275,12 @@ def _fwd_inner(
             kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
             v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
         s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+        s, _t = _variant_scores(
+            s, offs_m[:, None], offs_n[None, :], alibi_off, slope2, softcap2, HAS_SOFTCAP, HAS_ALIBI
+        )
         s = _masked_scores(
             s, mask_base, offs_m[:, None], offs_n[None, :], Lq, Lk, stride_mm, stride_mn, causal_off,
-            MASKED, IS_CAUSAL, MASK_KIND, MASK_ROW,
+            win_off, window_left, window_right, MASKED, IS_CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW,
         )  # fmt: skip
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row with nothing allowed yet keeps m = -inf; use 0 as its reference so that
@@ -233,6 +342,12 @@ def _fwd_kernel(
     total_k,
     drop_lq,
     drop_lk,
+    Sinks,
+    Alibi,
+    stride_alibi_b,
+    softcap2,
+    window_left,
+    window_right,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -245,6 +360,10 @@ def _fwd_kernel(
     VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    HAS_WINDOW: tl.constexpr = False,
+    HAS_SOFTCAP: tl.constexpr = False,
+    HAS_ALIBI: tl.constexpr = False,
+    HAS_SINKS: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -276,35 +395,57 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
-    if IS_CAUSAL:
-        # keys past the block's last query's diagonal are invisible to all of it: skipped
-        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_off, 0), Lk)
-        # blocks with every key on or left of the block's first query's diagonal (and inside Lk)
-        # need no masking
-        full_end = tl.minimum(tl.maximum(start_m + 1 + causal_off, 0) // BLOCK_N, Lk // BLOCK_N) * BLOCK_N
+    win_off, alibi_off, slope2 = _variant_setup(
+        Lq, Lk, causal_off, Alibi, stride_alibi_b, b, h, IS_CAUSAL, HAS_WINDOW, HAS_ALIBI
+    )
+    lo, full_lo, full_end, hi = _key_range(
+        start_m, Lk, causal_off, win_off, window_left, window_right, IS_CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N
+    )
+    if HAS_WINDOW:
+        # the blocks the band cuts on the left, [lo, full_lo), and on the right, [full_end, hi),
+        # in one masked loop that jumps over the middle
+        m_lo = lo
+        m_hi = hi - (full_end - full_lo)
     else:
-        hi = Lk
-        full_end = (Lk // BLOCK_N) * BLOCK_N
+        m_lo = full_end
+        m_hi = hi
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, 0, full_end, Lq, Lk,
+        acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, full_lo, full_end, 0, 0, Lq, Lk,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
         seed, drop_base, drop_lk, dropout_p, causal_off,
+        win_off, window_left, window_right, alibi_off, slope2, softcap2,
         False, IS_CAUSAL, MASK_KIND, MASK_ROW, HAS_DROPOUT, DOT_PREC,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, full_end, hi, Lq, Lk,
-        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
+        acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, m_lo, m_hi, full_lo, full_end - full_lo,
+        Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
         seed, drop_base, drop_lk, dropout_p, causal_off,
+        win_off, window_left, window_right, alibi_off, slope2, softcap2,
         True, IS_CAUSAL, MASK_KIND, MASK_ROW, HAS_DROPOUT, DOT_PREC,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI,
     )  # fmt: skip
 
-    has_key = l_i > 0.0
-    l_safe = tl.where(has_key, l_i, 1.0)
-    # empty rows: output 0 (acc is 0 there) and lse +inf, so the backward's exp(s - lse) is 0
-    out = acc * (tl.where(has_key, drop_scale / l_safe, 0.0))[:, None]
-    lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("inf"))
+    if HAS_SINKS:
+        # the sink closes the row (flash::close_with_sink of csrc/sdpa_math.h): one more term
+        # exp(sink) in the denominator, no value; lse includes it, so the backward's
+        # P = exp(S - lse) is already right. A row with no key has only its sink: out 0, lse =
+        # sink; nothing at all (a -inf sink too): out 0, lse +inf.
+        sink2 = tl.load(Sinks + h).to(tl.float32) * 1.4426950408889634
+        big = tl.maximum(m_i, sink2)
+        ref = tl.where(big == float("-inf"), 0.0, big)
+        a = tl.where(m_i == float("-inf"), 0.0, tl.math.exp2(m_i - ref))
+        total = l_i * a + tl.math.exp2(sink2 - ref)
+        has_mass = total > 0.0
+        t_safe = tl.where(has_mass, total, 1.0)
+        out = acc * (tl.where(has_mass, drop_scale * a / t_safe, 0.0))[:, None]
+        lse = tl.where(has_mass, (ref + tl.math.log2(t_safe)) * 0.6931471805599453, float("inf"))
+    else:
+        has_key = l_i > 0.0
+        l_safe = tl.where(has_key, l_i, 1.0)
+        # empty rows: output 0 (acc is 0 there) and lse +inf, so the backward's exp(s - lse) is 0
+        out = acc * (tl.where(has_key, drop_scale / l_safe, 0.0))[:, None]
+        lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("inf"))
     o_rows = (q_start + offs_m[:, None]) * stride_om
     o_ptrs = Out + b * stride_ob + h * stride_oh + o_rows + offs_dv[None, :] * stride_od
     tl.store(
@@ -365,6 +506,8 @@ def _bwd_dq_inner(
     offs_m,
     lo,
     hi,
+    split,
+    gap,
     Lq,
     Lk,
     stride_kn,
@@ -380,6 +523,12 @@ def _bwd_dq_inner(
     dropout_p,
     drop_scale,
     causal_off,
+    win_off,
+    window_left,
+    window_right,
+    alibi_off,
+    slope2,
+    softcap2,
     MASKED: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     MASK_KIND: tl.constexpr,
@@ -391,11 +540,21 @@ def _bwd_dq_inner(
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
 ):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if HAS_WINDOW and MASKED:
+            # one loop over both blocks the band cuts: [lo, split) then, past the unmasked
+            # middle, [split + gap, ...): as many loops as without a window (a third one spilled
+            # the D = 128 dQ kernel on sm_90)
+            n0 = start_n + tl.where(start_n >= split, gap, 0)
+        else:
+            n0 = start_n
+        offs_n = n0 + tl.arange(0, BLOCK_N)
         kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # (D, N)
         vt_ptrs = v_base + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd  # (Dv, N)
         if MASKED:
@@ -405,9 +564,12 @@ def _bwd_dq_inner(
             kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
             vt = tl.load(vt_ptrs, mask=offs_dv[:, None] < HEAD_DIM_V, other=0.0)
         s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+        s, t = _variant_scores(
+            s, offs_m[:, None], offs_n[None, :], alibi_off, slope2, softcap2, HAS_SOFTCAP, HAS_ALIBI
+        )
         s = _masked_scores(
             s, mask_base, offs_m[:, None], offs_n[None, :], Lq, Lk, stride_mm, stride_mn, causal_off,
-            MASKED, IS_CAUSAL, MASK_KIND, MASK_ROW,
+            win_off, window_left, window_right, MASKED, IS_CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW,
         )  # fmt: skip
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, vt, input_precision=DOT_PREC)
@@ -415,6 +577,8 @@ def _bwd_dq_inner(
             e = drop_base + offs_m[:, None].to(tl.int64) * drop_lk + offs_n[None, :]
             dp = tl.where(tl.rand(seed, e) >= dropout_p, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)  # through c tanh(s / c)
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PREC)
     return dq
 
@@ -466,6 +630,12 @@ def _bwd_dq_kernel(
     total_k,
     drop_lq,
     drop_lk,
+    Sinks,
+    Alibi,
+    stride_alibi_b,
+    softcap2,
+    window_left,
+    window_right,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -478,6 +648,9 @@ def _bwd_dq_kernel(
     VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    HAS_WINDOW: tl.constexpr = False,
+    HAS_SOFTCAP: tl.constexpr = False,
+    HAS_ALIBI: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -523,25 +696,33 @@ def _bwd_dq_kernel(
     delta = tl.load(Delta + row_q + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    if IS_CAUSAL:
-        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_off, 0), Lk)
-        full_end = tl.minimum(tl.maximum(start_m + 1 + causal_off, 0) // BLOCK_N, Lk // BLOCK_N) * BLOCK_N
+    win_off, alibi_off, slope2 = _variant_setup(
+        Lq, Lk, causal_off, Alibi, stride_alibi_b, b, h, IS_CAUSAL, HAS_WINDOW, HAS_ALIBI
+    )
+    lo, full_lo, full_end, hi = _key_range(
+        start_m, Lk, causal_off, win_off, window_left, window_right, IS_CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N
+    )
+    if HAS_WINDOW:
+        m_lo = lo
+        m_hi = hi - (full_end - full_lo)
     else:
-        hi = Lk
-        full_end = (Lk // BLOCK_N) * BLOCK_N
+        m_lo = full_end
+        m_hi = hi
     dq = _bwd_dq_inner(
-        dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, 0, full_end, Lq, Lk,
+        dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, full_lo, full_end, 0, 0, Lq, Lk,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
         seed, drop_base, drop_lk, dropout_p, drop_scale, causal_off,
+        win_off, window_left, window_right, alibi_off, slope2, softcap2,
         False, IS_CAUSAL, MASK_KIND, MASK_ROW, HAS_DROPOUT, DOT_PREC,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI,
     )  # fmt: skip
     dq = _bwd_dq_inner(
-        dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, full_end, hi, Lq, Lk,
-        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
+        dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, m_lo, m_hi, full_lo, full_end - full_lo,
+        Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
         seed, drop_base, drop_lk, dropout_p, drop_scale, causal_off,
+        win_off, window_left, window_right, alibi_off, slope2, softcap2,
         True, IS_CAUSAL, MASK_KIND, MASK_ROW, HAS_DROPOUT, DOT_PREC,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI,
     )  # fmt: skip
     dq = dq * scale
     # DQ is contiguous (B, Hq, Lq, D), or (Hq, total_q, D) with VARLEN: row row_q + i
@@ -578,6 +759,12 @@ def _bwd_dkdv_inner(
     dropout_p,
     drop_scale,
     causal_off,
+    win_off,
+    window_left,
+    window_right,
+    alibi_off,
+    slope2,
+    softcap2,
     MASKED: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     MASK_KIND: tl.constexpr,
@@ -589,6 +776,9 @@ def _bwd_dkdv_inner(
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
 ):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -607,9 +797,12 @@ def _bwd_dkdv_inner(
             lse = tl.load(lse_base + offs_m)
             delta = tl.load(delta_base + offs_m)
         st = tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale  # (N, M): S^T
+        st, tt = _variant_scores(
+            st, offs_m[None, :], offs_n[:, None], alibi_off, slope2, softcap2, HAS_SOFTCAP, HAS_ALIBI
+        )
         st = _masked_scores(
             st, mask_base, offs_m[None, :], offs_n[:, None], Lq, Lk, stride_mm, stride_mn, causal_off,
-            MASKED, IS_CAUSAL, MASK_KIND, MASK_ROW,
+            win_off, window_left, window_right, MASKED, IS_CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW,
         )  # fmt: skip
         pt = tl.math.exp2(st - (lse * 1.4426950408889634)[None, :])
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (N, M): dP^T
@@ -621,6 +814,8 @@ def _bwd_dkdv_inner(
         else:
             dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
         dst = pt * (dpt - delta[None, :])
+        if HAS_SOFTCAP:
+            dst = dst * (1.0 - tt * tt)
         dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PREC)
     return dk, dv
 
@@ -674,6 +869,12 @@ def _bwd_dkdv_kernel(
     total_k,
     drop_lq,
     drop_lk,
+    Sinks,
+    Alibi,
+    stride_alibi_b,
+    softcap2,
+    window_left,
+    window_right,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -686,6 +887,9 @@ def _bwd_dkdv_kernel(
     VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    HAS_WINDOW: tl.constexpr = False,
+    HAS_SOFTCAP: tl.constexpr = False,
+    HAS_ALIBI: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -722,18 +926,40 @@ def _bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
-    if IS_CAUSAL:
-        # queries before the block's first key's diagonal (start_n - causal_off) see none of it;
-        # from the first query that sees the block's last key on (start_n + BLOCK_N - 1 -
-        # causal_off), no causal masking is needed; lo..diag_end is whole query blocks
-        first = start_n - causal_off
-        lo = tl.minimum(tl.maximum(first, 0), Lq)
-        need = tl.maximum(first + BLOCK_N - 1 - lo, 0)
-        diag_end = tl.minimum(lo + ((need + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, Lq)
+    win_off, alibi_off, slope2 = _variant_setup(
+        Lq, Lk, causal_off, Alibi, stride_alibi_b, b, hk, IS_CAUSAL, HAS_WINDOW, False
+    )
+    if HAS_WINDOW:
+        # the rows that see some key of the block: from the first whose band's right end
+        # (causal or window) reaches the block's first key, to the last whose left end reaches
+        # its last key (csrc/sdpa_math.h Band::query_begin / query_end); rows outside are never
+        # visited. lo..diag_end: rows whose right end cuts the block; diag_end..full_end: whole
+        # query blocks that see every key; the rest up to q_end is cut by the left end.
+        k_last = start_n + BLOCK_N - 1
+        lo = start_n - win_off - window_right
+        first_full = k_last - win_off - window_right
+        if IS_CAUSAL:
+            lo = tl.maximum(lo, start_n - causal_off)
+            first_full = tl.maximum(first_full, k_last - causal_off)
+        lo = tl.minimum(tl.maximum(lo, 0), Lq)
+        q_end = tl.maximum(tl.minimum(k_last + 1 - win_off + window_left, Lq), lo)
+        diag_end = tl.minimum(lo + tl.cdiv(tl.maximum(first_full - lo, 0), BLOCK_M) * BLOCK_M, q_end)
+        last_full = tl.minimum(start_n - win_off + window_left + 1, Lq)
+        full_end = diag_end + (tl.maximum(last_full - diag_end, 0) // BLOCK_M) * BLOCK_M
     else:
-        lo = 0
-        diag_end = 0
-    full_end = diag_end + (tl.maximum(Lq - diag_end, 0) // BLOCK_M) * BLOCK_M
+        q_end = Lq
+        if IS_CAUSAL:
+            # queries before the block's first key's diagonal (start_n - causal_off) see none of
+            # it; from the first query that sees the block's last key on (start_n + BLOCK_N - 1 -
+            # causal_off), no causal masking is needed; lo..diag_end is whole query blocks
+            first = start_n - causal_off
+            lo = tl.minimum(tl.maximum(first, 0), Lq)
+            need = tl.maximum(first + BLOCK_N - 1 - lo, 0)
+            diag_end = tl.minimum(lo + ((need + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, Lq)
+        else:
+            lo = 0
+            diag_end = 0
+        full_end = diag_end + (tl.maximum(Lq - diag_end, 0) // BLOCK_M) * BLOCK_M
     # Sum over the query heads of the GQA group inside the program: deterministic, no atomics.
     for g in range(0, GROUP):
         h = hk * GROUP + g
@@ -748,27 +974,34 @@ def _bwd_dkdv_kernel(
             row_q = bh * Lq
         lse_base = Lse + row_q
         delta_base = Delta + row_q
+        if HAS_ALIBI:
+            slope_h = tl.load(Alibi + b * stride_alibi_b + h).to(tl.float32) * 1.4426950408889634
+        else:
+            slope_h = slope2
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, offs_n, lo, diag_end,
             Lq, Lk, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, qk_scale,
             seed, drop_base, drop_lk, dropout_p, drop_scale, causal_off,
+            win_off, window_left, window_right, alibi_off, slope_h, softcap2,
             True, IS_CAUSAL, MASK_KIND, MASK_ROW, HAS_DROPOUT, DOT_PREC,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI,
         )  # fmt: skip
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, offs_n, diag_end, full_end,
             Lq, Lk, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, qk_scale,
             seed, drop_base, drop_lk, dropout_p, drop_scale, causal_off,
+            win_off, window_left, window_right, alibi_off, slope_h, softcap2,
             False, IS_CAUSAL, MASK_KIND, MASK_ROW, HAS_DROPOUT, DOT_PREC,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI,
         )  # fmt: skip
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, offs_n,
-            tl.maximum(full_end, lo), Lq,
+            tl.maximum(full_end, lo), q_end,
             Lq, Lk, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, qk_scale,
             seed, drop_base, drop_lk, dropout_p, drop_scale, causal_off,
+            win_off, window_left, window_right, alibi_off, slope_h, softcap2,
             True, IS_CAUSAL, MASK_KIND, MASK_ROW, HAS_DROPOUT, DOT_PREC,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI,
         )  # fmt: skip
     dk = dk * scale
     # DK (B, Hkv, Lk, D) and DV (B, Hkv, Lk, Dv) are contiguous; with VARLEN (Hkv, total_k, D)
@@ -787,7 +1020,7 @@ def _bwd_dkdv_kernel(
 
 # -- autotune configs (beside their kernels) ----------------------------------------------------
 
-_TUNE_KEY = ["Lq", "Lk", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL"]
+_TUNE_KEY = ["Lq", "Lk", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_ALIBI"]
 
 
 # Under TRITON_INTERPRET=1 kernels run on CPU tensors through numpy: one small config, no tuning.
@@ -827,6 +1060,25 @@ _REG_BUDGET = 224
 _SMEM_BUDGET = 216 * 1024
 
 
+# The backward kernels with a variant on (the softcap's tanh tile, the band's bounds, the slope)
+# at 64 < D <= 128, half precision, compiled for sm_90 (triton 3.8, bench/triton_resources.py):
+# (kind, VARLEN) -> (BLOCK_M, BLOCK_N, warps, stages or None for every one) that left a stack
+# frame. varlen dQ 64 x 64 w4: 8 bytes; sdpa dK/dV 32 x 32 w4 s2: ptxas held it to 168 registers
+# and a 32-byte stack (1 and 3 stages compiled clean at ~200).
+_VARIANT_BWD_SPILLS = {
+    ("dq", True): {(64, 64, 4, None)},
+    ("dkdv", False): {(32, 32, 4, 2)},
+}
+# varlen dK/dV with a variant at 64 < D <= 128: its plain one config (32 x 64 w4) left 8-16 bytes
+# at 2-3 stages, 64 x 32 w4 compiled at 248-253 registers (too near the edge), 32 x 32 w4 clean
+# at 192-200 at 1-3 stages (3 kept: 2 stages held sdpa's to 168 registers): it alone is kept
+_VARIANT_VARLEN_DKDV = (32, 32, 4, 3)
+# dQ with a variant at D > 128: 32 x 64 w4 (the plain kernel's) left 16-312 bytes, and every tile
+# at 1 stage spilled (16-112 bytes: the unpipelined loads sit in registers); 32 x 32 w4 s2
+# compiled clean at 220-232 registers (sdpa and varlen): it alone is kept
+_VARIANT_WIDE_DQ = (32, 32, 4, 2)
+
+
 def _configs(kind: str) -> list:
     half = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -840,7 +1092,8 @@ def _configs(kind: str) -> list:
     return half + fp32
 
 
-def _footprint(kind: str, bm: int, bn: int, bd: int, bdv: int, stages: int, elt: int, mask_elt: int):
+def _footprint(kind: str, bm: int, bn: int, bd: int, bdv: int, stages: int, elt: int, mask_elt: int,
+               variants: bool = False):  # fmt: skip
     """(fp32 register elements of the live tiles, shared-memory bytes) of one program."""
     if kind == "fwd":  # acc, scores, q; K and V tiles pipelined through shared memory
         regs = bm * bdv + bm * bn + bm * bd * elt / 4
@@ -851,6 +1104,11 @@ def _footprint(kind: str, bm: int, bn: int, bd: int, bdv: int, stages: int, elt:
     else:  # dk and dv, k and v, scores and dP, q and dO; Q and dO pipelined
         regs = bn * (bd + bdv) * (1 + elt / 4) + 2 * bn * bm + bm * (bd + bdv) * elt / 4
         smem = stages * bm * (bd + bdv) * elt + bn * (bd + bdv) * elt + stages * bm * bn * mask_elt
+    if variants:
+        # the variants' score-sized temporaries (the window's and ALiBi's index tiles, the
+        # softcap's tanh, which the backward keeps until dS): two more tiles. Measured on sm_90:
+        # with one, D = 64's forward 128 x 64 w4 and dK/dV 64 x 64 w4 still spilled 8-56 bytes
+        regs += 2 * bm * bn
     return regs, smem + 4096
 
 
@@ -871,7 +1129,11 @@ def _pruner(kind: str):
         # estimate leaves: 64 x 32 w4 (2-3 stages) left an 8-byte stack under triton 3.6 and
         # 32 x 32 w4 16 bytes under 3.6 or 3.8 (by stage count), while 32 x 64 w4 compiled clean
         # in 1-4 stages on both (250 registers, over the estimate's budget): it alone is kept
-        varlen_dkdv = kind == "dkdv" and bool(args.get("VARLEN")) and 64 < block_d <= 128
+        varlen = bool(args.get("VARLEN"))
+        varlen_dkdv = kind == "dkdv" and varlen and 64 < block_d <= 128
+        variants = any(args.get(f) for f in ("HAS_WINDOW", "HAS_SOFTCAP", "HAS_ALIBI"))
+        variant_bwd = kind != "fwd" and 64 < block_d <= 128 and variants
+        spills = _VARIANT_BWD_SPILLS.get((kind, varlen), set()) if variant_bwd else set()
         kept, seen = [], set()
         for c in configs:
             bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
@@ -879,14 +1141,26 @@ def _pruner(kind: str):
             if wide:
                 if not is_fp32_config or bm * bn * block_d > _fp32_max_tile(block_d):
                     continue
+                # with a variant, fp32's 32 x 32 tiles left 8-24-byte stacks at D <= 64 on sm_90
+                # (varlen forward, sdpa dK/dV) while 32 x 16 and 16 x 32 compiled clean
+                if variants and bm * bn > 512:
+                    continue
             else:
                 if c.num_stages not in stages or (c.num_warps == 8 and max(bm, bn) < 128):
                     continue
-                if varlen_dkdv:
+                if (bm, bn, c.num_warps, None) in spills or (bm, bn, c.num_warps, c.num_stages) in spills:
+                    continue
+                if kind == "dq" and variants and block_d > 128:
+                    if (bm, bn, c.num_warps, c.num_stages) != _VARIANT_WIDE_DQ:
+                        continue
+                elif varlen_dkdv and variant_bwd:
+                    if (bm, bn, c.num_warps, c.num_stages) != _VARIANT_VARLEN_DKDV:
+                        continue
+                elif varlen_dkdv:
                     if (bm, bn) != (32, 64) or c.num_warps != 4:
                         continue
                 else:
-                    regs, smem = _footprint(kind, bm, bn, bd, bdv, c.num_stages, elt, mask_elt)
+                    regs, smem = _footprint(kind, bm, bn, bd, bdv, c.num_stages, elt, mask_elt, variants)
                     if regs / (32 * c.num_warps) > _REG_BUDGET or smem > _SMEM_BUDGET:
                         continue
             # no block much longer than the sequence
@@ -949,6 +1223,36 @@ def common_constexprs(query, value, D, Dv, causal, mask_kind, mask_row, dropout_
     )
 
 
+def variant_args(
+    query: Tensor, Lq: int, Lk: int, window_left: int, window_right: int, softcap: float, sinks, alibi_slopes
+) -> tuple[tuple, dict]:
+    """The kernels' variant arguments ``(Sinks, Alibi, stride_alibi_b, softcap2, window_left,
+    window_right)`` and constexprs (``HAS_SINKS`` is the forward's only) for one call; Lq / Lk
+    the longest lengths (varlen's max_seqlen). An unbounded window side (-1) becomes Lq + Lk,
+    longer than any row's reach, so the kernels need no branch on it; the softcap goes in log2
+    units (the kernels' scores are), slopes and sinks as float32 (alibi (Hq,) or (B, Hq): row b
+    of batch entry / sequence b)."""
+    unbounded = Lq + Lk
+    left = unbounded if window_left < 0 else min(window_left, unbounded)
+    right = unbounded if window_right < 0 else min(window_right, unbounded)
+    alibi = alibi_slopes.float().contiguous() if alibi_slopes is not None else None
+    sk = sinks.float().contiguous() if sinks is not None else None
+    args = (
+        sk if sk is not None else query,  # never read without HAS_SINKS; any pointer will do
+        alibi if alibi is not None else query,
+        alibi.shape[1] if alibi is not None and alibi.dim() == 2 else 0,
+        float(softcap) * LOG2E if softcap > 0.0 else 1.0,
+        left,
+        right,
+    )
+    consts = dict(
+        HAS_WINDOW=window_left >= 0 or window_right >= 0,
+        HAS_SOFTCAP=softcap > 0.0,
+        HAS_ALIBI=alibi is not None,
+    )
+    return args, consts
+
+
 def drop_scale(dropout_p: float) -> float:
     return 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
 
@@ -966,20 +1270,3 @@ def interpreter_bf16(t: Tensor) -> bool:
 
 def up(t: Tensor | None) -> Tensor | None:
     return t.float() if t is not None and t.dtype == torch.bfloat16 else t
-
-
-def check_no_variants(window_left: int, window_right: int, softcap: float, sinks, alibi_slopes) -> None:
-    """The flash kernels here do not fuse the attention variants yet (pyattn/_backend.py sends
-    such calls to a backend that does); a direct call with one is refused, never computed without
-    it."""
-    if (
-        window_left != -1
-        or window_right != -1
-        or softcap != 0.0
-        or sinks is not None
-        or alibi_slopes is not None
-    ):
-        raise RuntimeError(
-            "pyattn's Triton flash kernels do not fuse the attention variants (window, softcap, sinks, "
-            "ALiBi) yet"
-        )

@@ -23,13 +23,13 @@ from ._flash import (
     bwd_dkdv,
     bwd_dq,
     bwd_preprocess_kernel,
-    check_no_variants,
     check_slice,
     common_constexprs,
     drop_scale,
     fwd,
     interpreter_bf16,
     up,
+    variant_args,
 )
 from ._glue import DTYPES, define_op, is_traced, launch_kernel
 
@@ -42,7 +42,8 @@ def _expandable(shape, to) -> bool:
     )
 
 
-def _check(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, causal: int):
+def _check(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, causal: int, sinks=None,
+           alibi_slopes=None):  # fmt: skip
     """Memory-safety guards only (users' inputs are validated in pyattn/ops/sdpa.py): shapes that
     keep every load in bounds; returns (B, Hq, Hkv, Lq, Lk, D, Dv)."""
     if not query.dim() == key.dim() == value.dim() == 4:
@@ -53,6 +54,8 @@ def _check(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, 
     ok = ok and key.dtype == value.dtype == query.dtype and (Hq % Hkv == 0 if Hkv else Hq == 0)
     ok = ok and D <= MAX_HEAD_DIM and Dv <= MAX_HEAD_DIM and causal in (0, 1, 2)
     ok = ok and (attn_mask is None or _expandable(attn_mask.shape, (B, Hq, Lq, Lk)))
+    ok = ok and (sinks is None or sinks.shape == (Hq,))
+    ok = ok and (alibi_slopes is None or alibi_slopes.shape in ((Hq,), (B, Hq)))
     if not ok:
         raise ValueError("sdpa (triton): inputs are not canonical (B, H, L, D) tensors the kernels can take")
     check_slice("query", query, Lq, D)
@@ -95,6 +98,11 @@ def sdpa_forward(
     scale: float | None = None,
     seed: int = 0,
     offset: int = 0,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fused attention forward.
 
@@ -109,11 +117,17 @@ def sdpa_forward(
         scale: score scale, default 1/sqrt(D).
         seed, offset: dropout keeps element e = ((b*Hq + h)*Lq + i)*Lk + j when
             ``tl.rand(seed, offset + e) >= dropout_p``.
+        window_left, window_right, softcap, sinks, alibi_slopes: the attention variants
+            (docs/design.md, "Attention variants"): query i sees keys d - left <= j <= d + right
+            (d = i with upper-left causality, i + Lk - Lq otherwise; -1 unbounded); scores
+            s -> softcap tanh(s / softcap) (0 off), then -= slope |i + Lk - Lq - j| with
+            alibi_slopes (Hq,) or (B, Hq); sinks (Hq,) one more logit per head in the softmax
+            denominator, with no value.
     Returns:
-        out (B, Hq, Lq, Dv) in the query's dtype, lse (B, Hq, Lq) float32 (+inf for rows with no
-        allowed key, whose output is 0).
+        out (B, Hq, Lq, Dv) in the query's dtype, lse (B, Hq, Lq) float32 (including the sink;
+        +inf for rows with no allowed key and no sink, whose output is 0).
     """
-    B, Hq, Hkv, Lq, Lk, D, Dv = _check(query, key, value, attn_mask, causal)
+    B, Hq, Hkv, Lq, Lk, D, Dv = _check(query, key, value, attn_mask, causal, sinks, alibi_slopes)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     causal_off = Lk - Lq if causal == 2 else 0
     out = torch.empty((B, Hq, Lq, Dv), dtype=query.dtype, device=query.device)
@@ -121,6 +135,7 @@ def sdpa_forward(
     if out.numel() == 0:
         return out, lse.fill_(float("inf"))
     mask, ms, kind, row = _mask_args(attn_mask, query, (B, Hq, Lq, Lk))
+    var, var_consts = variant_args(query, Lq, Lk, window_left, window_right, softcap, sinks, alibi_slopes)
     if _traced(query):
         return out, lse
 
@@ -131,8 +146,9 @@ def sdpa_forward(
         query, key, value, mask, out, lse,
         *query.stride(), *key.stride(), *value.stride(), *ms, *out.stride(),
         Hq, Hq // Hkv, Lq, Lk, scale * LOG2E, float(dropout_p), drop_scale(dropout_p),
-        int(seed), int(offset), causal_off, *_not_varlen(query, Lq, Lk),
-        **common_constexprs(query, value, D, Dv, causal, kind, row, dropout_p),
+        int(seed), int(offset), causal_off, *_not_varlen(query, Lq, Lk), *var,
+        **common_constexprs(query, value, D, Dv, causal, kind, row, dropout_p), **var_consts,
+        HAS_SINKS=sinks is not None,
     )  # fmt: skip
     return out, lse
 
@@ -150,19 +166,25 @@ def sdpa_backward(
     scale: float | None = None,
     seed: int = 0,
     offset: int = 0,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Fused attention backward: Delta preprocess, dK/dV pass over key blocks, dQ pass.
 
     Arguments:
         grad_out: (B, Hq, Lq, Dv), the gradient of ``out``.
-        query, key, value, attn_mask, dropout_p, causal, scale, seed, offset: as given to
-            ``sdpa_forward``.
+        query, key, value, attn_mask, dropout_p, causal, scale, seed, offset, window_left,
+            window_right, softcap, alibi_slopes: as given to ``sdpa_forward`` (the sinks need
+            nothing here: lse includes them; their own gradient is pyattn/ops/_common.py's
+            ``sink_grad``).
         out: (B, Hq, Lq, Dv) and lse: (B, Hq, Lq) float32, as it returned.
     Returns:
         grad_query (B, Hq, Lq, D), grad_key (B, Hkv, Lk, D), grad_value (B, Hkv, Lk, Dv),
         contiguous, in the inputs' dtype; grad_key/grad_value summed over each GQA group.
     """
-    B, Hq, Hkv, Lq, Lk, D, Dv = _check(query, key, value, attn_mask, causal)
+    B, Hq, Hkv, Lq, Lk, D, Dv = _check(query, key, value, attn_mask, causal, None, alibi_slopes)
     if grad_out.shape != (B, Hq, Lq, Dv) or out.shape != (B, Hq, Lq, Dv) or lse.shape != (B, Hq, Lq):
         raise ValueError("sdpa (triton): grad_out/out must be (B, Hq, Lq, Dv) and lse (B, Hq, Lq)")
     causal_off = Lk - Lq if causal == 2 else 0
@@ -178,7 +200,8 @@ def sdpa_backward(
     mask, ms, kind, row = _mask_args(attn_mask, query, (B, Hq, Lq, Lk))
     check_slice("grad_out", grad_out, Lq, Dv)
     check_slice("out", out, Lq, Dv)
-    consts = common_constexprs(query, value, D, Dv, causal, kind, row, dropout_p)
+    var, var_consts = variant_args(query, Lq, Lk, window_left, window_right, softcap, None, alibi_slopes)
+    consts = {**common_constexprs(query, value, D, Dv, causal, kind, row, dropout_p), **var_consts}
     if _traced(query):
         return dq, dk, dv
 
@@ -189,7 +212,7 @@ def sdpa_backward(
     )  # fmt: skip
     scalars = (
         float(dropout_p), drop_scale(dropout_p), int(seed), int(offset), causal_off,
-        *_not_varlen(query, Lq, Lk),
+        *_not_varlen(query, Lq, Lk), *var,
     )  # fmt: skip
 
     def grid_kv(meta):
@@ -235,13 +258,13 @@ def sdpa_fwd_triton(
     sinks: Tensor | None = None,
     alibi_slopes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    check_no_variants(window_left, window_right, softcap, sinks, alibi_slopes)
+    var = (window_left, window_right, softcap, sinks, alibi_slopes)
     if interpreter_bf16(query):
         out, lse = sdpa_forward(
-            up(query), up(key), up(value), up(attn_mask), dropout_p, causal, scale, seed, offset
+            up(query), up(key), up(value), up(attn_mask), dropout_p, causal, scale, seed, offset, *var
         )
         return out.to(torch.bfloat16), lse
-    return sdpa_forward(query, key, value, attn_mask, dropout_p, causal, scale, seed, offset)
+    return sdpa_forward(query, key, value, attn_mask, dropout_p, causal, scale, seed, offset, *var)
 
 
 @define_op("sdpa_bwd")
@@ -263,7 +286,7 @@ def sdpa_bwd_triton(
     softcap: float = 0.0,
     alibi_slopes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    check_no_variants(window_left, window_right, softcap, None, alibi_slopes)
+    var = (window_left, window_right, softcap, alibi_slopes)
     if interpreter_bf16(query):
         grads = sdpa_backward(
             *(up(t) for t in (grad_out, query, key, value, attn_mask, out)),
@@ -273,8 +296,9 @@ def sdpa_bwd_triton(
             scale,
             seed,
             offset,
+            *var,
         )
         return tuple(g.to(torch.bfloat16) for g in grads)
     return sdpa_backward(
-        grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal, scale, seed, offset
+        grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal, scale, seed, offset, *var
     )

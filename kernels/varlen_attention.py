@@ -26,13 +26,13 @@ from ._flash import (
     bwd_dkdv,
     bwd_dq,
     bwd_preprocess_kernel,
-    check_no_variants,
     check_slice,
     common_constexprs,
     drop_scale,
     fwd,
     interpreter_bf16,
     up,
+    variant_args,
 )
 from ._glue import DTYPES, define_op, is_traced, launch_kernel
 
@@ -50,7 +50,7 @@ def _st(view: Tensor) -> tuple:
     return (0, *view.stride()[1:])
 
 
-def _check(query, key, value, cu_q, cu_k, max_q, max_k, causal):
+def _check(query, key, value, cu_q, cu_k, max_q, max_k, causal, sinks=None, alibi_slopes=None):
     """Memory-safety guards only (users' inputs are validated in pyattn/ops/varlen_attention.py);
     returns (B, Hq, Hkv, D, Dv)."""
     ok = query.dim() == key.dim() == value.dim() == 3 and query.dtype in DTYPES
@@ -61,6 +61,9 @@ def _check(query, key, value, cu_q, cu_k, max_q, max_k, causal):
         ok = key.shape[2] == D and value.shape[:2] == key.shape[:2] and (Hq % Hkv == 0 if Hkv else Hq == 0)
         ok = ok and D <= MAX_HEAD_DIM and Dv <= MAX_HEAD_DIM and causal in (0, 1, 2)
         ok = ok and max_q >= 0 and max_k >= 0
+        ok = ok and (sinks is None or sinks.shape == (Hq,))
+        B = cu_q.shape[0] - 1
+        ok = ok and (alibi_slopes is None or alibi_slopes.shape in ((Hq,), (B, Hq)))
     if not ok:
         raise ValueError(
             "varlen_attention (triton): inputs are not packed (total, H, D) tensors the kernels take"
@@ -92,6 +95,11 @@ def varlen_forward(
     scale: float | None = None,
     seed: int = 0,
     offset: int = 0,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fused variable-length attention forward.
 
@@ -104,12 +112,15 @@ def varlen_forward(
         dropout_p, scale, seed, offset: as kernels/sdpa.py's sdpa_forward, the counters of the
             padded (B, Hq, max_seqlen_q, max_seqlen_k) batch.
         causal: 0 none, 1 upper-left, 2 lower-right, per sequence.
+        window_left, window_right, softcap, sinks, alibi_slopes: the variants of
+            kernels/sdpa.py's sdpa_forward, per sequence (its own Lq_b, Lk_b); alibi_slopes
+            (Hq,) or (B, Hq), row b for sequence b.
     Returns:
-        out (total_q, Hq, Dv) in the query's dtype, lse (Hq, total_q) float32 (+inf for rows with
-        no key).
+        out (total_q, Hq, Dv) in the query's dtype, lse (Hq, total_q) float32 (including the
+        sink; +inf for rows with no key and no sink).
     """
     B, Hq, Hkv, D, Dv = _check(
-        query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal
+        query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, sinks, alibi_slopes
     )
     total_q, total_k = query.shape[0], key.shape[0]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -118,6 +129,9 @@ def varlen_forward(
     lse = torch.empty((Hq, total_q), dtype=torch.float32, device=query.device)
     if out.numel() == 0 or B == 0 or max_seqlen_q == 0:
         return out.zero_(), lse.fill_(float("inf"))
+    var, var_consts = variant_args(
+        query, max_seqlen_q, max_seqlen_k, window_left, window_right, softcap, sinks, alibi_slopes
+    )
     if is_traced(query):
         return out, lse
     q, k, v, o = (_heads_view(t) for t in (query, key, value, out))
@@ -130,8 +144,9 @@ def varlen_forward(
         *_st(q), *_st(k), *_st(v), 0, 0, 0, 0, *_st(o),
         Hq, Hq // Hkv, max_seqlen_q, max_seqlen_k, scale * LOG2E, float(dropout_p), drop_scale(dropout_p),
         int(seed), int(offset), 1 if causal == 2 else 0,
-        *_varlen_args(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q, max_seqlen_k),
-        **common_constexprs(query, value, D, Dv, causal, 0, False, dropout_p, varlen=True),
+        *_varlen_args(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q, max_seqlen_k), *var,
+        **common_constexprs(query, value, D, Dv, causal, 0, False, dropout_p, varlen=True), **var_consts,
+        HAS_SINKS=sinks is not None,
     )  # fmt: skip
     return out, lse
 
@@ -152,16 +167,20 @@ def varlen_backward(
     scale: float | None = None,
     seed: int = 0,
     offset: int = 0,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Fused variable-length attention backward: Delta over every packed row, then sdpa's dK/dV
-    and dQ passes with VARLEN.
+    and dQ passes with VARLEN (the variants as given to ``varlen_forward``, less the sinks).
 
     Returns:
         grad_query (total_q, Hq, D), grad_key (total_k, Hkv, D), grad_value (total_k, Hkv, Dv),
         contiguous, in the inputs' dtype; rows of keys no query sees are 0.
     """
     B, Hq, Hkv, D, Dv = _check(
-        query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal
+        query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, None, alibi_slopes
     )
     total_q, total_k = query.shape[0], key.shape[0]
     if grad_out.shape != (total_q, Hq, Dv) or out.shape != (total_q, Hq, Dv) or lse.shape != (Hq, total_q):
@@ -181,7 +200,13 @@ def varlen_backward(
         return packed(dq), packed(dk), packed(dv)
     lse = lse.float().contiguous()
     grad_out = grad_out.to(query.dtype)
-    consts = common_constexprs(query, value, D, Dv, causal, 0, False, dropout_p, varlen=True)
+    var, var_consts = variant_args(
+        query, max_seqlen_q, max_seqlen_k, window_left, window_right, softcap, None, alibi_slopes
+    )
+    consts = {
+        **common_constexprs(query, value, D, Dv, causal, 0, False, dropout_p, varlen=True),
+        **var_consts,
+    }
     if is_traced(query):
         return packed(dq), packed(dk), packed(dv)
     q, k, v, do, o = (_heads_view(t) for t in (query, key, value, grad_out, out))
@@ -197,7 +222,7 @@ def varlen_backward(
         )  # fmt: skip
     scalars = (
         float(dropout_p), drop_scale(dropout_p), int(seed), int(offset), 1 if causal == 2 else 0,
-        *_varlen_args(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q, max_seqlen_k),
+        *_varlen_args(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q, max_seqlen_k), *var,
     )  # fmt: skip
 
     if max_seqlen_k > 0:
@@ -248,8 +273,10 @@ def varlen_attention_fwd_triton(
     sinks: Tensor | None = None,
     alibi_slopes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    check_no_variants(window_left, window_right, softcap, sinks, alibi_slopes)
-    args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, causal, scale, seed, offset)
+    args = (
+        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, causal, scale, seed, offset,
+        window_left, window_right, softcap, sinks, alibi_slopes,
+    )  # fmt: skip
     if interpreter_bf16(query):
         out, lse = varlen_forward(up(query), up(key), up(value), *args)
         return out.to(torch.bfloat16), lse
@@ -278,8 +305,10 @@ def varlen_attention_bwd_triton(
     softcap: float = 0.0,
     alibi_slopes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    check_no_variants(window_left, window_right, softcap, None, alibi_slopes)
-    args = (max_seqlen_q, max_seqlen_k, dropout_p, causal, scale, seed, offset)
+    args = (
+        max_seqlen_q, max_seqlen_k, dropout_p, causal, scale, seed, offset, window_left, window_right, softcap,
+        alibi_slopes,
+    )  # fmt: skip
     if interpreter_bf16(query):
         grads = varlen_backward(
             up(grad_out), up(query), up(key), up(value), cu_seqlens_q, cu_seqlens_k, up(out), lse, *args

@@ -184,7 +184,7 @@ RECORDS: dict[str, Backend] = {
             machine=_triton_machine,
             on_device=_triton_device,
             ran_on="the Triton interpreter on CPU only; compiled for sm_90/sm_80, never run on a GPU",
-            variant_ops=("kvcache_attention",),
+            variant_ops=("sdpa", "varlen_attention", "kvcache_attention"),
         ),
         Backend(
             name="cuda",

@@ -2,14 +2,22 @@
 ALiBi; docs/design.md, "Attention variants") against the float64 reference under the test rule:
 each alone and combined, both causal alignments and none, Lq != Lk, odd sizes, GQA, several key
 blocks (so the skipped blocks of the window are exercised), varlen with empty sequences, every
-dtype of the cpu backend, gradients incl. the sinks'; the backends that do not fuse them refuse
-them; bad input gets the InputError family."""
+dtype of each backend, gradients incl. the sinks'; on every backend that fuses them (cpu, and
+triton through the interpreter on CPU tensors here, with smaller shapes: it runs each program in
+numpy); blocks outside the window are never visited (NaN planted there stays out); the backends
+that do not fuse them refuse them; bad input gets the InputError family."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close_to_ref, assert_grads_close, f32_accumulation_baseline
+from helpers import (
+    HAS_CUDA,
+    assert_close_to_ref,
+    assert_grads_close,
+    backend_params,
+    f32_accumulation_baseline,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.nn.attention.bias import causal_lower_right
@@ -20,22 +28,34 @@ from pyattn.ops.errors import InputError, InputTypeError
 
 HALF = (torch.float16, torch.bfloat16)
 
+# the backends whose sdpa and varlen kernels fuse the variants (the others refuse them, tested below)
+BACKENDS = [
+    p
+    for p in backend_params(cpu=True, triton=True, cuda=True)
+    if _backend.fuses_variants(p.values[0], "sdpa")
+]
 
-def _inputs(dtype, B, Hq, Hkv, Lq, Lk, D, grad=True):
-    q = torch.randn(B, Hq, Lq, D, dtype=dtype)
-    k = torch.randn(B, Hkv, Lk, D, dtype=dtype)
-    v = torch.randn(B, Hkv, Lk, D, dtype=dtype)
+
+def _small(backend: str) -> bool:
+    """Triton's interpreter (no GPU) runs every program in numpy: smaller batches and heads."""
+    return backend == "triton" and not HAS_CUDA
+
+
+def _inputs(dtype, B, Hq, Hkv, Lq, Lk, D, grad=True, device="cpu"):
+    q = torch.randn(B, Hq, Lq, D, dtype=dtype, device=device)
+    k = torch.randn(B, Hkv, Lk, D, dtype=dtype, device=device)
+    v = torch.randn(B, Hkv, Lk, D, dtype=dtype, device=device)
     return [t.requires_grad_(grad) for t in (q, k, v)]
 
 
-def _variants(Hq, B, window, softcap, sinks, alibi, sink_scale=2.0):
+def _variants(Hq, B, window, softcap, sinks, alibi, sink_scale=2.0, device="cpu"):
     kw = {"window_size": window, "softcap": softcap}
     if sinks:
-        kw["sinks"] = (torch.randn(Hq) * sink_scale).requires_grad_(True)
+        kw["sinks"] = (torch.randn(Hq, device=device) * sink_scale).requires_grad_(True)
     if alibi == "head":
-        kw["alibi_slopes"] = torch.rand(Hq) * 0.5
+        kw["alibi_slopes"] = torch.rand(Hq, device=device) * 0.5
     elif alibi == "batch":
-        kw["alibi_slopes"] = torch.rand(B, Hq) * 0.5
+        kw["alibi_slopes"] = torch.rand(B, Hq, device=device) * 0.5
     return kw
 
 
@@ -55,10 +75,11 @@ def _ref(q, k, v, causal, kw):
     return reference.scaled_dot_product_attention(q, k, v, None, 0.0, code, None, gqa, **kw)
 
 
-def _check(dtype, B, Hq, Hkv, Lq, Lk, D, causal, window, softcap, sinks, alibi, grads=True, sink_scale=2.0):
-    q, k, v = _inputs(dtype, B, Hq, Hkv, Lq, Lk, D, grads)
-    kw = _variants(Hq, B, window, softcap, sinks, alibi, sink_scale)
-    out = _call(pyattn.scaled_dot_product_attention, q, k, v, causal, kw, backend="cpu")
+def _check(dtype, B, Hq, Hkv, Lq, Lk, D, causal, window, softcap, sinks, alibi, grads=True, sink_scale=2.0,
+           backend="cpu", device="cpu"):  # fmt: skip
+    q, k, v = _inputs(dtype, B, Hq, Hkv, Lq, Lk, D, grads, device)
+    kw = _variants(Hq, B, window, softcap, sinks, alibi, sink_scale, device)
+    out = _call(pyattn.scaled_dot_product_attention, q, k, v, causal, kw, backend=backend)
     leaves = [q, k, v] + ([kw["sinks"]] if sinks else [])
     names = ["query", "key", "value"] + (["sinks"] if sinks else [])
     do = torch.randn_like(out)
@@ -108,47 +129,145 @@ COMBOS = [
 ]
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("causal", ["none", "upper", "lower"])
 @pytest.mark.parametrize("combo", COMBOS, ids=lambda c: str(c))
-def test_variants_fp32(combo, causal):
+def test_variants_fp32(combo, causal, backend, device):
     window, softcap, sinks, alibi = combo
-    _check(torch.float32, 2, 4, 2, 37, 53, 24, causal, window, softcap, sinks, alibi)
+    # (B, Hq, Hkv): GQA either way; 37 x 53 is 2 x 4 blocks of the interpreter's 32 x 16 tiles
+    B, Hq, Hkv = (2, 2, 1) if _small(backend) else (2, 4, 2)
+    if _small(backend) and alibi != "batch":
+        B = 1
+    _check(
+        torch.float32,
+        B,
+        Hq,
+        Hkv,
+        37,
+        53,
+        24,
+        causal,
+        window,
+        softcap,
+        sinks,
+        alibi,
+        backend=backend,
+        device=device,
+    )
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("causal", ["upper", "lower"])
-def test_variants_dtypes(dtype, causal):
-    _check(dtype, 1, 4, 1, 45, 45, 16, causal, (9, 2), 4.0, True, "head")
+def test_variants_dtypes(dtype, causal, backend, device):
+    if dtype not in _backend.RECORDS[backend].dtypes:
+        pytest.skip(f"{backend} takes no {dtype}")
+    Hq = 2 if _small(backend) else 4
+    _check(dtype, 1, Hq, 1, 45, 45, 16, causal, (9, 2), 4.0, True, "head", backend=backend, device=device)
 
 
-@pytest.mark.parametrize(
-    "Lq,Lk,causal,window",
-    [(700, 700, "upper", (100, 0)), (300, 1100, "none", (130, 60)), (1100, 300, "lower", (40, -1))],
-)
-def test_window_skips_blocks(Lq, Lk, causal, window):
-    """Several forward (512) and backward (256) key blocks: the band's block bounds, the skipped
-    blocks and the per-element masking of the blocks it cuts."""
-    _check(torch.float32, 1, 2, 1, Lq, Lk, 16, causal, window, 0.0, True, None)
+# (Lq, Lk, causal, window): several key blocks of each backend's kernels (cpu: 512 forward, 256
+# backward; the interpreter's Triton tiles: 32 queries x 16 keys), so the band's block bounds,
+# the skipped blocks and the per-element masking of the blocks it cuts all run
+_SKIP_CASES = {
+    "cpu": [(700, 700, "upper", (100, 0)), (300, 1100, "none", (130, 60)), (1100, 300, "lower", (40, -1))],
+    "triton": [(150, 150, "upper", (20, 0)), (70, 200, "none", (25, 10)), (200, 70, "lower", (8, -1))],
+}
 
 
-def test_sink_only_row_gives_zeros():
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("case", range(3))
+def test_window_skips_blocks(case, backend, device):
+    Lq, Lk, causal, window = _SKIP_CASES["triton" if _small(backend) else "cpu"][case]
+    _check(
+        torch.float32, 1, 2, 1, Lq, Lk, 16, causal, window, 0.0, True, None, backend=backend, device=device
+    )
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_sink_only_row_gives_zeros(backend, device):
     """A row whose keys are all masked has only its sink: zeros, zero gradients."""
-    q, k, v = _inputs(torch.float32, 1, 2, 2, 6, 9, 8)
-    mask = torch.ones(6, 9, dtype=torch.bool)
+    q, k, v = _inputs(torch.float32, 1, 2, 2, 6, 9, 8, device=device)
+    mask = torch.ones(6, 9, dtype=torch.bool, device=device)
     mask[2] = False
-    sinks = torch.tensor([0.5, -1.0], requires_grad=True)
-    out = pyattn.scaled_dot_product_attention(q, k, v, mask, sinks=sinks, backend="cpu")
+    sinks = torch.tensor([0.5, -1.0], requires_grad=True, device=device)
+    out = pyattn.scaled_dot_product_attention(q, k, v, mask, sinks=sinks, backend=backend)
     assert torch.equal(out[:, :, 2], torch.zeros_like(out[:, :, 2]))
     ref = reference.scaled_dot_product_attention(q, k, v, mask, sinks=sinks)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     out.sum().backward()
     assert torch.equal(q.grad[:, :, 2], torch.zeros_like(q.grad[:, :, 2]))
-    # a window that leaves some rows no key at all (Lq > Lk, lower-right)
-    _check(torch.float32, 1, 2, 2, 12, 4, 8, "lower", (1, -1), 0.0, True, None)
+    # a window that leaves some rows no key at all (Lq > Lk, lower-right); window 0 and one
+    # longer than the sequences
+    _check(
+        torch.float32, 1, 2, 2, 12, 4, 8, "lower", (1, -1), 0.0, True, None, backend=backend, device=device
+    )
+    _check(torch.float32, 1, 2, 2, 9, 14, 8, "none", (0, 0), 0.0, True, None, backend=backend, device=device)
+    _check(
+        torch.float32,
+        1,
+        2,
+        1,
+        9,
+        14,
+        8,
+        "upper",
+        (40, 100),
+        2.0,
+        True,
+        "head",
+        backend=backend,
+        device=device,
+    )
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
+@pytest.mark.skipif(not _backend.have_triton(), reason="needs triton")
+def test_triton_never_visits_blocks_outside_the_window():
+    """NaN planted in the key blocks no query's window reaches, and in the query blocks that
+    see no key, stays out of every output and gradient: those blocks are never loaded (a
+    visited block would bring it in through 0 x NaN in the tile products, masked or not)."""
+    from pyattn.kernels._flash import _INTERPRET_CONFIG
+
+    device = "cuda" if HAS_CUDA else "cpu"
+    bm, bn = _INTERPRET_CONFIG.kwargs["BLOCK_M"], _INTERPRET_CONFIG.kwargs["BLOCK_N"]
+    if HAS_CUDA:
+        bm = bn = 128  # blocks of at most 128 on a GPU: plant NaN only where whole ones lie
+    # (a) one query block over many keys, no causality: row i sees keys [i + Lk - Lq - 10, i + Lk - Lq]
+    Lq, Lk = bm, 10 * max(bm, bn)
+    dead = ((Lk - Lq - 10) // bn) * bn  # keys [0, dead) lie in key blocks no row sees
+    q, k, v = _inputs(torch.float32, 1, 2, 1, Lq, Lk, 16, grad=False, device=device)
+    k[:, :, :dead] = float("nan")
+    v[:, :, :dead] = float("nan")
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    out = pyattn.scaled_dot_product_attention(q, k, v, window_size=(10, 0), enable_gqa=True, backend="triton")
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert not t.isnan().any(), f"{name}: a block outside the window was visited"
+    assert torch.equal(dk[:, :, :dead], torch.zeros_like(dk[:, :, :dead]))
+    ref = reference.scaled_dot_product_attention(
+        q.detach().double(), k.detach().nan_to_num().double(), v.detach().nan_to_num().double(),
+        window_size=(10, 0), enable_gqa=True,
+    )  # fmt: skip
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    # (b) many queries over one key block, lower-right band (0, 5): rows i < Lq - Lk - 5 see no
+    # key; NaN in their queries and output gradients must not reach dK / dV
+    Lq, Lk = 10 * max(bm, bn), bn
+    dead = ((Lq - Lk - 5) // bm) * bm
+    q, k, v = _inputs(torch.float32, 1, 2, 1, Lq, Lk, 16, grad=False, device=device)
+    q[:, :, :dead] = float("nan")
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    out = pyattn.scaled_dot_product_attention(q, k, v, window_size=(0, 5), enable_gqa=True, backend="triton")
+    do = torch.randn_like(out)
+    do[:, :, :dead] = float("nan")
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
+    assert torch.equal(out[:, :, :dead], torch.zeros_like(out[:, :, :dead]))
+    for name, t in (("dk", dk), ("dv", dv), ("out", out[:, :, dead:]), ("dq", dq[:, :, dead:])):
+        assert not t.isnan().any(), f"{name}: a query block outside the window was visited"
+
+
+_HYPOTHESIS = dict(
     Lq=st.integers(1, 40),
     Lk=st.integers(1, 40),
     left=st.integers(-1, 45),
@@ -158,12 +277,15 @@ def test_sink_only_row_gives_zeros():
     alibi=st.sampled_from([None, "head", "batch"]),
     causal=st.sampled_from(["none", "upper", "lower"]),
 )
-def test_variants_hypothesis(Lq, Lk, left, right, softcap, sink, alibi, causal):
-    q, k, v = _inputs(torch.float32, 2, 2, 2, Lq, Lk, 8, grad=True)
-    kw = _variants(2, 2, (left, right), softcap, False, alibi)
+
+
+def _hypothesis_case(backend, Lq, Lk, left, right, softcap, sink, alibi, causal):
+    device = "cuda" if backend != "cpu" and HAS_CUDA else "cpu"
+    q, k, v = _inputs(torch.float32, 2, 2, 2, Lq, Lk, 8, grad=True, device=device)
+    kw = _variants(2, 2, (left, right), softcap, False, alibi, device=device)
     if sink is not None:
-        kw["sinks"] = torch.tensor([sink, sink / 2], requires_grad=True)
-    out = _call(pyattn.scaled_dot_product_attention, q, k, v, causal, kw, backend="cpu")
+        kw["sinks"] = torch.tensor([sink, sink / 2], requires_grad=True, device=device)
+    out = _call(pyattn.scaled_dot_product_attention, q, k, v, causal, kw, backend=backend)
     kw64 = {n: (t.detach().double().requires_grad_(n == "sinks") if isinstance(t, torch.Tensor) else t)
             for n, t in kw.items()}  # fmt: skip
     up64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
@@ -185,6 +307,20 @@ def test_variants_hypothesis(Lq, Lk, left, right, softcap, sink, alibi, causal):
         assert (a.double() - b).abs().max().item() <= tol, f"grad {name}"
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(**_HYPOTHESIS)
+def test_variants_hypothesis(Lq, Lk, left, right, softcap, sink, alibi, causal):
+    _hypothesis_case("cpu", Lq, Lk, left, right, softcap, sink, alibi, causal)
+
+
+# fewer examples through the interpreter (each runs its programs in numpy)
+@pytest.mark.skipif(not _backend.have_triton(), reason="needs triton")
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(**_HYPOTHESIS)
+def test_variants_hypothesis_triton(Lq, Lk, left, right, softcap, sink, alibi, causal):
+    _hypothesis_case("triton", Lq, Lk, left, right, softcap, sink, alibi, causal)
+
+
 def _packed(lens_q, lens_k, Hq, Hkv, D, dtype=torch.float32):
     cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32)
     cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32)
@@ -194,16 +330,25 @@ def _packed(lens_q, lens_k, Hq, Hkv, D, dtype=torch.float32):
     return q, k, v, cu_q, cu_k
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_varlen_variants(is_causal, dtype):
+def test_varlen_variants(is_causal, dtype, backend, device):
+    """Sequences of their own lengths, an empty one on each side, Lq_b != Lk_b, (B, Hq) slopes
+    (row b for sequence b), GQA."""
     lens_q, lens_k = [5, 0, 70, 1, 33], [9, 4, 70, 0, 20]
-    Hq, Hkv = 4, 2
-    q, k, v, cu_q, cu_k = _packed(lens_q, lens_k, Hq, Hkv, 16, dtype)
-    sinks = torch.randn(Hq, requires_grad=True)
-    kw = {"window_size": (11, 3), "softcap": 6.0, "sinks": sinks, "alibi_slopes": torch.rand(len(lens_q), Hq)}
+    Hq, Hkv = (2, 1) if _small(backend) else (4, 2)
+    q, k, v, cu_q, cu_k = (t.to(device) for t in _packed(lens_q, lens_k, Hq, Hkv, 16, dtype))
+    q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+    sinks = torch.randn(Hq, requires_grad=True, device=device)
+    kw = {
+        "window_size": (11, 3),
+        "softcap": 6.0,
+        "sinks": sinks,
+        "alibi_slopes": torch.rand(len(lens_q), Hq, device=device),
+    }
     out = pyattn.varlen_attention(
-        q, k, v, cu_q, cu_k, is_causal=is_causal, enable_gqa=True, backend="cpu", **kw
+        q, k, v, cu_q, cu_k, is_causal=is_causal, enable_gqa=True, backend=backend, **kw
     )
     do = torch.randn_like(out)
     up = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
@@ -232,6 +377,36 @@ def test_varlen_variants(is_causal, dtype):
     g = torch.autograd.grad(out, [q, k, v, sinks], do)
     gl = torch.autograd.grad(ref32, [ql, kl, vl, sl], do)
     assert_grads_close(["query", "key", "value", "sinks"], g, gl, g64)
+
+
+@pytest.mark.skipif(not _backend.have_triton(), reason="needs triton")
+@pytest.mark.parametrize("op", ["sdpa", "varlen"])
+def test_triton_variants_with_dropout_match_cpu(op):
+    """Dropout draws the same Philox keep-mask on every backend (same seed, same counters), so
+    with the variants on (the sink's share of each row included) triton's output and gradients
+    equal the cpu backend's within float32 rounding."""
+    device = "cuda" if HAS_CUDA else "cpu"
+    if op == "sdpa":
+        q, k, v = _inputs(torch.float32, 1, 2, 1, 21, 30, 16, grad=False)
+        args = ()
+    else:
+        q, k, v, cu_q, cu_k = _packed([7, 0, 14], [9, 3, 18], 2, 1, 16)
+        q, k, v = (t.detach() for t in (q, k, v))
+        args = (cu_q, cu_k)
+    sinks = torch.randn(2)
+    kw = {"window_size": (6, 2), "softcap": 4.0, "alibi_slopes": torch.rand(2) * 0.5}
+    fn = pyattn.scaled_dot_product_attention if op == "sdpa" else pyattn.varlen_attention
+    results = []
+    for backend, dev in (("cpu", "cpu"), ("triton", device)):
+        leaves = [t.to(dev).requires_grad_(True) for t in (q, k, v, sinks)]
+        extra = {n: (t.to(dev) if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
+        torch.manual_seed(1234)
+        out = fn(*leaves[:3], *(a.to(dev) for a in args), dropout_p=0.3, is_causal=True, enable_gqa=True,
+                 sinks=leaves[3], backend=backend, **extra)  # fmt: skip
+        grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+        results.append([out, *grads])
+    for name, a, b in zip(["out", "dq", "dk", "dv", "dsinks"], *results, strict=True):
+        torch.testing.assert_close(b.cpu(), a, atol=2e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_gradcheck_float64():
@@ -271,24 +446,39 @@ def test_compile_fullgraph():
 
 
 def test_backends_without_variants_refuse(monkeypatch):
-    """Triton and CUDA do not fuse the variants yet: asked for by name they refuse with an
-    InputError; backend=None on their device falls back to the reference."""
+    """Every backend fuses the variants in sdpa and varlen today; a backend whose record says its
+    kernels do not (a toy record here) refuses them asked for by name, with an InputError, and
+    backend=None moves on to one that does."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    cpu = torch.device("cpu")
-    if _backend.have_triton():
-        with pytest.raises(InputError, match="attention variants"):
-            _backend.resolve("sdpa", "triton", cpu, torch.float32, (8, 8), variants=True)
-        assert _backend.resolve("sdpa", "triton", cpu, torch.float32, (8, 8)) == "triton"
-    cuda = torch.device("cuda")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for op in ("sdpa", "varlen_attention", "kvcache_attention"):
+        for name in ("cpu", "triton", "cuda"):
+            assert _backend.fuses_variants(name, op), (name, op)
+    toy = _backend.Backend(
+        name="toy",
+        devices=("cpu",),
+        dtypes=(torch.float32,),
+        max_head_dim=None,
+        op_suffix="_toy",
+        kernel_module=None,
+        requires=None,
+        fakes=True,
+        auto_devices=("cpu",),
+        machine=lambda: None,
+        on_device=lambda d: None if d.type == "cpu" else "CPU only",
+        ran_on="nowhere",
+        variant_ops=(),
+    )
+    monkeypatch.setitem(_backend.RECORDS, "toy", toy)
+    monkeypatch.setattr(_backend, "BACKENDS", (*_backend.BACKENDS, "toy"))
     for op in ("sdpa", "varlen_attention"):
-        assert _backend.resolve(op, None, cuda, torch.float16, (64, 64), variants=True) == "reference"
-        assert _backend.resolve(op, None, cpu, torch.float32, (64, 64), variants=True) == "cpu"
-    # kvcache's GPU kernels fuse them
-    if _backend.have_triton():
-        assert (
-            _backend.resolve("kvcache_attention", None, cuda, torch.float16, (64, 64), variants=True)
-            != "reference"
-        )
+        monkeypatch.setitem(_backend.PREFERENCE, op, ("toy", "cpu"))
+        with pytest.raises(InputError, match="attention variants"):
+            _backend.resolve(op, "toy", cpu, torch.float32, (8, 8), variants=True)
+        assert _backend.resolve(op, None, cpu, torch.float32, (8, 8), variants=True) == "cpu"
+        assert _backend.resolve(op, None, cpu, torch.float32, (8, 8)) == "toy"
+        on_gpu = _backend.resolve(op, None, cuda, torch.float16, (64, 64), variants=True)
+        assert on_gpu == "reference" or _backend.fuses_variants(on_gpu, op)
 
 
 @pytest.mark.parametrize(

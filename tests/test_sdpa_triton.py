@@ -225,6 +225,11 @@ def _bad(device, **over):
         scale=0.25,
         seed=0,
         offset=0,
+        window_left=-1,
+        window_right=-1,
+        softcap=0.0,
+        sinks=None,
+        alibi_slopes=None,
     )
     args.update(over)
     return FWD(*args.values())
@@ -242,6 +247,9 @@ def _bad(device, **over):
         dict(key=torch.randn(1, 2, 9, 16).half()),
         dict(attn_mask=torch.zeros(1, 4, 8, 5, dtype=torch.bool)),
         dict(causal=3),
+        dict(sinks=torch.zeros(3)),
+        dict(alibi_slopes=torch.zeros(2, 4)),
+        dict(alibi_slopes=torch.zeros(5)),
     ],
 )
 def test_direct_calls_cannot_read_out_of_bounds(device, over):
@@ -281,6 +289,39 @@ def test_opcheck(device):
     kw = {} if utils is None else {"test_utils": utils}
     torch.library.opcheck(FWD, (q, k, k, mask, 0.0, 0, 0.25, 3, 5), **kw)
     torch.library.opcheck(BWD, (torch.randn_like(out), q, k, k, mask, out, lse, 0.0, 0, 0.25, 3, 5), **kw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_variants_direct(device):
+    """The ops with every attention variant on (lower-right causality, window (4, 1), softcap,
+    sinks, (B, Hq) ALiBi slopes, GQA): out against the reference, and lse the log of each row's
+    whole softmax denominator, its sink's term included (the autograd's sink_grad and the
+    backward's P = exp(S - lse) read it so); rows with no key (Lq > Lk) give 0 and lse = sink.
+    opcheck on both ops."""
+    B, Hq, Hkv, Lq, Lk, D = 2, 2, 1, 13, 9, 16
+    q = torch.randn(B, Hq, Lq, D, device=device)
+    k, v = torch.randn(B, Hkv, Lk, D, device=device), torch.randn(B, Hkv, Lk, D, device=device)
+    sinks, slopes = torch.randn(Hq, device=device), torch.rand(B, Hq, device=device)
+    args = (q, k, v, None, 0.0, 2, 0.3, 0, 0, 4, 1, 5.0, sinks, slopes)
+    out, lse = FWD(*args)
+    q64, k64, v64, s64, a64 = (t.double() for t in (q, k, v, sinks, slopes))
+    var = dict(window_size=(4, 1), softcap=5.0, alibi_slopes=a64)
+    scores, allowed = reference.sdpa_scores(q64, k64, None, 2, 0.3, True, **var)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    sink = s64[:, None, None].expand(B, Hq, Lq, 1)
+    lse_ref = torch.logsumexp(torch.cat([scores, sink], dim=-1), dim=-1)
+    torch.testing.assert_close(lse.double(), lse_ref, atol=1e-5, rtol=1e-5)
+    ref = reference.scaled_dot_product_attention(q64, k64, v64, None, 0.0, 2, 0.3, True, sinks=s64, **var)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    empty = Lq - Lk  # rows before the lower-right diagonal's first key
+    assert torch.equal(out[:, :, :empty], torch.zeros_like(out[:, :, :empty]))
+    # (the kernels' base-2 units: sink log2(e) ln(2), within an ulp)
+    torch.testing.assert_close(lse[:, :, :empty], sinks[None, :, None].expand(B, Hq, empty))
+    utils = None if HAS_CUDA else ("test_schema", "test_autograd_registration", "test_faketensor")
+    kw = {} if utils is None else {"test_utils": utils}
+    torch.library.opcheck(FWD, args, **kw)
+    bwd_args = (torch.randn_like(out), q, k, v, None, out, lse, 0.0, 2, 0.3, 0, 0, 4, 1, 5.0, slopes)
+    torch.library.opcheck(BWD, bwd_args, **kw)
 
 
 @pytest.mark.parametrize("device", DEVICES)

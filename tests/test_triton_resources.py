@@ -2,7 +2,8 @@
 no stack frame (spills) and shared memory within the 227 KB a block may have.
 
 Headline: every op, forward and every autotuned backward kernel, fp16/bf16, sdpa head dims 64
-and 128, varlen (sdpa's kernels with VARLEN) at 128, additive T = 512, H = Dv = 512. Per launch it compiles the fixed config (the first kept
+and 128, varlen (sdpa's kernels with VARLEN) at 128, additive T = 512, H = Dv = 512, and sdpa and
+varlen at 128 with every attention variant on (fp16). Per launch it compiles the fixed config (the first kept
 one, what PYATTN_TRITON_AUTOTUNE=0 and bench/gpu_check.sh's correctness stage use) and, for
 fp16, the largest kept one (bf16 compiles to nearly the same code); the tool itself
 (``make triton-resources``) compiles every kept config.
@@ -54,3 +55,7 @@ def test_headline_configs_fit_sm90(tmp_path):
     for dt in ("fp16", "bf16"):
         for d in (64, 128):
             assert any(c.startswith(f"sdpa bwd {dt}") and f"D={d}" in c for c in cases), (dt, d)
+    variant_kernels = {(r["case"].split()[0], r["kernel"]) for r in rows if "variants" in r["case"].split()}
+    assert variant_kernels == {
+        (op, k) for op in ("sdpa", "varlen") for k in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel")
+    }, variant_kernels

@@ -378,8 +378,7 @@ def scaled_dot_product_attention(
         alibi_slopes: (Hq,), or (B, Hq) for 4-D inputs: scores -= slope * |i + Lk - Lq - j|;
             constants (no gradient).
         backend: None (best for the device; env PYATTN_BACKEND overrides), "cpu", "cuda",
-            "triton" or "reference". cpu, cuda and reference fuse the variants; triton
-            refuses them (backend=None falls back to one that fuses them).
+            "triton" or "reference". Every backend fuses the variants.
     Returns:
         (..., Hq, Lq, Dv).
 
@@ -486,7 +485,7 @@ def _run(chosen, query, key, value, mask, dropout_p, causal, scale, enable_gqa, 
     seed, offset = dropout_seed_offset() if dropout_p > 0.0 else (0, 0)
     fwd = _OPS.forward_op(chosen)
     if not var.on:
-        # the ops' schema defaults: the Triton twins, which do not fuse the variants, take this call
+        # the ops' schema defaults: a call without variants is the ops' old call
         out, _lse = fwd(q, k, v, m4, dropout_p, causal, scale, seed, offset)
     else:
         alibi = var.alibi_slopes

@@ -283,7 +283,7 @@ def varlen_attention(
         alibi_slopes: (Hq,) or (B, Hq) (row b for sequence b): scores -= slope * |i + Lk_b -
             Lq_b - j|; constants (no gradient).
         backend: None (best for the device; env PYATTN_BACKEND overrides), "cpu", "cuda",
-            "triton" or "reference". cpu, cuda and reference fuse the variants; triton refuses them.
+            "triton" or "reference". Every backend fuses the variants.
     Returns:
         (total_q, Hq, Dv).
     """
@@ -334,7 +334,7 @@ def _run(chosen, query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, causal,
     seed, offset = dropout_seed_offset() if dropout_p > 0.0 else (0, 0)
     fwd = _OPS.forward_op(chosen)
     if not var.on:
-        # the ops' schema defaults: the Triton twins, which do not fuse the variants, take this call
+        # the ops' schema defaults: a call without variants is the ops' old call
         out, _lse = fwd(query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, seed, offset)
         return out
     out, _lse = fwd(
