@@ -104,7 +104,10 @@ def grid_rows(dtypes, lengths, dims, modes, causals, paths, repeats, warmup=1, H
         print(f"{name}: torch.mm 2048^3 {gemm:.0f} GFLOP/s", flush=True)
         half = dt in (torch.float16, torch.bfloat16)
         forced = [p for p in paths if half and info.half_gemm_available(p, dt)]
-        auto_path = info.half_gemm_path(dt) if half else "fp32 GEMM"
+        if half:
+            fwd_path, bwd_path = info.half_gemm_path(dt, forward=True), info.half_gemm_path(dt)
+        else:
+            fwd_path = bwd_path = "fp32 GEMM"
         for D in dims:
             for L in lengths:
                 B = max(1, TOKENS // L)
@@ -133,7 +136,11 @@ def grid_rows(dtypes, lengths, dims, modes, causals, paths, repeats, warmup=1, H
                             path = (
                                 "torch"
                                 if p == "torch"
-                                else (p[7:-1] if p.startswith("pyattn[") else auto_path)
+                                else (
+                                    p[7:-1]
+                                    if p.startswith("pyattn[")
+                                    else (fwd_path if mode == "fwd" else f"{fwd_path}+{bwd_path}")
+                                )
                             )
                             rows.append(dict(
                                 kernel="sdpa", provider=p, mode=mode, causal=bool(causal),

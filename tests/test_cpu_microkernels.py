@@ -132,4 +132,8 @@ def test_auto_picks_an_available_path(monkeypatch):
     # the native bfloat16 path wherever MKL's needs (AVX512-BF16) are met
     if "avx512_bf16" in info._cpu_flags():
         assert info.half_gemm_path(torch.bfloat16) != "widen"
+    # the bfloat16 forward packs K and V for AMX wherever oneDNN offers it; the backward keeps MKL
+    if info.half_gemm_available("amx", torch.bfloat16):
+        assert info.half_gemm_path(torch.bfloat16, forward=True) == "amx"
+        assert info.half_gemm_path(torch.bfloat16) == "mkl"
     assert "bfloat16: " in info.half_cpu_paths("AVX512")
