@@ -6,10 +6,11 @@
 // memory:
 // - one task per (batch, kv head, split): the task's query rows are all Hq/Hkv query heads of
 //   that kv head times the Lq new positions (GQA packing), so each K/V row is read once per task,
-//   not once per query head;
+//   not once per query head; threads take tasks one at a time from a shared counter;
 // - the task streams its chunk of the cache in blocks of kBlockK keys: scores of every row for
 //   the block (vectorised dot products on rows read in place; half rows are widened to float32
-//   once per block), the online softmax per row, then P V into float32 accumulators;
+//   in registers as they are loaded), the online softmax per row, then P V into float32
+//   accumulators;
 // - splits of one sequence write partial (m, l, acc) rows, merged exactly by the log-sum-exp
 //   (kvcache::SplitMerge) in a second, cheap pass that also applies the sink and rounds once.
 // The new tokens are written into the cache first (the op's in-place append).
