@@ -6,10 +6,11 @@
 // memory:
 // - one task per (batch, kv head, split): the task's query rows are all Hq/Hkv query heads of
 //   that kv head times the Lq new positions (GQA packing), so each K/V row is read once per task,
-//   not once per query head;
+//   not once per query head; threads take tasks one at a time from a shared counter;
 // - the task streams its chunk of the cache in blocks of kBlockK keys: scores of every row for
 //   the block (vectorised dot products on rows read in place; half rows are widened to float32
-//   once per block), the online softmax per row, then P V into float32 accumulators;
+//   in registers as they are loaded), the online softmax per row, then P V into float32
+//   accumulators;
 // - splits of one sequence write partial (m, l, acc) rows, merged exactly by the log-sum-exp
 //   (kvcache::SplitMerge) in a second, cheap pass that also applies the sink and rounds once.
 // The new tokens are written into the cache first (the op's in-place append).
@@ -18,6 +19,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -97,6 +99,24 @@ inline in_t* cache_row(in_t* base, const int64_t* stride, int64_t page, int64_t 
   return base + page * stride[0] + h * stride[1] + row * stride[2];
 }
 
+// n <= Vec<T>::size() elements of a cache row as a Vec<T>: half rows are widened in registers
+// as they are loaded (no widened copy of the block to write and read back).
+template <typename T, typename in_t>
+inline Vec<T> load_acc(const in_t* src, int64_t n) {
+  if constexpr (std::is_same_v<in_t, T>) {
+    return Vec<T>::loadu(src, n);
+  } else {
+    if (n == Vec<T>::size()) {
+      Vec<T> out;
+      at::vec::load_to_float<in_t>(src, out);
+      return out;
+    }
+    T buf[Vec<T>::size()] = {};
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<T>(src[i]);
+    return Vec<T>::loadu(buf);
+  }
+}
+
 // The in-place append: new token t of sequence b goes to position cache_seqlens[b] + t. Serial:
 // a few rows of D elements, less than one parallel region's wake-up (on a loaded machine a
 // region waits for every thread to be scheduled: milliseconds).
@@ -116,22 +136,20 @@ void append(const KVCacheParams<in_t>& p) {
 }
 
 // Per-thread buffers of one task.
-template <typename T>
+template <typename T, typename in_t>
 struct Work {
   std::vector<T> q;            // (R, D): scaled query rows
   std::vector<T> s;            // (R, kBlockK): scores, then probabilities
-  std::vector<T> kbuf, vbuf;   // widened half K / V blocks
   std::vector<T> m, l, alpha;  // (R,)
-  std::vector<const T*> kp, vp;
-  Work(int64_t R, int64_t D, int64_t Dv, bool half)
-      : q(R * D), s(R * kBlockK), kbuf(half ? kBlockK * D : 0), vbuf(half ? kBlockK * Dv : 0), m(R), l(R),
-        alpha(R), kp(kBlockK), vp(kBlockK) {}
+  std::vector<const in_t*> kp, vp;  // the block's cache rows
+  Work(int64_t R, int64_t D) : q(R * D), s(R * kBlockK), m(R), l(R), alpha(R), kp(kBlockK), vp(kBlockK) {}
 };
 
 // S[r][jj] = q_r . K_jj for rows [0, R), keys [0, nb): four rows times two keys at a time, so
 // each q load serves two keys and each K load four rows, with eight independent FMA chains.
-template <typename T>
-void block_scores(const T* q, int64_t R, int64_t D, const T* const* kp, int64_t nb, T* s) {
+// Half K rows are widened in registers.
+template <typename T, typename in_t>
+void block_scores(const T* q, int64_t R, int64_t D, const in_t* const* kp, int64_t nb, T* s) {
   constexpr int64_t W = Vec<T>::size();
   const int64_t Dw = D / W * W, tail = D - Dw;
   int64_t r = 0;
@@ -139,10 +157,10 @@ void block_scores(const T* q, int64_t R, int64_t D, const T* const* kp, int64_t 
     const T *q0 = q + r * D, *q1 = q0 + D, *q2 = q1 + D, *q3 = q2 + D;
     int64_t jj = 0;
     for (; jj + 2 <= nb; jj += 2) {
-      const T *k = kp[jj], *k2 = kp[jj + 1];
+      const in_t *k = kp[jj], *k2 = kp[jj + 1];
       Vec<T> a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0)), b0(T(0)), b1(T(0)), b2(T(0)), b3(T(0));
       auto step = [&](int64_t c, int64_t n) {
-        const Vec<T> kv = Vec<T>::loadu(k + c, n), kw = Vec<T>::loadu(k2 + c, n);
+        const Vec<T> kv = load_acc<T>(k + c, n), kw = load_acc<T>(k2 + c, n);
         const Vec<T> x0 = Vec<T>::loadu(q0 + c, n), x1 = Vec<T>::loadu(q1 + c, n);
         const Vec<T> x2 = Vec<T>::loadu(q2 + c, n), x3 = Vec<T>::loadu(q3 + c, n);
         a0 = at::vec::fmadd(x0, kv, a0);
@@ -166,10 +184,10 @@ void block_scores(const T* q, int64_t R, int64_t D, const T* const* kp, int64_t 
       }
     }
     for (; jj < nb; ++jj) {
-      const T* k = kp[jj];
+      const in_t* k = kp[jj];
       Vec<T> a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
       auto step = [&](int64_t c, int64_t n) {
-        const Vec<T> kv = Vec<T>::loadu(k + c, n);
+        const Vec<T> kv = load_acc<T>(k + c, n);
         a0 = at::vec::fmadd(Vec<T>::loadu(q0 + c, n), kv, a0);
         a1 = at::vec::fmadd(Vec<T>::loadu(q1 + c, n), kv, a1);
         a2 = at::vec::fmadd(Vec<T>::loadu(q2 + c, n), kv, a2);
@@ -186,10 +204,10 @@ void block_scores(const T* q, int64_t R, int64_t D, const T* const* kp, int64_t 
   for (; r < R; ++r) {
     const T* q0 = q + r * D;
     for (int64_t jj = 0; jj < nb; ++jj) {
-      const T* k = kp[jj];
+      const in_t* k = kp[jj];
       Vec<T> a0(T(0));
-      for (int64_t c = 0; c < Dw; c += W) a0 = at::vec::fmadd(Vec<T>::loadu(q0 + c), Vec<T>::loadu(k + c), a0);
-      if (tail) a0 = at::vec::fmadd(Vec<T>::loadu(q0 + Dw, tail), Vec<T>::loadu(k + Dw, tail), a0);
+      for (int64_t c = 0; c < Dw; c += W) a0 = at::vec::fmadd(Vec<T>::loadu(q0 + c), load_acc<T>(k + c, W), a0);
+      if (tail) a0 = at::vec::fmadd(Vec<T>::loadu(q0 + Dw, tail), load_acc<T>(k + Dw, tail), a0);
       s[r * kBlockK + jj] = hsum(a0);
     }
   }
@@ -262,9 +280,10 @@ __attribute__((target("avx512bf16"))) void block_scores_bf16(const c10::BFloat16
 // acc_r = alpha_r acc_r + sum_jj P[r][jj] V_jj, four rows at a time share each V load. Full
 // groups of kGroup vectors of Dv keep 4 x kGroup accumulators in registers across the block's
 // keys, so each probability is broadcast once per group instead of once per vector (AVX512:
-// 16 accumulators + 4 broadcasts + 4 V vectors of 32 registers; AVX2: half, of 16).
-template <typename T>
-void block_pv(const T* pr, const T* alpha, int64_t R, int64_t Dv, const T* const* vp, int64_t nb, T* acc) {
+// 16 accumulators + 4 broadcasts + 4 V vectors of 32 registers; AVX2: half, of 16). Half V rows
+// are widened as they are loaded.
+template <typename T, typename in_t>
+void block_pv(const T* pr, const T* alpha, int64_t R, int64_t Dv, const in_t* const* vp, int64_t nb, T* acc) {
   constexpr int64_t W = Vec<T>::size();
   constexpr int kGroup = Vec<float>::size() >= 16 ? 4 : 2;
   const int64_t Dg = Dv / (W * kGroup) * (W * kGroup);
@@ -280,7 +299,7 @@ void block_pv(const T* pr, const T* alpha, int64_t R, int64_t Dv, const T* const
     }
     for (int64_t jj = 0; jj < nb; ++jj) {
       Vec<T> vv[kGroup];
-      for (int g = 0; g < kGroup; ++g) vv[g] = Vec<T>::loadu(vp[jj] + c + g * W);
+      for (int g = 0; g < kGroup; ++g) vv[g] = load_acc<T>(vp[jj] + c + g * W, W);
       for (int i = 0; i < 4; ++i) {
         const Vec<T> pi(p[i][jj]);
         for (int g = 0; g < kGroup; ++g) a[i][g] = at::vec::fmadd(pi, vv[g], a[i][g]);
@@ -295,7 +314,7 @@ void block_pv(const T* pr, const T* alpha, int64_t R, int64_t Dv, const T* const
            a2 = Vec<T>::loadu(c2, n) * Vec<T>(alpha[r + 2]), a3 = Vec<T>::loadu(c3, n) * Vec<T>(alpha[r + 3]);
     const T *p0 = pr + r * kBlockK, *p1 = p0 + kBlockK, *p2 = p1 + kBlockK, *p3 = p2 + kBlockK;
     for (int64_t jj = 0; jj < nb; ++jj) {
-      const Vec<T> vv = Vec<T>::loadu(vp[jj] + c, n);
+      const Vec<T> vv = load_acc<T>(vp[jj] + c, n);
       a0 = at::vec::fmadd(Vec<T>(p0[jj]), vv, a0);
       a1 = at::vec::fmadd(Vec<T>(p1[jj]), vv, a1);
       a2 = at::vec::fmadd(Vec<T>(p2[jj]), vv, a2);
@@ -310,7 +329,7 @@ void block_pv(const T* pr, const T* alpha, int64_t R, int64_t Dv, const T* const
     T* c0 = acc + r * Dv + c;
     Vec<T> a0 = Vec<T>::loadu(c0, n) * Vec<T>(alpha[r]);
     const T* p0 = pr + r * kBlockK;
-    for (int64_t jj = 0; jj < nb; ++jj) a0 = at::vec::fmadd(Vec<T>(p0[jj]), Vec<T>::loadu(vp[jj] + c, n), a0);
+    for (int64_t jj = 0; jj < nb; ++jj) a0 = at::vec::fmadd(Vec<T>(p0[jj]), load_acc<T>(vp[jj] + c, n), a0);
     a0.store(c0, n);
   };
   for (; r + 4 <= R; r += 4) {
@@ -341,7 +360,15 @@ T row_softmax(T* s, int64_t nb, int64_t j0, int64_t d, int64_t rb, int64_t re,
       bmax = softmax::nan_max(bmax, x);
     }
   } else {
-    for (int64_t jj = 0; jj < nb; ++jj) bmax = softmax::nan_max(bmax, s[jj]);
+    // vector maxima, then one reduction: the scalar chain of compares over the block was a
+    // third of the kernel's time on a cached K/V (at::vec::maximum propagates NaN as nan_max)
+    int64_t jj = 0;
+    if (nb >= W) {
+      Vec<T> vm = Vec<T>::loadu(s);
+      for (jj = W; jj + W <= nb; jj += W) vm = at::vec::maximum(vm, Vec<T>::loadu(s + jj));
+      bmax = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return at::vec::maximum(a, b); }, vm);
+    }
+    for (; jj < nb; ++jj) bmax = softmax::nan_max(bmax, s[jj]);
   }
   const T m_new = softmax::nan_max(m, bmax);
   if (m_new == neg_inf<T>()) {  // nothing attendable yet: P = 0, sums stay 0
@@ -368,11 +395,30 @@ T row_softmax(T* s, int64_t nb, int64_t j0, int64_t d, int64_t rb, int64_t re,
   return alpha;
 }
 
+// The cache rows of keys [j0, j0 + nb) of sequence b, kv head h: one block_table lookup per
+// page the block touches, then consecutive rows of that page.
+template <typename in_t>
+void block_rows(const KVCacheParams<in_t>& p, int64_t b, int64_t h, int64_t j0, int64_t nb, const in_t** kr,
+                const in_t** vr) {
+  const in_t* kc = p.k_cache;
+  const in_t* vc = p.v_cache;
+  for (int64_t jj = 0; jj < nb;) {
+    const int64_t j = j0 + jj, page = page_of(p, b, j), row = j % p.page_size;
+    const int64_t run = std::min(p.page_size - row, nb - jj);
+    const in_t* k = cache_row(kc, p.k_stride, page, h, row);
+    const in_t* v = cache_row(vc, p.v_stride, page, h, row);
+    for (int64_t i = 0; i < run; ++i, ++jj) {
+      kr[jj] = k + i * p.k_stride[2];
+      vr[jj] = v + i * p.v_stride[2];
+    }
+  }
+}
+
 // One task: sequence b, kv head h, split `split` of `n_split`; writes the unnormalised partial
 // rows (R x Dv) and their (m, l).
 template <typename in_t>
 void attend_split(const KVCacheParams<in_t>& p, int64_t b, int64_t h, int64_t split, int64_t n_split,
-                  Work<acc_t<in_t>>& w, acc_t<in_t>* acc, acc_t<in_t>* pm, acc_t<in_t>* pl) {
+                  Work<acc_t<in_t>, in_t>& w, acc_t<in_t>* acc, acc_t<in_t>* pm, acc_t<in_t>* pl) {
   using T = acc_t<in_t>;
   const int64_t G = p.Hq / p.Hkv, R = G * p.Lq, D = p.D, Dv = p.Dv;
   const int64_t Lk = p.cache_seqlens[b] + (p.k_new ? p.Lq : 0);
@@ -391,35 +437,17 @@ void attend_split(const KVCacheParams<in_t>& p, int64_t b, int64_t h, int64_t sp
   const in_t* q_rows = p.q + (b * p.Hq + h * G) * p.Lq * D;
   to_acc(q_rows, w.q.data(), R * D);
   for (int64_t i = 0; i < R * D; ++i) w.q[i] *= p.scale;
-  bool dp_bf16 = false;
 #if defined(CPU_CAPABILITY_AVX512)
+  bool dp_bf16 = false;
   if constexpr (std::is_same_v<in_t, c10::BFloat16>) dp_bf16 = D % 32 == 0 && have_avx512_bf16();
 #endif
-  std::vector<const in_t*> kraw(dp_bf16 ? kBlockK : 0);
   for (int64_t j0 = lo; j0 < hi; j0 += kBlockK) {
     const int64_t nb = std::min(kBlockK, hi - j0);
-    for (int64_t jj = 0; jj < nb; ++jj) {
-      const int64_t j = j0 + jj, page = page_of(p, b, j), row = j % p.page_size;
-      const in_t* kr = cache_row(static_cast<const in_t*>(p.k_cache), p.k_stride, page, h, row);
-      const in_t* vr = cache_row(static_cast<const in_t*>(p.v_cache), p.v_stride, page, h, row);
-      if (dp_bf16) {
-        kraw[jj] = kr;
-        to_acc(vr, w.vbuf.data() + jj * Dv, Dv);
-        w.vp[jj] = w.vbuf.data() + jj * Dv;
-      } else if constexpr (kHalf<in_t>) {
-        to_acc(kr, w.kbuf.data() + jj * D, D);
-        to_acc(vr, w.vbuf.data() + jj * Dv, Dv);
-        w.kp[jj] = w.kbuf.data() + jj * D;
-        w.vp[jj] = w.vbuf.data() + jj * Dv;
-      } else {
-        w.kp[jj] = kr;
-        w.vp[jj] = vr;
-      }
-    }
+    block_rows(p, b, h, j0, nb, w.kp.data(), w.vp.data());
 #if defined(CPU_CAPABILITY_AVX512)
     if constexpr (std::is_same_v<in_t, c10::BFloat16>) {
       if (dp_bf16) {
-        block_scores_bf16(q_rows, R, D, kraw.data(), nb, p.scale, w.s.data());
+        block_scores_bf16(q_rows, R, D, w.kp.data(), nb, p.scale, w.s.data());
       } else {
         block_scores<T>(w.q.data(), R, D, w.kp.data(), nb, w.s.data());
       }
@@ -447,9 +475,15 @@ void run(const KVCacheParams<in_t>& p, const KVCacheOut<in_t>& o) {
   const int64_t G = p.Hq / p.Hkv, R = G * p.Lq, S = std::max<int64_t>(p.num_splits, 1);
   const int64_t tasks = p.B * p.Hkv * S;
   std::vector<T> acc(tasks * R * p.Dv), m(tasks * R), l(tasks * R);
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    Work<T> w(R, p.D, p.Dv, kHalf<in_t>);
-    for (int64_t t = begin; t < end; ++t) {
+  // Tasks are handed out one at a time from a shared counter rather than in fixed shares: on a
+  // shared machine one thread is often descheduled for a while, and the others then take its
+  // remaining tasks instead of waiting for it. Each task writes only its own partials, so the
+  // result does not depend on which thread ran what.
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), tasks);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    Work<T, in_t> w(R, p.D);
+    for (int64_t t = next++; t < tasks; t = next++) {
       const int64_t bh = t / S;
       attend_split(p, bh / p.Hkv, bh % p.Hkv, t % S, S, w, acc.data() + t * R * p.Dv, m.data() + t * R,
                    l.data() + t * R);
