@@ -207,6 +207,20 @@ def _seq_bounds(CuSeqQ, CuSeqK, b, h, bh, L_own, L_other, causal_off, total, VAR
 
 
 @triton.jit
+def _masked_span(lo, full_lo, full_end, hi, HAS_WINDOW: tl.constexpr):
+    """The key range of a query block's masked loop: with a window, the blocks the band cuts on
+    the left, [lo, full_lo), and on the right, [full_end, hi), as one loop that jumps over the
+    unmasked middle; else the causal diagonal's blocks [full_end, hi)."""
+    if HAS_WINDOW:
+        m_lo = lo
+        m_hi = hi - (full_end - full_lo)
+    else:
+        m_lo = full_end
+        m_hi = hi
+    return m_lo, m_hi
+
+
+@triton.jit
 def _fwd_inner(
     acc,
     l_i,
@@ -401,14 +415,7 @@ def _fwd_kernel(
     lo, full_lo, full_end, hi = _key_range(
         start_m, Lk, causal_off, win_off, window_left, window_right, IS_CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N
     )
-    if HAS_WINDOW:
-        # the blocks the band cuts on the left, [lo, full_lo), and on the right, [full_end, hi),
-        # in one masked loop that jumps over the middle
-        m_lo = lo
-        m_hi = hi - (full_end - full_lo)
-    else:
-        m_lo = full_end
-        m_hi = hi
+    m_lo, m_hi = _masked_span(lo, full_lo, full_end, hi, HAS_WINDOW)
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, full_lo, full_end, 0, 0, Lq, Lk,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
@@ -702,12 +709,7 @@ def _bwd_dq_kernel(
     lo, full_lo, full_end, hi = _key_range(
         start_m, Lk, causal_off, win_off, window_left, window_right, IS_CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N
     )
-    if HAS_WINDOW:
-        m_lo = lo
-        m_hi = hi - (full_end - full_lo)
-    else:
-        m_lo = full_end
-        m_hi = hi
+    m_lo, m_hi = _masked_span(lo, full_lo, full_end, hi, HAS_WINDOW)
     dq = _bwd_dq_inner(
         dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, full_lo, full_end, 0, 0, Lq, Lk,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,

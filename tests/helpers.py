@@ -55,6 +55,30 @@ FLOOR = {
 GPU = pytest.mark.gpu
 
 
+def toy_backend(**overrides):
+    """A backend record for tests of the records' machinery (tests/test_house.py,
+    tests/test_attention_variants.py): a CPU backend named "toy" with op suffix "_toy" and no
+    kernels of its own; ``overrides`` replace its fields."""
+    from pyattn import _backend
+
+    fields = dict(
+        name="toy",
+        devices=("cpu",),
+        dtypes=(torch.float32,),
+        max_head_dim=None,
+        op_suffix="_toy",
+        kernel_module=None,
+        requires=None,
+        fakes=True,
+        auto_devices=("cpu",),
+        machine=lambda: None,
+        on_device=lambda d: None if d.type == "cpu" else "CPU only",
+        ran_on="nowhere",
+    )
+    fields.update(overrides)
+    return _backend.Backend(**fields)
+
+
 def backend_params(reference: bool = False, **include: bool):
     """pytest params (backend, device) for every backend record (pyattn/_backend.py), so a new
     backend runs every correctness test: cpu (C++), triton (interpreter on CPU here, compiled on

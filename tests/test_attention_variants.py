@@ -17,6 +17,7 @@ from helpers import (
     assert_grads_close,
     backend_params,
     f32_accumulation_baseline,
+    toy_backend,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -454,21 +455,7 @@ def test_backends_without_variants_refuse(monkeypatch):
     for op in ("sdpa", "varlen_attention", "kvcache_attention"):
         for name in ("cpu", "triton", "cuda"):
             assert _backend.fuses_variants(name, op), (name, op)
-    toy = _backend.Backend(
-        name="toy",
-        devices=("cpu",),
-        dtypes=(torch.float32,),
-        max_head_dim=None,
-        op_suffix="_toy",
-        kernel_module=None,
-        requires=None,
-        fakes=True,
-        auto_devices=("cpu",),
-        machine=lambda: None,
-        on_device=lambda d: None if d.type == "cpu" else "CPU only",
-        ran_on="nowhere",
-        variant_ops=(),
-    )
+    toy = toy_backend(variant_ops=())
     monkeypatch.setitem(_backend.RECORDS, "toy", toy)
     monkeypatch.setattr(_backend, "BACKENDS", (*_backend.BACKENDS, "toy"))
     for op in ("sdpa", "varlen_attention"):

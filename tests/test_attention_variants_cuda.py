@@ -3,14 +3,16 @@ docs/design.md, "Attention variants") against the float64 reference under the te
 (every test here is marked gpu and skips without one): sdpa and varlen, forward and backward
 (the sinks' gradient too), float16 / bfloat16 / float32, each variant alone and combined, both
 causal alignments and none, Lq != Lk, an odd head dim, GQA, windows that skip whole key blocks
-of the flash kernels (csrc/cuda/flash.cuh), rows left only their sink. The cpu backend's twin of
-these checks is tests/test_attention_variants.py (that file runs backend="cpu" only)."""
+of the flash kernels (csrc/cuda/flash.cuh), rows left only their sink. The cpu and triton
+backends' twin of these checks is tests/test_attention_variants.py, whose variant arguments
+(`_variants`) these tests share."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from helpers import GPU, assert_close_to_ref, assert_grads_close, f32_accumulation_baseline
+from test_attention_variants import _variants
 from torch.nn.attention.bias import causal_lower_right
 
 import pyattn
@@ -25,17 +27,6 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def _r(*shape, dtype, grad=True):
     return torch.randn(*shape, device=DEV, dtype=dtype).requires_grad_(grad)
-
-
-def _variants(Hq, B, window, softcap, sinks, alibi):
-    kw = {"window_size": window, "softcap": softcap}
-    if sinks:
-        kw["sinks"] = (torch.randn(Hq, device=DEV) * 2.0).requires_grad_(True)
-    if alibi == "head":
-        kw["alibi_slopes"] = torch.rand(Hq, device=DEV) * 0.5
-    elif alibi == "batch":
-        kw["alibi_slopes"] = torch.rand(B, Hq, device=DEV) * 0.5
-    return kw
 
 
 def _sdpa(fn, q, k, v, causal, kw, **extra):
@@ -62,7 +53,7 @@ def _as(kw, dtype=None):
 
 def _check(dtype, B, Hq, Hkv, Lq, Lk, D, causal, window, softcap, sinks, alibi):
     q, k, v = _r(B, Hq, Lq, D, dtype=dtype), _r(B, Hkv, Lk, D, dtype=dtype), _r(B, Hkv, Lk, D, dtype=dtype)
-    kw = _variants(Hq, B, window, softcap, sinks, alibi)
+    kw = _variants(Hq, B, window, softcap, sinks, alibi, device=DEV)
     out = _sdpa(pyattn.scaled_dot_product_attention, q, k, v, causal, kw, backend="cuda")
     do = torch.randn_like(out)
     up64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import backend_params
+from helpers import backend_params, toy_backend
 
 import pyattn
 from pyattn import _backend
@@ -48,20 +48,7 @@ def test_backend_params_cover_every_record():
 
 def test_a_new_record_is_all_it_takes(monkeypatch):
     """A backend added as one record is listed, chosen by preference and named in errors."""
-    rec = _backend.Backend(
-        name="toy",
-        devices=("cpu",),
-        dtypes=(torch.float32,),
-        max_head_dim=8,
-        op_suffix="_toy",
-        kernel_module=None,
-        requires=None,
-        fakes=True,
-        auto_devices=("cpu",),
-        machine=lambda: None,
-        on_device=lambda d: None if d.type == "cpu" else "CPU only",
-        ran_on="nowhere",
-    )
+    rec = toy_backend(max_head_dim=8)
     monkeypatch.setitem(_backend.RECORDS, "toy", rec)
     monkeypatch.setattr(_backend, "BACKENDS", (*_backend.BACKENDS, "toy"))
     monkeypatch.setitem(_backend.PREFERENCE, "sdpa", ("toy", "cpu"))
