@@ -443,8 +443,6 @@ void flash_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, dou
   gemm_impl(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
-bool amx_prepack_usable(bool bf16) { return amx_usable(bf16); }
-
 void amx_pack_keys(const c10::BFloat16* k, int64_t n, int64_t D, c10::BFloat16* out) {
   amx_pack_keys_impl(k, n, D, out);
 }

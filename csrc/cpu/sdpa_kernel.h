@@ -63,7 +63,6 @@ inline int64_t amx_keys_size(int64_t n, int64_t D) {
 inline int64_t amx_values_size(int64_t n, int64_t Dv) {
   return (Dv + kAmxStrip - 1) / kAmxStrip * ((n + 1) & ~int64_t(1)) * kAmxStrip;
 }
-bool amx_prepack_usable(bool bf16);
 void amx_pack_keys(const c10::BFloat16* k, int64_t n, int64_t D, c10::BFloat16* out);
 void amx_pack_keys(const c10::Half* k, int64_t n, int64_t D, c10::Half* out);
 void amx_pack_values(const c10::BFloat16* v, int64_t n, int64_t Dv, c10::BFloat16* out);
