@@ -1066,10 +1066,12 @@ _SMEM_BUDGET = 216 * 1024
 # at 64 < D <= 128, half precision, compiled for sm_90 (triton 3.8, bench/triton_resources.py):
 # (kind, VARLEN) -> (BLOCK_M, BLOCK_N, warps, stages or None for every one) that left a stack
 # frame. varlen dQ 64 x 64 w4: 8 bytes; sdpa dK/dV 32 x 32 w4 s2: ptxas held it to 168 registers
-# and a 32-byte stack (1 and 3 stages compiled clean at ~200).
+# and a 32-byte stack (1 and 3 stages compiled clean at ~200). Under triton 3.6 (the GPU machine's
+# stack) also sdpa dK/dV 64 x 32 w4 (8 and 24 bytes at 2 and 3 stages; 254-255 registers under
+# 3.8) and varlen dQ 32 x 32 w4 s3 (8 bytes).
 _VARIANT_BWD_SPILLS = {
-    ("dq", True): {(64, 64, 4, None)},
-    ("dkdv", False): {(32, 32, 4, 2)},
+    ("dq", True): {(64, 64, 4, None), (32, 32, 4, 3)},
+    ("dkdv", False): {(32, 32, 4, 2), (64, 32, 4, None)},
 }
 # varlen dK/dV with a variant at 64 < D <= 128: its plain one config (32 x 64 w4) left 8-16 bytes
 # at 2-3 stages, 64 x 32 w4 compiled at 248-253 registers (too near the edge), 32 x 32 w4 clean
