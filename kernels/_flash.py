@@ -43,7 +43,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._glue import INTERPRET, Tuned, is_traced
-from .kvcache_attention import _tanh
+from ._math import tanh as _tanh
 
 # log2(e): scores are kept in base 2 so that the softmax uses exp2 (the kernels spell it out,
 # and ln(2) = 0.693..., as literals: a plain Python global cannot be read inside @triton.jit)

@@ -55,32 +55,15 @@ from torch import Tensor
 from ._glue import DTYPES as _DTYPES
 from ._glue import INTERPRET as _INTERPRET
 from ._glue import Tuned, define_op, launch_kernel
+from ._math import tanh as _tanh
 
 # -- constants ---------------------------------------------------------------------------------
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-# Below this |x| the exp-based tanh loses bits to the cancellation in 1 - exp(-2|x|); an odd
-# Taylor polynomial up to x^11 is accurate to 2e-9 relative there.
-TANH_SERIES_MAX = tl.constexpr(0.3)
 
 
 # -- kernels -----------------------------------------------------------------------------------
-
-
-@triton.jit
-def _tanh(x):
-    # Not every Triton has tl.tanh; the GPU and the interpreter run this same code. exp2 of a
-    # non-positive argument cannot overflow, so large |x| saturates to +-1 exactly.
-    ax = tl.abs(x)
-    e = tl.math.exp2(ax * (-2.0 * LOG2E))
-    t_big = (1.0 - e) / (1.0 + e)
-    x2 = x * x
-    poly = -1.0 / 3.0 + x2 * (
-        2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0 + x2 * (-1382.0 / 155925.0)))
-    )
-    t_small = x + x * x2 * poly
-    return tl.where(ax < TANH_SERIES_MAX, t_small, tl.where(x < 0, -t_big, t_big))
 
 
 @triton.jit

@@ -24,16 +24,11 @@ import triton.language as tl
 from torch import Tensor
 
 from ._glue import DTYPES, INTERPRET, Tuned, define_op, is_traced
+from ._math import tanh as _tanh
 
 MAX_HEAD_DIM = 256
 
 # -- kernels ----------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _tanh(x):
-    # 1 - 2 / (exp(2x) + 1): saturates to +-1 without NaN for large |x|
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
 @triton.jit

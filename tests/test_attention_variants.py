@@ -277,11 +277,14 @@ _HYPOTHESIS = dict(
     sink=st.sampled_from([None, -1e4, -3.0, 0.0, 4.0, 60.0]),
     alibi=st.sampled_from([None, "head", "batch"]),
     causal=st.sampled_from(["none", "upper", "lower"]),
+    # the tensors come from the example, so a failure replays with the same inputs
+    seed=st.integers(0, 2**31 - 1),
 )
 
 
-def _hypothesis_case(backend, Lq, Lk, left, right, softcap, sink, alibi, causal):
+def _hypothesis_case(backend, Lq, Lk, left, right, softcap, sink, alibi, causal, seed):
     device = "cuda" if backend != "cpu" and HAS_CUDA else "cpu"
+    torch.manual_seed(seed)
     q, k, v = _inputs(torch.float32, 2, 2, 2, Lq, Lk, 8, grad=True, device=device)
     kw = _variants(2, 2, (left, right), softcap, False, alibi, device=device)
     if sink is not None:
@@ -310,16 +313,16 @@ def _hypothesis_case(backend, Lq, Lk, left, right, softcap, sink, alibi, causal)
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(**_HYPOTHESIS)
-def test_variants_hypothesis(Lq, Lk, left, right, softcap, sink, alibi, causal):
-    _hypothesis_case("cpu", Lq, Lk, left, right, softcap, sink, alibi, causal)
+def test_variants_hypothesis(Lq, Lk, left, right, softcap, sink, alibi, causal, seed):
+    _hypothesis_case("cpu", Lq, Lk, left, right, softcap, sink, alibi, causal, seed)
 
 
 # fewer examples through the interpreter (each runs its programs in numpy)
 @pytest.mark.skipif(not _backend.have_triton(), reason="needs triton")
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(**_HYPOTHESIS)
-def test_variants_hypothesis_triton(Lq, Lk, left, right, softcap, sink, alibi, causal):
-    _hypothesis_case("triton", Lq, Lk, left, right, softcap, sink, alibi, causal)
+def test_variants_hypothesis_triton(Lq, Lk, left, right, softcap, sink, alibi, causal, seed):
+    _hypothesis_case("triton", Lq, Lk, left, right, softcap, sink, alibi, causal, seed)
 
 
 def _packed(lens_q, lens_k, Hq, Hkv, D, dtype=torch.float32):
