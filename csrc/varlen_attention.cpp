@@ -1,9 +1,11 @@
 // pyattn::varlen_attention_{fwd,bwd} for CPU tensors: packed variable-length sequences run
 // through the fused CPU sdpa kernels (csrc/cpu/sdpa_kernel.cpp), each (sequence, kv-head group)
 // unit as a batch of one, so a sequence costs its own Lq_b x Lk_b tiles and nothing is padded
-// (run_units says how the units share the threads). The packed (total, H, D) rows of a unit are
-// copied to the kernels' contiguous (1, H, L, D) layout and back (O(L H D) next to the O(L^2 H D) of the attention). Dropout counters follow
-// the padded (B, Hq, max_seqlen_q, max_seqlen_k) layout through FlashParams::drop_* (see
+// (run_units says how the units share the threads). A unit is pointer offsets into the packed
+// (total, H, D) tensors with their row and head strides (FlashParams' layout): float32/float64
+// are read and written in place; half inputs, whose blocks the kernels widen or pack as
+// contiguous rows, are moved once per call to heads-first storage (kernel_view). Dropout counters
+// follow the padded (B, Hq, max_seqlen_q, max_seqlen_k) layout through FlashParams::drop_* (see
 // docs/design.md, "Variable-length attention").
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -42,15 +44,26 @@ std::vector<int32_t> seq_bounds(const at::Tensor& cu, int64_t total, const char*
   return out;
 }
 
-// (1, H, L, D) contiguous copy of the packed rows [start, start + len), heads [h0, h0 + nh), of
-// t (total, H, D).
-at::Tensor rows(const at::Tensor& t, int64_t start, int64_t len, int64_t h0, int64_t nh) {
-  return t.narrow(0, start, len).narrow(1, h0, nh).transpose(0, 1).unsqueeze(0).contiguous();
+// The kernels' view of a packed (total, H, D) tensor, still indexed (row, head, d) with unit
+// stride on d: the tensor itself for float32/float64 (contiguous, so that the gradients
+// allocated contiguous share its layout), heads-first storage for half inputs (dense rows).
+at::Tensor kernel_view(const at::Tensor& t) {
+  if (t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16) {
+    return t.transpose(0, 1).contiguous().transpose(0, 1);
+  }
+  return t.contiguous();
 }
 
-// dst rows [start, start + len), heads [h0, h0 + nh) of a packed (total, H, D) tensor = src (1, nh, len, D).
-void put_rows(at::Tensor& dst, const at::Tensor& src, int64_t start, int64_t len, int64_t h0, int64_t nh) {
-  dst.narrow(0, start, len).narrow(1, h0, nh).copy_(src[0].transpose(0, 1));
+// A zero tensor of shape (total, H, D) and dtype dt in the layout kernel_view gives for `like`'s dtype.
+at::Tensor zeros_like_view(int64_t total, int64_t H, int64_t D, at::ScalarType like, const at::TensorOptions& o) {
+  if (like == at::kHalf || like == at::kBFloat16) return at::zeros({H, total, D}, o).transpose(0, 1);
+  return at::zeros({total, H, D}, o);
+}
+
+// Where row r, head h of a (row, head, d) view starts.
+template <typename T>
+T* at_row(const at::Tensor& t, int64_t r, int64_t h) {
+  return t.data_ptr<T>() + r * t.stride(0) + h * t.stride(1);
 }
 
 // One unit of work: sequence b with kv heads [kv0, kv0 + nkv) and their query heads.
@@ -102,28 +115,37 @@ void run_units(const std::vector<int32_t>& cq, const std::vector<int32_t>& ck, i
   });
 }
 
+// One unit in the packed tensors: heads [h0, h0 + nh) of sequence b (query rows q0 .. q0 + lq,
+// key rows k0 .. k0 + lk), kv heads [kv0, kv0 + nkv).
+struct UnitView {
+  int64_t b, q0, lq, k0, lk, h0, nh, kv0, nkv;
+};
+
+// q, k, v and out: kernel_view layouts, (row, head, d); the lse (Hq, total_q) is laid out alike
+// for every dtype.
 template <typename T>
-cpu::FlashParams<T> seq_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t b,
-                               int64_t h0, int64_t Hq_all, int64_t max_q, int64_t max_k, double dropout_p,
-                               int64_t causal, double scale, int64_t seed, int64_t offset,
-                               int64_t window_left, int64_t window_right, double softcap,
-                               const at::Tensor& sinks, const at::Tensor& alibi) {
+cpu::FlashParams<T> seq_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                               const UnitView& u, int64_t max_q, int64_t max_k, double dropout_p, int64_t causal,
+                               double scale, int64_t seed, int64_t offset, int64_t window_left,
+                               int64_t window_right, double softcap, const at::Tensor& sinks,
+                               const at::Tensor& alibi) {
+  const int64_t Hq_all = q.size(1);
   cpu::FlashParams<T> p;
-  p.q = q.data_ptr<T>();
-  p.k = k.data_ptr<T>();
-  p.v = v.data_ptr<T>();
+  p.q = at_row<T>(q, u.q0, u.h0);
+  p.k = at_row<T>(k, u.k0, u.kv0);
+  p.v = at_row<T>(v, u.k0, u.kv0);
   p.mask_kind = flash::kNoMask;
   p.bool_mask = nullptr;
   p.add_mask = nullptr;
   p.add_mask_float = nullptr;
   for (int d = 0; d < 4; ++d) p.mask_stride[d] = 0;
   p.B = 1;
-  p.Hq = q.size(1);
-  p.Lq = q.size(2);
-  p.D = q.size(3);
-  p.Hkv = k.size(1);
-  p.Lk = k.size(2);
-  p.Dv = v.size(3);
+  p.Hq = u.nh;
+  p.Lq = u.lq;
+  p.D = q.size(2);
+  p.Hkv = u.nkv;
+  p.Lk = u.lk;
+  p.Dv = v.size(2);
   p.scale = static_cast<cpu::acc_t<T>>(scale);
   p.causal = causal != flash::kNoCausal;
   // per sequence: lower-right ends the diagonal at the sequence's own last key
@@ -132,16 +154,31 @@ cpu::FlashParams<T> seq_params(const at::Tensor& q, const at::Tensor& k, const a
   p.seed = static_cast<uint64_t>(seed);
   p.offset = static_cast<uint64_t>(offset);
   // the counters of (sequence b, heads h0 ..)'s slice of the padded (B, Hq, max_q, max_k) scores
-  p.drop_bh0 = b * Hq_all + h0;
+  p.drop_bh0 = u.b * Hq_all + u.h0;
   p.drop_lq = max_q;
   p.drop_lk = max_k;
   // the unit's heads h0 .. of sequence b; the band and ALiBi's Lk - Lq are the sequence's own
   using acc = cpu::acc_t<T>;
-  const int64_t a_row = alibi.defined() && alibi.numel() != Hq_all ? b * Hq_all : 0;
+  const int64_t a_row = alibi.defined() && alibi.numel() != Hq_all ? u.b * Hq_all : 0;
   cpu::set_variants(p, causal, window_left, window_right, softcap,
-                    sinks.defined() ? sinks.data_ptr<acc>() + h0 : nullptr,
-                    alibi.defined() ? alibi.data_ptr<acc>() + a_row + h0 : nullptr, 0);
+                    sinks.defined() ? sinks.data_ptr<acc>() + u.h0 : nullptr,
+                    alibi.defined() ? alibi.data_ptr<acc>() + a_row + u.h0 : nullptr, 0);
+  // the packed layout (after set_variants, which sets the dense one)
+  p.q_hs = q.stride(1);
+  p.q_rs = q.stride(0);
+  p.k_hs = k.stride(1);
+  p.k_rs = k.stride(0);
+  p.v_hs = v.stride(1);
+  p.v_rs = v.stride(0);
+  p.o_hs = out.stride(1);
+  p.o_rs = out.stride(0);
+  p.l_hs = q.size(0);
   return p;
+}
+
+UnitView unit_view(const Unit& u, const std::vector<int32_t>& cq, const std::vector<int32_t>& ck, int64_t group) {
+  return {u.b, cq[u.b], cq[u.b + 1] - cq[u.b], ck[u.b], ck[u.b + 1] - ck[u.b], u.kv0 * group, u.nkv * group,
+          u.kv0, u.nkv};
 }
 
 // The dtypes of the CPU sdpa kernels (csrc/cpu/sdpa_kernel.h): float16/bfloat16 inputs with
@@ -180,29 +217,24 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cpu(
   const auto ck = seq_bounds(cu_seqlens_k, key.size(0), "cu_seqlens_k");
   check_lengths(cq, ck, max_seqlen_q, max_seqlen_k);
   const int64_t total_q = query.size(0), Hq = query.size(1), Hkv = key.size(1), Dv = value.size(2);
-  // rows with no key keep output 0 and lse +inf (zero gradients in the backward)
-  at::Tensor out = at::zeros({total_q, Hq, Dv}, query.options());
   const auto acc_opts = query.options().dtype(acc_dtype_of(query.scalar_type()));
+  // rows with no key keep output 0 and lse +inf (zero gradients in the backward)
   at::Tensor lse = at::full({Hq, total_q}, std::numeric_limits<double>::infinity(), acc_opts);
-  if (Hq == 0 || Dv == 0) return {out, lse};
+  if (Hq == 0 || Dv == 0) return {at::zeros({total_q, Hq, Dv}, query.options()), lse};
+  const at::Tensor q = kernel_view(query), k = kernel_view(key), v = kernel_view(value);
+  const at::Tensor out = zeros_like_view(total_q, Hq, Dv, query.scalar_type(), query.options());
   const int64_t group = Hq / Hkv;
-  run_units(cq, ck, Hkv, [&](const Unit& u) {
-    const int64_t q0 = cq[u.b], lq = cq[u.b + 1] - q0, k0 = ck[u.b], lk = ck[u.b + 1] - k0;
-    const int64_t h0 = u.kv0 * group, nh = u.nkv * group;
-    const at::Tensor q = rows(query, q0, lq, h0, nh), k = rows(key, k0, lk, u.kv0, u.nkv),
-                     v = rows(value, k0, lk, u.kv0, u.nkv);
-    at::Tensor o = at::empty({1, nh, lq, Dv}, query.options());
-    at::Tensor l = at::empty({1, nh, lq}, acc_opts);
+  run_units(cq, ck, Hkv, [&](const Unit& unit) {
+    const UnitView u = unit_view(unit, cq, ck, group);
     PYATTN_VARLEN_DISPATCH(q.scalar_type(), "varlen_attention_fwd_cpu", [&] {
-      const auto p = seq_params<scalar_t>(q, k, v, u.b, h0, Hq, max_seqlen_q, max_seqlen_k, dropout_p, causal,
-                                          scale, seed, offset, window_left, window_right, softcap, sinks, alibi);
-      const cpu::FlashFwdOut<scalar_t> fo{o.data_ptr<scalar_t>(), l.data_ptr<cpu::acc_t<scalar_t>>()};
+      const auto p = seq_params<scalar_t>(q, k, v, out, u, max_seqlen_q, max_seqlen_k, dropout_p, causal, scale,
+                                          seed, offset, window_left, window_right, softcap, sinks, alibi);
+      const cpu::FlashFwdOut<scalar_t> fo{at_row<scalar_t>(out, u.q0, u.h0),
+                                          lse.data_ptr<cpu::acc_t<scalar_t>>() + u.h0 * total_q + u.q0};
       PYATTN_CPU_DISPATCH(sdpa_fwd_kernel, p, fo);
     });
-    put_rows(out, o, q0, lq, h0, nh);
-    lse.narrow(0, h0, nh).narrow(1, q0, lq).copy_(l[0]);
   });
-  return {out, lse};
+  return {out.contiguous(), lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
@@ -220,45 +252,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
   const auto cq = seq_bounds(cu_seqlens_q, query.size(0), "cu_seqlens_q");
   const auto ck = seq_bounds(cu_seqlens_k, key.size(0), "cu_seqlens_k");
   check_lengths(cq, ck, max_seqlen_q, max_seqlen_k);
-  const int64_t Hq = query.size(1), Hkv = key.size(1), Dv = value.size(2);
+  const int64_t Hq = query.size(1), Hkv = key.size(1), D = query.size(2), Dv = value.size(2);
+  const int64_t total_q = query.size(0), total_k = key.size(0);
   const auto dt = query.scalar_type();
-  at::Tensor dq = at::zeros(query.sizes(), query.options());
-  at::Tensor dk = at::zeros(key.sizes(), key.options());
-  at::Tensor dv = at::zeros(value.sizes(), value.options());
-  if (Hq == 0 || Dv == 0 || query.size(2) == 0) return {dq, dk, dv};
+  if (Hq == 0 || Dv == 0 || D == 0) {
+    return {at::zeros(query.sizes(), query.options()), at::zeros(key.sizes(), key.options()),
+            at::zeros(value.sizes(), value.options())};
+  }
   const at::ScalarType acc = acc_dtype_of(dt);
   const at::Tensor g = grad_out.to(dt);
-  // Delta_i = dO_i . O_i for every packed row, (total_q, Hq), in the accumulation type
-  const at::Tensor delta_all = (g.to(acc) * out.to(acc)).sum(-1);
-  const at::Tensor lse_t = lse.to(acc);
+  // Delta_i = dO_i . O_i for every packed row, (Hq, total_q), in the accumulation type
+  const at::Tensor delta = (g.to(acc) * out.to(acc)).sum(-1).t().contiguous();
+  const at::Tensor lse_t = lse.to(acc).contiguous();
+  const at::Tensor q = kernel_view(query), k = kernel_view(key), v = kernel_view(value), gv = kernel_view(g);
+  // the kernel's gradients are of the accumulation type, in their input's layout, rounded once
+  // at the end; every unit writes rows no other unit writes
+  const auto ga = query.options().dtype(acc);
+  const at::Tensor dq = zeros_like_view(total_q, Hq, D, dt, ga), dk = zeros_like_view(total_k, Hkv, D, dt, ga),
+                   dv = zeros_like_view(total_k, Hkv, Dv, dt, ga);
   const int64_t group = Hq / Hkv;
-  run_units(cq, ck, Hkv, [&](const Unit& u) {
-    const int64_t q0 = cq[u.b], lq = cq[u.b + 1] - q0, k0 = ck[u.b], lk = ck[u.b + 1] - k0;
-    const int64_t h0 = u.kv0 * group, nh = u.nkv * group;
-    const at::Tensor q = rows(query, q0, lq, h0, nh), k = rows(key, k0, lk, u.kv0, u.nkv),
-                     v = rows(value, k0, lk, u.kv0, u.nkv), dO = rows(g, q0, lq, h0, nh);
-    const at::Tensor l = lse_t.narrow(0, h0, nh).narrow(1, q0, lq).unsqueeze(0).contiguous();  // (1, nh, lq)
-    const at::Tensor delta =
-        delta_all.narrow(0, q0, lq).narrow(1, h0, nh).t().unsqueeze(0).contiguous();  // (1, nh, lq)
-    // the kernel's gradient blocks are of the accumulation type: each row is rounded once, when
-    // its unit (the only one that writes it) puts it back
-    const auto ga = q.options().dtype(acc);
-    at::Tensor gq = at::zeros(q.sizes(), ga), gk = at::zeros(k.sizes(), ga), gv = at::zeros(v.sizes(), ga);
+  run_units(cq, ck, Hkv, [&](const Unit& unit) {
+    const UnitView u = unit_view(unit, cq, ck, group);
     PYATTN_VARLEN_DISPATCH(dt, "varlen_attention_bwd_cpu", [&] {
-      const auto p = seq_params<scalar_t>(q, k, v, u.b, h0, Hq, max_seqlen_q, max_seqlen_k, dropout_p, causal,
-                                          scale, seed, offset, window_left, window_right, softcap, at::Tensor(),
-                                          alibi);
+      const auto p = seq_params<scalar_t>(q, k, v, gv, u, max_seqlen_q, max_seqlen_k, dropout_p, causal, scale,
+                                          seed, offset, window_left, window_right, softcap, at::Tensor(), alibi);
       using acc_t = cpu::acc_t<scalar_t>;
-      const cpu::FlashBwdArgs<scalar_t> a{dO.data_ptr<scalar_t>(), l.data_ptr<acc_t>(),
-                                          delta.data_ptr<acc_t>(), gq.data_ptr<acc_t>(),
-                                          gk.data_ptr<acc_t>(), gv.data_ptr<acc_t>()};
+      const int64_t lrow = u.h0 * total_q + u.q0;
+      const cpu::FlashBwdArgs<scalar_t> a{at_row<scalar_t>(gv, u.q0, u.h0), lse_t.data_ptr<acc_t>() + lrow,
+                                          delta.data_ptr<acc_t>() + lrow,   at_row<acc_t>(dq, u.q0, u.h0),
+                                          at_row<acc_t>(dk, u.k0, u.kv0),   at_row<acc_t>(dv, u.k0, u.kv0)};
       PYATTN_CPU_DISPATCH(sdpa_bwd_kernel, p, a);
     });
-    put_rows(dq, gq, q0, lq, h0, nh);
-    put_rows(dk, gk, k0, lk, u.kv0, u.nkv);
-    put_rows(dv, gv, k0, lk, u.kv0, u.nkv);
   });
-  return {dq, dk, dv};
+  // the packed layout and the input dtype, one pass (none for float32/float64)
+  auto packed = [&](const at::Tensor& t) {
+    return t.scalar_type() == dt && t.is_contiguous() ? t : at::empty(t.sizes(), t.options().dtype(dt)).copy_(t);
+  };
+  return {packed(dq), packed(dk), packed(dv)};
 }
 
 }  // namespace pyattn

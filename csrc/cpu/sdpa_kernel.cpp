@@ -553,6 +553,13 @@ inline bool softmax_row(const FlashParams<in_t>& p, int64_t b, int64_t h, int64_
   return true;
 }
 
+// The row stride of a forward block's accumulator: the output's own rows for float32 / float64
+// (it accumulates in place), the workspace's dense ones for half inputs.
+template <typename in_t>
+inline int64_t acc_ld(const FlashParams<in_t>& p) {
+  return kHalf<in_t> ? p.Dv : p.o_rs;
+}
+
 // The end of a forward block: each row's output is its accumulator over the softmax sum (a sink
 // joins the denominator only, flash::close_with_sink; lse includes it), rounded once for half
 // inputs, and its lse is saved.
@@ -560,7 +567,8 @@ template <typename in_t, typename T = acc_t<in_t>>
 void close_rows(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, int64_t bh, int64_t i0,
                 int64_t m, T* acc, const std::vector<flash::RowSoftmax<T>>& sm) {
   const int64_t h = bh % p.Hq, Dv = p.Dv;
-  in_t* out = o.out + (bh * p.Lq + i0) * Dv;
+  in_t* out = o.out + bh * p.o_hs + i0 * p.o_rs;
+  const int64_t ald = acc_ld(p);
   for (int64_t r = 0; r < m; ++r) {
     T f, lse;
     if (p.sinks != nullptr) {
@@ -570,11 +578,11 @@ void close_rows(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, int64_t 
       lse = sm[r].lse();
     }
     if constexpr (kHalf<in_t>) {
-      store_scaled(acc + r * Dv, f, out + r * Dv, Dv);
+      store_scaled(acc + r * ald, f, out + r * p.o_rs, Dv);
     } else {
-      scale_row(acc + r * Dv, f, Dv);
+      scale_row(acc + r * ald, f, Dv);
     }
-    o.lse[bh * p.Lq + i0 + r] = lse;
+    o.lse[bh * p.l_hs + i0 + r] = lse;
   }
 }
 
@@ -586,20 +594,23 @@ void forward_block(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, HalfG
   const int64_t b = bh / p.Hq, h = bh % p.Hq;
   const int64_t kvh = flash::kv_head(h, p.Hq, p.Hkv);
   const int64_t D = p.D, Dv = p.Dv, Lk = p.Lk;
-  const auto* Q = operand<in_t, N>(p.q + (bh * p.Lq + i0) * D, m * D, w.Q.data());
-  const in_t* K = p.k + (b * p.Hkv + kvh) * Lk * D;
-  const in_t* V = p.v + (b * p.Hkv + kvh) * Lk * Dv;
+  const auto* Q = operand<in_t, N>(p.q + bh * p.q_hs + i0 * p.q_rs, m * D, w.Q.data());
+  const in_t* K = p.k + (b * p.Hkv + kvh) * p.k_hs;
+  const in_t* V = p.v + (b * p.Hkv + kvh) * p.v_hs;
   // float32 / float64: the running output lives in the output tensor itself
   T* acc;
   if constexpr (kHalf<in_t>) {
     acc = w.acc.data();
   } else {
-    acc = o.out + (bh * p.Lq + i0) * Dv;
+    acc = o.out + bh * p.o_hs + i0 * p.o_rs;
   }
+  const int64_t ald = acc_ld(p);
   T* S = w.S.data();
   T* Z = w.Z.data();
-  std::fill(acc, acc + m * Dv, T(0));
-  for (int64_t r = 0; r < m; ++r) sm[r].init();
+  for (int64_t r = 0; r < m; ++r) {
+    std::fill(acc + r * ald, acc + r * ald + Dv, T(0));
+    sm[r].init();
+  }
 
   // the keys some row of the block sees: the blocks outside every row's band are never visited
   const int64_t key_begin = p.band.on() ? p.band.lo(i0) : 0;
@@ -607,23 +618,23 @@ void forward_block(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, HalfG
   const bool mods = has_score_mods(p);
   for (int64_t j0 = key_begin; j0 < key_end; j0 += kFwdBlockK) {
     const int64_t n = std::min(kFwdBlockK, key_end - j0);
-    const auto* Kb = operand<in_t, N>(K + j0 * D, n * D, w.K.data());
+    const auto* Kb = operand<in_t, N>(K + j0 * p.k_rs, n * D, w.K.data());
     // The native path scales in its row pass (fused with the max where no mask comes between).
-    block_gemm(path, false, true, m, n, D, N ? T(1) : p.scale, Q, D, Kb, D, T(0), S, n);
+    block_gemm(path, false, true, m, n, D, N ? T(1) : p.scale, Q, p.q_rs, Kb, p.k_rs, T(0), S, n);
     const bool causal_block = p.band.cuts(i0, i0 + m, j0, j0 + n);
     bool any = false;
     for (int64_t r = 0; r < m; ++r) {
       in_t* prow = nullptr;
       if constexpr (N) prow = w.Ph.data() + r * n;
       any |= softmax_row<in_t, N>(p, b, h, i0 + r, bh, j0, n, causal_block, mods, S + r * n, prow,
-                                  Z, sm[r], acc + r * Dv);
+                                  Z, sm[r], acc + r * ald);
     }
     if (any) {
-      const auto* Vb = operand<in_t, N>(V + j0 * Dv, n * Dv, w.V.data());
+      const auto* Vb = operand<in_t, N>(V + j0 * p.v_rs, n * Dv, w.V.data());
       if constexpr (N) {
-        block_gemm(path, false, false, m, Dv, n, T(1), w.Ph.data(), n, Vb, Dv, T(1), acc, Dv);
+        block_gemm(path, false, false, m, Dv, n, T(1), w.Ph.data(), n, Vb, p.v_rs, T(1), acc, ald);
       } else {
-        block_gemm(path, false, false, m, Dv, n, T(1), S, n, Vb, Dv, T(1), acc, Dv);
+        block_gemm(path, false, false, m, Dv, n, T(1), S, n, Vb, p.v_rs, T(1), acc, ald);
       }
     }
   }
@@ -680,7 +691,7 @@ void forward_block_amx(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o,
   const in_t* Kp = pk.k + (b * p.Hkv + kvh) * pk.k_size;
   const in_t* Vp = pk.v + (b * p.Hkv + kvh) * pk.v_size;
   // Q as (m x Dp) rows: in place for an even D, else padded with a zero column
-  const in_t* Q = p.q + (bh * p.Lq + i0) * D;
+  const in_t* Q = p.q + bh * p.q_hs + i0 * D;  // dense rows (half)
   if (Dp != D) {
     in_t* buf = w.Ph.data() + m * kFwdBlockK;
     for (int64_t r = 0; r < m; ++r) {
@@ -745,8 +756,8 @@ void forward_amx(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o) {
   std::unique_ptr<in_t[]> vbuf(new in_t[p.B * p.Hkv * pk.v_size]);
   at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      amx_pack_keys(p.k + t * p.Lk * p.D, p.Lk, p.D, kbuf.get() + t * pk.k_size);
-      amx_pack_values(p.v + t * p.Lk * p.Dv, p.Lk, p.Dv, vbuf.get() + t * pk.v_size);
+      amx_pack_keys(p.k + t * p.k_hs, p.Lk, p.D, kbuf.get() + t * pk.k_size);
+      amx_pack_values(p.v + t * p.v_hs, p.Lk, p.Dv, vbuf.get() + t * pk.v_size);
     }
   });
   pk.k = kbuf.get();
@@ -767,8 +778,18 @@ void forward_amx(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o) {
   });
 }
 
+// Half blocks are widened, rounded and packed as contiguous runs of rows (FlashParams' layout).
+template <typename in_t>
+void check_layout(const FlashParams<in_t>& p) {
+  if constexpr (kHalf<in_t>) {
+    TORCH_CHECK(p.q_rs == p.D && p.k_rs == p.D && p.v_rs == p.Dv && p.o_rs == p.Dv,
+                "pyattn cpu sdpa kernel: half-precision inputs need dense rows");
+  }
+}
+
 template <typename in_t>
 void forward(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o) {
+  check_layout(p);
   if constexpr (kHalf<in_t>) {
     const HalfGemm fwd = native_path(p, true);
     if (fwd == HalfGemm::kAmx && amx_prepack_pays(p)) return forward_amx(p, o);
@@ -789,14 +810,14 @@ void backward_tile(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a, Half
   T* S = w.S.data();
   T* dP = w.dP.data();
   T* Z = w.Z.data();
-  const int64_t D = p.D, Dv = p.Dv, Lq = p.Lq;
+  const int64_t D = p.D, Dv = p.Dv;
   const int64_t bh = b * p.Hq + h;
-  const T* lse = a.lse + bh * Lq + i0;
-  const T* delta = a.delta + bh * Lq + i0;
+  const T* lse = a.lse + bh * p.l_hs + i0;
+  const T* delta = a.delta + bh * p.l_hs + i0;
   const bool dropout = p.dropout_p > 0.0;
   const T keep_scale = T(1) / (T(1) - T(p.dropout_p));
-  block_gemm(path, false, true, m, n, D, p.scale, Q, D, Kb, D, T(0), S, n);
-  block_gemm(path, false, true, m, n, Dv, T(1), dO, Dv, Vb, Dv, T(0), dP, n);
+  block_gemm(path, false, true, m, n, D, p.scale, Q, p.q_rs, Kb, p.k_rs, T(0), S, n);
+  block_gemm(path, false, true, m, n, Dv, T(1), dO, p.o_rs, Vb, p.v_rs, T(0), dP, n);
   const bool causal_block = p.band.cuts(i0, i0 + m, j0, j0 + n);
   const bool mods = has_score_mods(p);
   T* G = p.softcap > T(0) ? w.G.data() : nullptr;
@@ -867,10 +888,10 @@ void backward_key_block(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a,
   const int64_t D = p.D, Dv = p.Dv, Lq = p.Lq, Lk = p.Lk;
   const int64_t group = p.Hq / p.Hkv;
   const int64_t n = std::min(kBwdBlockK, Lk - j0);
-  const auto* Kb = operand<in_t, N>(p.k + ((b * p.Hkv + kvh) * Lk + j0) * D, n * D, w.K.data());
-  const auto* Vb = operand<in_t, N>(p.v + ((b * p.Hkv + kvh) * Lk + j0) * Dv, n * Dv, w.V.data());
-  T* dK = a.dk + ((b * p.Hkv + kvh) * Lk + j0) * D;
-  T* dV = a.dv + ((b * p.Hkv + kvh) * Lk + j0) * Dv;
+  const auto* Kb = operand<in_t, N>(p.k + (b * p.Hkv + kvh) * p.k_hs + j0 * p.k_rs, n * D, w.K.data());
+  const auto* Vb = operand<in_t, N>(p.v + (b * p.Hkv + kvh) * p.v_hs + j0 * p.v_rs, n * Dv, w.V.data());
+  T* dK = a.dk + (b * p.Hkv + kvh) * p.k_hs + j0 * p.k_rs;
+  T* dV = a.dv + (b * p.Hkv + kvh) * p.v_hs + j0 * p.v_rs;
   for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
     const int64_t bh = b * p.Hq + h;
     // Causal and window: only the queries whose band meets this key block
@@ -878,18 +899,18 @@ void backward_key_block(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a,
     const int64_t i_end = p.band.on() ? p.band.query_end(j0 + n) : Lq;
     for (int64_t i0 = i_begin; i0 < i_end; i0 += kBwdBlockQ) {
       const int64_t m = std::min(kBwdBlockQ, i_end - i0);
-      const auto* Q = operand<in_t, N>(p.q + (bh * Lq + i0) * D, m * D, w.Q.data());
-      const auto* dO = operand<in_t, N>(a.grad_out + (bh * Lq + i0) * Dv, m * Dv, w.dO.data());
+      const auto* Q = operand<in_t, N>(p.q + bh * p.q_hs + i0 * p.q_rs, m * D, w.Q.data());
+      const auto* dO = operand<in_t, N>(a.grad_out + bh * p.o_hs + i0 * p.o_rs, m * Dv, w.dO.data());
       backward_tile<in_t, N>(p, a, path, b, h, i0, m, j0, n, Q, dO, Kb, Vb, w);
       const auto* P = tile_p<in_t, N>(w);
       const auto* dS = tile_ds<in_t, N>(w);
       // dV += (Z P)^T dO;  dQ += scale dS K;  dK += scale dS^T Q
-      block_gemm(path, true, false, n, Dv, m, T(1), P, n, dO, Dv, T(1), dV, Dv);
+      block_gemm(path, true, false, n, Dv, m, T(1), P, n, dO, p.o_rs, T(1), dV, p.v_rs);
       if (with_dq) {
-        T* dQ = a.dq + (bh * Lq + i0) * D;
-        block_gemm(path, false, false, m, D, n, ds_alpha<in_t, N>(p), dS, n, Kb, D, T(1), dQ, D);
+        T* dQ = a.dq + bh * p.q_hs + i0 * p.q_rs;
+        block_gemm(path, false, false, m, D, n, ds_alpha<in_t, N>(p), dS, n, Kb, p.k_rs, T(1), dQ, p.q_rs);
       }
-      block_gemm(path, true, false, n, D, m, ds_alpha<in_t, N>(p), dS, n, Q, D, T(1), dK, D);
+      block_gemm(path, true, false, n, D, m, ds_alpha<in_t, N>(p), dS, n, Q, p.q_rs, T(1), dK, p.k_rs);
     }
   }
 }
@@ -901,22 +922,22 @@ void backward_query_block(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& 
   using T = acc_t<in_t>;
   const int64_t D = p.D, Dv = p.Dv, Lq = p.Lq, Lk = p.Lk;
   const int64_t kvh = flash::kv_head(h, p.Hq, p.Hkv);
-  const in_t* K = p.k + (b * p.Hkv + kvh) * Lk * D;
-  const in_t* V = p.v + (b * p.Hkv + kvh) * Lk * Dv;
+  const in_t* K = p.k + (b * p.Hkv + kvh) * p.k_hs;
+  const in_t* V = p.v + (b * p.Hkv + kvh) * p.v_hs;
   const int64_t m = std::min(kBwdBlockQ, Lq - i0);
   const int64_t bh = b * p.Hq + h;
-  const auto* Q = operand<in_t, N>(p.q + (bh * Lq + i0) * D, m * D, w.Q.data());
-  const auto* dO = operand<in_t, N>(a.grad_out + (bh * Lq + i0) * Dv, m * Dv, w.dO.data());
-  T* dQ = a.dq + (bh * Lq + i0) * D;
+  const auto* Q = operand<in_t, N>(p.q + bh * p.q_hs + i0 * p.q_rs, m * D, w.Q.data());
+  const auto* dO = operand<in_t, N>(a.grad_out + bh * p.o_hs + i0 * p.o_rs, m * Dv, w.dO.data());
+  T* dQ = a.dq + bh * p.q_hs + i0 * p.q_rs;
   const int64_t key_begin = p.band.on() ? p.band.lo(i0) : 0;
   const int64_t key_end = p.band.on() ? std::max(key_begin, p.band.hi(i0 + m - 1)) : Lk;
   for (int64_t j0 = key_begin; j0 < key_end; j0 += kBwdBlockK) {
     const int64_t n = std::min(kBwdBlockK, key_end - j0);
-    const auto* Kb = operand<in_t, N>(K + j0 * D, n * D, w.K.data());
-    const auto* Vb = operand<in_t, N>(V + j0 * Dv, n * Dv, w.V.data());
+    const auto* Kb = operand<in_t, N>(K + j0 * p.k_rs, n * D, w.K.data());
+    const auto* Vb = operand<in_t, N>(V + j0 * p.v_rs, n * Dv, w.V.data());
     backward_tile<in_t, N>(p, a, path, b, h, i0, m, j0, n, Q, dO, Kb, Vb, w);
-    block_gemm(path, false, false, m, D, n, ds_alpha<in_t, N>(p), tile_ds<in_t, N>(w), n, Kb, D,
-               T(1), dQ, D);
+    block_gemm(path, false, false, m, D, n, ds_alpha<in_t, N>(p), tile_ds<in_t, N>(w), n, Kb,
+               p.k_rs, T(1), dQ, p.q_rs);
   }
 }
 
@@ -964,6 +985,7 @@ void backward_impl(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a, Half
 
 template <typename in_t>
 void backward(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a) {
+  check_layout(p);
   if constexpr (kHalf<in_t>) {
     const HalfGemm path = native_path(p, false);
     if (path != HalfGemm::kWiden) return backward_impl<in_t, true>(p, a, path);

@@ -119,10 +119,31 @@ struct FlashParams {
   const acc_t<scalar_t>* sinks;
   const acc_t<scalar_t>* alibi;
   int64_t alibi_bstride, alibi_off;
+  // The layout, in elements: row i of (b, h)'s slice of q starts at q + bh * q_hs + i * q_rs
+  // (bh = b * Hq + h; of k: b * Hkv + kvh), each row D contiguous elements; likewise k, v and
+  // out (k_*, v_*, o_*), and lse / delta at bh * l_hs + i. The gradients share their input's
+  // layout (dq: q's, dk: k's, dv: v's; grad_out: out's). set_dense_layout gives the contiguous
+  // (B, H, L, D) one; a fp32/fp64 varlen unit points into the packed (total, H, D) tensors
+  // (docs/design.md, "Variable-length attention"). Half inputs need dense rows (q_rs = D, ...):
+  // their blocks are widened or packed as contiguous runs.
+  int64_t q_hs, q_rs, k_hs, k_rs, v_hs, v_rs, o_hs, o_rs, l_hs;
 };
 
+template <typename scalar_t>
+void set_dense_layout(FlashParams<scalar_t>& p) {
+  p.q_hs = p.Lq * p.D;
+  p.q_rs = p.D;
+  p.k_hs = p.Lk * p.D;
+  p.k_rs = p.D;
+  p.v_hs = p.Lk * p.Dv;
+  p.v_rs = p.Dv;
+  p.o_hs = p.Lq * p.Dv;
+  p.o_rs = p.Dv;
+  p.l_hs = p.Lq;
+}
+
 // Sets p's variant fields once its shapes and causal_off are set (variants off: null pointers,
-// window (-1, -1), softcap 0).
+// window (-1, -1), softcap 0), and the dense layout (a caller with another sets it after).
 template <typename scalar_t>
 void set_variants(FlashParams<scalar_t>& p, int64_t causal, int64_t window_left, int64_t window_right,
                   double softcap, const acc_t<scalar_t>* sinks, const acc_t<scalar_t>* alibi,
@@ -134,6 +155,7 @@ void set_variants(FlashParams<scalar_t>& p, int64_t causal, int64_t window_left,
   p.alibi = alibi;
   p.alibi_bstride = alibi_bstride;
   p.alibi_off = p.Lk - p.Lq;
+  set_dense_layout(p);
 }
 
 template <typename scalar_t>
