@@ -126,9 +126,10 @@ def floor_for(dtype: torch.dtype, magnitude: float) -> float:
     return max(FLOOR[dtype], torch.finfo(dtype).eps) * max(1.0, magnitude)
 
 
-def check_grads(names, outs, weights_out, inputs, floors):
+def check_grads(names, outs, weights_out, inputs, floors, recompute=1.0):
     """Gradients of sum(out * w) on every leaf, each path against float64 with the rule; floors
-    holds, per leaf, the size of the terms that cancel in that gradient (see callers)."""
+    holds, per leaf, the size of the terms that cancel in that gradient (see callers), and
+    ``recompute`` widens every floor by a fused backward's error in P (see run_sdpa)."""
     grads = {}
     for key in ("out", "low", "f64"):
         loss = sum((o * w.to(o.device, o.dtype)).sum() for o, w in zip(outs[key], weights_out, strict=True))
@@ -140,7 +141,7 @@ def check_grads(names, outs, weights_out, inputs, floors):
         g = torch.zeros_like(inputs.leaves["out"][i]) if g is None else g
         gl = torch.zeros_like(inputs.leaves["low"][i]) if gl is None else gl
         assert torch.isfinite(g).all(), f"grad {name} has non-finite values"
-        floor = floor_for(g.dtype, max(g64.abs().max().item() if g64.numel() else 0.0, floors[i]))
+        floor = recompute * floor_for(g.dtype, max(g64.abs().max().item() if g64.numel() else 0.0, floors[i]))
         assert_close_to_ref(f"grad {name}", g, gl, g64, factor=3.0, floor=floor)
 
 
@@ -345,7 +346,14 @@ def run_sdpa(backend, device, case):
             ins.leaves[key] = [*ins.leaves[key], masks[key]]
         names.append("attn_mask")
         floors.append(dp)
-    check_grads(names, outs, weights_out, ins, floors)
+    # A fused backward recomputes P = exp(S - lse) from the scores and the saved lse, each rounded
+    # to float32 at its own magnitude: P's relative error grows as eps32 * |S|, which the float32
+    # reference (exp(S - max) / sum, no lse) does not pay. Seen: float32, scale 1.6, E=16
+    # (|S| ~ 20): grad value 1.46e-5 against a bound of 1.39e-5 (3 x 7.9e-7 + floor 1.15e-5).
+    key64 = ins.views["f64"][1].detach().repeat_interleave(Hq // Hkv, 1)
+    s_max = s * (ins.views["f64"][0].detach() @ key64.transpose(-1, -2)).abs().max().item()
+    recompute = 1.0 + s_max * torch.finfo(torch.float32).eps / max(FLOOR[dtype], torch.finfo(dtype).eps)
+    check_grads(names, outs, weights_out, ins, floors, recompute)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
