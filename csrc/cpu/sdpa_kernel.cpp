@@ -712,7 +712,9 @@ void forward_block(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, HalfG
 template <typename in_t, bool N>
 void forward_impl(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, HalfGemm path) {
   using T = acc_t<in_t>;
-  // banded attention keeps 64: a taller block widens every row's key range by its height
+  // Banded attention keeps 64 (a taller block widens every row's key range by its height), but
+  // long float32/float64 rows without a left window take 128, where only the diagonal blocks
+  // waste: 4-6% faster causal at L=1024 and 4096 (one thread, interleaved subprocess rounds).
   int64_t block_q = kFwdBlockQ;
   if (!p.band.on()) {
     if (p.Lq >= kFwdLongRows) {
@@ -720,6 +722,8 @@ void forward_impl(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, HalfGe
     } else if (!kHalf<in_t>) {
       block_q = kFwdBlockQMid;
     }
+  } else if (!kHalf<in_t> && p.band.left < 0 && p.Lq >= kFwdLongRows) {
+    block_q = kFwdBlockQMid;
   }
   const int64_t q_blocks = (p.Lq + block_q - 1) / block_q;
   at::parallel_for(0, p.B * p.Hq * q_blocks, 1, [&](int64_t begin, int64_t end) {
