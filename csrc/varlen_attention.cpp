@@ -104,8 +104,8 @@ void run_units(const std::vector<int32_t>& cq, const std::vector<int32_t>& ck, i
   }
   std::stable_sort(units.begin(), units.end(), [](const Unit& a, const Unit& b) { return a.cost > b.cost; });
   std::atomic<int64_t> next{0};
-  // the workers run ATen ops (copies, allocations): with the caller's thread-local state
-  // (inference mode, dispatch key sets), as at::launch does
+  // the workers reach ATen (the kernels' block products go through at::cpu::addmm_out): with
+  // the caller's thread-local state (inference mode, dispatch key sets), as at::launch does
   const at::ThreadLocalState state;
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     const at::ThreadLocalStateGuard guard(state);
