@@ -5,7 +5,8 @@ machine hit every provider alike), medians, every figure a ratio of the same run
 Grid (defaults): dtypes fp32, bf16, fp16; L in {128, 512, 1024, 2048, 4096} with B * L = 8192;
 H = 8; D in {64, 128}; causal and not; forward and forward+backward. Each row also gives the
 attention's GFLOP/s (flash-attention's count: 4 B H L^2 D, halved when causal, x3.5 with the
-backward) as a share of the same dtype's GEMM rate (torch.mm, 2048^3), measured in the same run.
+backward) as a share of the same dtype's GEMM rate (torch.mm, 2048^3), sampled once per repeat of
+each case, interleaved with the providers.
 
 Providers: ``torch`` (the baseline), ``pyattn`` (the cpu backend as it chooses), and with
 ``--paths widen,mkl,amx`` pyattn with its half block-product path forced
@@ -43,13 +44,19 @@ def cpu_isa() -> str:
     return "+".join(n for n in names if n in flags) or platform.machine()
 
 
-def gemm_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 3, clock=time.perf_counter) -> float:
+def gemm_step(dtype: torch.dtype, n: int = 2048):
+    """One torch.mm of n^3 in dtype, warmed up: the GEMM rate's sample."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     torch.mm(a, b)
+    return lambda: torch.mm(a, b)
+
+
+def gemm_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 3, clock=time.perf_counter) -> float:
+    step = gemm_step(dtype, n)
     ts = []
     for _ in range(repeats):
         t0 = clock()
-        torch.mm(a, b)
+        step()
         ts.append(clock() - t0)
     return 2 * n**3 / statistics.median(ts) / 1e9
 
@@ -100,8 +107,9 @@ def grid_rows(dtypes, lengths, dims, modes, causals, paths, repeats, warmup=1, H
     rows = []
     for name in dtypes:
         dt = DTYPES[name]
-        gemm = gemm_gflops(dt, clock=clock)
-        print(f"{name}: torch.mm 2048^3 {gemm:.0f} GFLOP/s", flush=True)
+        print(f"{name}: torch.mm 2048^3 {gemm_gflops(dt, clock=clock):.0f} GFLOP/s", flush=True)
+        # each case's share divides by GEMM samples taken among its own repeats, under its load
+        mm = gemm_step(dt)
         half = dt in (torch.float16, torch.bfloat16)
         forced = [p for p in paths if half and info.half_gemm_available(p, dt)]
         if half:
@@ -124,11 +132,16 @@ def grid_rows(dtypes, lengths, dims, modes, causals, paths, repeats, warmup=1, H
                         for _ in range(warmup):
                             for f in provs.values():
                                 f()
+                        mm_ts = []
                         for _ in range(repeats):
                             for p, f in provs.items():
                                 t0 = clock()
                                 f()
                                 times[p].append(clock() - t0)
+                            t0 = clock()
+                            mm()
+                            mm_ts.append(clock() - t0)
+                        gemm = 2 * 2048**3 / statistics.median(mm_ts) / 1e9
                         flops = 4 * B * H * L * L * D / (2 if causal else 1) * (3.5 if mode != "fwd" else 1)
                         base = statistics.median(times["torch"])
                         for p, ts in times.items():
