@@ -510,3 +510,22 @@ def test_plots_draw_when_a_panel_has_no_memory_reading(tmp_path):
             r["peak_mem_mb"] = 0.0
     paths = report.plot(rows, str(tmp_path))
     assert all(os.path.getsize(p) > 0 for p in paths)
+
+
+def test_profile_step_buckets_every_provider(capsys):
+    """bench/profile_step.py: every provider of the comparison gets its buckets; op names map to
+    their buckets (the fused attention ops to "attention"); a shape that picks nothing is refused."""
+    from pyattn.bench import profile_step
+
+    assert profile_step.bucket("pyattn::varlen_attention_fwd") == "attention"
+    assert profile_step.bucket("aten::addmm") == "linear layers (mm, addmm, bmm)"
+    assert profile_step.bucket("aten::bernoulli_") == "dropout rng"
+    assert profile_step.bucket("aten::relu") == "other"
+    rc = profile_step.main(["--ops", "bert", "--suite", "quick", "--shape", "lengths", "--mode", "train",
+                            "--steps", "1", "--warmup", "0"])  # fmt: skip
+    assert rc == 0
+    out = capsys.readouterr().out
+    for provider in ("pyattn-padded", "pyattn-padding-free"):
+        assert f"  {provider}: " in out
+    assert "attention" in out and "linear layers" in out
+    assert profile_step.main(["--ops", "bert", "--suite", "quick", "--shape", "no such shape"]) == 2
