@@ -17,17 +17,18 @@ import time
 from .cases import build_cases
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m pyattn.bench.interleaved", description=__doc__.split("\n\n")[0]
-    )
+def add_comparison_args(ap: argparse.ArgumentParser, suite: str, mode: str) -> None:
+    """--ops, --suite, --shape and --mode: the arguments that pick one comparison of the registry
+    (this tool's and bench/profile_step.py's)."""
     ap.add_argument("--ops", default="bert", help="comma list of registry ops (bench/cases.py GROUPS)")
-    ap.add_argument("--suite", default="full")
+    ap.add_argument("--suite", default=suite)
     ap.add_argument("--shape", required=True, help="substring of the shape string, e.g. 'B=8 L=512 lengths'")
-    ap.add_argument("--mode", default="fwd")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1)
-    args = ap.parse_args(argv)
+    ap.add_argument("--mode", default=mode)
+
+
+def comparison_cases(args: argparse.Namespace) -> list:
+    """The CPU cases (one per provider) of the comparison the arguments pick; [] after saying why
+    when they pick none or several."""
     cases = [
         c
         for c in build_cases("cpu", args.suite, args.ops.split(","))
@@ -36,6 +37,20 @@ def main(argv: list[str] | None = None) -> int:
     keys = {c.key for c in cases}
     if len(keys) != 1:
         print(f"--shape/--mode must pick one comparison, got {len(keys)}: {sorted(k[2] for k in keys)}")
+        return []
+    return cases
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m pyattn.bench.interleaved", description=__doc__.split("\n\n")[0]
+    )
+    add_comparison_args(ap, suite="full", mode="fwd")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    args = ap.parse_args(argv)
+    cases = comparison_cases(args)
+    if not cases:
         return 2
     steps = {c.provider: c.make() for c in cases}
     for _ in range(args.warmup):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import collections
 
-from .cases import build_cases
+from .interleaved import add_comparison_args, comparison_cases
 
 # (bucket, substrings of the op name, lower case); the first match wins, the rest is "other"
 BUCKETS = (
@@ -40,7 +40,7 @@ def bucket(name: str) -> str:
 
 
 def profile(step, steps: int) -> tuple[float, dict[str, float], list[tuple[str, float]]]:
-    """(ms per step, ms per step by bucket, the ten heaviest ops) of ``steps`` calls of step."""
+    """(ms per step, ms per step by bucket, the five heaviest ops) of ``steps`` calls of step."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -54,27 +54,19 @@ def profile(step, steps: int) -> tuple[float, dict[str, float], list[tuple[str, 
         by[bucket(e.key)] += ms
         ops.append((e.key, ms))
     ops.sort(key=lambda t: -t[1])
-    return sum(by.values()), dict(by), ops[:10]
+    return sum(by.values()), dict(by), ops[:5]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m pyattn.bench.profile_step", description=__doc__.split("\n\n")[0]
     )
-    ap.add_argument("--ops", default="bert", help="comma list of registry ops (bench/cases.py GROUPS)")
-    ap.add_argument("--suite", default="default")
-    ap.add_argument("--shape", required=True, help="substring of the shape string, e.g. 'lengths'")
-    ap.add_argument("--mode", default="train")
+    add_comparison_args(ap, suite="default", mode="train")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
     args = ap.parse_args(argv)
-    cases = [
-        c
-        for c in build_cases("cpu", args.suite, args.ops.split(","))
-        if args.shape in c.shape_str and c.mode == args.mode
-    ]
-    if len({c.key for c in cases}) != 1:
-        print(f"--shape/--mode must pick one comparison, got {len({c.key for c in cases})}")
+    cases = comparison_cases(args)
+    if not cases:
         return 2
     print(f"{cases[0].group} {args.mode} {cases[0].shape_str} {cases[0].dtype} cpu, self CPU time per step")
     for c in cases:
@@ -85,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {c.provider}: {total:.1f} ms")
         for label, ms in sorted(by.items(), key=lambda t: -t[1]):
             print(f"    {label:34s} {ms:8.1f} ms {100 * ms / total:5.1f}%")
-        print("    heaviest ops: " + ", ".join(f"{n} {ms:.1f} ms" for n, ms in top[:5]))
+        print("    heaviest ops: " + ", ".join(f"{n} {ms:.1f} ms" for n, ms in top))
     return 0
 
 

@@ -78,6 +78,7 @@ cpu::FlashParams<T> make_params(const at::Tensor& q, const at::Tensor& k, const 
                     sinks.defined() ? sinks.data_ptr<acc>() : nullptr,
                     alibi.defined() ? alibi.data_ptr<acc>() : nullptr,
                     alibi.defined() && alibi.numel() != p.Hq ? p.Hq : 0);
+  cpu::set_dense_layout(p);  // q, k, v and out are contiguous (B, H, L, D)
   return p;
 }
 

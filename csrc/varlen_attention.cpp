@@ -44,19 +44,22 @@ std::vector<int32_t> seq_bounds(const at::Tensor& cu, int64_t total, const char*
   return out;
 }
 
+bool is_half(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16;
+}
+
 // The kernels' view of a packed (total, H, D) tensor, still indexed (row, head, d) with unit
 // stride on d: the tensor itself for float32/float64 (contiguous, so that the gradients
 // allocated contiguous share its layout), heads-first storage for half inputs (dense rows).
 at::Tensor kernel_view(const at::Tensor& t) {
-  if (t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16) {
-    return t.transpose(0, 1).contiguous().transpose(0, 1);
-  }
+  if (is_half(t.scalar_type())) return t.transpose(0, 1).contiguous().transpose(0, 1);
   return t.contiguous();
 }
 
-// A zero tensor of shape (total, H, D) and dtype dt in the layout kernel_view gives for `like`'s dtype.
+// A zero tensor of shape (total, H, D) with options o, in the layout kernel_view gives inputs
+// of dtype `like`.
 at::Tensor zeros_like_view(int64_t total, int64_t H, int64_t D, at::ScalarType like, const at::TensorOptions& o) {
-  if (like == at::kHalf || like == at::kBFloat16) return at::zeros({H, total, D}, o).transpose(0, 1);
+  if (is_half(like)) return at::zeros({H, total, D}, o).transpose(0, 1);
   return at::zeros({total, H, D}, o);
 }
 
@@ -66,9 +69,10 @@ T* at_row(const at::Tensor& t, int64_t r, int64_t h) {
   return t.data_ptr<T>() + r * t.stride(0) + h * t.stride(1);
 }
 
-// One unit of work: sequence b with kv heads [kv0, kv0 + nkv) and their query heads.
+// One unit of work: sequence b (query rows q0 .. q0 + lq, key rows k0 .. k0 + lk of the packed
+// tensors) with kv heads [kv0, kv0 + nkv) and their query heads [h0, h0 + nh).
 struct Unit {
-  int64_t b, kv0, nkv, cost;
+  int64_t b, q0, lq, k0, lk, kv0, nkv, h0, nh, cost;
 };
 
 // The units of a call and how to run them. Many sequences (or heads) against few threads: one
@@ -80,7 +84,8 @@ struct Unit {
 // itself on a busy machine (B=8, L=128: 20x the serial time). Units of at least `threads` kv
 // heads also keep the backward on its one-pass scheme (see backward() in cpu/sdpa_kernel.cpp).
 template <typename Fn>
-void run_units(const std::vector<int32_t>& cq, const std::vector<int32_t>& ck, int64_t Hkv, Fn&& fn) {
+void run_units(const std::vector<int32_t>& cq, const std::vector<int32_t>& ck, int64_t Hkv, int64_t group,
+               Fn&& fn) {
   const int64_t threads = at::get_num_threads();
   const int64_t B = static_cast<int64_t>(cq.size()) - 1;
   int64_t busy = 0;
@@ -95,7 +100,7 @@ void run_units(const std::vector<int32_t>& cq, const std::vector<int32_t>& ck, i
     if (lq == 0 || lk == 0) continue;
     for (int64_t kv0 = 0; kv0 < Hkv; kv0 += step) {
       const int64_t nkv = std::min(step, Hkv - kv0);
-      units.push_back({b, kv0, nkv, lq * lk * nkv});
+      units.push_back({b, cq[b], lq, ck[b], lk, kv0, nkv, kv0 * group, nkv * group, lq * lk * nkv});
     }
   }
   if (!outer) {
@@ -115,17 +120,11 @@ void run_units(const std::vector<int32_t>& cq, const std::vector<int32_t>& ck, i
   });
 }
 
-// One unit in the packed tensors: heads [h0, h0 + nh) of sequence b (query rows q0 .. q0 + lq,
-// key rows k0 .. k0 + lk), kv heads [kv0, kv0 + nkv).
-struct UnitView {
-  int64_t b, q0, lq, k0, lk, h0, nh, kv0, nkv;
-};
-
 // q, k, v and out: kernel_view layouts, (row, head, d); the lse (Hq, total_q) is laid out alike
 // for every dtype.
 template <typename T>
 cpu::FlashParams<T> seq_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                               const UnitView& u, int64_t max_q, int64_t max_k, double dropout_p, int64_t causal,
+                               const Unit& u, int64_t max_q, int64_t max_k, double dropout_p, int64_t causal,
                                double scale, int64_t seed, int64_t offset, int64_t window_left,
                                int64_t window_right, double softcap, const at::Tensor& sinks,
                                const at::Tensor& alibi) {
@@ -163,7 +162,7 @@ cpu::FlashParams<T> seq_params(const at::Tensor& q, const at::Tensor& k, const a
   cpu::set_variants(p, causal, window_left, window_right, softcap,
                     sinks.defined() ? sinks.data_ptr<acc>() + u.h0 : nullptr,
                     alibi.defined() ? alibi.data_ptr<acc>() + a_row + u.h0 : nullptr, 0);
-  // the packed layout (after set_variants, which sets the dense one)
+  // the packed layout
   p.q_hs = q.stride(1);
   p.q_rs = q.stride(0);
   p.k_hs = k.stride(1);
@@ -176,18 +175,13 @@ cpu::FlashParams<T> seq_params(const at::Tensor& q, const at::Tensor& k, const a
   return p;
 }
 
-UnitView unit_view(const Unit& u, const std::vector<int32_t>& cq, const std::vector<int32_t>& ck, int64_t group) {
-  return {u.b, cq[u.b], cq[u.b + 1] - cq[u.b], ck[u.b], ck[u.b + 1] - ck[u.b], u.kv0 * group, u.nkv * group,
-          u.kv0, u.nkv};
-}
-
 // The dtypes of the CPU sdpa kernels (csrc/cpu/sdpa_kernel.h): float16/bfloat16 inputs with
 // float32 statistics and accumulators (lse, Delta, the gradient blocks), outputs rounded once.
 #define PYATTN_VARLEN_DISPATCH(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 at::ScalarType acc_dtype_of(at::ScalarType t) {
-  return t == at::kHalf || t == at::kBFloat16 ? at::kFloat : t;
+  return is_half(t) ? at::kFloat : t;
 }
 
 void check_lengths(const std::vector<int32_t>& cq, const std::vector<int32_t>& ck, int64_t max_q, int64_t max_k) {
@@ -217,15 +211,14 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cpu(
   const auto ck = seq_bounds(cu_seqlens_k, key.size(0), "cu_seqlens_k");
   check_lengths(cq, ck, max_seqlen_q, max_seqlen_k);
   const int64_t total_q = query.size(0), Hq = query.size(1), Hkv = key.size(1), Dv = value.size(2);
-  const auto acc_opts = query.options().dtype(acc_dtype_of(query.scalar_type()));
+  const auto acc_opts = query.options().dtype(acc_t0);
   // rows with no key keep output 0 and lse +inf (zero gradients in the backward)
   at::Tensor lse = at::full({Hq, total_q}, std::numeric_limits<double>::infinity(), acc_opts);
   if (Hq == 0 || Dv == 0) return {at::zeros({total_q, Hq, Dv}, query.options()), lse};
   const at::Tensor q = kernel_view(query), k = kernel_view(key), v = kernel_view(value);
   const at::Tensor out = zeros_like_view(total_q, Hq, Dv, query.scalar_type(), query.options());
   const int64_t group = Hq / Hkv;
-  run_units(cq, ck, Hkv, [&](const Unit& unit) {
-    const UnitView u = unit_view(unit, cq, ck, group);
+  run_units(cq, ck, Hkv, group, [&](const Unit& u) {
     PYATTN_VARLEN_DISPATCH(q.scalar_type(), "varlen_attention_fwd_cpu", [&] {
       const auto p = seq_params<scalar_t>(q, k, v, out, u, max_seqlen_q, max_seqlen_k, dropout_p, causal, scale,
                                           seed, offset, window_left, window_right, softcap, sinks, alibi);
@@ -271,8 +264,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
   const at::Tensor dq = zeros_like_view(total_q, Hq, D, dt, ga), dk = zeros_like_view(total_k, Hkv, D, dt, ga),
                    dv = zeros_like_view(total_k, Hkv, Dv, dt, ga);
   const int64_t group = Hq / Hkv;
-  run_units(cq, ck, Hkv, [&](const Unit& unit) {
-    const UnitView u = unit_view(unit, cq, ck, group);
+  run_units(cq, ck, Hkv, group, [&](const Unit& u) {
     PYATTN_VARLEN_DISPATCH(dt, "varlen_attention_bwd_cpu", [&] {
       const auto p = seq_params<scalar_t>(q, k, v, gv, u, max_seqlen_q, max_seqlen_k, dropout_p, causal, scale,
                                           seed, offset, window_left, window_right, softcap, at::Tensor(), alibi);

@@ -240,6 +240,10 @@ inline __m512 exp_f32(__m512 d) {
 // exp_sub_sum and exp_sub for float32 on AVX512, with exp_f32 (the template versions above
 // serve float64 and the other builds). A row's tail goes through masked loads: its missing
 // lanes read -inf, whose weight is 0.
+inline __mmask16 lanes_left(int64_t k) {
+  return k >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << k) - 1u);
+}
+
 inline float exp_sub_sum(float* s, float ref, int64_t n) {
   const __m512 vref = _mm512_set1_ps(ref), ninf = _mm512_set1_ps(neg_inf<float>());
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
@@ -253,7 +257,7 @@ inline float exp_sub_sum(float* s, float ref, int64_t n) {
     acc1 = _mm512_add_ps(acc1, e1);
   }
   for (; c < n; c += 16) {
-    const __mmask16 m = n - c >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (n - c)) - 1u);
+    const __mmask16 m = lanes_left(n - c);
     const __m512 e = exp_f32(_mm512_sub_ps(_mm512_mask_loadu_ps(ninf, m, s + c), vref));
     _mm512_mask_storeu_ps(s + c, m, e);
     acc0 = _mm512_add_ps(acc0, e);
@@ -268,7 +272,7 @@ inline void exp_sub(float* s, float ref, int64_t n) {
   }
   const __m512 vref = _mm512_set1_ps(ref), ninf = _mm512_set1_ps(neg_inf<float>());
   for (int64_t c = 0; c < n; c += 16) {
-    const __mmask16 m = n - c >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (n - c)) - 1u);
+    const __mmask16 m = lanes_left(n - c);
     _mm512_mask_storeu_ps(s + c, m, exp_f32(_mm512_sub_ps(_mm512_mask_loadu_ps(ninf, m, s + c), vref)));
   }
 }
@@ -412,7 +416,8 @@ inline float exp_sum_round(const float* s, float in_scale, float ref, int64_t n,
 }
 
 // exp_sub_sum / exp_sub for float32 scores, on AVX512 with exp2_poly (about ten instructions a
-// vector where Sleef's 1-ulp exp takes about thirty), else ATen's exp: for the widened half path.
+// vector where Sleef's 1-ulp exp takes about thirty; the tail through exp_f32), else ATen's exp:
+// for the widened half path.
 inline float exp_sub_sum_fast(float* s, float ref, int64_t n) {
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512 va = _mm512_set1_ps(kLog2e), vb = _mm512_set1_ps(ref * kLog2e);
@@ -447,10 +452,10 @@ inline void exp_sub_fast(float* s, float ref, int64_t n) {
 #endif
 }
 
-// The softmax exp of a row of acc_t scores: the fast one where the weights meet half inputs
-// (the widened half path: the output is rounded to 8 or 11 bits of mantissa), ATen's 1-ulp exp for
-// float32 and float64 inputs (exp2_poly's 2.7e-6 put a float32 gradient past the test rule's 3x
-// the float32 reference's error).
+// The softmax exp of a row of acc_t scores: exp2_poly where the weights meet half inputs (the
+// widened half path: the output is rounded to 8 or 11 bits of mantissa); for float32 inputs
+// exp_f32 on AVX512 (exp2_poly's 2.7e-6 put a float32 gradient past the test rule's 3x the
+// float32 reference's error), ATen's 1-ulp exp in the other builds and for float64.
 template <typename in_t, typename T = acc_t<in_t>>
 inline T row_exp_sum(T* s, T ref, int64_t n) {
   if constexpr (kHalf<in_t>) {
@@ -967,10 +972,12 @@ void backward_key_block(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a,
   const int64_t D = p.D, Dv = p.Dv, Lq = p.Lq, Lk = p.Lk;
   const int64_t group = p.Hq / p.Hkv;
   const int64_t n = std::min(kBwdBlockK, Lk - j0);
-  const auto* Kb = operand<in_t, N>(p.k + (b * p.Hkv + kvh) * p.k_hs + j0 * p.k_rs, n * D, w.K.data());
-  const auto* Vb = operand<in_t, N>(p.v + (b * p.Hkv + kvh) * p.v_hs + j0 * p.v_rs, n * Dv, w.V.data());
-  T* dK = a.dk + (b * p.Hkv + kvh) * p.k_hs + j0 * p.k_rs;
-  T* dV = a.dv + (b * p.Hkv + kvh) * p.v_hs + j0 * p.v_rs;
+  const int64_t k_off = (b * p.Hkv + kvh) * p.k_hs + j0 * p.k_rs;
+  const int64_t v_off = (b * p.Hkv + kvh) * p.v_hs + j0 * p.v_rs;
+  const auto* Kb = operand<in_t, N>(p.k + k_off, n * D, w.K.data());
+  const auto* Vb = operand<in_t, N>(p.v + v_off, n * Dv, w.V.data());
+  T* dK = a.dk + k_off;  // the gradients share their input's layout
+  T* dV = a.dv + v_off;
   for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
     const int64_t bh = b * p.Hq + h;
     // Causal and window: only the queries whose band meets this key block
@@ -1036,9 +1043,10 @@ void backward_impl(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a, Half
   const bool split = key_blocks > 1 && 3 * pairs < 2 * rounds * threads;
   auto run = [&](int64_t tasks, auto&& body) {
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-      Work<in_t> w(kBwdBlockQ<in_t> * kBwdBlockK, kBwdBlockQ<in_t> * kBwdBlockK, kBwdBlockK, kHalf<in_t> && !N,
-                   N, kBwdBlockQ<in_t> * p.D, kBwdBlockQ<in_t> * p.Dv, kBwdBlockK * p.D, kBwdBlockK * p.Dv, 0);
-      if (p.softcap > acc_t<in_t>(0)) w.G.resize(kBwdBlockQ<in_t> * kBwdBlockK);
+      constexpr int64_t bq = kBwdBlockQ<in_t>;
+      Work<in_t> w(bq * kBwdBlockK, bq * kBwdBlockK, kBwdBlockK, kHalf<in_t> && !N, N, bq * p.D,
+                   bq * p.Dv, kBwdBlockK * p.D, kBwdBlockK * p.Dv, 0);
+      if (p.softcap > acc_t<in_t>(0)) w.G.resize(bq * kBwdBlockK);
       for (int64_t t = begin; t < end; ++t) body(t, w);
     });
   };
@@ -1057,8 +1065,8 @@ void backward_impl(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a, Half
   const int64_t q_blocks = (p.Lq + kBwdBlockQ<in_t> - 1) / kBwdBlockQ<in_t>;
   run(p.B * p.Hq * q_blocks, [&](int64_t t, Work<in_t>& w) {
     const int64_t bh = t / q_blocks;
-    backward_query_block<in_t, N>(p, a, path, bh / p.Hq, bh % p.Hq, (t % q_blocks) * kBwdBlockQ<in_t>,
-                                  w);
+    backward_query_block<in_t, N>(p, a, path, bh / p.Hq, bh % p.Hq,
+                                  (t % q_blocks) * kBwdBlockQ<in_t>, w);
   });
 }
 

@@ -143,7 +143,7 @@ void set_dense_layout(FlashParams<scalar_t>& p) {
 }
 
 // Sets p's variant fields once its shapes and causal_off are set (variants off: null pointers,
-// window (-1, -1), softcap 0), and the dense layout (a caller with another sets it after).
+// window (-1, -1), softcap 0).
 template <typename scalar_t>
 void set_variants(FlashParams<scalar_t>& p, int64_t causal, int64_t window_left, int64_t window_right,
                   double softcap, const acc_t<scalar_t>* sinks, const acc_t<scalar_t>* alibi,
@@ -155,7 +155,6 @@ void set_variants(FlashParams<scalar_t>& p, int64_t causal, int64_t window_left,
   p.alibi = alibi;
   p.alibi_bstride = alibi_bstride;
   p.alibi_off = p.Lk - p.Lq;
-  set_dense_layout(p);
 }
 
 template <typename scalar_t>
