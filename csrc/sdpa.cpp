@@ -141,21 +141,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_bwd_cpu(
   const at::ScalarType acc_dtype = acc_type(q.scalar_type());
   const auto l = lse.to(acc_dtype).contiguous();
   const at::Tensor mask = mask_view(attn_mask, q, k);
-  // Delta_i = dO_i . O_i in the accumulation type (float32 rows of length Dv: a short dot
-  // product; half inputs are widened first, so only O's one rounding enters it).
-  const at::Tensor delta = (dO.to(acc_dtype) * out.to(acc_dtype)).sum(-1).contiguous();
-
-  // Gradients accumulate in acc_dtype (float32 for half inputs) and are rounded once.
+  const auto dtype = q.scalar_type();
   const auto acc_opts = q.options().dtype(acc_dtype);
+  if (q.size(0) * q.size(1) * q.size(2) == 0 || k.size(2) == 0) {
+    return {at::zeros(q.sizes(), q.options()), at::zeros(k.sizes(), k.options()),
+            at::zeros(v.sizes(), v.options())};
+  }
+  if (at::isReducedFloatingType(dtype)) {
+    // Half inputs: the kernel computes Delta from out and writes the rounded gradients itself,
+    // from per-task float32 blocks (cpu::FlashBwdArgs::dq_out): no float32 gradient tensors.
+    const auto o = out.contiguous();
+    at::Tensor dq = at::empty(q.sizes(), q.options());
+    at::Tensor dk = at::empty(k.sizes(), k.options());
+    at::Tensor dv = at::empty(v.sizes(), v.options());
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(dtype, "sdpa_bwd_cpu", [&] {
+      using acc = cpu::acc_t<scalar_t>;
+      const auto p =
+          make_params<scalar_t>(q, k, v, mask, dropout_p, causal, scale, seed, offset, window_left,
+                                window_right, softcap, at::Tensor(), alibi);
+      cpu::FlashBwdArgs<scalar_t> a{dO.data_ptr<scalar_t>(), l.data_ptr<acc>(), nullptr,
+                                    nullptr, nullptr, nullptr};
+      a.dq_out = dq.data_ptr<scalar_t>();
+      a.dk_out = dk.data_ptr<scalar_t>();
+      a.dv_out = dv.data_ptr<scalar_t>();
+      a.out = o.data_ptr<scalar_t>();
+      PYATTN_CPU_DISPATCH(sdpa_bwd_kernel, p, a);
+    });
+    return {dq, dk, dv};
+  }
+  // Delta_i = dO_i . O_i in the accumulation type.
+  const at::Tensor delta = (dO.to(acc_dtype) * out.to(acc_dtype)).sum(-1).contiguous();
+  // float32 / float64 gradients accumulate in place.
   at::Tensor dq = at::zeros(q.sizes(), acc_opts);
   at::Tensor dk = at::zeros(k.sizes(), acc_opts);
   at::Tensor dv = at::zeros(v.sizes(), acc_opts);
-  const auto dtype = q.scalar_type();
-  if (q.size(0) * q.size(1) * q.size(2) == 0 || k.size(2) == 0) {
-    return {dq.to(dtype), dk.to(dtype), dv.to(dtype)};
-  }
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "sdpa_bwd_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(dtype, "sdpa_bwd_cpu", [&] {
     using acc = cpu::acc_t<scalar_t>;
     const auto p =
         make_params<scalar_t>(q, k, v, mask, dropout_p, causal, scale, seed, offset, window_left,
@@ -165,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_bwd_cpu(
                                         dk.data_ptr<acc>(), dv.data_ptr<acc>()};
     PYATTN_CPU_DISPATCH(sdpa_bwd_kernel, p, a);
   });
-  return {dq.to(dtype), dk.to(dtype), dv.to(dtype)};
+  return {dq, dk, dv};
 }
 
 }  // namespace pyattn

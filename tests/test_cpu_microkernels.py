@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_close_to_ref, assert_grads_close, f32_accumulation_baseline
 from test_half_cpu import run_sdpa_case
 
 import pyattn
-from pyattn import info
+from pyattn import info, reference
 
 PATHS = ["widen", "mkl", "amx"]
 DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
@@ -137,3 +138,52 @@ def test_auto_picks_an_available_path(monkeypatch):
         assert info.half_gemm_path(torch.bfloat16, forward=True) == "amx"
         assert info.half_gemm_path(torch.bfloat16) == "mkl"
     assert "bfloat16: " in info.half_cpu_paths("AVX512")
+
+
+def _jumping_scores(dtype, Lq, Lk, D, jumps):
+    """q, k, v whose scores rise by about ``rise`` (natural-log units, after the softmax scale)
+    at key ``start`` for each (start, rise) in jumps: a later key block far above the first one
+    the rows see, which makes the native half forward move its reference mid-row
+    (softmax_row_lazy; a rise under kLazyMargin = 8 keeps the old reference)."""
+    q = torch.randn(1, 2, Lq, D) / 2
+    q[..., 0] = 1.0  # every query has a unit component along the first axis
+    k = torch.randn(1, 2, Lk, D)
+    for start, rise in jumps:
+        k[:, :, start:, 0] += rise * D**0.5  # `rise` more score after the 1 / sqrt(D) scale
+    v = torch.randn(1, 2, Lk, D)
+    return [t.to(dtype).requires_grad_() for t in (q, k, v)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "jumps, causal, window",
+    [
+        ([(600, 12.0)], False, (-1, -1)),  # past kLazyMargin in the second key block: a redo
+        ([(600, 5.0), (1100, 6.0)], False, (-1, -1)),  # under it twice: the old reference holds
+        ([(600, 30.0)], True, (-1, -1)),  # causal: the rows past 600 redo on their diagonal block
+        ([(700, 20.0)], False, (400, 0)),  # sliding window: rows' runs start mid-block
+        ([(600, 100.0)], False, (-1, -1)),  # e^100 overflows float32: only a redo gets it right
+    ],
+    ids=["redo", "keep", "causal", "window", "overflow"],
+)
+def test_forward_reference_moves_with_later_blocks(half_path, dtype, jumps, causal, window):
+    q, k, v = _jumping_scores(dtype, 700, 1300, 64, jumps)
+    kw = dict(is_causal=causal, window_size=window)
+    out = pyattn.scaled_dot_product_attention(q, k, v, backend="cpu", **kw)
+    g = torch.randn(out.shape)
+    # The value gradient P^T dO reads P recomputed from the forward's lse, which checks the lse
+    # the moved reference leaves. dQ and dK are not compared: the keys' large shared component
+    # (rise * sqrt(D) along one axis) cancels in them (the rows of dS sum to 0), so any kernel
+    # that rounds dS, torch's among them, is off there by far more than the float32 baseline.
+    (grad_v,) = torch.autograd.grad(out, (v,), g.to(dtype))
+
+    def ref(q, k, v):
+        return reference.scaled_dot_product_attention(q, k, v, **kw)
+
+    ins64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out64 = ref(*ins64)
+    (grad_v64,) = torch.autograd.grad(out64, (ins64[2],), g.double())
+    base, base_grads = f32_accumulation_baseline(ref, [q, k, v], grad_out=g)
+    assert torch.isfinite(out).all()
+    assert_close_to_ref("out", out, base, out64)
+    assert_grads_close(["value"], [grad_v], base_grads[2:], [grad_v64])

@@ -342,20 +342,29 @@ inline __m512 weights16(const float* s, __m512 a, __m512 b) {
 // ops (it flushes float32 denormals to zero: weights below 1e-38 of the row's largest become 0).
 // Compiled for that extension alone and called only where cpu_has_bf16_convert(): the AVX512
 // build's other code must run on every AVX512 CPU.
+template <bool kMax>
 __attribute__((target("avx512bf16"))) float weights_bf16_hw(const float* s, float a, float b,
                                                             int64_t n, c10::BFloat16* p,
-                                                            int64_t* done) {
+                                                            int64_t* done, float* raw_max) {
   const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b);
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  __m512 mx0 = _mm512_set1_ps(neg_inf<float>()), mx1 = mx0;
   int64_t c = 0;
   for (; c + 32 <= n; c += 32) {
-    const __m512 lo = weights16(s + c, va, vb), hi = weights16(s + c + 16, va, vb);
+    const __m512 x0 = _mm512_loadu_ps(s + c), x1 = _mm512_loadu_ps(s + c + 16);
+    if constexpr (kMax) {
+      mx0 = _mm512_max_ps(mx0, x0);
+      mx1 = _mm512_max_ps(mx1, x1);
+    }
+    const __m512 lo = exp2_poly(_mm512_fmsub_ps(x0, va, vb));
+    const __m512 hi = exp2_poly(_mm512_fmsub_ps(x1, va, vb));
     acc0 = _mm512_add_ps(acc0, lo);
     acc1 = _mm512_add_ps(acc1, hi);
     const __m512bh r = _mm512_cvtne2ps_pbh(hi, lo);
     _mm512_storeu_si512(reinterpret_cast<void*>(p + c), reinterpret_cast<const __m512i&>(r));
   }
   *done = c;
+  if constexpr (kMax) *raw_max = _mm512_reduce_max_ps(_mm512_max_ps(mx0, mx1));
   return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
 
@@ -367,51 +376,67 @@ inline bool cpu_has_bf16_convert() {
 
 // The native half path's softmax pass: P = exp(s * in_scale - ref) rounded to the half dtype
 // into p (the float32 row is not kept); returns the float32 sum, taken before rounding as torch
-// does (in_scale: 1 for scores already scaled, else the softmax scale, folded in here). The AVX512
-// build uses exp2_poly, the others ATen's exp_u20 (both a few ulp of float32, far below the half
-// rounding that follows; torch's CPU flash kernel uses exp_u20).
+// does (in_scale: 1 for scores already scaled, else the softmax scale, folded in here). With
+// raw_max, the same pass also finds the largest of the n scores as read (before in_scale; NaN
+// need not win: a NaN score makes the sum NaN anyway). The AVX512 build uses exp2_poly, the
+// others ATen's exp_u20 (both a few ulp of float32, far below the half rounding that follows;
+// torch's CPU flash kernel uses exp_u20).
 template <typename in_t>
-inline float exp_sum_round(const float* s, float in_scale, float ref, int64_t n, in_t* p) {
+inline float exp_sum_round(const float* s, float in_scale, float ref, int64_t n, in_t* p,
+                           float* raw_max = nullptr) {
   int64_t c = 0;
-  float sum = 0.0f;
+  float sum = 0.0f, mx = neg_inf<float>();
 #if defined(CPU_CAPABILITY_AVX512)
   const float a = in_scale * kLog2e, b = ref * kLog2e;
   if constexpr (std::is_same_v<in_t, c10::BFloat16>) {
-    if (cpu_has_bf16_convert()) sum = weights_bf16_hw(s, a, b, n, p, &c);
+    if (cpu_has_bf16_convert()) {
+      sum = raw_max != nullptr ? weights_bf16_hw<true>(s, a, b, n, p, &c, &mx)
+                               : weights_bf16_hw<false>(s, a, b, n, p, &c, nullptr);
+    }
   }
   {
     using V = Vec<float>;
     const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b);
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    __m512 mx0 = _mm512_set1_ps(mx);
     for (; c + 32 <= n; c += 32) {
+      if (raw_max != nullptr) {
+        mx0 = _mm512_max_ps(mx0, _mm512_max_ps(_mm512_loadu_ps(s + c), _mm512_loadu_ps(s + c + 16)));
+      }
       const __m512 lo = weights16(s + c, va, vb), hi = weights16(s + c + 16, va, vb);
       acc0 = _mm512_add_ps(acc0, lo);
       acc1 = _mm512_add_ps(acc1, hi);
       at::vec::convert_from_float<in_t>(V(lo), V(hi)).store(p + c);
     }
     sum += _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+    mx = _mm512_reduce_max_ps(mx0);
   }
 #else
   {
     using V = Vec<float>;
     constexpr int64_t W = Vec<in_t>::size();  // two float vectors
     const V vref(ref), vs(in_scale);
-    V acc0(0.0f), acc1(0.0f);
+    V acc0(0.0f), acc1(0.0f), mx0(mx);
     for (; c + W <= n; c += W) {
-      const V lo = (V::loadu(s + c) * vs - vref).exp_u20();
-      const V hi = (V::loadu(s + c + V::size()) * vs - vref).exp_u20();
+      const V x0 = V::loadu(s + c), x1 = V::loadu(s + c + V::size());
+      if (raw_max != nullptr) mx0 = at::vec::maximum(mx0, at::vec::maximum(x0, x1));
+      const V lo = (x0 * vs - vref).exp_u20();
+      const V hi = (x1 * vs - vref).exp_u20();
       acc0 = acc0 + lo;
       acc1 = acc1 + hi;
       at::vec::convert_from_float<in_t>(lo, hi).store(p + c);
     }
     sum = at::vec::vec_reduce_all<float>([](V& x, V& y) { return x + y; }, acc0 + acc1);
+    mx = at::vec::vec_reduce_all<float>([](V& x, V& y) { return at::vec::maximum(x, y); }, mx0);
   }
 #endif
   for (; c < n; ++c) {
     const float e = flash::exp_(s[c] * in_scale - ref);
     sum += e;
+    mx = std::max(mx, s[c]);
     p[c] = static_cast<in_t>(e);
   }
+  if (raw_max != nullptr) *raw_max = mx;
   return sum;
 }
 
@@ -564,8 +589,65 @@ inline void round_block(const float* src, in_t* dst, int64_t n) {
   if constexpr (kHalf<in_t>) store_scaled(src, 1.0f, dst, n);
 }
 
+// How far (in natural-log units) a key block's largest score may rise above a row's running
+// max before the native half path moves the reference (softmax_row_lazy): the weights then stay
+// below e^8 (about 3000), which float32 sums and bfloat16 / float16 weights hold at full relative
+// precision, and the output and lse come out the same (lse = m + log l for any reference m).
+constexpr float kLazyMargin = 8.0f;
+
+// The native half path's row pass where nothing but the band (causal, window) comes between the
+// product and the softmax: the allowed keys of the row are one run [lo, hi) of the block (the
+// rest of prow gets zeros, no masking pass), its weights are taken against the row's running max
+// as it stands, and the same pass finds the block's largest score. Only when that score is more
+// than kLazyMargin above the reference does the row move its max (rescaling its sum and
+// accumulator) and redo the pass. The first block a row sees takes a max pass first. Where the
+// row max rarely moves after the first key block, this saves the max pass and the accumulator
+// rescale of every later block. The scores come unscaled from the product: the max of the raw
+// scores gives the scaled max (scale > 0 and rounding is monotonic: fl(scale max s) =
+// max fl(scale s)), and the exp pass folds the scale in. Returns whether the row has any weight
+// in this block.
+template <typename in_t>
+inline bool softmax_row_lazy(const FlashParams<in_t>& p, int64_t i, int64_t j0, int64_t n,
+                             bool banded, const float* s, in_t* prow,
+                             flash::RowSoftmax<float>& sm, float* acc_row) {
+  int64_t lo = 0, hi = n;
+  if (banded) {
+    lo = std::max<int64_t>(0, std::min<int64_t>(n, p.band.lo(i) - j0));
+    hi = std::max<int64_t>(0, std::min<int64_t>(n, p.band.hi(i) - j0));
+  }
+  if (hi <= lo) {
+    std::fill(prow, prow + n, in_t(0));
+    return false;
+  }
+  std::fill(prow, prow + lo, in_t(0));
+  std::fill(prow + hi, prow + n, in_t(0));
+  const float* sr = s + lo;
+  in_t* pr = prow + lo;
+  const int64_t len = hi - lo;
+  const float scale = static_cast<float>(p.scale);
+  if (sm.m == neg_inf<float>()) {
+    sm.rescale(scale * row_max(sr, len));  // l and the accumulator are still 0
+    if (sm.m == neg_inf<float>()) {        // every score -inf (infinite inputs): no weight
+      std::fill(pr, pr + len, in_t(0));
+      return false;
+    }
+    sm.l += exp_sum_round(sr, scale, sm.m, len, pr);
+    return true;
+  }
+  float raw = 0.0f;
+  float sum = exp_sum_round(sr, scale, sm.m, len, pr, &raw);
+  const float mx = scale * raw;
+  if (!(mx <= sm.m + kLazyMargin)) {  // far above the reference, or NaN
+    const float alpha = sm.rescale(mx);
+    if (alpha != 1.0f) scale_row(acc_row, alpha, p.Dv);
+    sum = exp_sum_round(sr, scale, sm.m, len, pr);
+  }
+  sm.l += sum;
+  return true;
+}
+
 // One row of a forward tile: the scores s (n keys from j0 of query i) are scaled (native half
-// path), modded, masked and turned into the block's weights: exp(s - m) in place (N = false) or
+// path; softmax_row_lazy where only the band applies), modded, masked and turned into the block's weights: exp(s - m) in place (N = false) or
 // rounded to the half dtype into prow (N = true); the running sums move to the new max and the
 // row's accumulator acc_row is rescaled. Returns whether the row has an allowed key so far (else
 // its weights are zeros).
@@ -574,16 +656,14 @@ inline bool softmax_row(const FlashParams<in_t>& p, int64_t b, int64_t h, int64_
                         int64_t j0, int64_t n, bool causal_block, bool mods, T* s, in_t* prow, T* Z,
                         flash::RowSoftmax<T>& sm, T* acc_row) {
   const bool dropout = p.dropout_p > 0.0;
-  T mx;
-  // Native half path without a mask, mod or dropout on the row: the max of the raw scores gives
-  // the scaled max (scale > 0: rounding is monotonic, so fl(scale max s) = max fl(scale s)), and
-  // the exp pass folds the scale in: the scaled row is never stored.
-  const bool raw = N && !dropout && p.mask_kind == flash::kNoMask && !causal_block && !mods &&
-                   p.scale > T(0);
   if constexpr (N) {
-    if (raw) {
-      mx = p.scale * row_max(s, n);
-    } else if (p.mask_kind == flash::kNoMask && !causal_block && !mods) {
+    if (!dropout && p.mask_kind == flash::kNoMask && !mods && p.scale > T(0))
+      return softmax_row_lazy(p, i, j0, n, causal_block, s, prow, sm, acc_row);
+  }
+  T mx;
+  if constexpr (N) {
+    // dropout or a scale <= 0 without a mask or mod: one pass scales and finds the max
+    if (p.mask_kind == flash::kNoMask && !causal_block && !mods) {
       mx = scale_max(s, p.scale, n);
     } else {
       scale_row(s, p.scale, n);
@@ -606,7 +686,7 @@ inline bool softmax_row(const FlashParams<in_t>& p, int64_t b, int64_t h, int64_
   const T keep_scale = T(1) / (T(1) - T(p.dropout_p));
   if constexpr (N) {
     if (!dropout) {
-      sm.l += exp_sum_round(s, raw ? p.scale : T(1), sm.m, n, prow);
+      sm.l += exp_sum_round(s, T(1), sm.m, n, prow);
     } else {
       // the softmax sum is taken before dropout: dropout scales normalised weights
       sm.l += row_exp_sum<in_t>(s, sm.m, n);
@@ -749,6 +829,7 @@ void forward_impl(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, HalfGe
 // row passes and the product that reads their rounded weights. 128 measured faster than 16, 32
 // and 64 rows (fewer brgemm calls, each with its kernel lookup) at L = 1024 and 4096, D = 64 and 128.
 constexpr int64_t kAmxRows = 128;
+constexpr int64_t kAmxBlockQCausal = 128;
 
 // Whether the call packs K and V for the AMX forward: each packed element must be read by enough
 // query rows (its kv head's query heads times Lq) to pay for its packing.
@@ -846,7 +927,14 @@ void forward_amx(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o) {
   });
   pk.k = kbuf.get();
   pk.v = vbuf.get();
-  const int64_t block_q = !p.band.on() && p.Lq >= kFwdLongRows ? kFwdBlockQLong : kFwdBlockQ;
+  // Long rows without a band take 256-query blocks; causal ones without a left window 128, where
+  // only the diagonal tiles waste and softmax_row_lazy skips their masked keys: causal at
+  // L = 1024-4096, D = 64 and 128, ran 1.00-1.22x faster than at 64 rows and 1.03-1.12x than at
+  // 256 (one thread, interleaved rounds, AVX512-BF16 + AMX). A left window keeps 64: a taller
+  // block widens every row's key range by its height.
+  int64_t block_q = kFwdBlockQ;
+  if (p.Lq >= kFwdLongRows && !p.band.on()) block_q = kFwdBlockQLong;
+  if (p.Lq >= kFwdLongRows && p.band.on() && p.band.left < 0) block_q = kAmxBlockQCausal;
   const int64_t q_blocks = (p.Lq + block_q - 1) / block_q;
   at::parallel_for(0, p.B * p.Hq * q_blocks, 1, [&](int64_t begin, int64_t end) {
     // Ph: the strip's rounded weights (kAmxRows x (kFwdBlockK + 1)), then Q padded for an odd D
@@ -963,11 +1051,24 @@ inline const op_t<in_t, N>* tile_ds(Work<in_t>& w) {
   }
 }
 
+// Where a task's gradient products accumulate: the caller's acc_t tensors, or (half inputs with
+// FlashBwdArgs::dq_out) the task's float32 blocks, rounded into the outputs once complete.
+template <typename T>
+struct GradDst {
+  T* dq;  // query head g of the task's kv group (g = h - kvh * group) at dq + g * dq_hs
+  int64_t dq_hs, dq_rs;
+  T* dk;  // the key block's rows
+  int64_t dk_rs;
+  T* dv;
+  int64_t dv_rs;
+};
+
 // Key block j0 of kv head (b, kvh), against every query of every query head of its group:
-// dK and dV of the block's keys, and (with_dq) the block's share of dQ.
+// dK and dV of the block's keys into g.dk, g.dv, and (with_dq) the block's share of dQ.
 template <typename in_t, bool N>
 void backward_key_block(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a, HalfGemm path,
-                        int64_t b, int64_t kvh, int64_t j0, bool with_dq, Work<in_t>& w) {
+                        int64_t b, int64_t kvh, int64_t j0, bool with_dq, Work<in_t>& w,
+                        const GradDst<acc_t<in_t>>& g) {
   using T = acc_t<in_t>;
   const int64_t D = p.D, Dv = p.Dv, Lq = p.Lq, Lk = p.Lk;
   const int64_t group = p.Hq / p.Hkv;
@@ -976,8 +1077,6 @@ void backward_key_block(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a,
   const int64_t v_off = (b * p.Hkv + kvh) * p.v_hs + j0 * p.v_rs;
   const auto* Kb = operand<in_t, N>(p.k + k_off, n * D, w.K.data());
   const auto* Vb = operand<in_t, N>(p.v + v_off, n * Dv, w.V.data());
-  T* dK = a.dk + k_off;  // the gradients share their input's layout
-  T* dV = a.dv + v_off;
   for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
     const int64_t bh = b * p.Hq + h;
     // Causal and window: only the queries whose band meets this key block
@@ -991,20 +1090,22 @@ void backward_key_block(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a,
       const auto* P = tile_p<in_t, N>(w);
       const auto* dS = tile_ds<in_t, N>(w);
       // dV += (Z P)^T dO;  dQ += scale dS K;  dK += scale dS^T Q
-      block_gemm(path, true, false, n, Dv, m, T(1), P, n, dO, p.o_rs, T(1), dV, p.v_rs);
+      block_gemm(path, true, false, n, Dv, m, T(1), P, n, dO, p.o_rs, T(1), g.dv, g.dv_rs);
       if (with_dq) {
-        T* dQ = a.dq + bh * p.q_hs + i0 * p.q_rs;
-        block_gemm(path, false, false, m, D, n, ds_alpha<in_t, N>(p), dS, n, Kb, p.k_rs, T(1), dQ, p.q_rs);
+        T* dQ = g.dq + (h - kvh * group) * g.dq_hs + i0 * g.dq_rs;
+        block_gemm(path, false, false, m, D, n, ds_alpha<in_t, N>(p), dS, n, Kb, p.k_rs, T(1), dQ, g.dq_rs);
       }
-      block_gemm(path, true, false, n, D, m, ds_alpha<in_t, N>(p), dS, n, Q, p.q_rs, T(1), dK, p.k_rs);
+      block_gemm(path, true, false, n, D, m, ds_alpha<in_t, N>(p), dS, n, Q, p.q_rs, T(1), g.dk, g.dk_rs);
     }
   }
 }
 
-// dQ of query block i0 of head (b, h), over every key block it sees.
+// dQ of query block i0 of head (b, h), over every key block it sees, into dQ (the block's rows,
+// row stride dq_rs).
 template <typename in_t, bool N>
 void backward_query_block(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a, HalfGemm path,
-                          int64_t b, int64_t h, int64_t i0, Work<in_t>& w) {
+                          int64_t b, int64_t h, int64_t i0, Work<in_t>& w, acc_t<in_t>* dQ,
+                          int64_t dq_rs) {
   using T = acc_t<in_t>;
   const int64_t D = p.D, Dv = p.Dv, Lq = p.Lq, Lk = p.Lk;
   const int64_t kvh = flash::kv_head(h, p.Hq, p.Hkv);
@@ -1014,7 +1115,6 @@ void backward_query_block(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& 
   const int64_t bh = b * p.Hq + h;
   const auto* Q = operand<in_t, N>(p.q + bh * p.q_hs + i0 * p.q_rs, m * D, w.Q.data());
   const auto* dO = operand<in_t, N>(a.grad_out + bh * p.o_hs + i0 * p.o_rs, m * Dv, w.dO.data());
-  T* dQ = a.dq + bh * p.q_hs + i0 * p.q_rs;
   const int64_t key_begin = p.band.on() ? p.band.lo(i0) : 0;
   const int64_t key_end = p.band.on() ? std::max(key_begin, p.band.hi(i0 + m - 1)) : Lk;
   for (int64_t j0 = key_begin; j0 < key_end; j0 += kBwdBlockK) {
@@ -1023,8 +1123,37 @@ void backward_query_block(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& 
     const auto* Vb = operand<in_t, N>(V + j0 * p.v_rs, n * Dv, w.V.data());
     backward_tile<in_t, N>(p, a, path, b, h, i0, m, j0, n, Q, dO, Kb, Vb, w);
     block_gemm(path, false, false, m, D, n, ds_alpha<in_t, N>(p), tile_ds<in_t, N>(w), n, Kb,
-               p.k_rs, T(1), dQ, p.q_rs);
+               p.k_rs, T(1), dQ, dq_rs);
   }
+}
+
+// rows x cols float32 at src (dense) rounded to out (row stride ld); then src is zeroed for the
+// task's next block.
+template <typename in_t>
+inline void round_rows(float* src, int64_t rows, int64_t cols, in_t* out, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) store_scaled(src + r * cols, 1.0f, out + r * ld, cols);
+  std::fill(src, src + rows * cols, 0.0f);
+}
+
+// Delta_i = dO_i . O_i in float32 for every row (FlashBwdArgs::delta left to the kernel), laid
+// out as lse (row i of head bh at bh * l_hs + i).
+template <typename in_t>
+std::vector<float> half_delta(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a) {
+  std::vector<float> delta(p.B * p.Hq * p.l_hs, 0.0f);
+  at::parallel_for(0, p.B * p.Hq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> x(p.Dv), y(p.Dv);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      for (int64_t i = 0; i < p.Lq; ++i) {
+        const int64_t off = bh * p.o_hs + i * p.o_rs;
+        to_acc(a.grad_out + off, x.data(), p.Dv);
+        to_acc(a.out + off, y.data(), p.Dv);
+        delta[bh * p.l_hs + i] = at::vec::map2_reduce_all<float>(
+            [](Vec<float> u, Vec<float> v) { return u * v; },
+            [](Vec<float> u, Vec<float> v) { return u + v; }, x.data(), y.data(), p.Dv);
+      }
+    }
+  });
+  return delta;
 }
 
 // Two schemes, neither with atomics or partial buffers, each with a fixed summation order:
@@ -1033,40 +1162,101 @@ void backward_query_block(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& 
 // - with fewer such tasks than threads (B = 1 with few heads, MQA), one task per (batch, kv head,
 //   key block) for dK and dV, then one per (batch, head, query block) for dQ, which recomputes
 //   S and dP (seven GEMMs per tile) but keeps every thread busy.
+// With half outputs (FlashBwdArgs::dq_out) each task accumulates into its own float32 blocks:
+// a key block's dK and dV (complete when the block is done), its group's dQ (first scheme; the
+// whole rows) or its query block's dQ (second scheme), rounded into the outputs once complete.
 template <typename in_t, bool N>
-void backward_impl(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a, HalfGemm path) {
+void backward_impl(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& args, HalfGemm path) {
+  using T = acc_t<in_t>;
   const int64_t pairs = p.B * p.Hkv;
   const int64_t key_blocks = (p.Lk + kBwdBlockK - 1) / kBwdBlockK;
   const int64_t threads = at::get_num_threads();
   const int64_t rounds = (pairs + threads - 1) / threads;  // of the first scheme
   // the second costs ~1.5x the work, spread over every thread
   const bool split = key_blocks > 1 && 3 * pairs < 2 * rounds * threads;
-  auto run = [&](int64_t tasks, auto&& body) {
+  const int64_t group = p.Hq / p.Hkv;
+  const int64_t D = p.D, Dv = p.Dv;
+  bool direct = false;
+  FlashBwdArgs<in_t> a = args;
+  std::vector<float> delta;
+  if constexpr (kHalf<in_t>) {
+    direct = a.dq_out != nullptr;
+    if (a.delta == nullptr) {
+      delta = half_delta(p, a);
+      a.delta = delta.data();
+    }
+  }
+  // the task's float32 blocks (direct) and the GradDst of a key block / a query block
+  struct Acc {
+    std::vector<T> dq, dk, dv;
+  };
+  auto key_dst = [&](Acc& acc, int64_t b, int64_t kvh, int64_t j0) {
+    if (direct) return GradDst<T>{acc.dq.data(), p.Lq * D, D, acc.dk.data(), D, acc.dv.data(), Dv};
+    const int64_t k_off = (b * p.Hkv + kvh) * p.k_hs + j0 * p.k_rs;
+    const int64_t v_off = (b * p.Hkv + kvh) * p.v_hs + j0 * p.v_rs;
+    return GradDst<T>{a.dq + (b * p.Hq + kvh * group) * p.q_hs, p.q_hs, p.q_rs, a.dk + k_off,
+                      p.k_rs, a.dv + v_off, p.v_rs};
+  };
+  // a direct key block's dK and dV, rounded into the outputs
+  auto flush_key_block = [&](Acc& acc, int64_t b, int64_t kvh, int64_t j0) {
+    if constexpr (kHalf<in_t>) {
+      const int64_t n = std::min(kBwdBlockK, p.Lk - j0);
+      round_rows(acc.dk.data(), n, D, a.dk_out + (b * p.Hkv + kvh) * p.k_hs + j0 * p.k_rs, p.k_rs);
+      round_rows(acc.dv.data(), n, Dv, a.dv_out + (b * p.Hkv + kvh) * p.v_hs + j0 * p.v_rs, p.v_rs);
+    }
+  };
+  auto run = [&](int64_t tasks, int64_t dq_rows, auto&& body) {
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
       constexpr int64_t bq = kBwdBlockQ<in_t>;
       Work<in_t> w(bq * kBwdBlockK, bq * kBwdBlockK, kBwdBlockK, kHalf<in_t> && !N, N, bq * p.D,
                    bq * p.Dv, kBwdBlockK * p.D, kBwdBlockK * p.Dv, 0);
       if (p.softcap > acc_t<in_t>(0)) w.G.resize(bq * kBwdBlockK);
-      for (int64_t t = begin; t < end; ++t) body(t, w);
+      Acc acc;
+      if (direct) {
+        acc.dq.assign(dq_rows * D, T(0));
+        acc.dk.assign(kBwdBlockK * D, T(0));
+        acc.dv.assign(kBwdBlockK * Dv, T(0));
+      }
+      for (int64_t t = begin; t < end; ++t) body(t, w, acc);
     });
   };
   if (!split) {
-    run(pairs, [&](int64_t t, Work<in_t>& w) {
-      for (int64_t j0 = 0; j0 < p.Lk; j0 += kBwdBlockK)
-        backward_key_block<in_t, N>(p, a, path, t / p.Hkv, t % p.Hkv, j0, true, w);
+    run(pairs, group * p.Lq, [&](int64_t t, Work<in_t>& w, Acc& acc) {
+      const int64_t b = t / p.Hkv, kvh = t % p.Hkv;
+      for (int64_t j0 = 0; j0 < p.Lk; j0 += kBwdBlockK) {
+        backward_key_block<in_t, N>(p, a, path, b, kvh, j0, true, w, key_dst(acc, b, kvh, j0));
+        if (direct) flush_key_block(acc, b, kvh, j0);
+      }
+      if constexpr (kHalf<in_t>) {
+        if (direct) {
+          for (int64_t g = 0; g < group; ++g) {
+            const int64_t bh = b * p.Hq + kvh * group + g;
+            round_rows(acc.dq.data() + g * p.Lq * D, p.Lq, D, a.dq_out + bh * p.q_hs, p.q_rs);
+          }
+        }
+      }
     });
     return;
   }
-  run(pairs * key_blocks, [&](int64_t t, Work<in_t>& w) {
-    const int64_t pair = t / key_blocks;
-    backward_key_block<in_t, N>(p, a, path, pair / p.Hkv, pair % p.Hkv,
-                                (t % key_blocks) * kBwdBlockK, false, w);
+  run(pairs * key_blocks, 0, [&](int64_t t, Work<in_t>& w, Acc& acc) {
+    const int64_t pair = t / key_blocks, b = pair / p.Hkv, kvh = pair % p.Hkv;
+    const int64_t j0 = (t % key_blocks) * kBwdBlockK;
+    backward_key_block<in_t, N>(p, a, path, b, kvh, j0, false, w, key_dst(acc, b, kvh, j0));
+    if (direct) flush_key_block(acc, b, kvh, j0);
   });
   const int64_t q_blocks = (p.Lq + kBwdBlockQ<in_t> - 1) / kBwdBlockQ<in_t>;
-  run(p.B * p.Hq * q_blocks, [&](int64_t t, Work<in_t>& w) {
-    const int64_t bh = t / q_blocks;
-    backward_query_block<in_t, N>(p, a, path, bh / p.Hq, bh % p.Hq,
-                                  (t % q_blocks) * kBwdBlockQ<in_t>, w);
+  run(p.B * p.Hq * q_blocks, kBwdBlockQ<in_t>, [&](int64_t t, Work<in_t>& w, Acc& acc) {
+    const int64_t bh = t / q_blocks, i0 = (t % q_blocks) * kBwdBlockQ<in_t>;
+    if (!direct) {
+      backward_query_block<in_t, N>(p, a, path, bh / p.Hq, bh % p.Hq, i0, w,
+                                    a.dq + bh * p.q_hs + i0 * p.q_rs, p.q_rs);
+      return;
+    }
+    if constexpr (kHalf<in_t>) {
+      backward_query_block<in_t, N>(p, a, path, bh / p.Hq, bh % p.Hq, i0, w, acc.dq.data(), D);
+      const int64_t m = std::min(kBwdBlockQ<in_t>, p.Lq - i0);
+      round_rows(acc.dq.data(), m, D, a.dq_out + bh * p.q_hs + i0 * p.q_rs, p.q_rs);
+    }
   });
 }
 

@@ -172,6 +172,14 @@ struct FlashBwdArgs {
   acc_t<scalar_t>* dq;  // (B, Hq, Lq, D), zeroed by the caller
   acc_t<scalar_t>* dk;  // (B, Hkv, Lk, D), zeroed by the caller
   acc_t<scalar_t>* dv;  // (B, Hkv, Lk, Dv), zeroed by the caller
+  // Half inputs may instead take their gradients rounded, written once by the kernel from
+  // per-task float32 blocks (dq, dk, dv then unused; each in its input's layout, not zeroed),
+  // and leave Delta to the kernel (delta null: computed from out, in the output's layout). This
+  // saves the float32 gradient tensors, their rounding pass and Delta's temporaries.
+  scalar_t* dq_out = nullptr;
+  scalar_t* dk_out = nullptr;
+  scalar_t* dv_out = nullptr;
+  const scalar_t* out = nullptr;
 };
 
 #define PYATTN_DECLARE_FLASH_KERNELS(CAP)                                                       \
