@@ -16,6 +16,9 @@
 #include <cpuid.h>
 #endif
 #include <dlfcn.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -314,6 +317,66 @@ bool trivial_gemm(int64_t m, int64_t n, int64_t k, float beta, float* c, int64_t
 // and V (a transpose of 32-bit pairs for K^T, an interleave of row pairs for V), which saves the
 // scratch copy cpublas::pack needs (its input must be a dense (k x nb) block).
 
+// The packings' inner loops on AVX512 (every AMX CPU has it; checked at run time all the same,
+// this file being compiled without -m flags): a 16 x 16 transpose of 32-bit pairs for the keys,
+// a 16-bit interleave of two rows for the values. The scalar loops below do the rest.
+bool cpu_has_avx512bw() {
+#if defined(__x86_64__)
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  return has;
+#else
+  return false;
+#endif
+}
+
+#if defined(__x86_64__)
+// dst row c (stride ld) = column c of the 16 x 16 block of 32-bit words at src (row stride ls).
+__attribute__((target("avx512f"))) void transpose16_u32(const uint32_t* src, int64_t ls,
+                                                        uint32_t* dst, int64_t ld) {
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + i * ls);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+  }
+  for (int i = 0; i < 16; ++i) _mm512_storeu_si512(dst + i * ld, r[i]);
+}
+
+// o[2q] = a[q], o[2q + 1] = b[q] for q < 32 * (n / 32); returns how many q it did.
+__attribute__((target("avx512f,avx512bw"))) int64_t interleave_u16(const uint16_t* a,
+                                                                   const uint16_t* b, int64_t n,
+                                                                   uint16_t* o) {
+  alignas(64) static const uint16_t lo_idx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                  8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static const uint16_t hi_idx[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                                  24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i il = _mm512_load_si512(lo_idx), ih = _mm512_load_si512(hi_idx);
+  int64_t q = 0;
+  for (; q + 32 <= n; q += 32) {
+    const __m512i x = _mm512_loadu_si512(a + q), y = _mm512_loadu_si512(b + q);
+    _mm512_storeu_si512(o + 2 * q, _mm512_permutex2var_epi16(x, il, y));
+    _mm512_storeu_si512(o + 2 * q + 32, _mm512_permutex2var_epi16(x, ih, y));
+  }
+  return q;
+}
+#endif
+
 // K (n rows of D) as the B operand of Q K^T: per strip of kAmxStrip keys, K^T (Dp x nb, a zero
 // row when D is odd) at out + strip * Dp * kAmxStrip.
 template <typename T>
@@ -323,7 +386,17 @@ void amx_pack_keys_impl(const T* k, int64_t n, int64_t D, T* out) {
   for (int64_t j = 0; j < n; j += kAmxStrip) {
     const int64_t nb = std::min<int64_t>(kAmxStrip, n - j), ld = amx_ld(nb);
     uint32_t* dst = reinterpret_cast<uint32_t*>(out + (j / kAmxStrip) * Dp * kAmxStrip);
-    for (int64_t r = 0; r < nb; ++r) {
+    int64_t r = 0;
+#if defined(__x86_64__)
+    // whole 16-key by 16-pair blocks transposed in registers (even D, a multiple of 32)
+    if (Dp == D && pairs % 16 == 0 && cpu_has_avx512bw()) {
+      const uint32_t* src32 = reinterpret_cast<const uint32_t*>(k);
+      for (; r + 16 <= nb; r += 16)
+        for (int64_t t = 0; t < pairs; t += 16)
+          transpose16_u32(src32 + (j + r) * pairs + t, pairs, dst + t * ld + r, ld);
+    }
+#endif
+    for (; r < nb; ++r) {
       const uint16_t* row = src + (j + r) * D;
       if (Dp == D) {
         for (int64_t t = 0; t < pairs; ++t) std::memcpy(dst + t * ld + r, row + 2 * t, 4);
@@ -353,7 +426,11 @@ void amx_pack_values_impl(const T* v, int64_t n, int64_t Dv, T* out) {
       const uint16_t* a = src + r * Dv + c;
       const uint16_t* b = r + 1 < n ? a + Dv : nullptr;
       uint16_t* o = dst + r * ld;
-      for (int64_t q = 0; q < nb; ++q) {
+      int64_t q = 0;
+#if defined(__x86_64__)
+      if (b != nullptr && cpu_has_avx512bw()) q = interleave_u16(a, b, nb, o);
+#endif
+      for (; q < nb; ++q) {
         o[2 * q] = a[q];
         o[2 * q + 1] = b != nullptr ? b[q] : uint16_t(0);
       }

@@ -340,10 +340,10 @@ inline __m512 weights16(const float* s, __m512 a, __m512 b) {
 // exp_sum_round's loop for bfloat16 on CPUs with AVX512-BF16: vcvtne2ps2bf16 rounds 32 floats to
 // nearest-even in one instruction, where at::vec's portable conversion takes about ten integer
 // ops (it flushes float32 denormals to zero: weights below 1e-38 of the row's largest become 0).
-// Compiled for that extension alone and called only where cpu_has_bf16_convert(): the AVX512
-// build's other code must run on every AVX512 CPU.
+// Compiled for that extension (and BW / VL, for the tail's masked 16-bit store) alone and called
+// only where cpu_has_bf16_convert(): the AVX512 build's other code must run on every AVX512 CPU.
 template <bool kMax>
-__attribute__((target("avx512bf16"))) float weights_bf16_hw(const float* s, float a, float b,
+__attribute__((target("avx512bf16,avx512bw,avx512vl"))) float weights_bf16_hw(const float* s, float a, float b,
                                                             int64_t n, c10::BFloat16* p,
                                                             int64_t* done, float* raw_max) {
   const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b);
@@ -363,13 +363,26 @@ __attribute__((target("avx512bf16"))) float weights_bf16_hw(const float* s, floa
     const __m512bh r = _mm512_cvtne2ps_pbh(hi, lo);
     _mm512_storeu_si512(reinterpret_cast<void*>(p + c), reinterpret_cast<const __m512i&>(r));
   }
-  *done = c;
+  // the tail (causal and window rows end anywhere) through masked loads that read -inf, whose
+  // weight is exactly 0 and which leave the max alone
+  const __m512 ninf = _mm512_set1_ps(neg_inf<float>());
+  for (; c < n; c += 16) {
+    const __mmask16 m = lanes_left(n - c);
+    const __m512 x = _mm512_mask_loadu_ps(ninf, m, s + c);
+    if constexpr (kMax) mx0 = _mm512_max_ps(mx0, x);
+    const __m512 e = exp2_poly(_mm512_fmsub_ps(x, va, vb));
+    acc0 = _mm512_add_ps(acc0, e);
+    const __m256bh r = _mm512_cvtneps_pbh(e);
+    _mm256_mask_storeu_epi16(reinterpret_cast<void*>(p + c), m, reinterpret_cast<const __m256i&>(r));
+  }
+  *done = n;
   if constexpr (kMax) *raw_max = _mm512_reduce_max_ps(_mm512_max_ps(mx0, mx1));
   return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
 
 inline bool cpu_has_bf16_convert() {
-  static const bool has = __builtin_cpu_supports("avx512bf16");
+  static const bool has = __builtin_cpu_supports("avx512bf16") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
   return has;
 }
 #endif
@@ -829,7 +842,7 @@ void forward_impl(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, HalfGe
 // row passes and the product that reads their rounded weights. 128 measured faster than 16, 32
 // and 64 rows (fewer brgemm calls, each with its kernel lookup) at L = 1024 and 4096, D = 64 and 128.
 constexpr int64_t kAmxRows = 128;
-constexpr int64_t kAmxBlockQCausal = 128;
+constexpr int64_t kAmxBlockQ = 128;
 
 // Whether the call packs K and V for the AMX forward: each packed element must be read by enough
 // query rows (its kv head's query heads times Lq) to pay for its packing.
@@ -927,14 +940,15 @@ void forward_amx(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o) {
   });
   pk.k = kbuf.get();
   pk.v = vbuf.get();
-  // Long rows without a band take 256-query blocks; causal ones without a left window 128, where
-  // only the diagonal tiles waste and softmax_row_lazy skips their masked keys: causal at
-  // L = 1024-4096, D = 64 and 128, ran 1.00-1.22x faster than at 64 rows and 1.03-1.12x than at
-  // 256 (one thread, interleaved rounds, AVX512-BF16 + AMX). A left window keeps 64: a taller
-  // block widens every row's key range by its height.
-  int64_t block_q = kFwdBlockQ;
-  if (p.Lq >= kFwdLongRows && !p.band.on()) block_q = kFwdBlockQLong;
-  if (p.Lq >= kFwdLongRows && p.band.on() && p.band.left < 0) block_q = kAmxBlockQCausal;
+  // Query blocks: 256 rows for long rows without a band, 64 with a left window (a taller block
+  // widens every row's key range by its height), else 128: causal rows lose only the diagonal
+  // tiles' products (softmax_row_lazy skips their masked keys), and short rows run fewer,
+  // taller products. At L = 128-4096, D = 64 and 128 (one thread, interleaved rounds,
+  // AVX512-BF16 + AMX) 128 ran 1.00-1.22x faster than 64 for causal and for non-causal L <= 512,
+  // and 1.03-1.12x faster than 256 for causal.
+  int64_t block_q = kAmxBlockQ;
+  if (p.band.on() && p.band.left >= 0) block_q = kFwdBlockQ;
+  if (!p.band.on() && p.Lq >= kFwdLongRows) block_q = kFwdBlockQLong;
   const int64_t q_blocks = (p.Lq + block_q - 1) / block_q;
   at::parallel_for(0, p.B * p.Hq * q_blocks, 1, [&](int64_t begin, int64_t end) {
     // Ph: the strip's rounded weights (kAmxRows x (kFwdBlockK + 1)), then Q padded for an odd D
