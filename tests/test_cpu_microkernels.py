@@ -53,6 +53,9 @@ SHAPES = [
     (1, 3, 1, 1, 37, 128, 128),  # one query, MQA, D = 128 (two AMX strips)
     (1, 2, 2, 1025, 1025, 128, 128),  # several forward / backward key blocks, D = 128
     (2, 2, 1, 50, 97, 59, 24),  # Dv != D: every path runs widened there (torch: float32)
+    # 8 (batch, kv head) units of short rows: the AMX forward packs per task (4 units per thread
+    # or more, at up to 2 threads, each under 256 KiB packed); the shapes above pack once per call
+    (4, 4, 2, 200, 300, 64, 64),
 ]
 
 
