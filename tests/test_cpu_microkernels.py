@@ -166,8 +166,10 @@ def _jumping_scores(dtype, Lq, Lk, D, jumps):
         ([(600, 30.0)], True, (-1, -1)),  # causal: the rows past 600 redo on their diagonal block
         ([(700, 20.0)], False, (400, 0)),  # sliding window: rows' runs start mid-block
         ([(600, 100.0)], False, (-1, -1)),  # e^100 overflows float32: only a redo gets it right
+        # within a row's first key block, past the first 64 keys its starting reference comes from
+        ([(100, 100.0)], False, (-1, -1)),
     ],
-    ids=["redo", "keep", "causal", "window", "overflow"],
+    ids=["redo", "keep", "causal", "window", "overflow", "first_block"],
 )
 def test_forward_reference_moves_with_later_blocks(half_path, dtype, jumps, causal, window):
     q, k, v = _jumping_scores(dtype, 700, 1300, 64, jumps)

@@ -607,15 +607,18 @@ inline void round_block(const float* src, in_t* dst, int64_t n) {
 // below e^8 (about 3000), which float32 sums and bfloat16 / float16 weights hold at full relative
 // precision, and the output and lse come out the same (lse = m + log l for any reference m).
 constexpr float kLazyMargin = 8.0f;
+// A row's first key block takes its reference from its first kLazyPrefix keys only (a max pass
+// over 64 of its up to 512 scores), the rest of the block is checked as every later block is.
+constexpr int64_t kLazyPrefix = 64;
 
 // The native half path's row pass where nothing but the band (causal, window) comes between the
 // product and the softmax: the allowed keys of the row are one run [lo, hi) of the block (the
 // rest of prow gets zeros, no masking pass), its weights are taken against the row's running max
 // as it stands, and the same pass finds the block's largest score. Only when that score is more
 // than kLazyMargin above the reference does the row move its max (rescaling its sum and
-// accumulator) and redo the pass. The first block a row sees takes a max pass first. Where the
-// row max rarely moves after the first key block, this saves the max pass and the accumulator
-// rescale of every later block. The scores come unscaled from the product: the max of the raw
+// accumulator) and redo the pass. The first block a row sees takes a max pass over its first
+// kLazyPrefix keys for a starting reference. Where the row max rarely moves far after its first
+// keys, this saves the max pass and the accumulator rescale of nearly every block. The scores come unscaled from the product: the max of the raw
 // scores gives the scaled max (scale > 0 and rounding is monotonic: fl(scale max s) =
 // max fl(scale s)), and the exp pass folds the scale in. Returns whether the row has any weight
 // in this block.
@@ -639,13 +642,18 @@ inline bool softmax_row_lazy(const FlashParams<in_t>& p, int64_t i, int64_t j0, 
   const int64_t len = hi - lo;
   const float scale = static_cast<float>(p.scale);
   if (sm.m == neg_inf<float>()) {
-    sm.rescale(scale * row_max(sr, len));  // l and the accumulator are still 0
-    if (sm.m == neg_inf<float>()) {        // every score -inf (infinite inputs): no weight
+    // The row's first keys: its reference is the max of the first kLazyPrefix of them (l and
+    // the accumulator are still 0), and the pass below moves it if the rest rise far above.
+    sm.rescale(scale * row_max(sr, std::min(len, kLazyPrefix)));
+    if (sm.m == neg_inf<float>()) sm.rescale(scale * row_max(sr, len));
+    if (sm.m == neg_inf<float>()) {  // every score -inf (infinite inputs): no weight
       std::fill(pr, pr + len, in_t(0));
       return false;
     }
-    sm.l += exp_sum_round(sr, scale, sm.m, len, pr);
-    return true;
+    if (len <= kLazyPrefix) {
+      sm.l += exp_sum_round(sr, scale, sm.m, len, pr);
+      return true;
+    }
   }
   float raw = 0.0f;
   float sum = exp_sum_round(sr, scale, sm.m, len, pr, &raw);
