@@ -258,9 +258,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
   const at::Tensor delta = (g.to(acc) * out.to(acc)).sum(-1).t().contiguous();
   const at::Tensor lse_t = lse.to(acc).contiguous();
   const at::Tensor q = kernel_view(query), k = kernel_view(key), v = kernel_view(value), gv = kernel_view(g);
-  // the kernel's gradients are of the accumulation type, in their input's layout, rounded once
-  // at the end; every unit writes rows no other unit writes
-  const auto ga = query.options().dtype(acc);
+  // The gradients in their input's layout; every unit writes rows no other unit writes. float32 /
+  // float64 accumulate in place; half ones are written rounded by the kernel from its own
+  // float32 blocks (cpu::FlashBwdArgs::dq_out). Rows no unit covers stay zero.
+  const auto ga = is_half(dt) ? query.options() : query.options().dtype(acc);
   const at::Tensor dq = zeros_like_view(total_q, Hq, D, dt, ga), dk = zeros_like_view(total_k, Hkv, D, dt, ga),
                    dv = zeros_like_view(total_k, Hkv, Dv, dt, ga);
   const int64_t group = Hq / Hkv;
@@ -270,13 +271,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
                                           seed, offset, window_left, window_right, softcap, at::Tensor(), alibi);
       using acc_t = cpu::acc_t<scalar_t>;
       const int64_t lrow = u.h0 * total_q + u.q0;
-      const cpu::FlashBwdArgs<scalar_t> a{at_row<scalar_t>(gv, u.q0, u.h0), lse_t.data_ptr<acc_t>() + lrow,
-                                          delta.data_ptr<acc_t>() + lrow,   at_row<acc_t>(dq, u.q0, u.h0),
-                                          at_row<acc_t>(dk, u.k0, u.kv0),   at_row<acc_t>(dv, u.k0, u.kv0)};
+      cpu::FlashBwdArgs<scalar_t> a{at_row<scalar_t>(gv, u.q0, u.h0), lse_t.data_ptr<acc_t>() + lrow,
+                                    delta.data_ptr<acc_t>() + lrow, nullptr, nullptr, nullptr};
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        a.dq = at_row<acc_t>(dq, u.q0, u.h0);
+        a.dk = at_row<acc_t>(dk, u.k0, u.kv0);
+        a.dv = at_row<acc_t>(dv, u.k0, u.kv0);
+      } else {
+        a.dq_out = at_row<scalar_t>(dq, u.q0, u.h0);
+        a.dk_out = at_row<scalar_t>(dk, u.k0, u.kv0);
+        a.dv_out = at_row<scalar_t>(dv, u.k0, u.kv0);
+      }
       PYATTN_CPU_DISPATCH(sdpa_bwd_kernel, p, a);
     });
   });
-  // the packed layout and the input dtype, one pass (none for float32/float64)
+  // the packed layout (and the input dtype), one pass (none for float32/float64)
   auto packed = [&](const at::Tensor& t) {
     return t.scalar_type() == dt && t.is_contiguous() ? t : at::empty(t.sizes(), t.options().dtype(dt)).copy_(t);
   };
