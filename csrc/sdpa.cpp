@@ -142,47 +142,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_bwd_cpu(
   const auto l = lse.to(acc_dtype).contiguous();
   const at::Tensor mask = mask_view(attn_mask, q, k);
   const auto dtype = q.scalar_type();
-  const auto acc_opts = q.options().dtype(acc_dtype);
   if (q.size(0) * q.size(1) * q.size(2) == 0 || k.size(2) == 0) {
     return {at::zeros(q.sizes(), q.options()), at::zeros(k.sizes(), k.options()),
             at::zeros(v.sizes(), v.options())};
   }
-  if (at::isReducedFloatingType(dtype)) {
-    // Half inputs: the kernel computes Delta from out and writes the rounded gradients itself,
-    // from per-task float32 blocks (cpu::FlashBwdArgs::dq_out): no float32 gradient tensors.
-    const auto o = out.contiguous();
-    at::Tensor dq = at::empty(q.sizes(), q.options());
-    at::Tensor dk = at::empty(k.sizes(), k.options());
-    at::Tensor dv = at::empty(v.sizes(), v.options());
-    AT_DISPATCH_REDUCED_FLOATING_TYPES(dtype, "sdpa_bwd_cpu", [&] {
-      using acc = cpu::acc_t<scalar_t>;
-      const auto p =
-          make_params<scalar_t>(q, k, v, mask, dropout_p, causal, scale, seed, offset, window_left,
-                                window_right, softcap, at::Tensor(), alibi);
-      cpu::FlashBwdArgs<scalar_t> a{dO.data_ptr<scalar_t>(), l.data_ptr<acc>(), nullptr,
-                                    nullptr, nullptr, nullptr};
-      a.dq_out = dq.data_ptr<scalar_t>();
-      a.dk_out = dk.data_ptr<scalar_t>();
-      a.dv_out = dv.data_ptr<scalar_t>();
-      a.out = o.data_ptr<scalar_t>();
-      PYATTN_CPU_DISPATCH(sdpa_bwd_kernel, p, a);
-    });
-    return {dq, dk, dv};
-  }
-  // Delta_i = dO_i . O_i in the accumulation type.
-  const at::Tensor delta = (dO.to(acc_dtype) * out.to(acc_dtype)).sum(-1).contiguous();
-  // float32 / float64 gradients accumulate in place.
-  at::Tensor dq = at::zeros(q.sizes(), acc_opts);
-  at::Tensor dk = at::zeros(k.sizes(), acc_opts);
-  at::Tensor dv = at::zeros(v.sizes(), acc_opts);
-  AT_DISPATCH_FLOATING_TYPES(dtype, "sdpa_bwd_cpu", [&] {
+  // float32 / float64: Delta_i = dO_i . O_i here, and the gradients accumulate in place. Half
+  // inputs: the kernel computes Delta from out and writes the rounded gradients itself, from
+  // per-task float32 blocks (cpu::FlashBwdArgs::dq_out): no float32 gradient tensors.
+  const bool half = at::isReducedFloatingType(dtype);
+  const at::Tensor o = half ? out.to(dtype).contiguous() : out;
+  const at::Tensor delta =
+      half ? at::Tensor() : (dO.to(acc_dtype) * out.to(acc_dtype)).sum(-1).contiguous();
+  const auto grad_opts = half ? q.options() : q.options().dtype(acc_dtype);
+  at::Tensor dq = half ? at::empty(q.sizes(), grad_opts) : at::zeros(q.sizes(), grad_opts);
+  at::Tensor dk = half ? at::empty(k.sizes(), grad_opts) : at::zeros(k.sizes(), grad_opts);
+  at::Tensor dv = half ? at::empty(v.sizes(), grad_opts) : at::zeros(v.sizes(), grad_opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "sdpa_bwd_cpu", [&] {
     using acc = cpu::acc_t<scalar_t>;
     const auto p =
         make_params<scalar_t>(q, k, v, mask, dropout_p, causal, scale, seed, offset, window_left,
                               window_right, softcap, at::Tensor(), alibi);
-    const cpu::FlashBwdArgs<scalar_t> a{dO.data_ptr<scalar_t>(), l.data_ptr<acc>(),
-                                        delta.data_ptr<acc>(), dq.data_ptr<acc>(),
-                                        dk.data_ptr<acc>(), dv.data_ptr<acc>()};
+    cpu::FlashBwdArgs<scalar_t> a{dO.data_ptr<scalar_t>(), l.data_ptr<acc>(), nullptr,
+                                  nullptr, nullptr, nullptr};
+    if constexpr (std::is_same_v<scalar_t, acc>) {
+      a.delta = delta.data_ptr<acc>();
+      a.dq = dq.data_ptr<acc>();
+      a.dk = dk.data_ptr<acc>();
+      a.dv = dv.data_ptr<acc>();
+    } else {
+      a.out = o.data_ptr<scalar_t>();
+      a.dq_out = dq.data_ptr<scalar_t>();
+      a.dk_out = dk.data_ptr<scalar_t>();
+      a.dv_out = dv.data_ptr<scalar_t>();
+    }
     PYATTN_CPU_DISPATCH(sdpa_bwd_kernel, p, a);
   });
   return {dq, dk, dv};

@@ -285,7 +285,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
       PYATTN_CPU_DISPATCH(sdpa_bwd_kernel, p, a);
     });
   });
-  // the packed layout (and the input dtype), one pass (none for float32/float64)
+  // half gradients back to the packed layout, one pass (none for float32/float64)
   auto packed = [&](const at::Tensor& t) {
     return t.scalar_type() == dt && t.is_contiguous() ? t : at::empty(t.sizes(), t.options().dtype(dt)).copy_(t);
   };

@@ -618,10 +618,10 @@ constexpr int64_t kLazyPrefix = 64;
 // than kLazyMargin above the reference does the row move its max (rescaling its sum and
 // accumulator) and redo the pass. The first block a row sees takes a max pass over its first
 // kLazyPrefix keys for a starting reference. Where the row max rarely moves far after its first
-// keys, this saves the max pass and the accumulator rescale of nearly every block. The scores come unscaled from the product: the max of the raw
-// scores gives the scaled max (scale > 0 and rounding is monotonic: fl(scale max s) =
-// max fl(scale s)), and the exp pass folds the scale in. Returns whether the row has any weight
-// in this block.
+// keys, this saves the max pass and the accumulator rescale of nearly every block. The scores
+// come unscaled from the product: the max of the raw scores gives the scaled max (scale > 0 and
+// rounding is monotonic: fl(scale max s) = max fl(scale s)), and the exp pass folds the scale
+// in. Returns whether the row has any weight in this block.
 template <typename in_t>
 inline bool softmax_row_lazy(const FlashParams<in_t>& p, int64_t i, int64_t j0, int64_t n,
                              bool banded, const float* s, in_t* prow,
@@ -668,8 +668,9 @@ inline bool softmax_row_lazy(const FlashParams<in_t>& p, int64_t i, int64_t j0, 
 }
 
 // One row of a forward tile: the scores s (n keys from j0 of query i) are scaled (native half
-// path; softmax_row_lazy where only the band applies), modded, masked and turned into the block's weights: exp(s - m) in place (N = false) or
-// rounded to the half dtype into prow (N = true); the running sums move to the new max and the
+// path; softmax_row_lazy where only the band applies), modded, masked and turned into the
+// block's weights: exp(s - m) in place (N = false) or rounded to the half dtype into prow
+// (N = true); the running sums move to the new max and the
 // row's accumulator acc_row is rescaled. Returns whether the row has an allowed key so far (else
 // its weights are zeros).
 template <typename in_t, bool N, typename T = acc_t<in_t>>
