@@ -315,21 +315,34 @@ inline float scale_max(float* s, float scale, int64_t n) {
 constexpr float kLog2e = 1.4426950408889634f;
 
 #if defined(CPU_CAPABILITY_AVX512)
-// 2^t for 16 float32 lanes, for the native half path's weights (rounded to 8 bits of mantissa
-// right after): t = n + f with n = round(t), a degree-4 polynomial for 2^f on [-1/2, 1/2] (fitted
-// here for relative error; 2.7e-6 in float32, as ATen's exp_u20), scaled by 2^n with vscalefps.
-// About ten instructions where exp_u20 takes 25: on the AMX path the weights' exp costs as much as
-// the products. Lanes with t < -126 (masked scores' -inf among them) give exactly 0; NaN stays NaN.
+// 2^t for 16 float32 lanes, for the half paths' weights (rounded to 8 or 11 bits of mantissa
+// right after, or meeting rounded operands): t = n + f with n = floor(t), f = t - n in [0, 1) from
+// one vreduceps, 2^f by a polynomial fitted here for relative error on [0, 1], and p * 2^n by
+// vscalefps (which floors its exponent itself). Degree 4: 2.7e-6 in float32 (as ATen's exp_u20),
+// for every weight that takes part in float32 arithmetic after (the backward's P, the widened
+// path, float16). Degree 3: 7.5e-5, 4% of bfloat16's half ulp, for the weights that are rounded
+// to bfloat16 at once and summed (weights_bf16_hw): one FMA less on the pass that costs as much as
+// the AMX products. Lanes with t < -126 (masked scores' -inf among them) give exactly 0, so no
+// denormal reaches the sums; NaN stays NaN. About nine instructions where exp_u20 takes 25.
+template <int kDeg = 4>
 inline __m512 exp2_poly(__m512 t) {
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.009570530615746975f), f,
-                             _mm512_set1_ps(0.055919185280799866f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2402474582195282f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.693121612071991f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999992847442627f));
+  static_assert(kDeg == 3 || kDeg == 4, "exp2_poly: degree 3 or 4");
+  const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 p;
+  if constexpr (kDeg == 4) {
+    p = _mm512_fmadd_ps(_mm512_set1_ps(0.013541007414460182f), f,
+                        _mm512_set1_ps(0.051998406648635864f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24145016074180603f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6930027008056641f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000026226043701f));
+  } else {
+    p = _mm512_fmadd_ps(_mm512_set1_ps(0.07802452892065048f), f,
+                        _mm512_set1_ps(0.22606714069843292f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6958335638046265f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999251961708069f));
+  }
   const __mmask16 zero = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.0f), _CMP_LT_OQ);
-  return _mm512_maskz_scalef_ps(static_cast<__mmask16>(~zero), p, n);
+  return _mm512_maskz_scalef_ps(static_cast<__mmask16>(~zero), p, t);
 }
 
 // 2^(s * a - b) for 16 scores at s (a = scale * log2(e), b = max * log2(e)).
@@ -340,10 +353,11 @@ inline __m512 weights16(const float* s, __m512 a, __m512 b) {
 // exp_sum_round's loop for bfloat16 on CPUs with AVX512-BF16: vcvtne2ps2bf16 rounds 32 floats to
 // nearest-even in one instruction, where at::vec's portable conversion takes about ten integer
 // ops (it flushes float32 denormals to zero: weights below 1e-38 of the row's largest become 0).
-// Compiled for that extension (and BW / VL, for the tail's masked 16-bit store) alone and called
-// only where cpu_has_bf16_convert(): the AVX512 build's other code must run on every AVX512 CPU.
+// Compiled for that extension (and BW / VL, for the tail's masked 16-bit store; DQ, exp2_poly's
+// vreduceps) alone and called only where cpu_has_bf16_convert(): the AVX512 build's other code
+// must run on every AVX512 CPU.
 template <bool kMax>
-__attribute__((target("avx512bf16,avx512bw,avx512vl"))) float weights_bf16_hw(const float* s, float a, float b,
+__attribute__((target("avx512bf16,avx512bw,avx512vl,avx512dq"))) float weights_bf16_hw(const float* s, float a, float b,
                                                             int64_t n, c10::BFloat16* p,
                                                             int64_t* done, float* raw_max) {
   const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b);
@@ -356,8 +370,8 @@ __attribute__((target("avx512bf16,avx512bw,avx512vl"))) float weights_bf16_hw(co
       mx0 = _mm512_max_ps(mx0, x0);
       mx1 = _mm512_max_ps(mx1, x1);
     }
-    const __m512 lo = exp2_poly(_mm512_fmsub_ps(x0, va, vb));
-    const __m512 hi = exp2_poly(_mm512_fmsub_ps(x1, va, vb));
+    const __m512 lo = exp2_poly<3>(_mm512_fmsub_ps(x0, va, vb));
+    const __m512 hi = exp2_poly<3>(_mm512_fmsub_ps(x1, va, vb));
     acc0 = _mm512_add_ps(acc0, lo);
     acc1 = _mm512_add_ps(acc1, hi);
     const __m512bh r = _mm512_cvtne2ps_pbh(hi, lo);
@@ -370,7 +384,7 @@ __attribute__((target("avx512bf16,avx512bw,avx512vl"))) float weights_bf16_hw(co
     const __mmask16 m = lanes_left(n - c);
     const __m512 x = _mm512_mask_loadu_ps(ninf, m, s + c);
     if constexpr (kMax) mx0 = _mm512_max_ps(mx0, x);
-    const __m512 e = exp2_poly(_mm512_fmsub_ps(x, va, vb));
+    const __m512 e = exp2_poly<3>(_mm512_fmsub_ps(x, va, vb));
     acc0 = _mm512_add_ps(acc0, e);
     const __m256bh r = _mm512_cvtneps_pbh(e);
     _mm256_mask_storeu_epi16(reinterpret_cast<void*>(p + c), m, reinterpret_cast<const __m256i&>(r));
