@@ -117,6 +117,8 @@ def grid_rows(dtypes, lengths, dims, modes, causals, paths, repeats, warmup=1, H
         else:
             fwd_path = bwd_path = "fp32 GEMM"
         for D in dims:
+            # the AMX forward names what multiplies: its tile loops or brgemm (by head dim)
+            fwd_d = f"amx/{info.amx_kernel(dt, D)}" if fwd_path == "amx" else fwd_path
             for L in lengths:
                 B = max(1, TOKENS // L)
                 for causal in causals:
@@ -152,7 +154,7 @@ def grid_rows(dtypes, lengths, dims, modes, causals, paths, repeats, warmup=1, H
                                 else (
                                     p[7:-1]
                                     if p.startswith("pyattn[")
-                                    else (fwd_path if mode == "fwd" else f"{fwd_path}+{bwd_path}")
+                                    else (fwd_d if mode == "fwd" else f"{fwd_d}+{bwd_path}")
                                 )
                             )
                             rows.append(dict(

@@ -175,6 +175,21 @@ def test_auto_picks_an_available_path(monkeypatch):
     assert "bfloat16: " in info.half_cpu_paths("AVX512")
 
 
+def test_info_names_what_the_amx_forward_multiplies_with(monkeypatch):
+    monkeypatch.delenv("PYATTN_CPU_AMX_KERNEL", raising=False)
+    tiles = "tiles" if info.half_gemm_available("amx", torch.bfloat16) else "brgemm"
+    assert info.amx_kernel(torch.bfloat16, 64) == tiles
+    assert info.amx_kernel(torch.bfloat16, 128, 64) == tiles
+    # head dims that are no whole number of 32-wide k steps or 16-wide tiles, and float16
+    assert info.amx_kernel(torch.bfloat16, 80) == "brgemm"
+    assert info.amx_kernel(torch.bfloat16, 64, 24) == "brgemm"
+    assert info.amx_kernel(torch.float16, 64) == "brgemm"
+    monkeypatch.setenv("PYATTN_CPU_AMX_KERNEL", "brgemm")
+    assert info.amx_kernel(torch.bfloat16, 64) == "brgemm"
+    monkeypatch.setenv("PYATTN_CPU_AMX_KERNEL", "fastest")
+    assert info.amx_kernel(torch.bfloat16, 64).startswith("error: PYATTN_CPU_AMX_KERNEL")
+
+
 def _jumping_scores(dtype, Lq, Lk, D, jumps):
     """q, k, v whose scores rise by about ``rise`` (natural-log units, after the softmax scale)
     at key ``start`` for each (start, rise) in jumps: a later key block far above the first one

@@ -719,3 +719,17 @@ extern "C" __attribute__((visibility("default"))) const char* pyattn_cpu_half_ge
   }
   return answer.c_str();
 }
+
+// For `pyattn info` and the benchmarks: what the AMX forward's products run on for this dtype
+// (1 = bfloat16) and these head dims, "tiles" (the tile loops) or "brgemm", or "error: " and why
+// (PYATTN_CPU_AMX_KERNEL names neither).
+extern "C" __attribute__((visibility("default"))) const char* pyattn_cpu_amx_kernel(int bf16, int64_t D,
+                                                                                   int64_t Dv) {
+  thread_local std::string answer;
+  try {
+    answer = pyattn::cpu::amx_tiles_fit(bf16 != 0, D, Dv) ? "tiles" : "brgemm";
+  } catch (const c10::Error& e) {
+    answer = std::string("error: ") + e.what_without_backtrace();
+  }
+  return answer.c_str();
+}

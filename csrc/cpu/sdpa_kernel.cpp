@@ -861,9 +861,11 @@ void forward_impl(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, HalfGe
 // ---- the AMX forward: K and V packed once per call (docs/design.md, "Half precision on CPU") ----
 
 // Rows of a query block go through the tile products in strips of kAmxRows: a strip's scores
-// (kAmxRows x kFwdBlockK float32, 256 KiB) stay in L2 between the product that writes them, the
-// row passes and the product that reads their rounded weights. 128 measured faster than 16, 32
-// and 64 rows (fewer brgemm calls, each with its kernel lookup) at L = 1024 and 4096, D = 64 and 128.
+// (kAmxRows x kFwdBlockK float32, 264 KiB with the row padding) stay in L2 between the product
+// that writes them, the row passes and the product that reads their rounded weights. 128
+// measured faster than 16, 32 and 64 rows with brgemm (fewer calls, each with its kernel
+// lookup) at L = 1024 and 4096, D = 64 and 128; with the tile loops no smaller strip or key
+// block measured faster.
 constexpr int64_t kAmxRows = 128;
 constexpr int64_t kAmxBlockQ = 128;
 // The AMX forward packs per task (forward_amx) where a (batch, kv head) unit's packed K and V
@@ -989,8 +991,7 @@ void forward_amx(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o) {
   const int64_t q_blocks = (p.Lq + block_q - 1) / block_q;
   const int64_t group = p.Hq / p.Hkv, units = p.B * p.Hkv;
   // bfloat16 products on the tile loops where the head dims fit whole tiles (else brgemm)
-  const bool tiles = std::is_same_v<in_t, c10::BFloat16> && p.D % 32 == 0 && p.Dv % 16 == 0 &&
-                     amx_tiles_usable();
+  const bool tiles = amx_tiles_fit(std::is_same_v<in_t, c10::BFloat16>, p.D, p.Dv);
   auto task_begin = [&] {
     if (tiles) amx_tiles_begin();
   };

@@ -81,6 +81,10 @@ void amx_release();
 // amx_tiles_begin() before a task's first product and amx_tiles_end() after its last, with no
 // brgemm call between.
 bool amx_tiles_usable();
+// Whether the AMX forward of this dtype and these head dims runs its products on the tile loops
+inline bool amx_tiles_fit(bool bf16, int64_t D, int64_t Dv) {
+  return bf16 && D % 32 == 0 && Dv % 16 == 0 && amx_tiles_usable();
+}
 void amx_tiles_begin();
 void amx_tiles_end();
 // S (m x round16(n), lds) = Q (m x Dp rows) K^T, K packed by amx_pack_keys from the block's
