@@ -10,9 +10,7 @@ each case, interleaved with the providers.
 
 Providers: ``torch`` (the baseline), ``pyattn`` (the cpu backend as it chooses), and with
 ``--paths widen,mkl,amx`` pyattn with its half block-product path forced
-(PYATTN_CPU_HALF_GEMM; docs/design.md, "Half precision on CPU"), where this machine has it;
-``amx-brgemm`` and ``amx-tiles`` force the AMX forward's products onto torch's brgemm or onto
-pyattn's tile loops (PYATTN_CPU_AMX_KERNEL; bfloat16 only).
+(PYATTN_CPU_HALF_GEMM; docs/design.md, "Half precision on CPU"), where this machine has it.
 
 Run (outside the checkout's root, which must not be on sys.path):
 ``python -m pyattn.bench.bench_cpu_grid [--dtypes fp32,bf16] [--lengths 512,1024] [--dims 64]
@@ -63,41 +61,21 @@ def gemm_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 3, clock=time.
     return 2 * n**3 / statistics.median(ts) / 1e9
 
 
-def _path_env(path):
-    """The variables that force ``path``: ``widen``, ``mkl``, ``amx`` (PYATTN_CPU_HALF_GEMM), or
-    ``amx-brgemm`` / ``amx-tiles`` (the AMX forward's products on brgemm or on the tile loops,
-    PYATTN_CPU_AMX_KERNEL)."""
-    gemm, _, kernel = path.partition("-")
-    env = {"PYATTN_CPU_HALF_GEMM": gemm}
-    if kernel:
-        env["PYATTN_CPU_AMX_KERNEL"] = kernel
-    return env
-
-
-def _path_available(path, dt):
-    from pyattn import info
-
-    gemm, _, kernel = path.partition("-")
-    return info.half_gemm_available(gemm, dt) and (not kernel or dt == torch.bfloat16)
-
-
 def _with_path(path, fn):
-    """fn with the variables that force path set for its duration (None: as the user left it)."""
+    """fn with PYATTN_CPU_HALF_GEMM set to path for its duration (None: as the user left it)."""
     if path is None:
         return fn
 
     def run():
-        env = _path_env(path)
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
+        old = os.environ.get("PYATTN_CPU_HALF_GEMM")
+        os.environ["PYATTN_CPU_HALF_GEMM"] = path
         try:
             return fn()
         finally:
-            for k, v in old.items():
-                if v is None:
-                    del os.environ[k]
-                else:
-                    os.environ[k] = v
+            if old is None:
+                del os.environ["PYATTN_CPU_HALF_GEMM"]
+            else:
+                os.environ["PYATTN_CPU_HALF_GEMM"] = old
 
     return run
 
@@ -133,14 +111,12 @@ def grid_rows(dtypes, lengths, dims, modes, causals, paths, repeats, warmup=1, H
         # each case's share divides by GEMM samples taken among its own repeats, under its load
         mm = gemm_step(dt)
         half = dt in (torch.float16, torch.bfloat16)
-        forced = [p for p in paths if half and _path_available(p, dt)]
+        forced = [p for p in paths if half and info.half_gemm_available(p, dt)]
         if half:
             fwd_path, bwd_path = info.half_gemm_path(dt, forward=True), info.half_gemm_path(dt)
         else:
             fwd_path = bwd_path = "fp32 GEMM"
         for D in dims:
-            # the AMX forward names what multiplies: its tile loops or brgemm (by head dim)
-            fwd_d = f"amx/{info.amx_kernel(dt, D)}" if fwd_path == "amx" else fwd_path
             for L in lengths:
                 B = max(1, TOKENS // L)
                 for causal in causals:
@@ -176,7 +152,7 @@ def grid_rows(dtypes, lengths, dims, modes, causals, paths, repeats, warmup=1, H
                                 else (
                                     p[7:-1]
                                     if p.startswith("pyattn[")
-                                    else (fwd_d if mode == "fwd" else f"{fwd_d}+{bwd_path}")
+                                    else (fwd_path if mode == "fwd" else f"{fwd_path}+{bwd_path}")
                                 )
                             )
                             rows.append(dict(
@@ -207,11 +183,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dims", default="64,128")
     ap.add_argument("--modes", default="fwd,fwd+bwd")
     ap.add_argument("--causal", default="0,1")
-    ap.add_argument(
-        "--paths",
-        default="",
-        help="half paths to force as extra providers: widen,mkl,amx,amx-brgemm,amx-tiles",
-    )
+    ap.add_argument("--paths", default="", help="half paths to force as extra providers: widen,mkl,amx")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument(
         "--clock",

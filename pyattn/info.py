@@ -42,24 +42,6 @@ def half_gemm_path(dtype: torch.dtype, forward: bool = False) -> str:
     return fn(1 if dtype == torch.bfloat16 else 0, 1 if forward else 0).decode()
 
 
-def amx_kernel(dtype: torch.dtype, head_dim: int, head_dim_v: int | None = None) -> str:
-    """What the cpu backend's AMX forward (path ``"amx"``) multiplies with for ``dtype`` and these
-    head dims: ``"tiles"`` (pyattn's own AMX tile loops: bfloat16, D a multiple of 32, Dv of 16)
-    or ``"brgemm"`` (oneDNN's micro-kernel through torch); ``PYATTN_CPU_AMX_KERNEL=brgemm``
-    forces the latter. ``"error: ..."`` when that variable names neither, ``"n/a"`` without the
-    compiled extension."""
-    from pyattn import _backend
-
-    c = _backend._C()
-    if c is None:
-        return "n/a"
-    fn = ctypes.CDLL(c.__file__).pyattn_cpu_amx_kernel
-    fn.restype = ctypes.c_char_p
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    dv = head_dim if head_dim_v is None else head_dim_v
-    return fn(1 if dtype == torch.bfloat16 else 0, head_dim, dv).decode()
-
-
 def half_gemm_available(path: str, dtype: torch.dtype) -> bool:
     """Whether ``PYATTN_CPU_HALF_GEMM=path`` can run ``dtype`` here."""
     old = os.environ.get("PYATTN_CPU_HALF_GEMM")
@@ -87,10 +69,6 @@ def half_cpu_paths(capability: str) -> str:
     for dtype, name in ((torch.bfloat16, "bfloat16"), (torch.float16, "float16")):
         avail = [p for p in HALF_GEMM_PATHS if half_gemm_available(p, dtype)]
         fwd, bwd = half_gemm_path(dtype, forward=True), half_gemm_path(dtype)
-        if fwd == "amx" and dtype == torch.bfloat16 and amx_kernel(dtype, 64) == "tiles":
-            fwd = "amx (tile loops where D is a multiple of 32 and Dv of 16, else brgemm)"
-        elif fwd == "amx":
-            fwd = "amx (brgemm)"
         chosen = bwd if fwd == bwd else f"{fwd} forward (K, V packed once per call), {bwd} backward"
         parts.append(f"{name}: {chosen} (available: {', '.join(avail)})")
     return (

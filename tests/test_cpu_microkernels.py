@@ -4,10 +4,7 @@ can run is tested here, whichever one `auto` picks:
 
 - ``widen``: blocks converted to float32, float32 GEMMs (every CPU);
 - ``mkl``: MKL's bfloat16 GEMM with float32 products (CPUs with AVX512-BF16);
-- ``amx``: the forward on AMX tiles (AMX-BF16 / AMX-FP16): for bfloat16 with head dims of whole
-  tiles our own tile loops, else oneDNN's micro-kernel through torch's cpublas::brgemm;
-  ``amx-brgemm`` forces the latter for bfloat16 too (PYATTN_CPU_AMX_KERNEL=brgemm), so that both
-  run here.
+- ``amx``: oneDNN's AMX micro-kernel through torch's cpublas::brgemm (AMX-BF16 / AMX-FP16).
 
 Each case runs test_half_cpu's rule (float64 reference, 2x / 3x the float32-accumulation
 baseline, no worse than torch's CPU sdpa) on shapes that reach the paths' edge cases: odd head
@@ -26,35 +23,18 @@ import pyattn
 from pyattn import info, reference
 
 PATHS = ["widen", "mkl", "amx"]
-# the paths the tests force: PATHS, and the AMX forward on brgemm where it would take the tiles
-FORCED = [*PATHS, "amx-brgemm"]
 DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
 
 
-def _available(path, dtype):
-    gemm, _, kernel = path.partition("-")
-    # the tile loops are bfloat16's: for float16 amx-brgemm would repeat amx
-    return info.half_gemm_available(gemm, dtype) and (kernel == "" or dtype == torch.bfloat16)
-
-
-def _force(monkeypatch, path):
-    gemm, _, kernel = path.partition("-")
-    monkeypatch.setenv("PYATTN_CPU_HALF_GEMM", gemm)
-    monkeypatch.setenv("PYATTN_CPU_AMX_KERNEL", kernel or "tiles")
-    return gemm
-
-
-@pytest.fixture(params=FORCED)
+@pytest.fixture(params=PATHS)
 def half_path(request, monkeypatch):
     """Forces one path for the test; skips where this CPU (or this torch) lacks it."""
     path = request.param
     dtype = request.node.callspec.params.get("dtype", torch.bfloat16)
-    if not _available(path, dtype):
-        if info.half_gemm_available(path.partition("-")[0], dtype):
-            pytest.skip(f"{path} is amx for {dtype} (the tile loops are bfloat16's)")
+    if not info.half_gemm_available(path, dtype):
         pytest.skip(f"{path} cannot run {dtype} here ({_cpu_note()})")
-    gemm = _force(monkeypatch, path)
-    assert info.half_gemm_path(dtype) == gemm
+    monkeypatch.setenv("PYATTN_CPU_HALF_GEMM", path)
+    assert info.half_gemm_path(dtype) == path
     return path
 
 
@@ -76,8 +56,8 @@ SHAPES = [
     # 8 (batch, kv head) units of short rows: the AMX forward packs per task (4 units per thread
     # or more, at up to 2 threads, each under 256 KiB packed); the shapes above pack once per call
     (4, 4, 2, 200, 300, 64, 64),
-    # the AMX tile loops' edges: three 32-wide k steps (D = 96), one (D = 32) with a key count
-    # short of a 16-key tile; D = 80 is no whole number of k steps and takes brgemm
+    # head dims of three 32-wide k steps (D = 96), one (D = 32) with a key count short of a
+    # 16-key tile, and D = 80; S's and P's padded row strides under each
     (1, 2, 2, 70, 333, 96, 96),
     (2, 2, 1, 33, 47, 32, 32),
     (1, 2, 2, 64, 100, 80, 80),
@@ -142,13 +122,6 @@ def test_varlen_each_path_is_sdpa_per_sequence(half_path, dtype):
 
 def test_unknown_or_unavailable_path_is_an_error(monkeypatch):
     q = torch.randn(1, 1, 4, 8, dtype=torch.bfloat16)
-    if info.half_gemm_available("amx", torch.bfloat16):
-        monkeypatch.setenv("PYATTN_CPU_HALF_GEMM", "amx")
-        monkeypatch.setenv("PYATTN_CPU_AMX_KERNEL", "fastest")
-        qa = torch.randn(1, 2, 64, 64, dtype=torch.bfloat16)
-        with pytest.raises(RuntimeError, match="PYATTN_CPU_AMX_KERNEL: expected tiles or brgemm"):
-            pyattn.scaled_dot_product_attention(qa, qa, qa, backend="cpu")
-        monkeypatch.delenv("PYATTN_CPU_AMX_KERNEL")
     monkeypatch.setenv("PYATTN_CPU_HALF_GEMM", "fastest")
     assert info.half_gemm_path(torch.bfloat16).startswith("error: ")
     with pytest.raises(RuntimeError, match="PYATTN_CPU_HALF_GEMM"):
@@ -175,21 +148,6 @@ def test_auto_picks_an_available_path(monkeypatch):
     assert "bfloat16: " in info.half_cpu_paths("AVX512")
 
 
-def test_info_names_what_the_amx_forward_multiplies_with(monkeypatch):
-    monkeypatch.delenv("PYATTN_CPU_AMX_KERNEL", raising=False)
-    tiles = "tiles" if info.half_gemm_available("amx", torch.bfloat16) else "brgemm"
-    assert info.amx_kernel(torch.bfloat16, 64) == tiles
-    assert info.amx_kernel(torch.bfloat16, 128, 64) == tiles
-    # head dims that are no whole number of 32-wide k steps or 16-wide tiles, and float16
-    assert info.amx_kernel(torch.bfloat16, 80) == "brgemm"
-    assert info.amx_kernel(torch.bfloat16, 64, 24) == "brgemm"
-    assert info.amx_kernel(torch.float16, 64) == "brgemm"
-    monkeypatch.setenv("PYATTN_CPU_AMX_KERNEL", "brgemm")
-    assert info.amx_kernel(torch.bfloat16, 64) == "brgemm"
-    monkeypatch.setenv("PYATTN_CPU_AMX_KERNEL", "fastest")
-    assert info.amx_kernel(torch.bfloat16, 64).startswith("error: PYATTN_CPU_AMX_KERNEL")
-
-
 def _jumping_scores(dtype, Lq, Lk, D, jumps):
     """q, k, v whose scores rise by about ``rise`` (natural-log units, after the softmax scale)
     at key ``start`` for each (start, rise) in jumps: a later key block far above the first one
@@ -209,9 +167,9 @@ def _jumping_scores(dtype, Lq, Lk, D, jumps):
 # not collected here rather than skipped).
 AVAILABLE = [
     pytest.param(path, p.values[0], id=f"{path}-{p.id}")
-    for path in FORCED
+    for path in PATHS
     for p in DTYPES
-    if _available(path, p.values[0])
+    if info.half_gemm_available(path, p.values[0])
 ]
 
 
@@ -230,7 +188,7 @@ AVAILABLE = [
     ids=["redo", "keep", "causal", "window", "overflow", "first_block"],
 )
 def test_forward_reference_moves_with_later_blocks(path, dtype, jumps, causal, window, monkeypatch):
-    _force(monkeypatch, path)
+    monkeypatch.setenv("PYATTN_CPU_HALF_GEMM", path)
     q, k, v = _jumping_scores(dtype, 700, 1300, 64, jumps)
     kw = dict(is_causal=causal, window_size=window)
     out = pyattn.scaled_dot_product_attention(q, k, v, backend="cpu", **kw)

@@ -290,100 +290,6 @@ void amx_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float
 #endif
 }
 
-#if defined(__x86_64__)
-// ---- the AMX forward's own tile loops (bfloat16) ----
-//
-// torch exports oneDNN's brgemm one product per call, each call looking its kernel up in a hash
-// map and, when the shape changes, loading a new tile configuration; at the forward's products
-// (128 x 64 x 64 for Q K^T at D = 64) that ran at 500-520 GFLOP/s on one core of the AMX VM,
-// where the loops below, the same products with one configuration per task, ran Q K^T at 730
-// (microbenchmark, best of 7; docs/design.md, "Half precision on CPU"). Eight tiles of 16 rows x
-// 64 bytes, loaded once per task: 0-3 the C block (2 x 2 tiles of 16 x 16 float32), 4-5 A (16
-// rows x 32 bfloat16), 6-7 B (16 VNNI pair rows x 16 columns).
-struct alignas(64) TileConfig {
-  uint8_t palette, start_row, reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-#define PYATTN_AMX_TILES __attribute__((target("amx-tile,amx-bf16")))
-
-PYATTN_AMX_TILES void tiles_configure() {
-  TileConfig cfg{};
-  cfg.palette = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = 16;
-  }
-  // GCC's _tile_loadconfig names only the pointer's first 8 bytes as read: without the barrier
-  // the stores of colsb and rows above are dropped as dead.
-  asm volatile("" : : "r"(&cfg) : "memory");
-  _tile_loadconfig(&cfg);
-}
-
-PYATTN_AMX_TILES void tiles_release() { _tile_release(); }
-
-// C (R x C tiles of 16 x 16, at c, ldc bytes) [+]= A (R x 16 rows of k, at a, lda bytes) B
-// (k / 2 pair rows of C x 16 columns, at b, ldb bytes, the second column tile at b + 64 bytes).
-template <int R, int C, bool kLoadC>
-PYATTN_AMX_TILES inline void tile_block(const char* a, int64_t lda, const char* b, int64_t ldb,
-                                        int64_t k, char* c, int64_t ldc) {
-  if constexpr (kLoadC) {
-    _tile_loadd(0, c, ldc);
-    if constexpr (C == 2) _tile_loadd(1, c + 64, ldc);
-    if constexpr (R == 2) _tile_loadd(2, c + 16 * ldc, ldc);
-    if constexpr (R == 2 && C == 2) _tile_loadd(3, c + 16 * ldc + 64, ldc);
-  } else {
-    _tile_zero(0);
-    if constexpr (C == 2) _tile_zero(1);
-    if constexpr (R == 2) _tile_zero(2);
-    if constexpr (R == 2 && C == 2) _tile_zero(3);
-  }
-  for (int64_t t = 0; t < k; t += 32) {
-    _tile_loadd(4, a + 2 * t, lda);
-    if constexpr (R == 2) _tile_loadd(5, a + 16 * lda + 2 * t, lda);
-    _tile_loadd(6, b + (t / 2) * ldb, ldb);
-    if constexpr (C == 2) _tile_loadd(7, b + (t / 2) * ldb + 64, ldb);
-    _tile_dpbf16ps(0, 4, 6);
-    if constexpr (C == 2) _tile_dpbf16ps(1, 4, 7);
-    if constexpr (R == 2) _tile_dpbf16ps(2, 5, 6);
-    if constexpr (R == 2 && C == 2) _tile_dpbf16ps(3, 5, 7);
-  }
-  _tile_stored(0, c, ldc);
-  if constexpr (C == 2) _tile_stored(1, c + 64, ldc);
-  if constexpr (R == 2) _tile_stored(2, c + 16 * ldc, ldc);
-  if constexpr (R == 2 && C == 2) _tile_stored(3, c + 16 * ldc + 64, ldc);
-}
-
-// C (m x cols) [+]= A (m x k) B, m a multiple of 16, cols of 16: B's column tiles at b + 64 bytes
-// each. Column pairs outside, row pairs inside, so a B pair is read from L2 once and from L1 for
-// the other rows.
-template <bool kLoadC>
-void tile_product(int64_t m, int64_t cols, int64_t k, const char* a, int64_t lda, const char* b,
-                  int64_t ldb, char* c, int64_t ldc) {
-  for (int64_t j = 0; j < cols; j += 32) {
-    const bool two = j + 32 <= cols;
-    const char* bj = b + 4 * j;  // 16 columns of a VNNI pair row: 64 bytes
-    char* cj = c + 4 * j;
-    int64_t i = 0;
-    for (; i + 32 <= m; i += 32) {
-      if (two) {
-        tile_block<2, 2, kLoadC>(a + i * lda, lda, bj, ldb, k, cj + i * ldc, ldc);
-      } else {
-        tile_block<2, 1, kLoadC>(a + i * lda, lda, bj, ldb, k, cj + i * ldc, ldc);
-      }
-    }
-    if (i < m) {
-      if (two) {
-        tile_block<1, 2, kLoadC>(a + i * lda, lda, bj, ldb, k, cj + i * ldc, ldc);
-      } else {
-        tile_block<1, 1, kLoadC>(a + i * lda, lda, bj, ldb, k, cj + i * ldc, ldc);
-      }
-    }
-  }
-}
-#endif
-
 void mkl_bf16_gemm_call(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
                         const c10::BFloat16* a, int64_t lda, const c10::BFloat16* b, int64_t ldb,
                         float beta, float* c, int64_t ldc) {
@@ -507,23 +413,19 @@ void amx_pack_keys_impl(const T* k, int64_t n, int64_t D, T* out) {
 }
 
 // V (n rows of Dv) as the B operand of P V: per strip of kAmxStrip columns, the (ne x nb) block
-// (ne = amx_values_rows(n): rows past n are zeros, for the tile loops' 32-key steps and brgemm's
-// even k) at out + strip * ne * kAmxStrip. Keys from an even j0 on start at + j0 * amx_ld(nb).
+// (ne = n rounded up to even, a zero row when n is odd) at out + strip * ne * kAmxStrip. Keys from
+// an even j0 on start at + j0 * amx_ld(nb).
 template <typename T>
 void amx_pack_values_impl(const T* v, int64_t n, int64_t Dv, T* out) {
-  const int64_t ne = amx_values_rows(n);
+  const int64_t ne = (n + 1) & ~int64_t(1);
   const uint16_t* src = reinterpret_cast<const uint16_t*>(v);
   for (int64_t c = 0; c < Dv; c += kAmxStrip) {
     const int64_t nb = std::min<int64_t>(kAmxStrip, Dv - c), ld = amx_ld(nb);
     uint16_t* dst = reinterpret_cast<uint16_t*>(out + (c / kAmxStrip) * ne * kAmxStrip);
     for (int64_t r = 0; r < ne; r += 2) {
-      uint16_t* o = dst + r * ld;
-      if (r >= n) {
-        std::fill(o, o + 2 * ld, uint16_t(0));
-        continue;
-      }
       const uint16_t* a = src + r * Dv + c;
       const uint16_t* b = r + 1 < n ? a + Dv : nullptr;
+      uint16_t* o = dst + r * ld;
       int64_t q = 0;
 #if defined(__x86_64__)
       if (b != nullptr && cpu_has_avx512bw()) q = interleave_u16(a, b, nb, o);
@@ -644,64 +546,6 @@ void amx_release() {
 #endif
 }
 
-bool amx_tiles_usable() {
-  // PYATTN_CPU_AMX_KERNEL=brgemm sends the AMX forward's products through torch's brgemm instead
-  // (read per call: the tests run both)
-  const char* env = std::getenv("PYATTN_CPU_AMX_KERNEL");
-  if (env != nullptr && *env != 0 && std::strcmp(env, "tiles") != 0) {
-    TORCH_CHECK(std::strcmp(env, "brgemm") == 0,
-                "PYATTN_CPU_AMX_KERNEL: expected tiles or brgemm, got '", env, "'");
-    return false;
-  }
-#if defined(__x86_64__)
-  return amx_usable(true);  // oneDNN's verdict: the CPU has AMX-BF16 and the OS lets us use it
-#else
-  return false;
-#endif
-}
-
-void amx_tiles_begin() {
-#if defined(__x86_64__)
-  amx_release();  // torch's brgemm then reloads its own configuration on its next call
-  tiles_configure();
-#endif
-}
-
-void amx_tiles_end() {
-#if defined(__x86_64__)
-  tiles_release();
-#endif
-}
-
-void amx_tiles_qk(int64_t m, int64_t n, int64_t Dp, const c10::BFloat16* q,
-                  const c10::BFloat16* kp, float* s, int64_t lds) {
-#if defined(__x86_64__)
-  for (int64_t js = 0; js < n; js += kAmxStrip) {
-    const int64_t nb = std::min(kAmxStrip, n - js), ld = amx_ld(nb);
-    tile_product<false>(m, ld, Dp, reinterpret_cast<const char*>(q), 2 * Dp,
-                        reinterpret_cast<const char*>(kp + (js / kAmxStrip) * Dp * kAmxStrip),
-                        4 * ld, reinterpret_cast<char*>(s + js), 4 * lds);
-  }
-#else
-  (void)m, (void)n, (void)Dp, (void)q, (void)kp, (void)s, (void)lds;
-#endif
-}
-
-void amx_tiles_pv(int64_t m, int64_t k, int64_t Dv, const c10::BFloat16* p, int64_t ldp,
-                  const c10::BFloat16* vp, int64_t strip_rows, int64_t j0, float* acc) {
-#if defined(__x86_64__)
-  for (int64_t c = 0; c < Dv; c += kAmxStrip) {
-    const int64_t nb = std::min(kAmxStrip, Dv - c), ld = amx_ld(nb);
-    const c10::BFloat16* b = vp + (c / kAmxStrip) * strip_rows * kAmxStrip + j0 * ld;
-    tile_product<true>(m, nb, k, reinterpret_cast<const char*>(p), 2 * ldp,
-                       reinterpret_cast<const char*>(b), 4 * ld, reinterpret_cast<char*>(acc + c),
-                       4 * Dv);
-  }
-#else
-  (void)m, (void)k, (void)Dv, (void)p, (void)ldp, (void)vp, (void)strip_rows, (void)j0, (void)acc;
-#endif
-}
-
 }  // namespace cpu
 
 }  // namespace pyattn
@@ -714,20 +558,6 @@ extern "C" __attribute__((visibility("default"))) const char* pyattn_cpu_half_ge
   thread_local std::string answer;
   try {
     answer = pyattn::cpu::half_gemm_name(pyattn::cpu::half_gemm_path(bf16 != 0, forward != 0));
-  } catch (const c10::Error& e) {
-    answer = std::string("error: ") + e.what_without_backtrace();
-  }
-  return answer.c_str();
-}
-
-// For `pyattn info` and the benchmarks: what the AMX forward's products run on for this dtype
-// (1 = bfloat16) and these head dims, "tiles" (the tile loops) or "brgemm", or "error: " and why
-// (PYATTN_CPU_AMX_KERNEL names neither).
-extern "C" __attribute__((visibility("default"))) const char* pyattn_cpu_amx_kernel(int bf16, int64_t D,
-                                                                                   int64_t Dv) {
-  thread_local std::string answer;
-  try {
-    answer = pyattn::cpu::amx_tiles_fit(bf16 != 0, D, Dv) ? "tiles" : "brgemm";
   } catch (const c10::Error& e) {
     answer = std::string("error: ") + e.what_without_backtrace();
   }

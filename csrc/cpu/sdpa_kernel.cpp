@@ -861,11 +861,9 @@ void forward_impl(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, HalfGe
 // ---- the AMX forward: K and V packed once per call (docs/design.md, "Half precision on CPU") ----
 
 // Rows of a query block go through the tile products in strips of kAmxRows: a strip's scores
-// (kAmxRows x kFwdBlockK float32, 264 KiB with the row padding) stay in L2 between the product
-// that writes them, the row passes and the product that reads their rounded weights. 128
-// measured faster than 16, 32 and 64 rows with brgemm (fewer calls, each with its kernel
-// lookup) at L = 1024 and 4096, D = 64 and 128; with the tile loops no smaller strip or key
-// block measured faster.
+// (kAmxRows x kFwdBlockK float32, 256 KiB) stay in L2 between the product that writes them, the
+// row passes and the product that reads their rounded weights. 128 measured faster than 16, 32
+// and 64 rows (fewer brgemm calls, each with its kernel lookup) at L = 1024 and 4096, D = 64 and 128.
 constexpr int64_t kAmxRows = 128;
 constexpr int64_t kAmxBlockQ = 128;
 // The AMX forward packs per task (forward_amx) where a (batch, kv head) unit's packed K and V
@@ -876,8 +874,10 @@ constexpr int64_t kAmxUnitsPerThread = 4;
 
 // A row stride for S and P of at least `elems` (a multiple of per_line, the elements in a 64-byte
 // line) that spans an odd number of lines: with 512 keys the rows would sit 2 KiB (S) or 1 KiB
-// (P) apart, and a tile's 16 rows would share 2 or 4 of L1's 64 sets, evicting each other while
-// the tiles store and load them.
+// (P) apart, and the 16 rows of an AMX tile would share 2 or 4 of L1's 64 sets, evicting each
+// other while the tiles store and load them. Interleaved, one thread, AVX512-BF16 + AMX: the
+// bfloat16 forward ran 1.09-1.15x faster at D = 64 (L = 1024, 4096; causal and not) and 0.97-1.04x
+// at D = 128. perf had shown the products' tile stores to S stalling.
 inline int64_t amx_row_stride(int64_t elems, int64_t per_line) {
   return (elems / per_line) % 2 == 0 ? elems + per_line : elems;
 }
@@ -892,30 +892,25 @@ inline bool amx_prepack_pays(const FlashParams<in_t>& p) {
 template <typename in_t>
 void forward_block_amx(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o,
                        const in_t* Kp, const in_t* Vp, int64_t bh, int64_t i0, int64_t m,
-                       bool tiles, Work<in_t>& w, std::vector<flash::RowSoftmax<float>>& sm) {
-  // Kp, Vp: the query head's kv head packed (amx_pack_keys, amx_pack_values). tiles: the
-  // products run on the tile loops (bfloat16, D a multiple of 32, Dv of 16; the task has loaded
-  // their configuration), which take whole 16-row tiles and 32-key steps; else on brgemm.
+                       Work<in_t>& w, std::vector<flash::RowSoftmax<float>>& sm) {
+  // Kp, Vp: the query head's kv head packed (amx_pack_keys, amx_pack_values)
   const int64_t b = bh / p.Hq, h = bh % p.Hq;
   const int64_t D = p.D, Dv = p.Dv, Lk = p.Lk;
-  const int64_t Dp = (D + 1) & ~int64_t(1), Vrows = amx_values_rows(Lk);
-  const int64_t mt = tiles ? (m + 15) / 16 * 16 : m;  // rows the products run
-  // Q as (mt x Dp) rows: in place for an even D and whole tiles, else copied with zero padding
-  // (a zero column for an odd D, zero rows up to a whole tile) to the end of Ph
+  const int64_t Dp = (D + 1) & ~int64_t(1), Lke = (Lk + 1) & ~int64_t(1);
+  // Q as (m x Dp) rows: in place for an even D, else padded with a zero column
   const in_t* Q = p.q + bh * p.q_hs + i0 * D;  // dense rows (half)
-  if (Dp != D || mt != m) {
-    in_t* buf = w.Ph.data() + w.Ph.size() - mt * Dp;
+  if (Dp != D) {
+    in_t* buf = w.Ph.data() + w.Ph.size() - m * Dp;  // past the strip's P rows
     for (int64_t r = 0; r < m; ++r) {
       std::copy(Q + r * D, Q + (r + 1) * D, buf + r * Dp);
-      if (Dp != D) buf[r * Dp + D] = in_t(0);
+      buf[r * Dp + D] = in_t(0);
     }
-    std::fill(buf + m * Dp, buf + mt * Dp, in_t(0));
     Q = buf;
   }
   float* acc = w.acc.data();
   float* S = w.S.data();
   float* Z = w.Z.data();
-  std::fill(acc, acc + mt * Dv, 0.0f);
+  std::fill(acc, acc + m * Dv, 0.0f);
   for (int64_t r = 0; r < m; ++r) sm[r].init();
   // Key blocks start on a strip: the band's first and last keys round out to whole strips, whose
   // extra keys the band masks (causal_block below).
@@ -929,26 +924,18 @@ void forward_block_amx(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o,
   const bool mods = has_score_mods(p);
   for (int64_t j0 = key_begin; j0 < key_end; j0 += kFwdBlockK) {
     const int64_t n = std::min(kFwdBlockK, key_end - j0);
-    // S's row stride (the tiles write whole 16-column tiles), P's columns kp (zeros past n meet
-    // V's zero rows: brgemm's k is even, the tiles' a multiple of 32) and row stride
+    const int64_t ne = (n + 1) & ~int64_t(1);  // P's columns: a zero one meets V's zero row
+    // S's and P's row strides: an odd number of cache lines (amx_row_stride)
     const int64_t lds = amx_row_stride((n + 15) / 16 * 16, 16);
-    const int64_t kp = tiles ? (n + 31) / 32 * 32 : (n + 1) & ~int64_t(1);
     const int64_t ldp = amx_row_stride((n + 31) / 32 * 32, 32);
     const bool causal_block = p.band.cuts(i0, i0 + m, j0, j0 + n);
-    const in_t* Kb = Kp + (j0 / kAmxStrip) * Dp * kAmxStrip;
     for (int64_t r0 = 0; r0 < m; r0 += kAmxRows) {
       const int64_t mr = std::min<int64_t>(kAmxRows, m - r0);
-      const int64_t mrt = std::min<int64_t>(kAmxRows, mt - r0);
       float* Sr = S + r0 * lds;
-      if constexpr (std::is_same_v<in_t, c10::BFloat16>) {
-        if (tiles) amx_tiles_qk(mrt, n, Dp, Q + r0 * Dp, Kb, Sr, lds);
-      }
-      if (!tiles) {
-        for (int64_t js = 0; js < n; js += kAmxStrip) {
-          const int64_t nb = std::min(kAmxStrip, n - js);
-          amx_brgemm(mr, nb, Dp, Dp, amx_ld(nb), lds, false, Q + r0 * Dp,
-                     Kb + (js / kAmxStrip) * Dp * kAmxStrip, Sr + js);
-        }
+      for (int64_t js = 0; js < n; js += kAmxStrip) {
+        const int64_t nb = std::min(kAmxStrip, n - js);
+        amx_brgemm(mr, nb, Dp, Dp, amx_ld(nb), lds, false, Q + r0 * Dp,
+                   Kp + ((j0 + js) / kAmxStrip) * Dp * kAmxStrip, Sr + js);
       }
       bool any = false;
       in_t* P = w.Ph.data();
@@ -956,20 +943,13 @@ void forward_block_amx(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o,
         in_t* prow = P + r * ldp;
         any |= softmax_row<in_t, true>(p, b, h, i0 + r0 + r, bh, j0, n, causal_block, mods,
                                        Sr + r * lds, prow, Z, sm[r0 + r], acc + (r0 + r) * Dv);
-        std::fill(prow + n, prow + kp, in_t(0));
+        if (ne != n) prow[n] = in_t(0);
       }
       if (!any) continue;
-      if constexpr (std::is_same_v<in_t, c10::BFloat16>) {
-        if (tiles) {
-          std::fill(P + mr * ldp, P + mrt * ldp, in_t(0));  // the padding rows of the last tile
-          amx_tiles_pv(mrt, kp, Dv, P, ldp, Vp, Vrows, j0, acc + r0 * Dv);
-          continue;
-        }
-      }
       for (int64_t c = 0; c < Dv; c += kAmxStrip) {
         const int64_t nb = std::min(kAmxStrip, Dv - c);
-        amx_brgemm(mr, nb, kp, ldp, amx_ld(nb), Dv, true, P,
-                   Vp + (c / kAmxStrip) * Vrows * kAmxStrip + j0 * amx_ld(nb), acc + r0 * Dv + c);
+        amx_brgemm(mr, nb, ne, ldp, amx_ld(nb), Dv, true, P,
+                   Vp + (c / kAmxStrip) * Lke * kAmxStrip + j0 * amx_ld(nb), acc + r0 * Dv + c);
       }
     }
   }
@@ -990,20 +970,9 @@ void forward_amx(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o) {
   if (!p.band.on() && p.Lq >= kFwdLongRows) block_q = kFwdBlockQLong;
   const int64_t q_blocks = (p.Lq + block_q - 1) / block_q;
   const int64_t group = p.Hq / p.Hkv, units = p.B * p.Hkv;
-  // bfloat16 products on the tile loops where the head dims fit whole tiles (else brgemm)
-  const bool tiles = amx_tiles_fit(std::is_same_v<in_t, c10::BFloat16>, p.D, p.Dv);
-  auto task_begin = [&] {
-    if (tiles) amx_tiles_begin();
-  };
-  auto task_end = [&] {
-    if (tiles) {
-      amx_tiles_end();
-    } else {
-      amx_release();
-    }
-  };
   auto task_buffers = [&](Work<in_t>& w) {
-    // Ph: the strip's rounded weights (kAmxRows x (kFwdBlockK + 1)), then Q padded for an odd D
+    // Ph: the strip's rounded weights (kAmxRows rows of up to kFwdBlockK + 32), then Q padded for
+    // an odd D
     const int64_t Dp = (p.D + 1) & ~int64_t(1);
     w.Ph.resize(block_q * (kFwdBlockK + 32) + block_q * Dp);
   };
@@ -1022,7 +991,6 @@ void forward_amx(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o) {
       Work<in_t> w(block_q * (kFwdBlockK + 16), 0, kFwdBlockK, false, false, 0, 0, 0, 0, block_q * p.Dv);
       task_buffers(w);
       std::vector<flash::RowSoftmax<float>> sm(block_q);
-      task_begin();
       for (int64_t t = begin; t < end; ++t) {
         amx_pack_keys(p.k + t * p.k_hs, p.Lk, p.D, kbp);
         amx_pack_values(p.v + t * p.v_hs, p.Lk, p.Dv, vbp);
@@ -1030,11 +998,11 @@ void forward_amx(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o) {
         for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
           for (int64_t i0 = 0; i0 < p.Lq; i0 += block_q) {
             forward_block_amx<in_t>(p, o, kbp, vbp, b * p.Hq + h, i0,
-                                    std::min(block_q, p.Lq - i0), tiles, w, sm);
+                                    std::min(block_q, p.Lq - i0), w, sm);
           }
         }
       }
-      task_end();
+      amx_release();
     });
     return;
   }
@@ -1053,14 +1021,13 @@ void forward_amx(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o) {
     Work<in_t> w(block_q * (kFwdBlockK + 16), 0, kFwdBlockK, false, false, 0, 0, 0, 0, block_q * p.Dv);
     task_buffers(w);
     std::vector<flash::RowSoftmax<float>> sm(block_q);
-    task_begin();
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / q_blocks, i0 = (t % q_blocks) * block_q;
       const int64_t unit = (bh / p.Hq) * p.Hkv + flash::kv_head(bh % p.Hq, p.Hq, p.Hkv);
       forward_block_amx<in_t>(p, o, kbuf.get() + unit * k_size, vbuf.get() + unit * v_size, bh,
-                              i0, std::min(block_q, p.Lq - i0), tiles, w, sm);
+                              i0, std::min(block_q, p.Lq - i0), w, sm);
     }
-    task_end();
+    amx_release();
   });
 }
 

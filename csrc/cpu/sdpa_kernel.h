@@ -60,10 +60,8 @@ inline int64_t amx_ld(int64_t nb) { return (nb + 15) / 16 * 16; }
 inline int64_t amx_keys_size(int64_t n, int64_t D) {
   return (n + kAmxStrip - 1) / kAmxStrip * ((D + 1) & ~int64_t(1)) * kAmxStrip;
 }
-// the packed V's rows per strip: n rounded up to 32 (the tile loops' key step), zeros past n
-inline int64_t amx_values_rows(int64_t n) { return (n + 31) / 32 * 32; }
 inline int64_t amx_values_size(int64_t n, int64_t Dv) {
-  return (Dv + kAmxStrip - 1) / kAmxStrip * amx_values_rows(n) * kAmxStrip;
+  return (Dv + kAmxStrip - 1) / kAmxStrip * ((n + 1) & ~int64_t(1)) * kAmxStrip;
 }
 void amx_pack_keys(const c10::BFloat16* k, int64_t n, int64_t D, c10::BFloat16* out);
 void amx_pack_keys(const c10::Half* k, int64_t n, int64_t D, c10::Half* out);
@@ -76,26 +74,6 @@ void amx_brgemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64
                 const c10::Half* a, const c10::Half* b, float* c);
 // Releases this thread's AMX tile configuration (after a task's last brgemm).
 void amx_release();
-// The AMX forward's own tile loops for bfloat16 (csrc/cpu/blas.cpp), one tile configuration per
-// task: amx_tiles_usable() (AMX-BF16 usable, PYATTN_CPU_AMX_KERNEL not "brgemm"), then
-// amx_tiles_begin() before a task's first product and amx_tiles_end() after its last, with no
-// brgemm call between.
-bool amx_tiles_usable();
-// Whether the AMX forward of this dtype and these head dims runs its products on the tile loops
-inline bool amx_tiles_fit(bool bf16, int64_t D, int64_t Dv) {
-  return bf16 && D % 32 == 0 && Dv % 16 == 0 && amx_tiles_usable();
-}
-void amx_tiles_begin();
-void amx_tiles_end();
-// S (m x round16(n), lds) = Q (m x Dp rows) K^T, K packed by amx_pack_keys from the block's
-// first key (a strip start): m a multiple of 16, Dp of 32; the columns past n come out 0.
-void amx_tiles_qk(int64_t m, int64_t n, int64_t Dp, const c10::BFloat16* q,
-                  const c10::BFloat16* kp, float* s, int64_t lds);
-// acc (m x Dv, dense) += P (m x k, ldp) V[j0 .. j0 + k), V packed by amx_pack_values (strips of
-// strip_rows rows): m a multiple of 16, k and j0 of 32 (keys past the packed rows are zeros),
-// Dv of 16.
-void amx_tiles_pv(int64_t m, int64_t k, int64_t Dv, const c10::BFloat16* p, int64_t ldp,
-                  const c10::BFloat16* vp, int64_t strip_rows, int64_t j0, float* acc);
 
 template <typename scalar_t>
 struct AccType {
