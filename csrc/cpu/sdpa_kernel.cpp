@@ -861,7 +861,7 @@ void forward_impl(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, HalfGe
 // ---- the AMX forward: K and V packed once per call (docs/design.md, "Half precision on CPU") ----
 
 // Rows of a query block go through the tile products in strips of kAmxRows: a strip's scores
-// (kAmxRows x kFwdBlockK float32, 256 KiB) stay in L2 between the product that writes them, the
+// (kAmxRows x kFwdBlockK float32, 264 KiB with amx_row_stride's padding) stay in L2 between the product that writes them, the
 // row passes and the product that reads their rounded weights. 128 measured faster than 16, 32
 // and 64 rows (fewer brgemm calls, each with its kernel lookup) at L = 1024 and 4096, D = 64 and 128.
 constexpr int64_t kAmxRows = 128;
