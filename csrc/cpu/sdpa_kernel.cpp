@@ -353,11 +353,11 @@ inline __m512 weights16(const float* s, __m512 a, __m512 b) {
 // exp_sum_round's loop for bfloat16 on CPUs with AVX512-BF16: vcvtne2ps2bf16 rounds 32 floats to
 // nearest-even in one instruction, where at::vec's portable conversion takes about ten integer
 // ops (it flushes float32 denormals to zero: weights below 1e-38 of the row's largest become 0).
-// Compiled for that extension (and BW / VL, for the tail's masked 16-bit store; DQ, exp2_poly's
-// vreduceps) alone and called only where cpu_has_bf16_convert(): the AVX512 build's other code
-// must run on every AVX512 CPU.
+// Compiled for that extension alone (the AVX512 build has BW, VL and DQ, which the tail's masked
+// 16-bit store and exp2_poly's vreduceps use) and called only where cpu_has_bf16_convert(): the
+// AVX512 build's other code must run on every AVX512 CPU.
 template <bool kMax>
-__attribute__((target("avx512bf16,avx512bw,avx512vl,avx512dq"))) float weights_bf16_hw(const float* s, float a, float b,
+__attribute__((target("avx512bf16"))) float weights_bf16_hw(const float* s, float a, float b,
                                                             int64_t n, c10::BFloat16* p,
                                                             int64_t* done, float* raw_max) {
   const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b);
@@ -395,8 +395,7 @@ __attribute__((target("avx512bf16,avx512bw,avx512vl,avx512dq"))) float weights_b
 }
 
 inline bool cpu_has_bf16_convert() {
-  static const bool has = __builtin_cpu_supports("avx512bf16") &&
-                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  static const bool has = __builtin_cpu_supports("avx512bf16");
   return has;
 }
 #endif
@@ -861,9 +860,10 @@ void forward_impl(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, HalfGe
 // ---- the AMX forward: K and V packed once per call (docs/design.md, "Half precision on CPU") ----
 
 // Rows of a query block go through the tile products in strips of kAmxRows: a strip's scores
-// (kAmxRows x kFwdBlockK float32, 264 KiB with amx_row_stride's padding) stay in L2 between the product that writes them, the
-// row passes and the product that reads their rounded weights. 128 measured faster than 16, 32
-// and 64 rows (fewer brgemm calls, each with its kernel lookup) at L = 1024 and 4096, D = 64 and 128.
+// (kAmxRows x kFwdBlockK float32, 264 KiB with amx_row_stride's padding) stay in L2 between the
+// product that writes them, the row passes and the product that reads their rounded weights. 128
+// measured faster than 16, 32 and 64 rows (fewer brgemm calls, each with its kernel lookup) at
+// L = 1024 and 4096, D = 64 and 128.
 constexpr int64_t kAmxRows = 128;
 constexpr int64_t kAmxBlockQ = 128;
 // The AMX forward packs per task (forward_amx) where a (batch, kv head) unit's packed K and V
@@ -970,11 +970,14 @@ void forward_amx(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o) {
   if (!p.band.on() && p.Lq >= kFwdLongRows) block_q = kFwdBlockQLong;
   const int64_t q_blocks = (p.Lq + block_q - 1) / block_q;
   const int64_t group = p.Hq / p.Hkv, units = p.B * p.Hkv;
-  auto task_buffers = [&](Work<in_t>& w) {
-    // Ph: the strip's rounded weights (kAmxRows rows of up to kFwdBlockK + 32), then Q padded for
-    // an odd D
+  // A task's buffers: S (block_q rows of up to kFwdBlockK scores at amx_row_stride), Ph (the
+  // strip's rounded weights, the same way, then Q padded for an odd D) and the accumulator.
+  auto task_work = [&] {
     const int64_t Dp = (p.D + 1) & ~int64_t(1);
-    w.Ph.resize(block_q * (kFwdBlockK + 32) + block_q * Dp);
+    Work<in_t> w(block_q * amx_row_stride(kFwdBlockK, 16), 0, kFwdBlockK, false, false, 0, 0, 0, 0,
+                 block_q * p.Dv);
+    w.Ph.resize(block_q * amx_row_stride(kFwdBlockK, 32) + block_q * Dp);
+    return w;
   };
   const bool unit_fits = (k_size + v_size) * static_cast<int64_t>(sizeof(in_t)) <= kAmxUnitBytes;
   if (unit_fits && units >= kAmxUnitsPerThread * at::get_num_threads()) {
@@ -988,8 +991,7 @@ void forward_amx(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o) {
       std::unique_ptr<in_t[]> kvbuf(new in_t[k_size + v_size]);  // one block: K, then V
       in_t* kbp = kvbuf.get();
       in_t* vbp = kvbuf.get() + k_size;
-      Work<in_t> w(block_q * (kFwdBlockK + 16), 0, kFwdBlockK, false, false, 0, 0, 0, 0, block_q * p.Dv);
-      task_buffers(w);
+      Work<in_t> w = task_work();
       std::vector<flash::RowSoftmax<float>> sm(block_q);
       for (int64_t t = begin; t < end; ++t) {
         amx_pack_keys(p.k + t * p.k_hs, p.Lk, p.D, kbp);
@@ -1018,8 +1020,7 @@ void forward_amx(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o) {
     }
   });
   at::parallel_for(0, p.B * p.Hq * q_blocks, 1, [&](int64_t begin, int64_t end) {
-    Work<in_t> w(block_q * (kFwdBlockK + 16), 0, kFwdBlockK, false, false, 0, 0, 0, 0, block_q * p.Dv);
-    task_buffers(w);
+    Work<in_t> w = task_work();
     std::vector<flash::RowSoftmax<float>> sm(block_q);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / q_blocks, i0 = (t % q_blocks) * block_q;
