@@ -26,24 +26,27 @@ PATHS = ["widen", "mkl", "amx"]
 DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
 
 
-@pytest.fixture(params=PATHS)
+# The (path, dtype) pairs this CPU runs, decided at collection: the tests below exist for each of
+# them and for no other (the native half paths need the CPU's instructions; the others are not
+# collected here rather than skipped).
+AVAILABLE = [
+    pytest.param(path, p.values[0], id=f"{path}-{p.id}")
+    for path in PATHS
+    for p in DTYPES
+    if info.half_gemm_available(path, p.values[0])
+]
+# for the tests that take the half_path fixture: the path goes to it, the dtype to the test
+EACH_PATH = pytest.mark.parametrize("half_path, dtype", AVAILABLE, indirect=["half_path"])
+
+
+@pytest.fixture
 def half_path(request, monkeypatch):
-    """Forces one path for the test; skips where this CPU (or this torch) lacks it."""
+    """Forces the test's path (one of AVAILABLE's, so this CPU has it)."""
     path = request.param
-    dtype = request.node.callspec.params.get("dtype", torch.bfloat16)
-    if not info.half_gemm_available(path, dtype):
-        pytest.skip(f"{path} cannot run {dtype} here ({_cpu_note()})")
+    dtype = request.node.callspec.params["dtype"]
     monkeypatch.setenv("PYATTN_CPU_HALF_GEMM", path)
     assert info.half_gemm_path(dtype) == path
     return path
-
-
-def _cpu_note() -> str:
-    flags = info._cpu_flags()
-    return "CPU flags: " + (
-        ", ".join(f for f in ("avx512_bf16", "amx_bf16", "amx_fp16") if f in flags)
-        or "none of avx512_bf16, amx_bf16, amx_fp16"
-    )
 
 
 SHAPES = [
@@ -64,13 +67,13 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@EACH_PATH
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_sdpa_each_path(half_path, dtype, shape):
     run_sdpa_case(dtype, *shape)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@EACH_PATH
 @pytest.mark.parametrize("mask_kind", ["bool", "add_f32"])
 @pytest.mark.parametrize("causal", [0, 2], ids=["full", "lower_right"])
 def test_sdpa_each_path_masks_and_causal(half_path, dtype, mask_kind, causal):
@@ -78,7 +81,7 @@ def test_sdpa_each_path_masks_and_causal(half_path, dtype, mask_kind, causal):
                   causal=causal)  # fmt: skip
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@EACH_PATH
 def test_sdpa_each_path_fully_masked_rows(half_path, dtype):
     out, grads = run_sdpa_case(dtype, 2, 2, 2, 40, 30, 32, 32, mask_kind="bool", full_row=True,
                                against_torch=False)  # fmt: skip
@@ -86,7 +89,7 @@ def test_sdpa_each_path_fully_masked_rows(half_path, dtype):
     assert (grads[0][0, :, 0] == 0).all()
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@EACH_PATH
 def test_dropout_draws_the_same_on_every_path(half_path, dtype, monkeypatch):
     # Every path draws the same philox counters: the dropped weights agree with the widened path
     # (zeros of the output's contribution are where they are), so the outputs differ by the
@@ -100,7 +103,7 @@ def test_dropout_draws_the_same_on_every_path(half_path, dtype, monkeypatch):
     torch.testing.assert_close(out, want, rtol=3e-2, atol=3e-2)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@EACH_PATH
 def test_varlen_each_path_is_sdpa_per_sequence(half_path, dtype):
     lens = [37, 0, 130, 1, 64]
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
@@ -160,17 +163,6 @@ def _jumping_scores(dtype, Lq, Lk, D, jumps):
         k[:, :, start:, 0] += rise * D**0.5  # `rise` more score after the 1 / sqrt(D) scale
     v = torch.randn(1, 2, Lk, D)
     return [t.to(dtype).requires_grad_() for t in (q, k, v)]
-
-
-# The (path, dtype) pairs this CPU runs, decided at collection: the test below exists for each
-# of them and for no other (the native half paths need the CPU's instructions; the others are
-# not collected here rather than skipped).
-AVAILABLE = [
-    pytest.param(path, p.values[0], id=f"{path}-{p.id}")
-    for path in PATHS
-    for p in DTYPES
-    if info.half_gemm_available(path, p.values[0])
-]
 
 
 @pytest.mark.parametrize("path, dtype", AVAILABLE)
