@@ -278,6 +278,90 @@ inline void exp_sub(float* s, float ref, int64_t n) {
 }
 #endif
 
+#if defined(CPU_CAPABILITY_AVX2)
+// exp_f32 for 8 float32 lanes (the AVX2 build): the same reduction and polynomial, so the same
+// 1.6 ulp; AVX2 has no vscalefps, so 2^n is built in the exponent field, in two halves (2^(n/2)
+// twice) so that n from -150 to 128 scales as vscalefps does: denormal results near -104,
+// infinity past 88.7. Lanes below -104 (masked -inf scores) give exactly 0; NaN stays NaN.
+// Sleef's 1-ulp exp, which at::vec's exp() runs here, takes about twice the instructions.
+inline __m256 exp_f32(__m256 d) {
+  // past 89 every result is infinity; vminps returns its second operand where either is NaN
+  const __m256 dc = _mm256_min_ps(_mm256_set1_ps(89.0f), d);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(dc, _mm256_set1_ps(1.4426950408889634f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), dc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(0.0013836845755577087f), r,
+                             _mm256_set1_ps(0.008374815806746483f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.04166822507977486f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.16666419804096222f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.49999991059303284f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i ni = _mm256_cvtps_epi32(n);
+  const __m256i n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
+  const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
+  const __m256 e = _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+  return _mm256_andnot_ps(_mm256_cmp_ps(d, _mm256_set1_ps(-104.0f), _CMP_LT_OQ), e);
+}
+
+// The first k of 8 lanes, as an AVX2 load / store mask.
+inline __m256i lanes_left8(int64_t k) {
+  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(k, 8))), idx);
+}
+
+// 8 scores from s, the lanes past k reading -inf (whose weight is 0 and which leave a max alone).
+inline __m256 load_left8(const float* s, int64_t k) {
+  if (k >= 8) return _mm256_loadu_ps(s);
+  const __m256i m = lanes_left8(k);
+  return _mm256_blendv_ps(_mm256_set1_ps(neg_inf<float>()), _mm256_maskload_ps(s, m),
+                          _mm256_castsi256_ps(m));
+}
+
+inline float reduce_add8(__m256 x) {
+  __m128 v = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+  v = _mm_add_ss(v, _mm_movehdup_ps(v));
+  return _mm_cvtss_f32(v);
+}
+
+// exp_sub_sum and exp_sub for float32 in the AVX2 build, with the AVX2 exp_f32.
+inline float exp_sub_sum(float* s, float ref, int64_t n) {
+  const __m256 vref = _mm256_set1_ps(ref);
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16) {
+    const __m256 e0 = exp_f32(_mm256_sub_ps(_mm256_loadu_ps(s + c), vref));
+    const __m256 e1 = exp_f32(_mm256_sub_ps(_mm256_loadu_ps(s + c + 8), vref));
+    _mm256_storeu_ps(s + c, e0);
+    _mm256_storeu_ps(s + c + 8, e1);
+    acc0 = _mm256_add_ps(acc0, e0);
+    acc1 = _mm256_add_ps(acc1, e1);
+  }
+  for (; c < n; c += 8) {
+    const __m256 e = exp_f32(_mm256_sub_ps(load_left8(s + c, n - c), vref));
+    _mm256_maskstore_ps(s + c, lanes_left8(n - c), e);
+    acc0 = _mm256_add_ps(acc0, e);
+  }
+  return reduce_add8(_mm256_add_ps(acc0, acc1));
+}
+
+inline void exp_sub(float* s, float ref, int64_t n) {
+  if (ref == pos_inf<float>()) {
+    std::fill(s, s + n, 0.0f);
+    return;
+  }
+  const __m256 vref = _mm256_set1_ps(ref);
+  for (int64_t c = 0; c < n; c += 8) {
+    _mm256_maskstore_ps(s + c, lanes_left8(n - c),
+                        exp_f32(_mm256_sub_ps(load_left8(s + c, n - c), vref)));
+  }
+}
+#endif
+
 // The native half path's row pass (no mask on the row): s = scale * s in place; returns the max
 // (four running maxima, as row_max).
 inline float scale_max(float* s, float scale, int64_t n) {
@@ -466,6 +550,75 @@ inline float exp_sum_round(const float* s, float in_scale, float ref, int64_t n,
   return sum;
 }
 
+// The float32 forward's lazy row pass (softmax_row_lazy): p = exp(s - ref) into a separate
+// buffer (s stays, for the rare pass that moves the reference and redoes the row), the sum
+// returned and, with raw_max, the largest score found in the same pass. exp_f32 in the AVX512 and
+// AVX2 builds, ATen's 1-ulp exp in the others: the weights keep float32's accuracy.
+inline float exp_sum_store(const float* s, float ref, int64_t n, float* p, float* raw_max) {
+  int64_t c = 0;
+  float sum = 0.0f, mx = neg_inf<float>();
+#if defined(CPU_CAPABILITY_AVX512)
+  {
+    const __m512 vref = _mm512_set1_ps(ref), ninf = _mm512_set1_ps(neg_inf<float>());
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), mx0 = ninf, mx1 = ninf;
+    for (; c + 32 <= n; c += 32) {
+      const __m512 x0 = _mm512_loadu_ps(s + c), x1 = _mm512_loadu_ps(s + c + 16);
+      mx0 = _mm512_max_ps(mx0, x0);
+      mx1 = _mm512_max_ps(mx1, x1);
+      const __m512 e0 = exp_f32(_mm512_sub_ps(x0, vref)), e1 = exp_f32(_mm512_sub_ps(x1, vref));
+      _mm512_storeu_ps(p + c, e0);
+      _mm512_storeu_ps(p + c + 16, e1);
+      acc0 = _mm512_add_ps(acc0, e0);
+      acc1 = _mm512_add_ps(acc1, e1);
+    }
+    for (; c < n; c += 16) {
+      const __mmask16 m = lanes_left(n - c);
+      const __m512 x = _mm512_mask_loadu_ps(ninf, m, s + c);
+      mx0 = _mm512_max_ps(mx0, x);
+      const __m512 e = exp_f32(_mm512_sub_ps(x, vref));
+      _mm512_mask_storeu_ps(p + c, m, e);
+      acc0 = _mm512_add_ps(acc0, e);
+    }
+    sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+    mx = _mm512_reduce_max_ps(_mm512_max_ps(mx0, mx1));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  {
+    const __m256 vref = _mm256_set1_ps(ref), ninf = _mm256_set1_ps(neg_inf<float>());
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), mx0 = ninf, mx1 = ninf;
+    for (; c + 16 <= n; c += 16) {
+      const __m256 x0 = _mm256_loadu_ps(s + c), x1 = _mm256_loadu_ps(s + c + 8);
+      mx0 = _mm256_max_ps(mx0, x0);
+      mx1 = _mm256_max_ps(mx1, x1);
+      const __m256 e0 = exp_f32(_mm256_sub_ps(x0, vref)), e1 = exp_f32(_mm256_sub_ps(x1, vref));
+      _mm256_storeu_ps(p + c, e0);
+      _mm256_storeu_ps(p + c + 8, e1);
+      acc0 = _mm256_add_ps(acc0, e0);
+      acc1 = _mm256_add_ps(acc1, e1);
+    }
+    for (; c < n; c += 8) {
+      const __m256 x = load_left8(s + c, n - c);
+      mx0 = _mm256_max_ps(mx0, x);
+      const __m256 e = exp_f32(_mm256_sub_ps(x, vref));
+      _mm256_maskstore_ps(p + c, lanes_left8(n - c), e);
+      acc0 = _mm256_add_ps(acc0, e);
+    }
+    sum = reduce_add8(_mm256_add_ps(acc0, acc1));
+    mx0 = _mm256_max_ps(mx0, mx1);
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, mx0);
+    mx = *std::max_element(lanes, lanes + 8);
+  }
+#endif
+  for (; c < n; ++c) {
+    p[c] = flash::exp_(s[c] - ref);
+    sum += p[c];
+    mx = std::max(mx, s[c]);
+  }
+  if (raw_max != nullptr) *raw_max = mx;
+  return sum;
+}
+
 // exp_sub_sum / exp_sub for float32 scores, on AVX512 with exp2_poly (about ten instructions a
 // vector where Sleef's 1-ulp exp takes about thirty; the tail through exp_f32), else ATen's exp:
 // for the widened half path.
@@ -624,8 +777,23 @@ constexpr float kLazyMargin = 8.0f;
 // over 64 of its up to 512 scores), the rest of the block is checked as every later block is.
 constexpr int64_t kLazyPrefix = 64;
 
-// The native half path's row pass where nothing but the band (causal, window) comes between the
-// product and the softmax: the allowed keys of the row are one run [lo, hi) of the block (the
+// The lazy pass's weights: rounded to the half dtype with the scale folded in (the native half
+// path's scores come unscaled from the product), or float32 for float32 inputs, whose scores the
+// product has scaled already (in_scale is 1 there).
+template <typename in_t>
+inline float lazy_weights(const float* s, float in_scale, float ref, int64_t n, in_t* p,
+                          float* raw_max = nullptr) {
+  if constexpr (kHalf<in_t>) {
+    return exp_sum_round(s, in_scale, ref, n, p, raw_max);
+  } else {
+    static_assert(std::is_same_v<in_t, float>, "lazy_weights: float32 or a half dtype");
+    (void)in_scale;
+    return exp_sum_store(s, ref, n, p, raw_max);
+  }
+}
+
+// The row pass of the native half path and of float32 where nothing but the band (causal,
+// window) comes between the product and the softmax: the allowed keys of the row are one run [lo, hi) of the block (the
 // rest of prow gets zeros, no masking pass), its weights are taken against the row's running max
 // as it stands, and the same pass finds the block's largest score. Only when that score is more
 // than kLazyMargin above the reference does the row move its max (rescaling its sum and
@@ -653,7 +821,7 @@ inline bool softmax_row_lazy(const FlashParams<in_t>& p, int64_t i, int64_t j0, 
   const float* sr = s + lo;
   in_t* pr = prow + lo;
   const int64_t len = hi - lo;
-  const float scale = static_cast<float>(p.scale);
+  const float scale = kHalf<in_t> ? static_cast<float>(p.scale) : 1.0f;
   if (sm.m == neg_inf<float>()) {
     // The row's first keys: its reference is the max of the first kLazyPrefix of them (l and
     // the accumulator are still 0), and the pass below moves it if the rest rise far above.
@@ -664,17 +832,17 @@ inline bool softmax_row_lazy(const FlashParams<in_t>& p, int64_t i, int64_t j0, 
       return false;
     }
     if (len <= kLazyPrefix) {
-      sm.l += exp_sum_round(sr, scale, sm.m, len, pr);
+      sm.l += lazy_weights(sr, scale, sm.m, len, pr);
       return true;
     }
   }
   float raw = 0.0f;
-  float sum = exp_sum_round(sr, scale, sm.m, len, pr, &raw);
+  float sum = lazy_weights(sr, scale, sm.m, len, pr, &raw);
   const float mx = scale * raw;
   if (!(mx <= sm.m + kLazyMargin)) {  // far above the reference, or NaN
     const float alpha = sm.rescale(mx);
     if (alpha != 1.0f) scale_row(acc_row, alpha, p.Dv);
-    sum = exp_sum_round(sr, scale, sm.m, len, pr);
+    sum = lazy_weights(sr, scale, sm.m, len, pr);
   }
   sm.l += sum;
   return true;
@@ -694,6 +862,9 @@ inline bool softmax_row(const FlashParams<in_t>& p, int64_t b, int64_t h, int64_
   if constexpr (N) {
     if (!dropout && p.mask_kind == flash::kNoMask && !mods && p.scale > T(0))
       return softmax_row_lazy(p, i, j0, n, causal_block, s, prow, sm, acc_row);
+  } else if constexpr (std::is_same_v<in_t, float>) {
+    // float32: forward_block gives a weights row where lazy_fp32 holds
+    if (prow != nullptr) return softmax_row_lazy(p, i, j0, n, causal_block, s, prow, sm, acc_row);
   }
   T mx;
   if constexpr (N) {
@@ -804,6 +975,11 @@ void forward_block(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, HalfG
   const int64_t key_begin = p.band.on() ? p.band.lo(i0) : 0;
   const int64_t key_end = p.band.on() ? std::max(key_begin, p.band.hi(i0 + m - 1)) : Lk;
   const bool mods = has_score_mods(p);
+  // float32 rows with nothing but the band between product and softmax take the lazy pass
+  // (softmax_row_lazy): one pass over the scores instead of a max pass and an exp pass, and
+  // the accumulator rescaled only when the max moves far; its weights go to w.Ph.
+  const bool lazy_fp32 = std::is_same_v<in_t, float> && p.mask_kind == flash::kNoMask && !mods &&
+                         p.dropout_p == 0.0;
   for (int64_t j0 = key_begin; j0 < key_end; j0 += kFwdBlockK) {
     const int64_t n = std::min(kFwdBlockK, key_end - j0);
     const auto* Kb = operand<in_t, N>(K + j0 * p.k_rs, n * D, w.K.data());
@@ -813,7 +989,7 @@ void forward_block(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, HalfG
     bool any = false;
     for (int64_t r = 0; r < m; ++r) {
       in_t* prow = nullptr;
-      if constexpr (N) prow = w.Ph.data() + r * n;
+      if (N || lazy_fp32) prow = w.Ph.data() + r * n;
       any |= softmax_row<in_t, N>(p, b, h, i0 + r, bh, j0, n, causal_block, mods, S + r * n, prow,
                                   Z, sm[r], acc + r * ald);
     }
@@ -822,7 +998,11 @@ void forward_block(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, HalfG
       if constexpr (N) {
         block_gemm(path, false, false, m, Dv, n, T(1), w.Ph.data(), n, Vb, p.v_rs, T(1), acc, ald);
       } else {
-        block_gemm(path, false, false, m, Dv, n, T(1), S, n, Vb, p.v_rs, T(1), acc, ald);
+        const T* P = S;
+        if constexpr (std::is_same_v<in_t, float>) {
+          if (lazy_fp32) P = w.Ph.data();
+        }
+        block_gemm(path, false, false, m, Dv, n, T(1), P, n, Vb, p.v_rs, T(1), acc, ald);
       }
     }
   }
@@ -847,8 +1027,10 @@ void forward_impl(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, HalfGe
   }
   const int64_t q_blocks = (p.Lq + block_q - 1) / block_q;
   at::parallel_for(0, p.B * p.Hq * q_blocks, 1, [&](int64_t begin, int64_t end) {
-    Work<in_t> w(block_q * kFwdBlockK, 0, kFwdBlockK, kHalf<in_t> && !N, N, block_q * p.D, 0,
-                 kFwdBlockK * p.D, kFwdBlockK * p.Dv, block_q * p.Dv);
+    // Ph: the native half path's rounded weights, float32's lazy ones (forward_block)
+    Work<in_t> w(block_q * kFwdBlockK, 0, kFwdBlockK, kHalf<in_t> && !N,
+                 N || std::is_same_v<in_t, float>, block_q * p.D, 0, kFwdBlockK * p.D,
+                 kFwdBlockK * p.Dv, block_q * p.Dv);
     std::vector<flash::RowSoftmax<T>> sm(block_q);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / q_blocks, i0 = (t % q_blocks) * block_q;
