@@ -35,13 +35,23 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOKENS = 8192  # B * L
 
 
+# Variables that cap the instruction sets ATen (and pyattn's kernels, which follow ATen's choice),
+# oneDNN and MKL use: set together, they run an AVX512 machine's libraries on their AVX2 code
+# (docs/design.md, "Half precision on CPU", "An AVX2 run on an AVX512 machine").
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "PYATTN_CPU_HALF_GEMM")
+
+
 def cpu_isa() -> str:
-    """The CPU's vector / matrix features that matter here, from /proc/cpuinfo."""
+    """The CPU's vector / matrix features that matter here, from /proc/cpuinfo, then the kernel
+    build that ran (ATen's capability) and any variable above that capped it."""
     from pyattn import info
 
     flags = info._cpu_flags()
     names = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")
-    return "+".join(n for n in names if n in flags) or platform.machine()
+    cpu = "+".join(n for n in names if n in flags) or platform.machine()
+    caps = [f"{k}={os.environ[k]}" for k in ISA_CAPS if os.environ.get(k)]
+    capped = f" ({', '.join(caps)})" if caps else ""
+    return f"{cpu}; kernels {torch.backends.cpu.get_cpu_capability()}{capped}"
 
 
 def gemm_step(dtype: torch.dtype, n: int = 2048):
