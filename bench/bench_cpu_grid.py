@@ -5,8 +5,8 @@ machine hit every provider alike), medians, every figure a ratio of the same run
 Grid (defaults): dtypes fp32, bf16, fp16; L in {128, 512, 1024, 2048, 4096} with B * L = 8192;
 H = 8; D in {64, 128}; causal and not; forward and forward+backward. Each row also gives the
 attention's GFLOP/s (flash-attention's count: 4 B H L^2 D, halved when causal, x3.5 with the
-backward) as a share of the same dtype's GEMM rate (torch.mm, 2048^3), sampled once per repeat of
-each case, interleaved with the providers.
+backward) as a share of the same dtype's GEMM rate (torch.mm, 2048^3 unless --gemm-size says
+otherwise), sampled once per repeat of each case, interleaved with the providers.
 
 Providers: ``torch`` (the baseline), ``pyattn`` (the cpu backend as it chooses), and with
 ``--paths widen,mkl,amx`` pyattn with its half block-product path forced
@@ -106,7 +106,9 @@ def _step(attn, ins, causal, mode):
     return fwdbwd
 
 
-def grid_rows(dtypes, lengths, dims, modes, causals, paths, repeats, warmup=1, H=8, clock=time.perf_counter):
+def grid_rows(
+    dtypes, lengths, dims, modes, causals, paths, repeats, warmup=1, H=8, clock=time.perf_counter, gemm_n=2048
+):
     import pyattn
     from pyattn import info
 
@@ -117,9 +119,9 @@ def grid_rows(dtypes, lengths, dims, modes, causals, paths, repeats, warmup=1, H
     rows = []
     for name in dtypes:
         dt = DTYPES[name]
-        print(f"{name}: torch.mm 2048^3 {gemm_gflops(dt, clock=clock):.0f} GFLOP/s", flush=True)
+        print(f"{name}: torch.mm {gemm_n}^3 {gemm_gflops(dt, gemm_n, clock=clock):.1f} GFLOP/s", flush=True)
         # each case's share divides by GEMM samples taken among its own repeats, under its load
-        mm = gemm_step(dt)
+        mm = gemm_step(dt, gemm_n)
         half = dt in (torch.float16, torch.bfloat16)
         forced = [p for p in paths if half and info.half_gemm_available(p, dt)]
         if half:
@@ -151,7 +153,7 @@ def grid_rows(dtypes, lengths, dims, modes, causals, paths, repeats, warmup=1, H
                             t0 = clock()
                             mm()
                             mm_ts.append(clock() - t0)
-                        gemm = 2 * 2048**3 / statistics.median(mm_ts) / 1e9
+                        gemm = 2 * gemm_n**3 / statistics.median(mm_ts) / 1e9
                         flops = 4 * B * H * L * L * D / (2 if causal else 1) * (3.5 if mode != "fwd" else 1)
                         base = statistics.median(times["torch"])
                         for p, ts in times.items():
@@ -203,6 +205,13 @@ def main(argv=None) -> int:
         "jobs on a shared machine (a descheduled process is not charged)",
     )
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: as is)")
+    ap.add_argument(
+        "--gemm-size",
+        type=int,
+        default=2048,
+        help="n of the torch.mm n^3 that samples the GEMM rate (smaller where the dtype's GEMM is "
+        "slow, e.g. bf16 under ISA caps)",
+    )
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)
     if args.threads:
@@ -217,7 +226,7 @@ def main(argv=None) -> int:
     rows = grid_rows(
         split(args.dtypes), [int(x) for x in split(args.lengths)], [int(x) for x in split(args.dims)],
         split(args.modes), [bool(int(x)) for x in split(args.causal)], split(args.paths), args.repeats,
-        clock=clock,
+        clock=clock, gemm_n=args.gemm_size,
     )  # fmt: skip
     ratios = [r["vs_torch"] for r in rows if r["provider"] == "pyattn"]
     if ratios:
