@@ -540,6 +540,32 @@ void amx_brgemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64
                 const c10::Half* a, const c10::Half* b, float* c) {
   amx_brgemm_impl(m, n, k, lda, ldb, ldc, add_c, a, b, c);
 }
+char* task_scratch(size_t bytes) {
+  // Page-aligned, so the blocks carved from it start on cache lines: AMX tile rows (64 bytes at
+  // a multiple of 64 apart) then touch one line each. malloc's 16-byte alignment had split every
+  // tile row across two lines (docs/design.md, "Half precision on CPU"). Kept between calls: no
+  // allocation, page faults or zero fill per call.
+  struct Scratch {
+    void* p = nullptr;
+    size_t cap = 0;
+    ~Scratch() { std::free(p); }
+  };
+  thread_local Scratch s;
+  if (bytes > s.cap) {
+    constexpr size_t kPage = 4096;
+    const size_t cap = (bytes + kPage - 1) / kPage * kPage;
+    std::free(s.p);
+    s.p = nullptr;
+    s.cap = 0;
+    void* mem = nullptr;
+    TORCH_CHECK(posix_memalign(&mem, kPage, cap) == 0, "pyattn: could not allocate ", cap,
+                " bytes of task scratch");
+    s.p = mem;
+    s.cap = cap;
+  }
+  return static_cast<char*>(s.p);
+}
+
 void amx_release() {
 #ifdef CPUBLAS_BRGEMM_BF16BF16F32
   at::native::cpublas::brgemm_release(true);

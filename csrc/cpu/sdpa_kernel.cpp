@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <memory>
+#include <new>
 #include <type_traits>
 #include <vector>
 
@@ -753,11 +754,32 @@ inline HalfGemm native_path(const FlashParams<in_t>& p, bool forward) {
 
 // Per-task buffers: scores (and dP) of one block, dropout multipliers, the float32 copies of
 // half blocks (widened path only), and the rounded P and dS of the native half path.
+// A vector whose data starts on a cache line (64 bytes): the kernels' blocks are read and written
+// in 64-byte vectors and AMX tile rows, each of which then touches one line, not two (malloc
+// aligns to 16 bytes only).
+template <typename T>
+struct LineAllocator {
+  using value_type = T;
+  LineAllocator() = default;
+  template <typename U>
+  LineAllocator(const LineAllocator<U>&) {}
+  T* allocate(size_t n) {
+    return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64)));
+  }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U>
+  bool operator==(const LineAllocator<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const LineAllocator<U>&) const { return false; }
+};
+template <typename T>
+using LineVector = std::vector<T, LineAllocator<T>>;
+
 template <typename in_t>
 struct Work {
   using T = acc_t<in_t>;
-  std::vector<T> S, dP, Z, Q, dO, K, V, acc, G;  // G: softcap's 1 - tanh^2 (backward)
-  std::vector<in_t> Ph, dSh;
+  LineVector<T> S, dP, Z, Q, dO, K, V, acc, G;  // G: softcap's 1 - tanh^2 (backward)
+  LineVector<in_t> Ph, dSh;
   Work(int64_t s, int64_t dp, int64_t z, bool widen, bool native, int64_t q, int64_t dout,
        int64_t k, int64_t v, int64_t a)
       : S(s), dP(dp), Z(z), Q(widen ? q : 0), dO(widen ? dout : 0), K(widen ? k : 0),
@@ -1073,10 +1095,33 @@ inline bool amx_prepack_pays(const FlashParams<in_t>& p) {
   return p.Lq * (p.Hq / p.Hkv) >= 32 && p.Lk >= 16;
 }
 
+// An AMX forward task's blocks: S (block_q rows of up to kFwdBlockK scores at amx_row_stride),
+// P (the strip's rounded weights, the same way, then Q padded for an odd D: p_size elements in
+// all) and the accumulator, in the thread's task_scratch; Z, dropout's multipliers for a row.
+template <typename in_t>
+struct AmxTask {
+  float* S;
+  in_t* P;
+  int64_t p_size;
+  float* acc;
+  std::vector<float> Z;
+  AmxTask(int64_t block_q, int64_t D, int64_t Dv) : Z(kFwdBlockK) {
+    const int64_t Dp = (D + 1) & ~int64_t(1);
+    const int64_t s_size = block_q * amx_row_stride(kFwdBlockK, 16);
+    p_size = block_q * amx_row_stride(kFwdBlockK, 32) + block_q * Dp;
+    auto pages = [](int64_t bytes) { return (bytes + 4095) / 4096 * 4096; };
+    const int64_t s_bytes = pages(s_size * 4), p_bytes = pages(p_size * int64_t(sizeof(in_t)));
+    char* mem = task_scratch(static_cast<size_t>(s_bytes + p_bytes + block_q * Dv * 4));
+    S = reinterpret_cast<float*>(mem);
+    P = reinterpret_cast<in_t*>(mem + s_bytes);
+    acc = reinterpret_cast<float*>(mem + s_bytes + p_bytes);
+  }
+};
+
 template <typename in_t>
 void forward_block_amx(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o,
                        const in_t* Kp, const in_t* Vp, int64_t bh, int64_t i0, int64_t m,
-                       Work<in_t>& w, std::vector<flash::RowSoftmax<float>>& sm) {
+                       AmxTask<in_t>& w, std::vector<flash::RowSoftmax<float>>& sm) {
   // Kp, Vp: the query head's kv head packed (amx_pack_keys, amx_pack_values)
   const int64_t b = bh / p.Hq, h = bh % p.Hq;
   const int64_t D = p.D, Dv = p.Dv, Lk = p.Lk;
@@ -1084,15 +1129,15 @@ void forward_block_amx(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o,
   // Q as (m x Dp) rows: in place for an even D, else padded with a zero column
   const in_t* Q = p.q + bh * p.q_hs + i0 * D;  // dense rows (half)
   if (Dp != D) {
-    in_t* buf = w.Ph.data() + w.Ph.size() - m * Dp;  // past the strip's P rows
+    in_t* buf = w.P + w.p_size - m * Dp;  // past the strip's P rows
     for (int64_t r = 0; r < m; ++r) {
       std::copy(Q + r * D, Q + (r + 1) * D, buf + r * Dp);
       buf[r * Dp + D] = in_t(0);
     }
     Q = buf;
   }
-  float* acc = w.acc.data();
-  float* S = w.S.data();
+  float* acc = w.acc;
+  float* S = w.S;
   float* Z = w.Z.data();
   std::fill(acc, acc + m * Dv, 0.0f);
   for (int64_t r = 0; r < m; ++r) sm[r].init();
@@ -1122,7 +1167,7 @@ void forward_block_amx(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o,
                    Kp + ((j0 + js) / kAmxStrip) * Dp * kAmxStrip, Sr + js);
       }
       bool any = false;
-      in_t* P = w.Ph.data();
+      in_t* P = w.P;
       for (int64_t r = 0; r < mr; ++r) {
         in_t* prow = P + r * ldp;
         any |= softmax_row<in_t, true>(p, b, h, i0 + r0 + r, bh, j0, n, causal_block, mods,
@@ -1154,15 +1199,6 @@ void forward_amx(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o) {
   if (!p.band.on() && p.Lq >= kFwdLongRows) block_q = kFwdBlockQLong;
   const int64_t q_blocks = (p.Lq + block_q - 1) / block_q;
   const int64_t group = p.Hq / p.Hkv, units = p.B * p.Hkv;
-  // A task's buffers: S (block_q rows of up to kFwdBlockK scores at amx_row_stride), Ph (the
-  // strip's rounded weights, the same way, then Q padded for an odd D) and the accumulator.
-  auto task_work = [&] {
-    const int64_t Dp = (p.D + 1) & ~int64_t(1);
-    Work<in_t> w(block_q * amx_row_stride(kFwdBlockK, 16), 0, kFwdBlockK, false, false, 0, 0, 0, 0,
-                 block_q * p.Dv);
-    w.Ph.resize(block_q * amx_row_stride(kFwdBlockK, 32) + block_q * Dp);
-    return w;
-  };
   const bool unit_fits = (k_size + v_size) * static_cast<int64_t>(sizeof(in_t)) <= kAmxUnitBytes;
   if (unit_fits && units >= kAmxUnitsPerThread * at::get_num_threads()) {
     // Short rows and enough (batch, kv head) units to share out: each task packs its unit's K
@@ -1175,7 +1211,7 @@ void forward_amx(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o) {
       std::unique_ptr<in_t[]> kvbuf(new in_t[k_size + v_size]);  // one block: K, then V
       in_t* kbp = kvbuf.get();
       in_t* vbp = kvbuf.get() + k_size;
-      Work<in_t> w = task_work();
+      AmxTask<in_t> w(block_q, p.D, p.Dv);
       std::vector<flash::RowSoftmax<float>> sm(block_q);
       for (int64_t t = begin; t < end; ++t) {
         amx_pack_keys(p.k + t * p.k_hs, p.Lk, p.D, kbp);
@@ -1204,7 +1240,7 @@ void forward_amx(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o) {
     }
   });
   at::parallel_for(0, p.B * p.Hq * q_blocks, 1, [&](int64_t begin, int64_t end) {
-    Work<in_t> w = task_work();
+    AmxTask<in_t> w(block_q, p.D, p.Dv);
     std::vector<flash::RowSoftmax<float>> sm(block_q);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / q_blocks, i0 = (t % q_blocks) * block_q;
@@ -1454,7 +1490,7 @@ void backward_impl(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& args, H
   }
   // the task's float32 blocks (direct) and the GradDst of a key block / a query block
   struct Acc {
-    std::vector<T> dq, dk, dv;
+    LineVector<T> dq, dk, dv;
   };
   auto key_dst = [&](Acc& acc, int64_t b, int64_t kvh, int64_t j0) {
     if (direct) return GradDst<T>{acc.dq.data(), p.Lq * D, D, acc.dk.data(), D, acc.dv.data(), Dv};

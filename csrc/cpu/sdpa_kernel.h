@@ -75,6 +75,11 @@ void amx_brgemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64
 // Releases this thread's AMX tile configuration (after a task's last brgemm).
 void amx_release();
 
+// This thread's scratch memory for one kernel task's blocks (csrc/cpu/blas.cpp): at least
+// `bytes`, page-aligned, kept for the thread's later calls (grown when a call needs more). One
+// user at a time per thread: a task takes it whole.
+char* task_scratch(size_t bytes);
+
 template <typename scalar_t>
 struct AccType {
   using type = scalar_t;
