@@ -560,57 +560,36 @@ inline float exp_sum_round(const float* s, float in_scale, float ref, int64_t n,
 inline float exp_sum_store(const float* s, float ref, int64_t n, float* p, float* raw_max) {
   int64_t c = 0;
   float sum = 0.0f, mx = neg_inf<float>();
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   {
-    const __m512 vref = _mm512_set1_ps(ref), ninf = _mm512_set1_ps(neg_inf<float>());
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), mx0 = ninf, mx1 = ninf;
-    for (; c + 32 <= n; c += 32) {
-      const __m512 x0 = _mm512_loadu_ps(s + c), x1 = _mm512_loadu_ps(s + c + 16);
-      mx0 = _mm512_max_ps(mx0, x0);
-      mx1 = _mm512_max_ps(mx1, x1);
-      const __m512 e0 = exp_f32(_mm512_sub_ps(x0, vref)), e1 = exp_f32(_mm512_sub_ps(x1, vref));
-      _mm512_storeu_ps(p + c, e0);
-      _mm512_storeu_ps(p + c + 16, e1);
-      acc0 = _mm512_add_ps(acc0, e0);
-      acc1 = _mm512_add_ps(acc1, e1);
+    using V = Vec<float>;
+    constexpr int64_t W = V::size();
+    // exp_f32 of this build's register; clamp_min(x, m) is a plain vmaxps (a NaN score need not
+    // win the max: its weight makes the sum NaN)
+    auto exp_v = [](V d) { return V(exp_f32(d)); };
+    const V vref(ref), ninf(neg_inf<float>());
+    V acc0(0.0f), acc1(0.0f), mx0 = ninf, mx1 = ninf;
+    for (; c + 2 * W <= n; c += 2 * W) {
+      const V x0 = V::loadu(s + c), x1 = V::loadu(s + c + W);
+      mx0 = at::vec::clamp_min(x0, mx0);
+      mx1 = at::vec::clamp_min(x1, mx1);
+      const V e0 = exp_v(x0 - vref), e1 = exp_v(x1 - vref);
+      e0.store(p + c);
+      e1.store(p + c + W);
+      acc0 = acc0 + e0;
+      acc1 = acc1 + e1;
     }
-    for (; c < n; c += 16) {
-      const __mmask16 m = lanes_left(n - c);
-      const __m512 x = _mm512_mask_loadu_ps(ninf, m, s + c);
-      mx0 = _mm512_max_ps(mx0, x);
-      const __m512 e = exp_f32(_mm512_sub_ps(x, vref));
-      _mm512_mask_storeu_ps(p + c, m, e);
-      acc0 = _mm512_add_ps(acc0, e);
+    for (; c < n; c += W) {
+      const int64_t k = std::min(W, n - c);  // the lanes past k read -inf: weight 0
+      const V x = k == W ? V::loadu(s + c) : V::set(ninf, V::loadu(s + c, k), k);
+      mx0 = at::vec::clamp_min(x, mx0);
+      const V e = exp_v(x - vref);
+      e.store(p + c, static_cast<int>(k));
+      acc0 = acc0 + e;
     }
-    sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-    mx = _mm512_reduce_max_ps(_mm512_max_ps(mx0, mx1));
-  }
-#elif defined(CPU_CAPABILITY_AVX2)
-  {
-    const __m256 vref = _mm256_set1_ps(ref), ninf = _mm256_set1_ps(neg_inf<float>());
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), mx0 = ninf, mx1 = ninf;
-    for (; c + 16 <= n; c += 16) {
-      const __m256 x0 = _mm256_loadu_ps(s + c), x1 = _mm256_loadu_ps(s + c + 8);
-      mx0 = _mm256_max_ps(mx0, x0);
-      mx1 = _mm256_max_ps(mx1, x1);
-      const __m256 e0 = exp_f32(_mm256_sub_ps(x0, vref)), e1 = exp_f32(_mm256_sub_ps(x1, vref));
-      _mm256_storeu_ps(p + c, e0);
-      _mm256_storeu_ps(p + c + 8, e1);
-      acc0 = _mm256_add_ps(acc0, e0);
-      acc1 = _mm256_add_ps(acc1, e1);
-    }
-    for (; c < n; c += 8) {
-      const __m256 x = load_left8(s + c, n - c);
-      mx0 = _mm256_max_ps(mx0, x);
-      const __m256 e = exp_f32(_mm256_sub_ps(x, vref));
-      _mm256_maskstore_ps(p + c, lanes_left8(n - c), e);
-      acc0 = _mm256_add_ps(acc0, e);
-    }
-    sum = reduce_add8(_mm256_add_ps(acc0, acc1));
-    mx0 = _mm256_max_ps(mx0, mx1);
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, mx0);
-    mx = *std::max_element(lanes, lanes + 8);
+    sum = at::vec::vec_reduce_all<float>([](V& a, V& b) { return a + b; }, acc0 + acc1);
+    mx = at::vec::vec_reduce_all<float>([](V& a, V& b) { return at::vec::clamp_min(a, b); },
+                                        at::vec::clamp_min(mx0, mx1));
   }
 #endif
   for (; c < n; ++c) {
