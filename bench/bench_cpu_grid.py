@@ -38,7 +38,13 @@ TOKENS = 8192  # B * L
 # Variables that cap the instruction sets ATen (and pyattn's kernels, which follow ATen's choice),
 # oneDNN and MKL use: set together, they run an AVX512 machine's libraries on their AVX2 code
 # (docs/design.md, "Half precision on CPU", "An AVX2 run on an AVX512 machine").
-ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "PYATTN_CPU_HALF_GEMM")
+ISA_CAPS = (
+    "ATEN_CPU_CAPABILITY",
+    "ONEDNN_MAX_CPU_ISA",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "PYATTN_CPU_HALF_GEMM",
+    "PYATTN_CPU_F32_GEMM",
+)
 
 
 def cpu_isa() -> str:
@@ -71,21 +77,22 @@ def gemm_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 3, clock=time.
     return 2 * n**3 / statistics.median(ts) / 1e9
 
 
-def _with_path(path, fn):
-    """fn with PYATTN_CPU_HALF_GEMM set to path for its duration (None: as the user left it)."""
+def _with_path(path, fn, var="PYATTN_CPU_HALF_GEMM"):
+    """fn with the path variable (PYATTN_CPU_HALF_GEMM, or PYATTN_CPU_F32_GEMM) set to path for
+    its duration (None: as the user left it)."""
     if path is None:
         return fn
 
     def run():
-        old = os.environ.get("PYATTN_CPU_HALF_GEMM")
-        os.environ["PYATTN_CPU_HALF_GEMM"] = path
+        old = os.environ.get(var)
+        os.environ[var] = path
         try:
             return fn()
         finally:
             if old is None:
-                del os.environ["PYATTN_CPU_HALF_GEMM"]
+                del os.environ[var]
             else:
-                os.environ["PYATTN_CPU_HALF_GEMM"] = old
+                os.environ[var] = old
 
     return run
 
@@ -123,11 +130,15 @@ def grid_rows(
         # each case's share divides by GEMM samples taken among its own repeats, under its load
         mm = gemm_step(dt, gemm_n)
         half = dt in (torch.float16, torch.bfloat16)
-        forced = [p for p in paths if half and info.half_gemm_available(p, dt)]
+        if half:
+            forced = [p for p in paths if info.half_gemm_available(p, dt)]
+        else:
+            forced = [p for p in paths if p in info.F32_GEMM_PATHS and info.f32_gemm_available(p)]
+        var = "PYATTN_CPU_HALF_GEMM" if half else "PYATTN_CPU_F32_GEMM"
         if half:
             fwd_path, bwd_path = info.half_gemm_path(dt, forward=True), info.half_gemm_path(dt)
         else:
-            fwd_path = bwd_path = "fp32 GEMM"
+            fwd_path, bwd_path = f"fp32 {info.f32_gemm_path()}", "fp32 blas"
         for D in dims:
             for L in lengths:
                 B = max(1, TOKENS // L)
@@ -139,7 +150,7 @@ def grid_rows(
                             "pyattn": _step(ours, ins, causal, mode),
                         }
                         for p in forced:
-                            provs[f"pyattn[{p}]"] = _with_path(p, _step(ours, ins, causal, mode))
+                            provs[f"pyattn[{p}]"] = _with_path(p, _step(ours, ins, causal, mode), var)
                         times = {p: [] for p in provs}
                         for _ in range(warmup):
                             for f in provs.values():
@@ -195,7 +206,11 @@ def main(argv=None) -> int:
     ap.add_argument("--dims", default="64,128")
     ap.add_argument("--modes", default="fwd,fwd+bwd")
     ap.add_argument("--causal", default="0,1")
-    ap.add_argument("--paths", default="", help="half paths to force as extra providers: widen,mkl,amx")
+    ap.add_argument(
+        "--paths",
+        default="",
+        help="paths to force as extra providers: widen,mkl,amx (half dtypes), blas,brgemm (fp32)",
+    )
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument(
         "--clock",

@@ -42,6 +42,40 @@ def half_gemm_path(dtype: torch.dtype, forward: bool = False) -> str:
     return fn(1 if dtype == torch.bfloat16 else 0, 1 if forward else 0).decode()
 
 
+F32_GEMM_PATHS = ("blas", "brgemm")
+
+
+def f32_gemm_path() -> str:
+    """The block-product path of the cpu backend's float32 sdpa / varlen forward now
+    (csrc/cpu/blas.cpp; docs/design.md, "float32 on oneDNN's brgemm"): ``"brgemm"`` (oneDNN's
+    JIT brgemm through torch, K transposed once per call; CPUs with AVX2 and FMA, oneDNN enabled)
+    or ``"blas"`` (MKL's sgemm through ATen; the backward always); ``PYATTN_CPU_F32_GEMM``
+    forces one. ``"error: ..."`` when that variable names a path this machine cannot run, ``"n/a"``
+    without the compiled extension."""
+    from pyattn import _backend
+
+    c = _backend._C()
+    if c is None:
+        return "n/a"
+    fn = ctypes.CDLL(c.__file__).pyattn_cpu_f32_gemm_path
+    fn.restype = ctypes.c_char_p
+    fn.argtypes = []
+    return fn().decode()
+
+
+def f32_gemm_available(path: str) -> bool:
+    """Whether ``PYATTN_CPU_F32_GEMM=path`` can run here."""
+    old = os.environ.get("PYATTN_CPU_F32_GEMM")
+    os.environ["PYATTN_CPU_F32_GEMM"] = path
+    try:
+        return f32_gemm_path() == path
+    finally:
+        if old is None:
+            del os.environ["PYATTN_CPU_F32_GEMM"]
+        else:
+            os.environ["PYATTN_CPU_F32_GEMM"] = old
+
+
 def half_gemm_available(path: str, dtype: torch.dtype) -> bool:
     """Whether ``PYATTN_CPU_HALF_GEMM=path`` can run ``dtype`` here."""
     old = os.environ.get("PYATTN_CPU_HALF_GEMM")
@@ -99,6 +133,8 @@ def run(args) -> int:
         print()
     if c is not None:
         print(f"half on CPU: {half_cpu_paths(c.cpu_capability())}")
+        avail = [p for p in F32_GEMM_PATHS if f32_gemm_available(p)]
+        print(f"float32 on CPU: {f32_gemm_path()} forward, blas backward (available: {', '.join(avail)})")
     if torch.cuda.is_available():
         print(f"GPU: {torch.cuda.get_device_name()}")
     print("where each backend has run on real hardware:")

@@ -28,6 +28,7 @@ CAPPED = os.environ.get("PYATTN_TEST_CAPPED")  # set in the child: the build it 
 # backend (shapes, head dims, long rows past a key block, masks, causal, empty rows).
 SELECTION = [
     "test_cpu_microkernels.py",
+    "test_cpu_f32_paths.py",
     "test_sdpa.py::test_matches_reference_and_torch",
     "test_sdpa.py::test_head_dims",
     "test_sdpa.py::test_cpu_long_rows",

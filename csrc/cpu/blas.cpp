@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -566,6 +567,79 @@ char* task_scratch(size_t bytes) {
   return static_cast<char*>(s.p);
 }
 
+// ---- float32 block products on oneDNN's brgemm ----
+
+namespace {
+
+// CPUID: AVX2 and FMA with the OS saving YMM state, the least oneDNN's float32 brgemm JIT needs
+// (below it torch's cpublas::brgemm falls back to its gemm, correct but with a copy per product).
+bool cpu_has_avx2_fma() {
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return false;
+  const bool fma = (ecx >> 12) & 1u, osxsave = (ecx >> 27) & 1u, avx = (ecx >> 28) & 1u;
+  if (!(fma && osxsave && avx)) return false;
+  unsigned xlo = 0, xhi = 0;
+  __asm__("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0));
+  if ((xlo & 6u) != 6u) return false;  // XMM and YMM state
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  return (ebx >> 5) & 1u;
+#else
+  return false;
+#endif
+}
+
+// ONEDNN_MAX_CPU_ISA capped below AVX2 (oneDNN reads it once, at its first kernel)
+bool onednn_capped_below_avx2() {
+  const char* env = std::getenv("ONEDNN_MAX_CPU_ISA");
+  if (env == nullptr) env = std::getenv("DNNL_MAX_CPU_ISA");
+  if (env == nullptr) return false;
+  std::string v(env);
+  for (auto& ch : v) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
+  return v == "SSE41" || v == "AVX" || v == "DEFAULT";
+}
+
+bool f32_brgemm_available() {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  static const bool isa = cpu_has_avx2_fma() && !onednn_capped_below_avx2();
+  return isa && at::globalContext().userEnabledMkldnn();
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+F32Gemm f32_gemm_path() {
+  // PYATTN_CPU_F32_GEMM=auto|blas|brgemm, read on every call as PYATTN_CPU_HALF_GEMM; a path this
+  // CPU or torch cannot run is an error. auto: the brgemm where oneDNN has it (docs/design.md,
+  // "float32 on oneDNN's brgemm").
+  const char* env = std::getenv("PYATTN_CPU_F32_GEMM");
+  if (env == nullptr || *env == 0 || std::strcmp(env, "auto") == 0) {
+    return f32_brgemm_available() ? F32Gemm::kBrgemm : F32Gemm::kBlas;
+  }
+  if (std::strcmp(env, "blas") == 0) return F32Gemm::kBlas;
+  TORCH_CHECK(std::strcmp(env, "brgemm") == 0,
+              "PYATTN_CPU_F32_GEMM: expected auto, blas or brgemm, got '", env, "'");
+  TORCH_CHECK(f32_brgemm_available(), "PYATTN_CPU_F32_GEMM=brgemm: not available on this CPU / torch",
+              " (needs AVX2 and FMA, oneDNN enabled and not capped below AVX2)");
+  return F32Gemm::kBrgemm;
+}
+
+const char* f32_gemm_name(F32Gemm path) {
+  return path == F32Gemm::kBrgemm ? "brgemm" : "blas";
+}
+
+void f32_brgemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc,
+                bool add_c, const float* a, const float* b, float* c) {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add_c, a, b, c, /*is_vnni=*/false);
+#else
+  (void)m, (void)n, (void)k, (void)lda, (void)ldb, (void)ldc, (void)add_c, (void)a, (void)b, (void)c;
+  TORCH_CHECK(false, "pyattn: this torch has no float32 cpublas::brgemm");
+#endif
+}
+
 void amx_release() {
 #ifdef CPUBLAS_BRGEMM_BF16BF16F32
   at::native::cpublas::brgemm_release(true);
@@ -584,6 +658,17 @@ extern "C" __attribute__((visibility("default"))) const char* pyattn_cpu_half_ge
   thread_local std::string answer;
   try {
     answer = pyattn::cpu::half_gemm_name(pyattn::cpu::half_gemm_path(bf16 != 0, forward != 0));
+  } catch (const c10::Error& e) {
+    answer = std::string("error: ") + e.what_without_backtrace();
+  }
+  return answer.c_str();
+}
+
+// The float32 block-product path (f32_gemm_path) a call takes now: "blas", "brgemm", or "error: ".
+extern "C" __attribute__((visibility("default"))) const char* pyattn_cpu_f32_gemm_path() {
+  thread_local std::string answer;
+  try {
+    answer = pyattn::cpu::f32_gemm_name(pyattn::cpu::f32_gemm_path());
   } catch (const c10::Error& e) {
     answer = std::string("error: ") + e.what_without_backtrace();
   }

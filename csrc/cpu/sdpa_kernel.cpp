@@ -948,10 +948,14 @@ void close_rows(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, int64_t 
   }
 }
 
+// KT (float32 only; nullptr otherwise): the query head's kv head's keys transposed and scaled
+// (transpose_keys, row stride ldkt): the block products then run on oneDNN's brgemm, which reads
+// Q, K^T, P and V in place (forward_f32_brgemm).
 template <typename in_t, bool N>
 void forward_block(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, HalfGemm path,
                    int64_t bh, int64_t i0, int64_t m, Work<in_t>& w,
-                   std::vector<flash::RowSoftmax<acc_t<in_t>>>& sm) {
+                   std::vector<flash::RowSoftmax<acc_t<in_t>>>& sm,
+                   const float* KT = nullptr, int64_t ldkt = 0) {
   using T = acc_t<in_t>;
   const int64_t b = bh / p.Hq, h = bh % p.Hq;
   const int64_t kvh = flash::kv_head(h, p.Hq, p.Hkv);
@@ -985,9 +989,19 @@ void forward_block(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, HalfG
                          p.dropout_p == 0.0;
   for (int64_t j0 = key_begin; j0 < key_end; j0 += kFwdBlockK) {
     const int64_t n = std::min(kFwdBlockK, key_end - j0);
-    const auto* Kb = operand<in_t, N>(K + j0 * p.k_rs, n * D, w.K.data());
-    // The native path scales in its row pass (fused with the max where no mask comes between).
-    block_gemm(path, false, true, m, n, D, N ? T(1) : p.scale, Q, p.q_rs, Kb, p.k_rs, T(0), S, n);
+    bool brgemm = false;
+    if constexpr (std::is_same_v<in_t, float>) {
+      if (KT != nullptr) {
+        f32_brgemm(m, n, D, p.q_rs, ldkt, n, false, Q, KT + j0, S);  // the scale is in KT
+        brgemm = true;
+      }
+    }
+    if (!brgemm) {
+      const auto* Kb = operand<in_t, N>(K + j0 * p.k_rs, n * D, w.K.data());
+      // The native path scales in its row pass (fused with the max where no mask comes between).
+      block_gemm(path, false, true, m, n, D, N ? T(1) : p.scale, Q, p.q_rs, Kb, p.k_rs, T(0), S,
+                 n);
+    }
     const bool causal_block = p.band.cuts(i0, i0 + m, j0, j0 + n);
     bool any = false;
     for (int64_t r = 0; r < m; ++r) {
@@ -1005,16 +1019,22 @@ void forward_block(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, HalfG
         if constexpr (std::is_same_v<in_t, float>) {
           if (lazy_fp32) P = w.Ph.data();
         }
-        block_gemm(path, false, false, m, Dv, n, T(1), P, n, Vb, p.v_rs, T(1), acc, ald);
+        if (brgemm) {
+          if constexpr (std::is_same_v<in_t, float>) {
+            f32_brgemm(m, Dv, n, n, p.v_rs, ald, true, P, Vb, acc);
+          }
+        } else {
+          block_gemm(path, false, false, m, Dv, n, T(1), P, n, Vb, p.v_rs, T(1), acc, ald);
+        }
       }
     }
   }
   close_rows(p, o, bh, i0, m, acc, sm);
 }
 
-template <typename in_t, bool N>
-void forward_impl(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, HalfGemm path) {
-  using T = acc_t<in_t>;
+// The query block of forward_impl (and forward_f32_brgemm).
+template <typename in_t>
+int64_t forward_block_q(const FlashParams<in_t>& p) {
   // Banded attention keeps 64 (a taller block widens every row's key range by its height), but
   // long float32/float64 rows without a left window take 128, where only the diagonal blocks
   // waste: 4-6% faster causal at L=1024 and 4096 (one thread, interleaved subprocess rounds).
@@ -1028,12 +1048,25 @@ void forward_impl(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, HalfGe
   } else if (!kHalf<in_t> && p.band.left < 0 && p.Lq >= kFwdLongRows) {
     block_q = kFwdBlockQMid;
   }
+  return block_q;
+}
+
+// A forward task's buffers. Ph: the native half path's rounded weights, float32's lazy ones
+// (forward_block).
+template <typename in_t, bool N>
+Work<in_t> forward_work(const FlashParams<in_t>& p, int64_t block_q) {
+  return Work<in_t>(block_q * kFwdBlockK, 0, kFwdBlockK, kHalf<in_t> && !N,
+                    N || std::is_same_v<in_t, float>, block_q * p.D, 0, kFwdBlockK * p.D,
+                    kFwdBlockK * p.Dv, block_q * p.Dv);
+}
+
+template <typename in_t, bool N>
+void forward_impl(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, HalfGemm path) {
+  using T = acc_t<in_t>;
+  const int64_t block_q = forward_block_q(p);
   const int64_t q_blocks = (p.Lq + block_q - 1) / block_q;
   at::parallel_for(0, p.B * p.Hq * q_blocks, 1, [&](int64_t begin, int64_t end) {
-    // Ph: the native half path's rounded weights, float32's lazy ones (forward_block)
-    Work<in_t> w(block_q * kFwdBlockK, 0, kFwdBlockK, kHalf<in_t> && !N,
-                 N || std::is_same_v<in_t, float>, block_q * p.D, 0, kFwdBlockK * p.D,
-                 kFwdBlockK * p.Dv, block_q * p.Dv);
+    Work<in_t> w = forward_work<in_t, N>(p, block_q);
     std::vector<flash::RowSoftmax<T>> sm(block_q);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / q_blocks, i0 = (t % q_blocks) * block_q;
@@ -1231,6 +1264,71 @@ void forward_amx(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o) {
   });
 }
 
+// ---- the float32 forward on oneDNN's brgemm (docs/design.md, "float32 on oneDNN's brgemm") ----
+
+// K^T's row stride for Lk keys: whole cache lines, an odd number of them, so that the D rows a
+// product reads down a column block spread over L1's sets (amx_row_stride).
+inline int64_t keys_t_ld(int64_t Lk) { return amx_row_stride((Lk + 15) / 16 * 16, 16); }
+
+// out (D x ld) = scale * K^T for Lk keys of D at row stride k_rs. The scale goes in here, once
+// per key, instead of on every score (brgemm has no alpha).
+inline void transpose_keys(const float* k, int64_t k_rs, int64_t Lk, int64_t D, float scale,
+                           float* out, int64_t ld) {
+  constexpr int64_t kTile = 16;
+  for (int64_t j0 = 0; j0 < Lk; j0 += kTile) {
+    const int64_t nj = std::min(kTile, Lk - j0);
+    for (int64_t d0 = 0; d0 < D; d0 += kTile) {
+      const int64_t nd = std::min(kTile, D - d0);
+      for (int64_t d = d0; d < d0 + nd; ++d) {
+        float* dst = out + d * ld + j0;
+        const float* src = k + j0 * k_rs + d;
+        for (int64_t j = 0; j < nj; ++j) dst[j] = scale * src[j * k_rs];
+      }
+    }
+  }
+}
+
+// Keys transposed per thread up to this size are kept in the thread's task_scratch between calls;
+// a longer unit's go in a block allocated for the task.
+constexpr int64_t kKeysTScratchBytes = 4 << 20;
+
+// The float32 forward with its block products on oneDNN's brgemm: a task transposes and scales
+// its unit's keys (a (batch, kv head)) once, when its run of query blocks reaches a new unit
+// (consecutive tasks share one: a head's query blocks, then a GQA group's heads), and the
+// products read Q, K^T, P and V in place; MKL's sgemm had copied the key block and the query
+// block for every product. Not a call-wide transposed copy written in a pass of its own and read
+// back (as forward_amx packs): that ran slower than MKL's path at D = 128, L = 1024 (one thread,
+// interleaved), where transposing per task ran level or faster.
+void forward_f32_brgemm(const FlashParams<float>& p, const FlashFwdOut<float>& o) {
+  const int64_t block_q = forward_block_q(p);
+  const int64_t q_blocks = (p.Lq + block_q - 1) / block_q;
+  const int64_t ld = keys_t_ld(p.Lk);
+  const int64_t kt_bytes = p.D * ld * static_cast<int64_t>(sizeof(float));
+  at::parallel_for(0, p.B * p.Hq * q_blocks, 1, [&](int64_t begin, int64_t end) {
+    Work<float> w = forward_work<float, false>(p, block_q);
+    std::vector<flash::RowSoftmax<float>> sm(block_q);
+    LineVector<float> own;
+    float* kt;
+    if (kt_bytes <= kKeysTScratchBytes) {
+      kt = reinterpret_cast<float*>(task_scratch(static_cast<size_t>(kt_bytes)));
+    } else {
+      own.resize(p.D * ld);
+      kt = own.data();
+    }
+    int64_t have = -1;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / q_blocks, i0 = (t % q_blocks) * block_q;
+      const int64_t unit = (bh / p.Hq) * p.Hkv + flash::kv_head(bh % p.Hq, p.Hq, p.Hkv);
+      if (unit != have) {
+        transpose_keys(p.k + unit * p.k_hs, p.k_rs, p.Lk, p.D, p.scale, kt, ld);
+        have = unit;
+      }
+      forward_block<float, false>(p, o, HalfGemm::kWiden, bh, i0, std::min(block_q, p.Lq - i0), w,
+                                  sm, kt, ld);
+    }
+  });
+}
+
 // Half blocks are widened, rounded and packed as contiguous runs of rows (FlashParams' layout).
 template <typename in_t>
 void check_layout(const FlashParams<in_t>& p) {
@@ -1249,6 +1347,11 @@ void forward(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o) {
     // too few query rows to pay for packing: the per-product path (auto: MKL's; forced: AMX's)
     const HalfGemm path = fwd == HalfGemm::kAmx ? native_path(p, false) : fwd;
     if (path != HalfGemm::kWiden) return forward_impl<in_t, true>(p, o, path);
+  }
+  if constexpr (std::is_same_v<in_t, float>) {
+    if (p.D > 0 && p.Dv > 0 && p.Lk > 0 && f32_gemm_path() == F32Gemm::kBrgemm) {
+      return forward_f32_brgemm(p, o);
+    }
   }
   forward_impl<in_t, false>(p, o, HalfGemm::kWiden);
 }

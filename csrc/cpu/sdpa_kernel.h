@@ -50,6 +50,18 @@ void flash_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, flo
                 const c10::Half* a, int64_t lda, const c10::Half* b, int64_t ldb, float beta,
                 float* c, int64_t ldc, HalfGemm path);
 
+// float32 block products (csrc/cpu/blas.cpp; docs/design.md, "float32 on oneDNN's brgemm"): kBlas
+// is MKL's sgemm through ATen (flash_gemm), which copies both operands of every product; kBrgemm
+// is oneDNN's JIT brgemm through torch's cpublas::brgemm, which reads A and B in place, so the
+// forward transposes K once per call and reads Q and V where they are. Read from
+// PYATTN_CPU_F32_GEMM=auto|blas|brgemm at each call.
+enum class F32Gemm { kBlas = 0, kBrgemm = 1 };
+F32Gemm f32_gemm_path();
+const char* f32_gemm_name(F32Gemm path);
+// C (m x n, ldc) [+]= A (m x k, lda) B (k x n, ldb), all row-major; m, n, k > 0
+void f32_brgemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc,
+                bool add_c, const float* a, const float* b, float* c);
+
 // The AMX forward's pre-packed operands (csrc/cpu/blas.cpp; docs/design.md, "Half precision on
 // CPU"): K and V of a (batch, kv head) are packed once per call into oneDNN's VNNI layout, in
 // strips of kAmxStrip keys (K^T) or columns (V), and every query block multiplies them with
