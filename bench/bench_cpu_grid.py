@@ -138,8 +138,10 @@ def grid_rows(
         if half:
             fwd_path, bwd_path = info.half_gemm_path(dt, forward=True), info.half_gemm_path(dt)
         else:
-            fwd_path, bwd_path = f"fp32 {info.f32_gemm_path()}", "fp32 blas"
+            fwd_path = f"fp32 {info.f32_gemm_path()}"
         for D in dims:
+            if not half:
+                bwd_path = f"fp32 {info.f32_gemm_path(False, D)}"
             for L in lengths:
                 B = max(1, TOKENS // L)
                 for causal in causals:

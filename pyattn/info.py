@@ -45,13 +45,14 @@ def half_gemm_path(dtype: torch.dtype, forward: bool = False) -> str:
 F32_GEMM_PATHS = ("blas", "brgemm")
 
 
-def f32_gemm_path() -> str:
-    """The block-product path of the cpu backend's float32 sdpa / varlen forward now
+def f32_gemm_path(forward: bool = True, head_dim: int = 64) -> str:
+    """The block-product path of the cpu backend's float32 sdpa / varlen kernels now
     (csrc/cpu/blas.cpp; docs/design.md, "float32 on oneDNN's brgemm"): ``"brgemm"`` (oneDNN's
-    JIT brgemm through torch, K transposed once per call; CPUs with AVX2 and FMA, oneDNN enabled)
-    or ``"blas"`` (MKL's sgemm through ATen; the backward always); ``PYATTN_CPU_F32_GEMM``
-    forces one. ``"error: ..."`` when that variable names a path this machine cannot run, ``"n/a"``
-    without the compiled extension."""
+    JIT brgemm through torch, the keys transposed once per task; CPUs with AVX2 and FMA, oneDNN
+    enabled) or ``"blas"`` (MKL's sgemm through ATen). ``auto`` takes brgemm for the forward at
+    every head dim and for the backward (``forward=False``) up to a ``head_dim`` (the larger of D
+    and Dv) of 64; ``PYATTN_CPU_F32_GEMM`` forces one path for both. ``"error: ..."`` when that
+    variable names a path this machine cannot run, ``"n/a"`` without the compiled extension."""
     from pyattn import _backend
 
     c = _backend._C()
@@ -59,8 +60,8 @@ def f32_gemm_path() -> str:
         return "n/a"
     fn = ctypes.CDLL(c.__file__).pyattn_cpu_f32_gemm_path
     fn.restype = ctypes.c_char_p
-    fn.argtypes = []
-    return fn().decode()
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64]
+    return fn(1 if forward else 0, head_dim).decode()
 
 
 def f32_gemm_available(path: str) -> bool:
@@ -134,7 +135,10 @@ def run(args) -> int:
     if c is not None:
         print(f"half on CPU: {half_cpu_paths(c.cpu_capability())}")
         avail = [p for p in F32_GEMM_PATHS if f32_gemm_available(p)]
-        print(f"float32 on CPU: {f32_gemm_path()} forward, blas backward (available: {', '.join(avail)})")
+        print(
+            f"float32 on CPU: {f32_gemm_path()} forward, {f32_gemm_path(False, 64)} backward at head dims"
+            f" <= 64, {f32_gemm_path(False, 128)} above (available: {', '.join(avail)})"
+        )
     if torch.cuda.is_available():
         print(f"GPU: {torch.cuda.get_device_name()}")
     print("where each backend has run on real hardware:")

@@ -2,9 +2,10 @@
 oneDNN's brgemm"), each forced with PYATTN_CPU_F32_GEMM so that every path this machine can run is
 tested here, whichever one `auto` picks:
 
-- ``blas``: MKL's sgemm through ATen (every CPU; the backward always);
+- ``blas``: MKL's sgemm through ATen (every CPU);
 - ``brgemm``: oneDNN's JIT brgemm through torch's cpublas::brgemm, the keys transposed and
-  scaled once per task (CPUs with AVX2 and FMA, oneDNN enabled).
+  scaled once per task in the forward, each key block's K^T and V^T once in the backward, whose
+  dK and dV accumulate transposed (CPUs with AVX2 and FMA, oneDNN enabled).
 
 Each case runs test_sdpa's rule (float64 reference, 2x / 3x the float32 reference's error) on
 shapes that reach the brgemm forward's edges: odd head dims and key counts (K^T's padded row
@@ -48,6 +49,9 @@ SHAPES = [
     (2, 2, 1, 50, 97, 59, 24),  # Dv != D
     (3, 4, 1, 20, 1, 16, 8),  # one key
     (1, 2, 2, 33, 47, 1, 3),  # D = 1
+    # one (batch, kv head) on two threads: the backward splits into key-block tasks (dK, dV) and
+    # query-block tasks (dQ, on MKL's path either way)
+    (1, 1, 1, 600, 900, 40, 40),
 ]
 
 
@@ -148,15 +152,22 @@ def test_auto_follows_onednn(monkeypatch):
     flags = info._cpu_flags()
     want = "brgemm" if {"avx2", "fma"} <= flags else "blas"
     assert info.f32_gemm_path() == want
+    # the backward takes it up to head dim 64 (measured slower than MKL's at 128)
+    assert info.f32_gemm_path(False, 64) == want
+    assert info.f32_gemm_path(False, 65) == "blas"
+    monkeypatch.setenv("PYATTN_CPU_F32_GEMM", "brgemm" if want == "brgemm" else "blas")
+    assert info.f32_gemm_path(False, 128) == want  # forced: both directions, every head dim
+    monkeypatch.delenv("PYATTN_CPU_F32_GEMM")
     # with oneDNN switched off in torch the forward keeps MKL's path, and brgemm is refused
     # (the flags' context also sets oneDNN's TF32 switch, which warns on a torch without XPU)
-    with warnings.catch_warnings(), torch.backends.mkldnn.flags(enabled=False):
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        assert info.f32_gemm_path() == "blas"
-        assert not info.f32_gemm_available("brgemm")
-        q = torch.randn(1, 2, 40, 16)
-        out = pyattn.scaled_dot_product_attention(q, q, q, backend="cpu")
-        torch.testing.assert_close(out, reference.scaled_dot_product_attention(q, q, q))
+        with torch.backends.mkldnn.flags(enabled=False):
+            assert info.f32_gemm_path() == "blas"
+            assert not info.f32_gemm_available("brgemm")
+            q = torch.randn(1, 2, 40, 16)
+            out = pyattn.scaled_dot_product_attention(q, q, q, backend="cpu")
+            torch.testing.assert_close(out, reference.scaled_dot_product_attention(q, q, q))
     assert info.f32_gemm_path() == want
 
 

@@ -610,13 +610,16 @@ bool f32_brgemm_available() {
 
 }  // namespace
 
-F32Gemm f32_gemm_path() {
+F32Gemm f32_gemm_path(bool forward, int64_t head_dim) {
   // PYATTN_CPU_F32_GEMM=auto|blas|brgemm, read on every call as PYATTN_CPU_HALF_GEMM; a path this
-  // CPU or torch cannot run is an error. auto: the brgemm where oneDNN has it (docs/design.md,
-  // "float32 on oneDNN's brgemm").
+  // CPU or torch cannot run is an error. auto (docs/design.md, "float32 on oneDNN's brgemm"): the
+  // brgemm where oneDNN has it, for the forward at every head dim and for the backward up to
+  // kF32BrgemmBackwardMaxD; past it the backward measured 0.95-1.03x MKL's (D = 128), below it
+  // 1.07-1.34x (D = 64).
   const char* env = std::getenv("PYATTN_CPU_F32_GEMM");
   if (env == nullptr || *env == 0 || std::strcmp(env, "auto") == 0) {
-    return f32_brgemm_available() ? F32Gemm::kBrgemm : F32Gemm::kBlas;
+    const bool fits = forward || head_dim <= kF32BrgemmBackwardMaxD;
+    return fits && f32_brgemm_available() ? F32Gemm::kBrgemm : F32Gemm::kBlas;
   }
   if (std::strcmp(env, "blas") == 0) return F32Gemm::kBlas;
   TORCH_CHECK(std::strcmp(env, "brgemm") == 0,
@@ -664,11 +667,13 @@ extern "C" __attribute__((visibility("default"))) const char* pyattn_cpu_half_ge
   return answer.c_str();
 }
 
-// The float32 block-product path (f32_gemm_path) a call takes now: "blas", "brgemm", or "error: ".
-extern "C" __attribute__((visibility("default"))) const char* pyattn_cpu_f32_gemm_path() {
+// The float32 block-product path (f32_gemm_path) a call takes now in this direction at this head
+// dim (the larger of D and Dv): "blas", "brgemm", or "error: ".
+extern "C" __attribute__((visibility("default"))) const char* pyattn_cpu_f32_gemm_path(
+    int forward, int64_t head_dim) {
   thread_local std::string answer;
   try {
-    answer = pyattn::cpu::f32_gemm_name(pyattn::cpu::f32_gemm_path());
+    answer = pyattn::cpu::f32_gemm_name(pyattn::cpu::f32_gemm_path(forward != 0, head_dim));
   } catch (const c10::Error& e) {
     answer = std::string("error: ") + e.what_without_backtrace();
   }

@@ -765,6 +765,77 @@ struct Work {
         V(widen ? v : 0), acc(kHalf<in_t> ? a : 0), Ph(native ? s : 0), dSh(native ? dp : 0) {}
 };
 
+// A row stride for S and P of at least `elems` (a multiple of per_line, the elements in a 64-byte
+// line) that spans an odd number of lines: with 512 keys the rows would sit 2 KiB (S) or 1 KiB
+// (P) apart, and the 16 rows of an AMX tile would share 2 or 4 of L1's 64 sets, evicting each
+// other while the tiles store and load them. Interleaved, one thread, AVX512-BF16 + AMX: the
+// bfloat16 forward ran 1.09-1.15x faster at D = 64 (L = 1024, 4096; causal and not) and 0.97-1.04x
+// at D = 128. perf had shown the products' tile stores to S stalling.
+inline int64_t amx_row_stride(int64_t elems, int64_t per_line) {
+  return (elems / per_line) % 2 == 0 ? elems + per_line : elems;
+}
+
+// The float32 backward's brgemm operands (docs/design.md, "float32 on oneDNN's brgemm"): a key
+// block's K^T (scaled) and V^T, read in place by every tile's S and dP products; a query block's
+// Q^T and dO^T; and dK^T, dV^T of the key block, accumulated as dK^T += Q^T dS and
+// dV^T += dO^T (Z P) (brgemm's A operand is row-major, so the products that read dS^T and P^T
+// run transposed) and added into dK, dV once the block is done. All row strides an odd number
+// of cache lines (amx_row_stride).
+struct BrgemmBwd {
+  int64_t ld, ldq;  // of the key-block operands (>= kBwdBlockK) and of the query-block ones
+  LineVector<float> KT, VT, QT, dOT, dKT, dVT;
+  BrgemmBwd(int64_t D, int64_t Dv)
+      : ld(amx_row_stride(kBwdBlockK, 16)), ldq(amx_row_stride(kBwdBlockQ<float>, 16)),
+        KT(D * ld), VT(Dv * ld), QT(D * ldq), dOT(Dv * ldq), dKT(D * ld), dVT(Dv * ld) {}
+};
+
+// out (cols x ld) = scale * in^T for rows x cols at row stride rs: the brgemm paths' K^T (the
+// softmax scale goes in here, once per key, instead of on every score: brgemm has no alpha), V^T,
+// Q^T and dO^T.
+inline void transpose_rows(const float* in, int64_t rs, int64_t rows, int64_t cols, float scale,
+                           float* out, int64_t ld) {
+#if defined(CPU_CAPABILITY_AVX2)
+  // ATen's dynamic transpose is scalar below AVX512: its 8 x 8 register kernel, then the edges
+  const int64_t r8 = rows / 8 * 8, c8 = cols / 8 * 8;
+  for (int64_t i = 0; i < r8; i += 8) {
+    for (int64_t j = 0; j < c8; j += 8) {
+      at::vec::transpose_mxn<float, 8, 8>(in + i * rs + j, rs, out + j * ld + i, ld);
+    }
+    at::vec::transpose_mxn<float>(in + i * rs + c8, rs, out + c8 * ld + i, ld, 8,
+                                  static_cast<int>(cols - c8));
+  }
+  at::vec::transpose_mxn<float>(in + r8 * rs, rs, out + r8, ld, static_cast<int>(rows - r8),
+                                static_cast<int>(cols));
+#else
+  // AVX512: 16 x 16 register blocks with masked edges; DEFAULT: scalar
+  at::vec::transpose_mxn<float>(in, rs, out, ld, static_cast<int>(rows), static_cast<int>(cols));
+#endif
+  if (scale != 1.0f) {
+    for (int64_t d = 0; d < cols; ++d) {
+      at::vec::map<float>([scale](Vec<float> x) { return x * Vec<float>(scale); }, out + d * ld,
+                          out + d * ld, rows);
+    }
+  }
+}
+
+// dst (rows x cols, row stride rs) += src^T for src (cols x ld), through a 16 x 16 block.
+inline void add_transposed(const float* src, int64_t ld, int64_t rows, int64_t cols, float* dst,
+                           int64_t rs) {
+  alignas(64) float t[16 * 16];
+  for (int64_t j0 = 0; j0 < rows; j0 += 16) {
+    const int64_t nj = std::min<int64_t>(16, rows - j0);
+    for (int64_t d0 = 0; d0 < cols; d0 += 16) {
+      const int64_t nd = std::min<int64_t>(16, cols - d0);
+      transpose_rows(src + d0 * ld + j0, ld, nd, nj, 1.0f, t, 16);
+      for (int64_t j = 0; j < nj; ++j) {
+        float* row = dst + (j0 + j) * rs + d0;
+        at::vec::map2<float>([](Vec<float> x, Vec<float> y) { return x + y; }, row, row, t + j * 16,
+                             nd);
+      }
+    }
+  }
+}
+
 // Rounds n float32 values to the half dtype (the native path's P and dS).
 template <typename in_t>
 inline void round_block(const float* src, in_t* dst, int64_t n) {
@@ -949,7 +1020,7 @@ void close_rows(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, int64_t 
 }
 
 // KT (float32 only; nullptr otherwise): the query head's kv head's keys transposed and scaled
-// (transpose_keys, row stride ldkt): the block products then run on oneDNN's brgemm, which reads
+// (transpose_rows, row stride ldkt): the block products then run on oneDNN's brgemm, which reads
 // Q, K^T, P and V in place (forward_f32_brgemm).
 template <typename in_t, bool N>
 void forward_block(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, HalfGemm path,
@@ -1090,15 +1161,6 @@ constexpr int64_t kAmxBlockQ = 128;
 constexpr int64_t kAmxUnitBytes = 256 * 1024;
 constexpr int64_t kAmxUnitsPerThread = 4;
 
-// A row stride for S and P of at least `elems` (a multiple of per_line, the elements in a 64-byte
-// line) that spans an odd number of lines: with 512 keys the rows would sit 2 KiB (S) or 1 KiB
-// (P) apart, and the 16 rows of an AMX tile would share 2 or 4 of L1's 64 sets, evicting each
-// other while the tiles store and load them. Interleaved, one thread, AVX512-BF16 + AMX: the
-// bfloat16 forward ran 1.09-1.15x faster at D = 64 (L = 1024, 4096; causal and not) and 0.97-1.04x
-// at D = 128. perf had shown the products' tile stores to S stalling.
-inline int64_t amx_row_stride(int64_t elems, int64_t per_line) {
-  return (elems / per_line) % 2 == 0 ? elems + per_line : elems;
-}
 
 // Whether the call packs K and V for the AMX forward: each packed element must be read by enough
 // query rows (its kv head's query heads times Lq) to pay for its packing.
@@ -1270,24 +1332,6 @@ void forward_amx(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o) {
 // product reads down a column block spread over L1's sets (amx_row_stride).
 inline int64_t keys_t_ld(int64_t Lk) { return amx_row_stride((Lk + 15) / 16 * 16, 16); }
 
-// out (D x ld) = scale * K^T for Lk keys of D at row stride k_rs. The scale goes in here, once
-// per key, instead of on every score (brgemm has no alpha).
-inline void transpose_keys(const float* k, int64_t k_rs, int64_t Lk, int64_t D, float scale,
-                           float* out, int64_t ld) {
-  constexpr int64_t kTile = 16;
-  for (int64_t j0 = 0; j0 < Lk; j0 += kTile) {
-    const int64_t nj = std::min(kTile, Lk - j0);
-    for (int64_t d0 = 0; d0 < D; d0 += kTile) {
-      const int64_t nd = std::min(kTile, D - d0);
-      for (int64_t d = d0; d < d0 + nd; ++d) {
-        float* dst = out + d * ld + j0;
-        const float* src = k + j0 * k_rs + d;
-        for (int64_t j = 0; j < nj; ++j) dst[j] = scale * src[j * k_rs];
-      }
-    }
-  }
-}
-
 // Keys transposed per thread up to this size are kept in the thread's task_scratch between calls;
 // a longer unit's go in a block allocated for the task.
 constexpr int64_t kKeysTScratchBytes = 4 << 20;
@@ -1320,7 +1364,7 @@ void forward_f32_brgemm(const FlashParams<float>& p, const FlashFwdOut<float>& o
       const int64_t bh = t / q_blocks, i0 = (t % q_blocks) * block_q;
       const int64_t unit = (bh / p.Hq) * p.Hkv + flash::kv_head(bh % p.Hq, p.Hq, p.Hkv);
       if (unit != have) {
-        transpose_keys(p.k + unit * p.k_hs, p.k_rs, p.Lk, p.D, p.scale, kt, ld);
+        transpose_rows(p.k + unit * p.k_hs, p.k_rs, p.Lk, p.D, p.scale, kt, ld);  // the scale too
         have = unit;
       }
       forward_block<float, false>(p, o, HalfGemm::kWiden, bh, i0, std::min(block_q, p.Lq - i0), w,
@@ -1349,7 +1393,8 @@ void forward(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o) {
     if (path != HalfGemm::kWiden) return forward_impl<in_t, true>(p, o, path);
   }
   if constexpr (std::is_same_v<in_t, float>) {
-    if (p.D > 0 && p.Dv > 0 && p.Lk > 0 && f32_gemm_path() == F32Gemm::kBrgemm) {
+    if (p.D > 0 && p.Dv > 0 && p.Lk > 0 &&
+        f32_gemm_path(true, std::max(p.D, p.Dv)) == F32Gemm::kBrgemm) {
       return forward_f32_brgemm(p, o);
     }
   }
@@ -1359,10 +1404,13 @@ void forward(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o) {
 // One (query block, key block) tile of query head h: P from the saved lse, then dS (into dP)
 // and Z P (into S), the middle every backward GEMM reads. Q and dO are the block's rows
 // i0 .. i0 + m - 1 and Kb, Vb the key block's rows j0 .. j0 + n - 1, all as acc_t.
+// bt (float32 on the brgemm path; null otherwise): the key block's K^T (scaled) and V^T, which
+// the S and dP products read in place; dS then comes out scaled (brgemm has no alpha).
 template <typename in_t, bool N, typename T = acc_t<in_t>, typename O = op_t<in_t, N>>
 void backward_tile(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a, HalfGemm path,
                    int64_t b, int64_t h, int64_t i0, int64_t m, int64_t j0, int64_t n, const O* Q,
-                   const O* dO, const O* Kb, const O* Vb, Work<in_t>& w) {
+                   const O* dO, const O* Kb, const O* Vb, Work<in_t>& w,
+                   const BrgemmBwd* bt = nullptr) {
   T* S = w.S.data();
   T* dP = w.dP.data();
   T* Z = w.Z.data();
@@ -1372,8 +1420,20 @@ void backward_tile(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a, Half
   const T* delta = a.delta + bh * p.l_hs + i0;
   const bool dropout = p.dropout_p > 0.0;
   const T keep_scale = T(1) / (T(1) - T(p.dropout_p));
-  block_gemm(path, false, true, m, n, D, p.scale, Q, p.q_rs, Kb, p.k_rs, T(0), S, n);
-  block_gemm(path, false, true, m, n, Dv, T(1), dO, p.o_rs, Vb, p.v_rs, T(0), dP, n);
+  T ds_mul = T(1);
+  bool brgemm = false;
+  if constexpr (std::is_same_v<in_t, float>) {
+    if (bt != nullptr) {
+      f32_brgemm(m, n, D, p.q_rs, bt->ld, n, false, Q, bt->KT.data(), S);
+      f32_brgemm(m, n, Dv, p.o_rs, bt->ld, n, false, dO, bt->VT.data(), dP);
+      ds_mul = p.scale;
+      brgemm = true;
+    }
+  }
+  if (!brgemm) {
+    block_gemm(path, false, true, m, n, D, p.scale, Q, p.q_rs, Kb, p.k_rs, T(0), S, n);
+    block_gemm(path, false, true, m, n, Dv, T(1), dO, p.o_rs, Vb, p.v_rs, T(0), dP, n);
+  }
   const bool causal_block = p.band.cuts(i0, i0 + m, j0, j0 + n);
   const bool mods = has_score_mods(p);
   T* G = p.softcap > T(0) ? w.G.data() : nullptr;
@@ -1392,9 +1452,15 @@ void backward_tile(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a, Half
     if (dropout) {
       dropout_row(p, keep_scale, bh, i, j0, n, Z);
       // dS = P (Z dP - Delta) (flash::dscore), then s becomes Z P, what multiplied V
-      at::vec::map3<T>([dl](Vec<T> pp, Vec<T> d, Vec<T> z) { return pp * (z * d - Vec<T>(dl)); }, dp,
-                       s, dp, Z, n);
+      at::vec::map3<T>(
+          [dl, ds_mul](Vec<T> pp, Vec<T> d, Vec<T> z) {
+            return pp * (z * d - Vec<T>(dl)) * Vec<T>(ds_mul);
+          },
+          dp, s, dp, Z, n);
       at::vec::map2<T>([](Vec<T> pp, Vec<T> z) { return pp * z; }, s, s, Z, n);
+    } else if (brgemm) {
+      at::vec::map2<T>([dl, ds_mul](Vec<T> pp, Vec<T> d) { return pp * (d - Vec<T>(dl)) * Vec<T>(ds_mul); },
+                       dp, s, dp, n);
     } else {
       at::vec::map2<T>([dl](Vec<T> pp, Vec<T> d) { return pp * (d - Vec<T>(dl)); }, dp, s, dp, n);
     }
@@ -1447,12 +1513,51 @@ struct GradDst {
   int64_t dv_rs;
 };
 
+// backward_key_block's loop with every product on oneDNN's brgemm (float32).
+void backward_key_block_brgemm(const FlashParams<float>& p, const FlashBwdArgs<float>& a,
+                               int64_t b, int64_t kvh, int64_t j0, int64_t n, bool with_dq,
+                               Work<float>& w, const GradDst<float>& g, BrgemmBwd& bt) {
+  const int64_t D = p.D, Dv = p.Dv, Lq = p.Lq;
+  const int64_t group = p.Hq / p.Hkv;
+  const float* Kb = p.k + (b * p.Hkv + kvh) * p.k_hs + j0 * p.k_rs;
+  const float* Vb = p.v + (b * p.Hkv + kvh) * p.v_hs + j0 * p.v_rs;
+  transpose_rows(Kb, p.k_rs, n, D, p.scale, bt.KT.data(), bt.ld);
+  transpose_rows(Vb, p.v_rs, n, Dv, 1.0f, bt.VT.data(), bt.ld);
+  std::fill(bt.dKT.begin(), bt.dKT.end(), 0.0f);
+  std::fill(bt.dVT.begin(), bt.dVT.end(), 0.0f);
+  const float* S = w.S.data();    // Z P after the tile
+  const float* dS = w.dP.data();  // scaled
+  for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
+    const int64_t bh = b * p.Hq + h;
+    const int64_t i_begin = p.band.on() ? p.band.query_begin(j0) : 0;
+    const int64_t i_end = p.band.on() ? p.band.query_end(j0 + n) : Lq;
+    for (int64_t i0 = i_begin; i0 < i_end; i0 += kBwdBlockQ<float>) {
+      const int64_t m = std::min(kBwdBlockQ<float>, i_end - i0);
+      const float* Q = p.q + bh * p.q_hs + i0 * p.q_rs;
+      const float* dO = a.grad_out + bh * p.o_hs + i0 * p.o_rs;
+      backward_tile<float, false>(p, a, HalfGemm::kWiden, b, h, i0, m, j0, n, Q, dO, Kb, Vb, w,
+                                  &bt);
+      transpose_rows(Q, p.q_rs, m, D, 1.0f, bt.QT.data(), bt.ldq);
+      transpose_rows(dO, p.o_rs, m, Dv, 1.0f, bt.dOT.data(), bt.ldq);
+      // dV^T += dO^T (Z P);  dQ += dS K;  dK^T += Q^T dS  (dS carries the scale)
+      f32_brgemm(Dv, n, m, bt.ldq, n, bt.ld, true, bt.dOT.data(), S, bt.dVT.data());
+      if (with_dq) {
+        float* dQ = g.dq + (h - kvh * group) * g.dq_hs + i0 * g.dq_rs;
+        f32_brgemm(m, D, n, n, p.k_rs, g.dq_rs, true, dS, Kb, dQ);
+      }
+      f32_brgemm(D, n, m, bt.ldq, n, bt.ld, true, bt.QT.data(), dS, bt.dKT.data());
+    }
+  }
+  add_transposed(bt.dKT.data(), bt.ld, n, D, g.dk, g.dk_rs);
+  add_transposed(bt.dVT.data(), bt.ld, n, Dv, g.dv, g.dv_rs);
+}
+
 // Key block j0 of kv head (b, kvh), against every query of every query head of its group:
 // dK and dV of the block's keys into g.dk, g.dv, and (with_dq) the block's share of dQ.
 template <typename in_t, bool N>
 void backward_key_block(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a, HalfGemm path,
                         int64_t b, int64_t kvh, int64_t j0, bool with_dq, Work<in_t>& w,
-                        const GradDst<acc_t<in_t>>& g) {
+                        const GradDst<acc_t<in_t>>& g, BrgemmBwd* bt = nullptr) {
   using T = acc_t<in_t>;
   const int64_t D = p.D, Dv = p.Dv, Lq = p.Lq, Lk = p.Lk;
   const int64_t group = p.Hq / p.Hkv;
@@ -1461,6 +1566,9 @@ void backward_key_block(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a,
   const int64_t v_off = (b * p.Hkv + kvh) * p.v_hs + j0 * p.v_rs;
   const auto* Kb = operand<in_t, N>(p.k + k_off, n * D, w.K.data());
   const auto* Vb = operand<in_t, N>(p.v + v_off, n * Dv, w.V.data());
+  if constexpr (std::is_same_v<in_t, float>) {
+    if (bt != nullptr) return backward_key_block_brgemm(p, a, b, kvh, j0, n, with_dq, w, g, *bt);
+  }
   for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
     const int64_t bh = b * p.Hq + h;
     // Causal and window: only the queries whose band meets this key block
@@ -1550,7 +1658,8 @@ std::vector<float> half_delta(const FlashParams<in_t>& p, const FlashBwdArgs<in_
 // a key block's dK and dV (complete when the block is done), its group's dQ (first scheme; the
 // whole rows) or its query block's dQ (second scheme), rounded into the outputs once complete.
 template <typename in_t, bool N>
-void backward_impl(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& args, HalfGemm path) {
+void backward_impl(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& args, HalfGemm path,
+                   bool f32_brgemm_path = false) {
   using T = acc_t<in_t>;
   const int64_t pairs = p.B * p.Hkv;
   const int64_t key_blocks = (p.Lk + kBwdBlockK - 1) / kBwdBlockK;
@@ -1573,6 +1682,7 @@ void backward_impl(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& args, H
   // the task's float32 blocks (direct) and the GradDst of a key block / a query block
   struct Acc {
     LineVector<T> dq, dk, dv;
+    std::unique_ptr<BrgemmBwd> bt;  // float32 on the brgemm path: the key blocks' operands
   };
   auto key_dst = [&](Acc& acc, int64_t b, int64_t kvh, int64_t j0) {
     if (direct) return GradDst<T>{acc.dq.data(), p.Lq * D, D, acc.dk.data(), D, acc.dv.data(), Dv};
@@ -1589,13 +1699,14 @@ void backward_impl(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& args, H
       round_rows(acc.dv.data(), n, Dv, a.dv_out + (b * p.Hkv + kvh) * p.v_hs + j0 * p.v_rs, p.v_rs);
     }
   };
-  auto run = [&](int64_t tasks, int64_t dq_rows, auto&& body) {
+  auto run = [&](int64_t tasks, int64_t dq_rows, bool key_blocks_task, auto&& body) {
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
       constexpr int64_t bq = kBwdBlockQ<in_t>;
       Work<in_t> w(bq * kBwdBlockK, bq * kBwdBlockK, kBwdBlockK, kHalf<in_t> && !N, N, bq * p.D,
                    bq * p.Dv, kBwdBlockK * p.D, kBwdBlockK * p.Dv, 0);
       if (p.softcap > acc_t<in_t>(0)) w.G.resize(bq * kBwdBlockK);
       Acc acc;
+      if (f32_brgemm_path && key_blocks_task) acc.bt = std::make_unique<BrgemmBwd>(p.D, p.Dv);
       if (direct) {
         acc.dq.assign(dq_rows * D, T(0));
         acc.dk.assign(kBwdBlockK * D, T(0));
@@ -1605,10 +1716,11 @@ void backward_impl(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& args, H
     });
   };
   if (!split) {
-    run(pairs, group * p.Lq, [&](int64_t t, Work<in_t>& w, Acc& acc) {
+    run(pairs, group * p.Lq, true, [&](int64_t t, Work<in_t>& w, Acc& acc) {
       const int64_t b = t / p.Hkv, kvh = t % p.Hkv;
       for (int64_t j0 = 0; j0 < p.Lk; j0 += kBwdBlockK) {
-        backward_key_block<in_t, N>(p, a, path, b, kvh, j0, true, w, key_dst(acc, b, kvh, j0));
+        backward_key_block<in_t, N>(p, a, path, b, kvh, j0, true, w, key_dst(acc, b, kvh, j0),
+                                    acc.bt.get());
         if (direct) flush_key_block(acc, b, kvh, j0);
       }
       if constexpr (kHalf<in_t>) {
@@ -1622,14 +1734,15 @@ void backward_impl(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& args, H
     });
     return;
   }
-  run(pairs * key_blocks, 0, [&](int64_t t, Work<in_t>& w, Acc& acc) {
+  run(pairs * key_blocks, 0, true, [&](int64_t t, Work<in_t>& w, Acc& acc) {
     const int64_t pair = t / key_blocks, b = pair / p.Hkv, kvh = pair % p.Hkv;
     const int64_t j0 = (t % key_blocks) * kBwdBlockK;
-    backward_key_block<in_t, N>(p, a, path, b, kvh, j0, false, w, key_dst(acc, b, kvh, j0));
+    backward_key_block<in_t, N>(p, a, path, b, kvh, j0, false, w, key_dst(acc, b, kvh, j0),
+                                acc.bt.get());
     if (direct) flush_key_block(acc, b, kvh, j0);
   });
   const int64_t q_blocks = (p.Lq + kBwdBlockQ<in_t> - 1) / kBwdBlockQ<in_t>;
-  run(p.B * p.Hq * q_blocks, kBwdBlockQ<in_t>, [&](int64_t t, Work<in_t>& w, Acc& acc) {
+  run(p.B * p.Hq * q_blocks, kBwdBlockQ<in_t>, false, [&](int64_t t, Work<in_t>& w, Acc& acc) {
     const int64_t bh = t / q_blocks, i0 = (t % q_blocks) * kBwdBlockQ<in_t>;
     if (!direct) {
       backward_query_block<in_t, N>(p, a, path, bh / p.Hq, bh % p.Hq, i0, w,
@@ -1651,7 +1764,12 @@ void backward(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a) {
     const HalfGemm path = native_path(p, false);
     if (path != HalfGemm::kWiden) return backward_impl<in_t, true>(p, a, path);
   }
-  backward_impl<in_t, false>(p, a, HalfGemm::kWiden);
+  bool brgemm = false;
+  if constexpr (std::is_same_v<in_t, float>) {
+    brgemm = p.D > 0 && p.Dv > 0 && p.Lk > 0 && p.Lq > 0 &&
+             f32_gemm_path(false, std::max(p.D, p.Dv)) == F32Gemm::kBrgemm;
+  }
+  backward_impl<in_t, false>(p, a, HalfGemm::kWiden, brgemm);
 }
 
 }  // namespace

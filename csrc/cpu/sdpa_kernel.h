@@ -53,10 +53,11 @@ void flash_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, flo
 // float32 block products (csrc/cpu/blas.cpp; docs/design.md, "float32 on oneDNN's brgemm"): kBlas
 // is MKL's sgemm through ATen (flash_gemm), which copies both operands of every product; kBrgemm
 // is oneDNN's JIT brgemm through torch's cpublas::brgemm, which reads A and B in place, so the
-// forward transposes K once per call and reads Q and V where they are. Read from
-// PYATTN_CPU_F32_GEMM=auto|blas|brgemm at each call.
+// forward transposes K once per task and reads Q and V where they are. Read from
+// PYATTN_CPU_F32_GEMM=auto|blas|brgemm at each call; head_dim: the larger of D and Dv.
 enum class F32Gemm { kBlas = 0, kBrgemm = 1 };
-F32Gemm f32_gemm_path();
+constexpr int64_t kF32BrgemmBackwardMaxD = 64;
+F32Gemm f32_gemm_path(bool forward, int64_t head_dim);
 const char* f32_gemm_name(F32Gemm path);
 // C (m x n, ldc) [+]= A (m x k, lda) B (k x n, ldb), all row-major; m, n, k > 0
 void f32_brgemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc,
