@@ -46,7 +46,8 @@ F32_GEMM_PATHS = ("blas", "brgemm")
 
 
 def f32_gemm_path(forward: bool = True, head_dim: int = 64) -> str:
-    """The block-product path of the cpu backend's float32 sdpa / varlen kernels now
+    """The block-product path of the cpu backend's float32 sdpa / varlen kernels (and of the
+    forward of half inputs on the widened path) now
     (csrc/cpu/blas.cpp; docs/design.md, "float32 on oneDNN's brgemm"): ``"brgemm"`` (oneDNN's
     JIT brgemm through torch, the keys transposed once per task; CPUs with AVX2 and FMA, oneDNN
     enabled) or ``"blas"`` (MKL's sgemm through ATen). ``auto`` takes brgemm for the forward at

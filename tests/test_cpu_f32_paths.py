@@ -24,6 +24,7 @@ import warnings
 import pytest
 import torch
 from helpers import assert_close_to_ref
+from test_half_cpu import run_sdpa_case
 from test_sdpa import run_case
 
 import pyattn
@@ -96,6 +97,15 @@ def test_variants_each_f32_path(f32_path, kw):
     out_l = reference.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kw32)
     out64 = reference.scaled_dot_product_attention(q, k, v, **kw)
     assert_close_to_ref("out", out, out_l, out64)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", [(2, 4, 2, 97, 601, 59, 59), (1, 2, 2, 300, 1100, 64, 64)], ids=str)
+def test_widened_half_forward_each_f32_path(f32_path, dtype, shape, monkeypatch):
+    # half inputs on the widened path run float32 products: their forward takes the float32 path
+    # too, the keys widened a block at a time into the transposed copy
+    monkeypatch.setenv("PYATTN_CPU_HALF_GEMM", "widen")
+    run_sdpa_case(dtype, *shape, causal=1)
 
 
 def test_long_keys_past_the_kept_scratch(f32_path):

@@ -1061,7 +1061,7 @@ void forward_block(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, HalfG
   for (int64_t j0 = key_begin; j0 < key_end; j0 += kFwdBlockK) {
     const int64_t n = std::min(kFwdBlockK, key_end - j0);
     bool brgemm = false;
-    if constexpr (std::is_same_v<in_t, float>) {
+    if constexpr (!N && std::is_same_v<T, float>) {
       if (KT != nullptr) {
         f32_brgemm(m, n, D, p.q_rs, ldkt, n, false, Q, KT + j0, S);  // the scale is in KT
         brgemm = true;
@@ -1091,7 +1091,7 @@ void forward_block(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o, HalfG
           if (lazy_fp32) P = w.Ph.data();
         }
         if (brgemm) {
-          if constexpr (std::is_same_v<in_t, float>) {
+          if constexpr (std::is_same_v<T, float>) {
             f32_brgemm(m, Dv, n, n, p.v_rs, ald, true, P, Vb, acc);
           }
         } else {
@@ -1343,13 +1343,14 @@ constexpr int64_t kKeysTScratchBytes = 4 << 20;
 // block for every product. Not a call-wide transposed copy written in a pass of its own and read
 // back (as forward_amx packs): that ran slower than MKL's path at D = 128, L = 1024 (one thread,
 // interleaved), where transposing per task ran level or faster.
-void forward_f32_brgemm(const FlashParams<float>& p, const FlashFwdOut<float>& o) {
+template <typename in_t>
+void forward_f32_brgemm(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o) {
   const int64_t block_q = forward_block_q(p);
   const int64_t q_blocks = (p.Lq + block_q - 1) / block_q;
   const int64_t ld = keys_t_ld(p.Lk);
   const int64_t kt_bytes = p.D * ld * static_cast<int64_t>(sizeof(float));
   at::parallel_for(0, p.B * p.Hq * q_blocks, 1, [&](int64_t begin, int64_t end) {
-    Work<float> w = forward_work<float, false>(p, block_q);
+    Work<in_t> w = forward_work<in_t, false>(p, block_q);
     std::vector<flash::RowSoftmax<float>> sm(block_q);
     LineVector<float> own;
     float* kt;
@@ -1364,11 +1365,21 @@ void forward_f32_brgemm(const FlashParams<float>& p, const FlashFwdOut<float>& o
       const int64_t bh = t / q_blocks, i0 = (t % q_blocks) * block_q;
       const int64_t unit = (bh / p.Hq) * p.Hkv + flash::kv_head(bh % p.Hq, p.Hq, p.Hkv);
       if (unit != have) {
-        transpose_rows(p.k + unit * p.k_hs, p.k_rs, p.Lk, p.D, p.scale, kt, ld);  // the scale too
+        const in_t* k = p.k + unit * p.k_hs;
+        if constexpr (kHalf<in_t>) {
+          // widened a key block at a time through the task's K buffer (dense rows)
+          for (int64_t j0 = 0; j0 < p.Lk; j0 += kFwdBlockK) {
+            const int64_t n = std::min(kFwdBlockK, p.Lk - j0);
+            const float* kb = load_block(k + j0 * p.D, n * p.D, w.K.data());
+            transpose_rows(kb, p.D, n, p.D, p.scale, kt + j0, ld);
+          }
+        } else {
+          transpose_rows(k, p.k_rs, p.Lk, p.D, p.scale, kt, ld);  // the scale too
+        }
         have = unit;
       }
-      forward_block<float, false>(p, o, HalfGemm::kWiden, bh, i0, std::min(block_q, p.Lq - i0), w,
-                                  sm, kt, ld);
+      forward_block<in_t, false>(p, o, HalfGemm::kWiden, bh, i0, std::min(block_q, p.Lq - i0), w,
+                                 sm, kt, ld);
     }
   });
 }
@@ -1392,7 +1403,8 @@ void forward(const FlashParams<in_t>& p, const FlashFwdOut<in_t>& o) {
     const HalfGemm path = fwd == HalfGemm::kAmx ? native_path(p, false) : fwd;
     if (path != HalfGemm::kWiden) return forward_impl<in_t, true>(p, o, path);
   }
-  if constexpr (std::is_same_v<in_t, float>) {
+  // float32, and half inputs on the widened path (float32 blocks, float32 products)
+  if constexpr (std::is_same_v<acc_t<in_t>, float>) {
     if (p.D > 0 && p.Dv > 0 && p.Lk > 0 &&
         f32_gemm_path(true, std::max(p.D, p.Dv)) == F32Gemm::kBrgemm) {
       return forward_f32_brgemm(p, o);
