@@ -80,21 +80,11 @@ def gemm_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 3, clock=time.
 def _with_path(path, fn, var="PYATTN_CPU_HALF_GEMM"):
     """fn with the path variable (PYATTN_CPU_HALF_GEMM, or PYATTN_CPU_F32_GEMM) set to path for
     its duration (None: as the user left it)."""
+    from pyattn import info
+
     if path is None:
         return fn
-
-    def run():
-        old = os.environ.get(var)
-        os.environ[var] = path
-        try:
-            return fn()
-        finally:
-            if old is None:
-                del os.environ[var]
-            else:
-                os.environ[var] = old
-
-    return run
+    return lambda: info._with_env(var, path, fn)
 
 
 def _step(attn, ins, causal, mode):

@@ -23,6 +23,33 @@ def _cpu_flags() -> set[str]:
 HALF_GEMM_PATHS = ("widen", "mkl", "amx")
 
 
+def _path_query(symbol: str, argtypes: list, *args: int) -> str:
+    """The string a ``pyattn_cpu_*_path`` function of the extension (C arguments of the ctypes
+    ``argtypes``) returns for ``args``, or ``"n/a"`` without the compiled extension."""
+    from pyattn import _backend
+
+    c = _backend._C()
+    if c is None:
+        return "n/a"
+    fn = getattr(ctypes.CDLL(c.__file__), symbol)
+    fn.restype = ctypes.c_char_p
+    fn.argtypes = argtypes
+    return fn(*args).decode()
+
+
+def _with_env(var: str, value: str, query):
+    """query() with the environment variable ``var`` set to ``value``, then restored."""
+    old = os.environ.get(var)
+    os.environ[var] = value
+    try:
+        return query()
+    finally:
+        if old is None:
+            del os.environ[var]
+        else:
+            os.environ[var] = old
+
+
 def half_gemm_path(dtype: torch.dtype, forward: bool = False) -> str:
     """The micro-kernel path the cpu backend's float16 / bfloat16 sdpa and varlen kernels take
     now (csrc/cpu/blas.cpp; docs/design.md, "Half precision on CPU"): ``"widen"`` (blocks
@@ -31,15 +58,10 @@ def half_gemm_path(dtype: torch.dtype, forward: bool = False) -> str:
     ``forward``: the forward's path, which ``auto`` may choose differently (AMX with K and V
     packed once per call, where the CPU has AMX). Returns ``"error: ..."`` when that variable
     names a path this machine cannot run, and ``"n/a"`` without the compiled extension."""
-    from pyattn import _backend
-
-    c = _backend._C()
-    if c is None:
-        return "n/a"
-    fn = ctypes.CDLL(c.__file__).pyattn_cpu_half_gemm_path
-    fn.restype = ctypes.c_char_p
-    fn.argtypes = [ctypes.c_int, ctypes.c_int]
-    return fn(1 if dtype == torch.bfloat16 else 0, 1 if forward else 0).decode()
+    c_int = ctypes.c_int
+    return _path_query(
+        "pyattn_cpu_half_gemm_path", [c_int, c_int], int(dtype == torch.bfloat16), int(forward)
+    )
 
 
 F32_GEMM_PATHS = ("blas", "brgemm")
@@ -54,41 +76,17 @@ def f32_gemm_path(forward: bool = True, head_dim: int = 64) -> str:
     every head dim and for the backward (``forward=False``) up to a ``head_dim`` (the larger of D
     and Dv) of 64; ``PYATTN_CPU_F32_GEMM`` forces one path for both. ``"error: ..."`` when that
     variable names a path this machine cannot run, ``"n/a"`` without the compiled extension."""
-    from pyattn import _backend
-
-    c = _backend._C()
-    if c is None:
-        return "n/a"
-    fn = ctypes.CDLL(c.__file__).pyattn_cpu_f32_gemm_path
-    fn.restype = ctypes.c_char_p
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64]
-    return fn(1 if forward else 0, head_dim).decode()
+    return _path_query("pyattn_cpu_f32_gemm_path", [ctypes.c_int, ctypes.c_int64], int(forward), head_dim)
 
 
 def f32_gemm_available(path: str) -> bool:
     """Whether ``PYATTN_CPU_F32_GEMM=path`` can run here."""
-    old = os.environ.get("PYATTN_CPU_F32_GEMM")
-    os.environ["PYATTN_CPU_F32_GEMM"] = path
-    try:
-        return f32_gemm_path() == path
-    finally:
-        if old is None:
-            del os.environ["PYATTN_CPU_F32_GEMM"]
-        else:
-            os.environ["PYATTN_CPU_F32_GEMM"] = old
+    return _with_env("PYATTN_CPU_F32_GEMM", path, f32_gemm_path) == path
 
 
 def half_gemm_available(path: str, dtype: torch.dtype) -> bool:
     """Whether ``PYATTN_CPU_HALF_GEMM=path`` can run ``dtype`` here."""
-    old = os.environ.get("PYATTN_CPU_HALF_GEMM")
-    os.environ["PYATTN_CPU_HALF_GEMM"] = path
-    try:
-        return half_gemm_path(dtype) == path
-    finally:
-        if old is None:
-            del os.environ["PYATTN_CPU_HALF_GEMM"]
-        else:
-            os.environ["PYATTN_CPU_HALF_GEMM"] = old
+    return _with_env("PYATTN_CPU_HALF_GEMM", path, lambda: half_gemm_path(dtype)) == path
 
 
 def half_cpu_paths(capability: str) -> str:

@@ -1525,11 +1525,27 @@ struct GradDst {
   int64_t dv_rs;
 };
 
+// Calls f(h, bh, i0, m) for every query block (i0, m rows) of every query head h of kv head
+// (b, kvh) that meets key block j0 of n keys: with causal or a window, only the queries whose
+// band meets it.
+template <typename in_t, typename F>
+inline void for_query_blocks(const FlashParams<in_t>& p, int64_t b, int64_t kvh, int64_t j0,
+                             int64_t n, F&& f) {
+  const int64_t group = p.Hq / p.Hkv;
+  const int64_t i_begin = p.band.on() ? p.band.query_begin(j0) : 0;
+  const int64_t i_end = p.band.on() ? p.band.query_end(j0 + n) : p.Lq;
+  for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
+    for (int64_t i0 = i_begin; i0 < i_end; i0 += kBwdBlockQ<in_t>) {
+      f(h, b * p.Hq + h, i0, std::min(kBwdBlockQ<in_t>, i_end - i0));
+    }
+  }
+}
+
 // backward_key_block's loop with every product on oneDNN's brgemm (float32).
 void backward_key_block_brgemm(const FlashParams<float>& p, const FlashBwdArgs<float>& a,
                                int64_t b, int64_t kvh, int64_t j0, int64_t n, bool with_dq,
                                Work<float>& w, const GradDst<float>& g, BrgemmBwd& bt) {
-  const int64_t D = p.D, Dv = p.Dv, Lq = p.Lq;
+  const int64_t D = p.D, Dv = p.Dv;
   const int64_t group = p.Hq / p.Hkv;
   const float* Kb = p.k + (b * p.Hkv + kvh) * p.k_hs + j0 * p.k_rs;
   const float* Vb = p.v + (b * p.Hkv + kvh) * p.v_hs + j0 * p.v_rs;
@@ -1539,27 +1555,21 @@ void backward_key_block_brgemm(const FlashParams<float>& p, const FlashBwdArgs<f
   std::fill(bt.dVT.begin(), bt.dVT.end(), 0.0f);
   const float* S = w.S.data();    // Z P after the tile
   const float* dS = w.dP.data();  // scaled
-  for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
-    const int64_t bh = b * p.Hq + h;
-    const int64_t i_begin = p.band.on() ? p.band.query_begin(j0) : 0;
-    const int64_t i_end = p.band.on() ? p.band.query_end(j0 + n) : Lq;
-    for (int64_t i0 = i_begin; i0 < i_end; i0 += kBwdBlockQ<float>) {
-      const int64_t m = std::min(kBwdBlockQ<float>, i_end - i0);
-      const float* Q = p.q + bh * p.q_hs + i0 * p.q_rs;
-      const float* dO = a.grad_out + bh * p.o_hs + i0 * p.o_rs;
-      backward_tile<float, false>(p, a, HalfGemm::kWiden, b, h, i0, m, j0, n, Q, dO, Kb, Vb, w,
-                                  &bt);
-      transpose_rows(Q, p.q_rs, m, D, 1.0f, bt.QT.data(), bt.ldq);
-      transpose_rows(dO, p.o_rs, m, Dv, 1.0f, bt.dOT.data(), bt.ldq);
-      // dV^T += dO^T (Z P);  dQ += dS K;  dK^T += Q^T dS  (dS carries the scale)
-      f32_brgemm(Dv, n, m, bt.ldq, n, bt.ld, true, bt.dOT.data(), S, bt.dVT.data());
-      if (with_dq) {
-        float* dQ = g.dq + (h - kvh * group) * g.dq_hs + i0 * g.dq_rs;
-        f32_brgemm(m, D, n, n, p.k_rs, g.dq_rs, true, dS, Kb, dQ);
-      }
-      f32_brgemm(D, n, m, bt.ldq, n, bt.ld, true, bt.QT.data(), dS, bt.dKT.data());
+  for_query_blocks(p, b, kvh, j0, n, [&](int64_t h, int64_t bh, int64_t i0, int64_t m) {
+    const float* Q = p.q + bh * p.q_hs + i0 * p.q_rs;
+    const float* dO = a.grad_out + bh * p.o_hs + i0 * p.o_rs;
+    backward_tile<float, false>(p, a, HalfGemm::kWiden, b, h, i0, m, j0, n, Q, dO, Kb, Vb, w,
+                                &bt);
+    transpose_rows(Q, p.q_rs, m, D, 1.0f, bt.QT.data(), bt.ldq);
+    transpose_rows(dO, p.o_rs, m, Dv, 1.0f, bt.dOT.data(), bt.ldq);
+    // dV^T += dO^T (Z P);  dQ += dS K;  dK^T += Q^T dS  (dS carries the scale)
+    f32_brgemm(Dv, n, m, bt.ldq, n, bt.ld, true, bt.dOT.data(), S, bt.dVT.data());
+    if (with_dq) {
+      float* dQ = g.dq + (h - kvh * group) * g.dq_hs + i0 * g.dq_rs;
+      f32_brgemm(m, D, n, n, p.k_rs, g.dq_rs, true, dS, Kb, dQ);
     }
-  }
+    f32_brgemm(D, n, m, bt.ldq, n, bt.ld, true, bt.QT.data(), dS, bt.dKT.data());
+  });
   add_transposed(bt.dKT.data(), bt.ld, n, D, g.dk, g.dk_rs);
   add_transposed(bt.dVT.data(), bt.ld, n, Dv, g.dv, g.dv_rs);
 }
@@ -1571,7 +1581,7 @@ void backward_key_block(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a,
                         int64_t b, int64_t kvh, int64_t j0, bool with_dq, Work<in_t>& w,
                         const GradDst<acc_t<in_t>>& g, BrgemmBwd* bt = nullptr) {
   using T = acc_t<in_t>;
-  const int64_t D = p.D, Dv = p.Dv, Lq = p.Lq, Lk = p.Lk;
+  const int64_t D = p.D, Dv = p.Dv, Lk = p.Lk;
   const int64_t group = p.Hq / p.Hkv;
   const int64_t n = std::min(kBwdBlockK, Lk - j0);
   const int64_t k_off = (b * p.Hkv + kvh) * p.k_hs + j0 * p.k_rs;
@@ -1581,27 +1591,20 @@ void backward_key_block(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a,
   if constexpr (std::is_same_v<in_t, float>) {
     if (bt != nullptr) return backward_key_block_brgemm(p, a, b, kvh, j0, n, with_dq, w, g, *bt);
   }
-  for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
-    const int64_t bh = b * p.Hq + h;
-    // Causal and window: only the queries whose band meets this key block
-    const int64_t i_begin = p.band.on() ? p.band.query_begin(j0) : 0;
-    const int64_t i_end = p.band.on() ? p.band.query_end(j0 + n) : Lq;
-    for (int64_t i0 = i_begin; i0 < i_end; i0 += kBwdBlockQ<in_t>) {
-      const int64_t m = std::min(kBwdBlockQ<in_t>, i_end - i0);
-      const auto* Q = operand<in_t, N>(p.q + bh * p.q_hs + i0 * p.q_rs, m * D, w.Q.data());
-      const auto* dO = operand<in_t, N>(a.grad_out + bh * p.o_hs + i0 * p.o_rs, m * Dv, w.dO.data());
-      backward_tile<in_t, N>(p, a, path, b, h, i0, m, j0, n, Q, dO, Kb, Vb, w);
-      const auto* P = tile_p<in_t, N>(w);
-      const auto* dS = tile_ds<in_t, N>(w);
-      // dV += (Z P)^T dO;  dQ += scale dS K;  dK += scale dS^T Q
-      block_gemm(path, true, false, n, Dv, m, T(1), P, n, dO, p.o_rs, T(1), g.dv, g.dv_rs);
-      if (with_dq) {
-        T* dQ = g.dq + (h - kvh * group) * g.dq_hs + i0 * g.dq_rs;
-        block_gemm(path, false, false, m, D, n, ds_alpha<in_t, N>(p), dS, n, Kb, p.k_rs, T(1), dQ, g.dq_rs);
-      }
-      block_gemm(path, true, false, n, D, m, ds_alpha<in_t, N>(p), dS, n, Q, p.q_rs, T(1), g.dk, g.dk_rs);
+  for_query_blocks(p, b, kvh, j0, n, [&](int64_t h, int64_t bh, int64_t i0, int64_t m) {
+    const auto* Q = operand<in_t, N>(p.q + bh * p.q_hs + i0 * p.q_rs, m * D, w.Q.data());
+    const auto* dO = operand<in_t, N>(a.grad_out + bh * p.o_hs + i0 * p.o_rs, m * Dv, w.dO.data());
+    backward_tile<in_t, N>(p, a, path, b, h, i0, m, j0, n, Q, dO, Kb, Vb, w);
+    const auto* P = tile_p<in_t, N>(w);
+    const auto* dS = tile_ds<in_t, N>(w);
+    // dV += (Z P)^T dO;  dQ += scale dS K;  dK += scale dS^T Q
+    block_gemm(path, true, false, n, Dv, m, T(1), P, n, dO, p.o_rs, T(1), g.dv, g.dv_rs);
+    if (with_dq) {
+      T* dQ = g.dq + (h - kvh * group) * g.dq_hs + i0 * g.dq_rs;
+      block_gemm(path, false, false, m, D, n, ds_alpha<in_t, N>(p), dS, n, Kb, p.k_rs, T(1), dQ, g.dq_rs);
     }
-  }
+    block_gemm(path, true, false, n, D, m, ds_alpha<in_t, N>(p), dS, n, Q, p.q_rs, T(1), g.dk, g.dk_rs);
+  });
 }
 
 // dQ of query block i0 of head (b, h), over every key block it sees, into dQ (the block's rows,
