@@ -444,7 +444,7 @@ inline __m512 weights16(const float* s, __m512 a, __m512 b) {
 template <bool kMax>
 __attribute__((target("avx512bf16"))) float weights_bf16_hw(const float* s, float a, float b,
                                                             int64_t n, c10::BFloat16* p,
-                                                            int64_t* done, float* raw_max) {
+                                                            float* raw_max) {
   const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b);
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   __m512 mx0 = _mm512_set1_ps(neg_inf<float>()), mx1 = mx0;
@@ -474,7 +474,6 @@ __attribute__((target("avx512bf16"))) float weights_bf16_hw(const float* s, floa
     const __m256bh r = _mm512_cvtneps_pbh(e);
     _mm256_mask_storeu_epi16(reinterpret_cast<void*>(p + c), m, reinterpret_cast<const __m256i&>(r));
   }
-  *done = n;
   if constexpr (kMax) *raw_max = _mm512_reduce_max_ps(_mm512_max_ps(mx0, mx1));
   return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
@@ -503,8 +502,8 @@ inline float exp_sum_round(const float* s, float in_scale, float ref, int64_t n,
     if (cpu_has_bf16_convert()) {
       // the whole row, tail included: nothing left for the loops below (whose set-up and
       // reductions had been ~7% of this pass at 512 keys)
-      if (raw_max != nullptr) return weights_bf16_hw<true>(s, a, b, n, p, &c, raw_max);
-      return weights_bf16_hw<false>(s, a, b, n, p, &c, nullptr);
+      if (raw_max != nullptr) return weights_bf16_hw<true>(s, a, b, n, p, raw_max);
+      return weights_bf16_hw<false>(s, a, b, n, p, nullptr);
     }
   }
   {
@@ -1161,7 +1160,6 @@ constexpr int64_t kAmxBlockQ = 128;
 constexpr int64_t kAmxUnitBytes = 256 * 1024;
 constexpr int64_t kAmxUnitsPerThread = 4;
 
-
 // Whether the call packs K and V for the AMX forward: each packed element must be read by enough
 // query rows (its kv head's query heads times Lq) to pay for its packing.
 template <typename in_t>
@@ -1470,11 +1468,9 @@ void backward_tile(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a, Half
           },
           dp, s, dp, Z, n);
       at::vec::map2<T>([](Vec<T> pp, Vec<T> z) { return pp * z; }, s, s, Z, n);
-    } else if (brgemm) {
+    } else {
       at::vec::map2<T>([dl, ds_mul](Vec<T> pp, Vec<T> d) { return pp * (d - Vec<T>(dl)) * Vec<T>(ds_mul); },
                        dp, s, dp, n);
-    } else {
-      at::vec::map2<T>([dl](Vec<T> pp, Vec<T> d) { return pp * (d - Vec<T>(dl)); }, dp, s, dp, n);
     }
     if (G != nullptr) {
       // through the softcap: dS_raw = dS (1 - tanh^2)
@@ -1542,13 +1538,13 @@ inline void for_query_blocks(const FlashParams<in_t>& p, int64_t b, int64_t kvh,
 }
 
 // backward_key_block's loop with every product on oneDNN's brgemm (float32).
+// Kb, Vb: the key block's rows of K and V.
 void backward_key_block_brgemm(const FlashParams<float>& p, const FlashBwdArgs<float>& a,
-                               int64_t b, int64_t kvh, int64_t j0, int64_t n, bool with_dq,
-                               Work<float>& w, const GradDst<float>& g, BrgemmBwd& bt) {
+                               int64_t b, int64_t kvh, int64_t j0, int64_t n, const float* Kb,
+                               const float* Vb, bool with_dq, Work<float>& w,
+                               const GradDst<float>& g, BrgemmBwd& bt) {
   const int64_t D = p.D, Dv = p.Dv;
   const int64_t group = p.Hq / p.Hkv;
-  const float* Kb = p.k + (b * p.Hkv + kvh) * p.k_hs + j0 * p.k_rs;
-  const float* Vb = p.v + (b * p.Hkv + kvh) * p.v_hs + j0 * p.v_rs;
   transpose_rows(Kb, p.k_rs, n, D, p.scale, bt.KT.data(), bt.ld);
   transpose_rows(Vb, p.v_rs, n, Dv, 1.0f, bt.VT.data(), bt.ld);
   std::fill(bt.dKT.begin(), bt.dKT.end(), 0.0f);
@@ -1589,7 +1585,9 @@ void backward_key_block(const FlashParams<in_t>& p, const FlashBwdArgs<in_t>& a,
   const auto* Kb = operand<in_t, N>(p.k + k_off, n * D, w.K.data());
   const auto* Vb = operand<in_t, N>(p.v + v_off, n * Dv, w.V.data());
   if constexpr (std::is_same_v<in_t, float>) {
-    if (bt != nullptr) return backward_key_block_brgemm(p, a, b, kvh, j0, n, with_dq, w, g, *bt);
+    if (bt != nullptr) {
+      return backward_key_block_brgemm(p, a, b, kvh, j0, n, Kb, Vb, with_dq, w, g, *bt);
+    }
   }
   for_query_blocks(p, b, kvh, j0, n, [&](int64_t h, int64_t bh, int64_t i0, int64_t m) {
     const auto* Q = operand<in_t, N>(p.q + bh * p.q_hs + i0 * p.q_rs, m * D, w.Q.data());
