@@ -37,13 +37,10 @@ def build(out_dir: pathlib.Path) -> ctypes.CDLL:
     return so
 
 
-def best_of(f, repeats: int) -> float:
-    ts = []
-    for _ in range(repeats):
-        t0 = time.process_time()
-        f()
-        ts.append(time.process_time() - t0)
-    return min(ts)
+def cpu_seconds(f) -> float:
+    t0 = time.process_time()
+    f()
+    return time.process_time() - t0
 
 
 def measure(so: ctypes.CDLL, L: int, repeats: int, a: torch.Tensor) -> None:
@@ -64,12 +61,12 @@ def measure(so: ctypes.CDLL, L: int, repeats: int, a: torch.Tensor) -> None:
     times = {name: [] for name in ["pyattn", "torch", *KERNELS.values(), "mm"]}
     for _ in range(repeats):
         times["pyattn"].append(
-            best_of(lambda: pyattn.scaled_dot_product_attention(q, k, v, backend="cpu"), 1)
+            cpu_seconds(lambda: pyattn.scaled_dot_product_attention(q, k, v, backend="cpu"))
         )
-        times["torch"].append(best_of(lambda: F.scaled_dot_product_attention(q, k, v), 1))
+        times["torch"].append(cpu_seconds(lambda: F.scaled_dot_product_attention(q, k, v)))
         for i, name in KERNELS.items():
             times[name].append(kernel(i))
-        times["mm"].append(best_of(lambda: torch.mm(a, a), 1))
+        times["mm"].append(cpu_seconds(lambda: torch.mm(a, a)))
     gemm = 2 * 2048**3 / min(times.pop("mm")) / 1e9
     flops = 4 * B * H * L * L * D
     print(f"L={L} B={B} H={H} D={D}, torch.mm 2048^3 bf16 {gemm:.0f} GFLOP/s")
